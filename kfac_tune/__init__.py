@@ -1,0 +1,23 @@
+"""kfac-tune: a K-FAC optimizer for PyTorch and the tool that tunes it.
+
+The heavy imports (torch, optuna, mlflow) are deferred so that ``kfac-tune --help``
+answers instantly; ``from kfac_tune import KFAC`` imports torch on first use.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["KFAC", "load_recipe", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KFAC":
+        from kfac_tune.optim import KFAC
+
+        return KFAC
+    if name == "load_recipe":
+        from kfac_tune.recipes import load_recipe
+
+        return load_recipe
+    raise AttributeError(f"module 'kfac_tune' has no attribute {name!r}")
