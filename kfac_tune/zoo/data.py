@@ -221,21 +221,23 @@ def _find_idx_files(directories: Sequence[Path]) -> list[Path] | None:
 
 
 def _load_idx_dataset(
-    request: _Request, *, title: str, torchvision_name: str, how_to: Sequence[str] = ()
+    request: _Request,
+    *,
+    title: str,
+    torchvision_name: str,
+    system_dirs: Sequence[Path] = (),
+    how_to: Sequence[str] = (),
 ) -> _Splits:
     """Shared by MNIST and Fashion-MNIST: same file names, same format, same torchvision layout.
 
-    ``how_to`` lists dataset-specific ways to get the files, put first in the not-found message.
+    Without a ``root``, ``system_dirs`` (where an OS package installs the files) are searched before the download
+    cache. ``how_to`` lists dataset-specific ways to get the files, put first in the not-found message.
     """
 
     def directories(root: Path) -> list[Path]:
         return [root, root / torchvision_name / "raw"]
 
-    searched = (
-        directories(request.root)
-        if request.root is not None
-        else ([DEBIAN_FASHION_MNIST] if torchvision_name == "FashionMNIST" else []) + directories(_cache_root())
-    )
+    searched = directories(request.root) if request.root is not None else [*system_dirs, *directories(_cache_root())]
     files = _find_idx_files(searched)
     if files is None and request.download:
         import torchvision  # slow import (5-8 s): only when asked to download
@@ -270,6 +272,7 @@ def _load_fashion_mnist(request: _Request) -> _Splits:
         request,
         title="Fashion-MNIST",
         torchvision_name="FashionMNIST",
+        system_dirs=[DEBIAN_FASHION_MNIST],
         how_to=[f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, offline; installs {DEBIAN_FASHION_MNIST})"],
     )
 
