@@ -23,6 +23,7 @@ from kfac_tune.optim import blocks as blocks_mod
 from kfac_tune.optim import fisher, quadratic
 from kfac_tune.optim.blocks import DAMPING_MODES, KroneckerBlock
 from kfac_tune.optim.capture import LayerHelper, make_helper
+from kfac_tune.optim.profiling import PhaseTimer
 
 FISHER_TYPES = ("true", "empirical", "exact")
 Exclude = Union[str, nn.Module, type]
@@ -54,6 +55,8 @@ class KFAC(torch.optim.Optimizer):
         factor_dtype: dtype of factors and inverses (float32 by default whatever the model's dtype; float64 for
             tests or ill-conditioned problems).
         seed: seeds the sampling of true-Fisher targets (reproducible, checkpointed).
+        profile: time each phase (statistics, inverses, precondition, update) into ``self.timer.totals``;
+            synchronises the device, so leave it off outside benchmarks.
     """
 
     HYPERPARAMETERS = (
@@ -92,6 +95,7 @@ class KFAC(torch.optim.Optimizer):
         exclude: Iterable[Exclude] = (),
         factor_dtype: torch.dtype = torch.float32,
         seed: Optional[int] = None,
+        profile: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"KFAC needs the model (an nn.Module), got {type(model).__name__}")
@@ -157,6 +161,7 @@ class KFAC(torch.optim.Optimizer):
         self._last_inputs: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
         self._last_output: Optional[Tensor] = None
         self._loss_count = 1
+        self.timer = PhaseTimer(profile, device)
         self._handles = [
             model.register_forward_pre_hook(self._on_model_input, with_kwargs=True),
             model.register_forward_hook(self._on_model_output),
@@ -218,22 +223,23 @@ class KFAC(torch.optim.Optimizer):
                 return None
             if not output.requires_grad:
                 return None
-            x = args[0].detach()
-            batch = x.shape[0]
-            used = max(1, math.ceil(self.stat_fraction * batch))
-            helper = self.layers[name][0]
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                a = helper.a_rows(x[:used]).to(self.factor_dtype)
-                cov = a.T @ a
-            pending = self._pending_A.setdefault(name, [0, 0])
-            pending[0] = pending[0] + cov
-            pending[1] += a.shape[0]
-            self._outputs.append((name, output, used, batch))
-            if self.fisher == "empirical":
-                output.register_hook(lambda g: self._add_G(name, g, used, batch))
-            # The layer's consumers get a copy, so an in-place op after the layer (ReLU(inplace=True)) cannot
-            # rewrite the tensor whose gradient the statistics need.
-            return output.clone()
+            with self.timer.phase("statistics"):
+                x = args[0].detach()
+                batch = x.shape[0]
+                used = max(1, math.ceil(self.stat_fraction * batch))
+                helper = self.layers[name][0]
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    a = helper.a_rows(x[:used]).to(self.factor_dtype)
+                    cov = a.T @ a
+                pending = self._pending_A.setdefault(name, [0, 0])
+                pending[0] = pending[0] + cov
+                pending[1] += a.shape[0]
+                self._outputs.append((name, output, used, batch))
+                if self.fisher == "empirical":
+                    output.register_hook(lambda g: self._add_G(name, g, used, batch))
+                # The layer's consumers get a copy, so an in-place op after the layer (ReLU(inplace=True)) cannot
+                # rewrite the tensor whose gradient the statistics need.
+                return output.clone()
 
         return hook
 
@@ -249,24 +255,28 @@ class KFAC(torch.optim.Optimizer):
         outputs, self._outputs = self._outputs, []
         if self.fisher == "empirical" or not outputs:
             return
+        self._in_sampled_pass = True
+        try:
+            with self.timer.phase("statistics"):
+                self._sampled_pass(z, outputs)
+        finally:
+            self._in_sampled_pass = False
+
+    def _sampled_pass(self, z: Tensor, outputs: list[tuple[str, Tensor, int, int]]) -> None:
         if self.fisher == "true":
             vectors = [fisher.sample(self.loss, z, self._generator)]
         else:
             vectors = fisher.exact_columns(self.loss, z)
-        self._in_sampled_pass = True
-        try:
-            targets = [s for _, s, _, _ in outputs]
-            for v in vectors:
-                grads = torch.autograd.grad(z, targets, grad_outputs=v, retain_graph=True, allow_unused=True)
-                for (name, _, used, batch), g in zip(outputs, grads):
-                    if g is not None:
-                        self._add_G(name, g, used, batch)
-        finally:
-            self._in_sampled_pass = False
+        targets = [s for _, s, _, _ in outputs]
+        for v in vectors:
+            grads = torch.autograd.grad(z, targets, grad_outputs=v, retain_graph=True, allow_unused=True)
+            for (name, _, used, batch), g in zip(outputs, grads):
+                if g is not None:
+                    self._add_G(name, g, used, batch)
 
     def _add_G(self, name: str, g: Tensor, used: int, batch: int) -> None:
         helper = self.layers[name][0]
-        with torch.autocast(device_type=g.device.type, enabled=False):
+        with self.timer.phase("statistics"), torch.autocast(device_type=g.device.type, enabled=False):
             rows = helper.g_rows(g[:used].detach()).to(self.factor_dtype)
             cov = (rows.T @ rows) * (self._loss_count * batch / used)
         self._pending_G[name] = self._pending_G.get(name, 0) + cov
@@ -281,17 +291,25 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        self._commit_statistics(group["factor_decay"])
-        self._refresh_inverses(group)
+        with self.timer.phase("statistics"):
+            self._commit_statistics(group["factor_decay"])
+        with self.timer.phase("inverses"):
+            self._refresh_inverses(group)
 
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            self._steps += 1
-            return loss
-        wd = group["weight_decay"]
-        grads = [p.grad + wd * p if wd else p.grad for p in params]
-        direction = self._natural_direction(params, grads, group["damping"] + wd)
+        if params:
+            wd = group["weight_decay"]
+            grads = [p.grad + wd * p if wd else p.grad for p in params]
+            with self.timer.phase("precondition"):
+                direction = self._natural_direction(params, grads, group["damping"] + wd)
+            with self.timer.phase("update"):
+                self._update(group, params, grads, direction, closure, loss)
+        self._steps += 1
+        return loss
 
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], direction: list[Tensor],
+                closure: Optional[Callable[[], Tensor]], loss: Optional[Tensor]) -> None:
+        """δ = α Δ + μ δ_prev with α, μ fixed (and KL-clipped) or from the quadratic model; then LM damping."""
         prev = [self.state[p].get("delta") for p in params]
         has_prev = all(d is not None for d in prev)
         model = None
@@ -301,14 +319,10 @@ class KFAC(torch.optim.Optimizer):
         else:
             alpha = group["lr"] * self._kl_scale(group, grads, direction)
             mu = group["momentum"] if has_prev else 0.0
-        update = [alpha * d + mu * p_ if has_prev and mu else alpha * d for d, p_ in zip(direction, prev)]
+        update = [alpha * d + mu * p_ if mu else alpha * d for d, p_ in zip(direction, prev)]
         self._apply(params, update)
-
         if self.adaptive_damping and (self._steps + 1) % self.damping_adaptation_interval == 0:
-            self._adapt_damping(group, closure, loss, params, grads, update, direction, prev, model,
-                                (alpha, mu), has_prev)
-        self._steps += 1
-        return loss
+            self._adapt_damping(group, closure, loss, params, grads, update, model, (alpha, mu), has_prev)
 
     def _commit_statistics(self, decay: float) -> None:
         for name, (a_sum, rows) in self._pending_A.items():
@@ -394,7 +408,6 @@ class KFAC(torch.optim.Optimizer):
 
     def _adapt_damping(self, group: dict[str, Any], closure: Optional[Callable[[], Tensor]],
                        loss: Optional[Tensor], params: list[Tensor], grads: list[Tensor], update: list[Tensor],
-                       direction: list[Tensor], prev: list[Optional[Tensor]],
                        model: Optional[quadratic.QuadraticModel], coeffs: tuple[Any, float], has_prev: bool) -> None:
         """Levenberg–Marquardt: compare the loss change the update achieved with the one the model predicted."""
         if closure is None or loss is None:
