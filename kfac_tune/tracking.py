@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -185,7 +183,7 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, worke
         "--host", host, "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     _wait_until_healthy(process, f"http://{_url_host(host)}:{port}", log_path)
     return process
 
@@ -196,7 +194,10 @@ def _url_host(host: str) -> str:
 
 
 def _wait_until_healthy(process: subprocess.Popen, base_url: str, log_path: Path, timeout_s: float = 120) -> None:
-    """Poll ``/health``; stop the server and raise with its log tail if it exits or never comes up."""
+    """Poll ``/health``; stop the server and raise with its log tail if it exits or never comes up.
+
+    SIGTERM to ``mlflow server`` also stops its uvicorn and job-runner children (SIGKILL would orphan them).
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -206,7 +207,7 @@ def _wait_until_healthy(process: subprocess.Popen, base_url: str, log_path: Path
             return
         except TrackingUnavailable:
             time.sleep(0.5)
-    process.kill()
+    process.terminate()
     process.wait()
     tail = log_path.read_text(errors="replace")[-2000:]
     raise TrackingUnavailable(f"mlflow server at {base_url} did not come up; its log ({log_path}) ends:\n{tail}")
@@ -553,26 +554,34 @@ def _render_plots(study: optuna.Study, client: MlflowClient, out_dir: Path) -> l
 
     written = []
     for name, build in _plot_builders(study, client).items():
-        try:
-            with _quiet_optuna_plots():
+        with _isolated_plotting():
+            try:
                 pair = build()
-        except Exception as err:  # optuna raises ValueError/RuntimeError/ZeroDivisionError on thin studies
-            log.debug("plot %s skipped: %s", name, err)
-            continue
-        if pair is None:
-            continue
-        plotly_fig, mpl_fig = pair
-        plotly_fig.write_html(out_dir / f"{name}.html", include_plotlyjs=True, full_html=True)
-        mpl_fig.savefig(out_dir / f"{name}.png", dpi=100, bbox_inches="tight")
-        plt.close(mpl_fig)
+            except Exception as err:  # optuna raises ValueError/RuntimeError/ZeroDivisionError on thin studies
+                log.debug("plot %s skipped: %s", name, err)
+                continue
+            if pair is None:
+                continue
+            plotly_fig, mpl_fig = pair
+            # Inline plotly.js (~4.8 MB a file): the MLflow UI shows HTML artifacts in a sandboxed iframe, and
+            # a CDN link would leave the plots blank on machines without internet access.
+            plotly_fig.write_html(out_dir / f"{name}.html", include_plotlyjs=True, full_html=True)
+            mpl_fig.savefig(out_dir / f"{name}.png", dpi=100, bbox_inches="tight")
+            plt.close(mpl_fig)
         written.append(name)
     return written
 
 
 @contextmanager
-def _quiet_optuna_plots() -> Iterator[None]:
-    """Silence the ExperimentalWarning of optuna's matplotlib backend and its "no trials" user warnings."""
-    with warnings.catch_warnings():
+def _isolated_plotting() -> Iterator[None]:
+    """Keep optuna's matplotlib backend from leaking into the process.
+
+    It calls ``plt.style.use("ggplot")`` (global rcParams) and warns (ExperimentalWarning, "no trials"); the
+    rc context restores the style and the warnings stay inside.
+    """
+    import matplotlib
+
+    with matplotlib.rc_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
 
@@ -637,6 +646,7 @@ def _curves_pair(curves: Curves) -> _FigurePair | None:
         return None
     import plotly.graph_objects as go
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     values = [v for _, ys in curves.values() for v in ys if math.isfinite(v)]
     log_y = bool(values) and min(values) > 0
@@ -652,5 +662,6 @@ def _curves_pair(curves: Curves) -> _FigurePair | None:
     for label, (xs, ys) in curves.items():
         axes.plot(xs, ys, marker=".", label=label)
     axes.set(title=title, xlabel="step", ylabel=CURVE_METRIC, yscale="log" if log_y else "linear")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
     return plotly_fig, mpl_fig
