@@ -60,6 +60,9 @@ OUTCOME_STATES = ("COMPLETE", "PRUNED", "FAIL")
 BEST_CURVES = 5
 CURVE_METRIC = "eval_loss"
 CONTOUR_PARAMS = ("lr", "damping")
+# PED-ANOVA (Optuna 5's default importance) contrasts the top 10 % of complete trials with the rest; below ten
+# trials that top set is empty or a single trial and Optuna reports all importances as equal.
+MIN_TRIALS_FOR_IMPORTANCE = 10
 
 # log_batch limits of the MLflow REST API; keys and tags beyond them are rejected, not truncated.
 _MAX_METRICS_PER_BATCH = 1000
@@ -106,21 +109,24 @@ def local_artifact_root(tracking_uri: str) -> Path | None:
     return db.parent / ARTIFACT_DIR_NAME if db is not None else None
 
 
-def _limit_http_retries() -> None:
-    """Cap MLflow's built-in HTTP retries (default: 7 retries, minutes of backoff per call).
+def _configure_http_client() -> None:
+    """Adjust MLflow's HTTP client for tracking from training processes; user settings in the environment win.
 
-    Our own retry loop (_retrying) decides how long a trial may wait for the server; MLflow's default would block a trial
-    for minutes on every call once the server is gone. User settings in the environment win.
+    - Cap its built-in retries (default 7, minutes of backoff per call): our own loop (:func:`_retrying`)
+      decides how long a trial may wait for a dead server.
+    - Stop it printing two "View run" links (after an extra ``get_run`` round trip) every time a run ends,
+      which would interleave with the CLI's output once per trial.
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def _client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
     if _is_http(tracking_uri):
-        _limit_http_retries()
+        _configure_http_client()
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -170,6 +176,8 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, worke
     The server reads the same artifact root the runs were logged to (``--default-artifact-root`` and
     ``--artifacts-destination``), so run pages show plots and files. It binds 127.0.0.1 unless told
     otherwise: the server has no authentication. Output goes to ``mlflow-server.log`` beside the store.
+    MLflow's job runner (GenAI evaluation jobs) is off unless the environment asks for it: this UI only shows
+    training runs, and the runner is one more process importing mlflow on a machine that is training.
     """
     prepare_store(tracking_uri)
     artifact_root = local_artifact_root(tracking_uri) or Path.cwd() / ARTIFACT_DIR_NAME
@@ -182,8 +190,9 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, worke
         "--artifacts-destination", artifact_root.as_uri(),
         "--host", host, "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     _wait_until_healthy(process, f"http://{_url_host(host)}:{port}", log_path)
     return process
 
@@ -229,16 +238,17 @@ def _retrying(action: Callable[[], T], what: str) -> tuple[bool, T | None]:
     Used for every call made while a trial trains, so a flaky or dead tracking server (or a briefly locked
     SQLite file) degrades tracking instead of failing the trial.
     """
-    for attempt, delay in enumerate((*_RETRY_DELAYS_S, None)):
+    attempts = len(_RETRY_DELAYS_S) + 1
+    for attempt in range(attempts):
         try:
             return True, action()
         except Exception as err:  # the store raises MlflowException, requests/SQLAlchemy errors, OSError
-            if delay is None:
-                log.warning("MLflow: %s failed after %d attempts, giving up: %s", what, attempt + 1, err)
-                return False, None
-            log.debug("MLflow: %s failed (%s); retrying in %.2f s", what, err, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+            if attempt == attempts - 1:
+                log.warning("MLflow: %s failed after %d attempts, giving up: %s", what, attempts, err)
+            else:
+                log.debug("MLflow: %s failed (%s); retrying", what, err)
+                time.sleep(_RETRY_DELAYS_S[attempt])
+    return False, None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,6 +277,7 @@ class TrialRun:
         self._client = client
         self._flush_interval_s = flush_interval_s
         self._metrics: list[Any] = []
+        self._last_step = 0
         self._last_flush = -math.inf
         self._resume_at = -math.inf
         self._outcome: _Outcome | None = None
@@ -278,7 +289,8 @@ class TrialRun:
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)
-        self._metrics.extend(Metric(key, _as_float(value), timestamp, int(step)) for key, value in metrics.items())
+        self._last_step = int(step)
+        self._metrics.extend(Metric(key, _as_float(v), timestamp, self._last_step) for key, v in metrics.items())
         if time.monotonic() - self._last_flush >= self._flush_interval_s:
             self.flush()
 
@@ -300,14 +312,14 @@ class TrialRun:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         """Write the outcome with the last metrics in one batch, then end the run; never raise."""
-        outcome = self._resolve_outcome(exc)
         if not self.run_id:
             return
+        outcome = self._resolve_outcome(exc)
         if outcome.value is not None:
             from mlflow.entities import Metric
 
-            step = max((m.step for m in self._metrics), default=0)
-            self._metrics.append(Metric(OUTCOME_METRIC, _as_float(outcome.value), int(time.time() * 1000), step))
+            timestamp = int(time.time() * 1000)
+            self._metrics.append(Metric(OUTCOME_METRIC, _as_float(outcome.value), timestamp, self._last_step))
         tags = {"optuna.state": outcome.state}
         if outcome.reason:
             tags["optuna.reason"] = outcome.reason[:_MAX_TAG_CHARS]
@@ -587,13 +599,20 @@ def _isolated_plotting() -> Iterator[None]:
 
 
 def _plot_builders(study: optuna.Study, client: MlflowClient) -> dict[str, Callable[[], _FigurePair | None]]:
-    """The plots of a study, by stable artifact name; the lr x damping contour only when both are searched."""
+    """The plots of a study, by stable artifact name.
+
+    Importances only from ``MIN_TRIALS_FOR_IMPORTANCE`` complete trials on, the lr x damping contour only when
+    both are searched.
+    """
+    from optuna.trial import TrialState
+
     builders: dict[str, Callable[[], _FigurePair | None]] = {
         "optimization_history": lambda: _optuna_pair("plot_optimization_history", study),
-        "param_importances": lambda: _optuna_pair("plot_param_importances", study),
         "intermediate_values": lambda: _optuna_pair("plot_intermediate_values", study),
         "best_loss_curves": lambda: _curves_pair(_best_curves(study, client)),
     }
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= MIN_TRIALS_FOR_IMPORTANCE:
+        builders["param_importances"] = lambda: _optuna_pair("plot_param_importances", study)
     searched = {name for trial in study.get_trials(deepcopy=False) for name in trial.distributions}
     if set(CONTOUR_PARAMS) <= searched:
         builders["lr_damping_contour"] = lambda: _optuna_pair("plot_contour", study, params=list(CONTOUR_PARAMS))
@@ -652,7 +671,7 @@ def _curves_pair(curves: Curves) -> _FigurePair | None:
     log_y = bool(values) and min(values) > 0
     title = f"{CURVE_METRIC} of the best {len(curves)} trials"
 
-    plotly_fig = go.Figure([go.Scatter(x=xs, y=ys, mode="lines+markers", name=label) for label, (xs, ys) in curves.items()])
+    plotly_fig = go.Figure([go.Scatter(x=xs, y=ys, mode="lines+markers", name=k) for k, (xs, ys) in curves.items()])
     plotly_fig.update_layout(title=title, xaxis_title="step", yaxis_title=CURVE_METRIC)
     if log_y:
         plotly_fig.update_yaxes(type="log")

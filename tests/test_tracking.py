@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,12 @@ from kfac_tune import tracking
 from kfac_tune.tracking import StudyTracker, TrackingUnavailable
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tracking_worker import EVAL_STEPS, FAILING_TRIAL, PRUNE_STEP, make_objective  # noqa: E402
+from tracking_worker import EVAL_STEPS, FAILING_TRIAL, PRUNE_STEP, make_objective, quadratic_loss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "model-yaml-test"
 N_TRIALS = 7
-PLOTS = ("optimization_history", "param_importances", "intermediate_values", "best_loss_curves", "lr_damping_contour")
+PLOTS = ("optimization_history", "intermediate_values", "best_loss_curves", "lr_damping_contour")
 ARTIFACTS = {"model.yaml": "model: {arch: mlp}\n", "space.yaml": "lr: {low: 1.0e-4, high: 1.0, log: true}\n"}
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -110,6 +111,7 @@ def test_parent_run_has_tags_artifacts_plots_and_is_finished(tracked_study: Trac
     expected = {f"plots/{name}.{ext}" for name in PLOTS for ext in ("html", "png")}
     assert expected <= set(plots), sorted(expected - set(plots))
     assert all(plots[path] > 1000 for path in expected)
+    assert "plots/param_importances.png" not in plots  # 4 complete trials: too few for PED-ANOVA
     artifact_dir = Path(tracked_study.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
     assert parent.info.artifact_uri == f"{artifact_dir.as_uri()}/{parent.info.run_id}/artifacts"
 
@@ -153,6 +155,29 @@ def test_resumed_study_reattaches_to_the_same_parent(tracked_study: TrackedStudy
     assert tracker.ensure_parent_run(study, {}, {}) == tracked_study.parent_id
     assert MlflowClient(tracked_study.tracking_uri).get_run(tracked_study.parent_id).info.status == "RUNNING"
     tracker.finish_study(study)
+
+
+def test_plots_follow_the_study_size(migrated_db: Path, tmp_path: Path) -> None:
+    """No plot (and no error) without trials; importances from ten complete trials; curves without runs."""
+    from mlflow import MlflowClient
+    from optuna.distributions import FloatDistribution
+
+    uri = copy_store(migrated_db, tmp_path)
+    study = optuna.create_study(study_name="imported")
+    tracker = StudyTracker(uri, EXPERIMENT, study.study_name)
+    parent_id = tracker.ensure_parent_run(study, {}, {})
+    tracker.refresh_plots(study)
+    assert MlflowClient(uri).list_artifacts(parent_id, "plots") == []
+
+    space = {"lr": FloatDistribution(1e-4, 1.0, log=True), "damping": FloatDistribution(1e-5, 1e-1, log=True)}
+    for i in range(10):  # imported results: Optuna reports, no MLflow runs behind them
+        lr, damping = 10 ** (-3 + i / 5), 10 ** (-4 + i / 4)
+        curve = {step: quadratic_loss(lr, damping, step) for step in range(1, EVAL_STEPS + 1)}
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr, "damping": damping}, distributions=space,
+                                                  value=curve[EVAL_STEPS], intermediate_values=curve))  # fmt: skip
+    tracker.refresh_plots(study)
+    plots = {a.path for a in MlflowClient(uri).list_artifacts(parent_id, "plots")}
+    assert {"plots/param_importances.png", "plots/best_loss_curves.png"} <= plots
 
 
 def test_two_worker_processes_share_one_parent(migrated_db: Path, tmp_path: Path) -> None:
@@ -203,16 +228,16 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
-def chromium(url: str, *mode: str) -> str:
-    """Run headless Chromium on ``url`` with one mode flag (--dump-dom / --screenshot=...); returns stdout."""
+def chromium(url: str, screenshot: Path) -> str:
+    """Render ``url`` in headless Chromium: save a screenshot and return the rendered DOM."""
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    assert binary is not None
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         result = subprocess.run(
             [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--window-size=1600,1000", "--virtual-time-budget=15000", *mode, url],
+             f"--user-data-dir={profile}", "--window-size=1600,1000", "--virtual-time-budget=15000",
+             f"--screenshot={screenshot}", "--dump-dom", url],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -234,16 +259,24 @@ def test_ui_shows_the_study_its_trials_and_their_params(tracked_study: TrackedSt
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     experiment_id = tracked_study.tracker.experiment_id
     best = tracked_study.study.best_trial
+    shots = REPO / "artifacts"
+    shots.mkdir(exist_ok=True)
     with running_ui(tracked_study.tracking_uri) as (base_url, _):
         runs_page = tracking.experiment_url(base_url, experiment_id)
-        screenshot = REPO / "artifacts" / "mlflow-training-runs.png"
-        screenshot.parent.mkdir(exist_ok=True)
-        chromium(runs_page, f"--screenshot={screenshot}")
-        runs_text = visible_text(chromium(runs_page, "--dump-dom"))
-        parent_text = visible_text(chromium(f"{runs_page}/{tracked_study.parent_id}", "--dump-dom"))
-        child_text = visible_text(chromium(f"{runs_page}/{best.user_attrs['mlflow_run_id']}", "--dump-dom"))
-    print(f"screenshot of {runs_page}: {screenshot}")
-    assert screenshot.stat().st_size > 10_000
+        pages = {
+            "training-runs": runs_page,
+            "parent-run": f"{runs_page}/{tracked_study.parent_id}",
+            "best-trial-run": f"{runs_page}/{best.user_attrs['mlflow_run_id']}",
+        }
+        runs_text, parent_text, child_text = (
+            visible_text(chromium(url, shots / f"mlflow-{name}.png")) for name, url in pages.items()
+        )
+        plot_url = f"{base_url}/get-artifact?path=plots/best_loss_curves.png&run_uuid={tracked_study.parent_id}"
+        with urllib.request.urlopen(plot_url, timeout=30) as response:
+            assert response.read(8) == b"\x89PNG\r\n\x1a\n"  # the server serves the runs' local artifacts
+    for name, url in pages.items():
+        print(f"screenshot of {url}: {shots / f'mlflow-{name}.png'}")
+        assert (shots / f"mlflow-{name}.png").stat().st_size > 10_000
     assert "Training runs" in runs_text and "quadratic" in runs_text
     assert all(f"trial-{n}" in parent_text for n in range(N_TRIALS)), parent_text[:3000]
     assert "Parameters (2)" in child_text
