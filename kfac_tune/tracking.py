@@ -455,9 +455,9 @@ class StudyTracker:
         try:
             run = self._client.get_run(run_id)
         except MlflowException:
+            run = None
+        if run is None or run.info.lifecycle_stage == "deleted":
             log.warning("MLflow: parent run %s of study %s is gone; creating a new one", run_id, study.study_name)
-            return None
-        if run.info.lifecycle_stage == "deleted":
             return None
         if run.info.status != "RUNNING":
             self._client.update_run(run_id, status="RUNNING")

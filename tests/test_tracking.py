@@ -1,7 +1,7 @@
 """kfac_tune.tracking against a real MLflow SQLite store, real Optuna studies, a real server and Chromium.
 
-The store is migrated once per session (several seconds) and copied per test; the tracked study is run once
-per module and shared by the assertions and the browser test.
+One store serves the whole session (its first migration takes seconds); each test works in its own experiment.
+The tracked study is run once per module and shared by the assertions and the browser test.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -43,17 +43,11 @@ def sqlite_uri(path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One freshly migrated MLflow database; tests copy it instead of paying the migration again."""
-    db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    tracking.prepare_store(sqlite_uri(db))
-    return db
-
-
-def copy_store(template: Path, directory: Path) -> str:
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy(template, directory / "mlflow.db")
-    return sqlite_uri(directory / "mlflow.db")
+def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One MLflow store for the whole session (its first migration takes seconds); tests use own experiments."""
+    uri = sqlite_uri(tmp_path_factory.mktemp("store") / "mlflow.db")
+    tracking.prepare_store(uri)
+    return uri
 
 
 def new_study(directory: Path, name: str) -> tuple[optuna.Study, str]:
@@ -79,18 +73,17 @@ class TrackedStudy:
 
 
 @pytest.fixture(scope="module")
-def tracked_study(migrated_db: Path, tmp_path_factory: pytest.TempPathFactory) -> TrackedStudy:
+def tracked_study(store_uri: str, tmp_path_factory: pytest.TempPathFactory) -> TrackedStudy:
     """A finished 7-trial study: pruned trials 2 and 5, trial 3 failing, the others complete."""
     directory = tmp_path_factory.mktemp("tracked")
-    uri = copy_store(migrated_db, directory)
     study, _ = new_study(directory, "quadratic")
-    tracker = StudyTracker(uri, EXPERIMENT, study.study_name)
+    tracker = StudyTracker(store_uri, EXPERIMENT, study.study_name)
     parent_id = tracker.ensure_parent_run(study, {"kfac_tune.config_sha256": "abc123"}, ARTIFACTS)
     study.optimize(make_objective(tracker), n_trials=N_TRIALS, catch=(RuntimeError,))
     recipe = directory / "recipe.yaml"
     recipe.write_text("optimizer: kfac\nlr: 0.01\n")
     tracker.finish_study(study, str(recipe))
-    return TrackedStudy(uri, study, tracker, parent_id)
+    return TrackedStudy(store_uri, study, tracker, parent_id)
 
 
 def test_parent_run_has_tags_artifacts_plots_and_is_finished(tracked_study: TrackedStudy) -> None:
@@ -157,17 +150,53 @@ def test_resumed_study_reattaches_to_the_same_parent(tracked_study: TrackedStudy
     tracker.finish_study(study)
 
 
-def test_plots_follow_the_study_size(migrated_db: Path, tmp_path: Path) -> None:
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C stand-in that pytest does not treat as the user aborting the session."""
+
+
+@pytest.mark.parametrize(
+    ("outcome", "error", "state", "reason", "status", "value"),
+    [
+        (None, None, "COMPLETE", None, "FINISHED", None),
+        (("PRUNED", 0.5, "median pruner"), optuna.TrialPruned("step 4"), "PRUNED", "median pruner", "FINISHED", 0.5),
+        (None, optuna.TrialPruned(), "PRUNED", "pruned", "FINISHED", None),
+        (("COMPLETE", 1.0, None), ValueError("late"), "FAIL", "ValueError: late", "FAILED", None),
+        (("FAIL", None, "diverged"), None, "FAIL", "diverged", "FAILED", None),
+        (None, Interrupted(), "FAIL", "Interrupted", "KILLED", None),
+    ],
+)
+def test_trial_outcome_combines_set_outcome_and_exit(
+    store_uri: str, outcome: tuple | None, error: BaseException | None,
+    state: str, reason: str | None, status: str, value: float | None,
+) -> None:  # fmt: skip
+    from mlflow import MlflowClient
+
+    study = optuna.create_study(study_name="outcomes")
+    tracker = StudyTracker(store_uri, "outcomes", study.study_name)
+    tracker.ensure_parent_run(study, {}, {})
+    with pytest.raises(type(error)) if error is not None else nullcontext():
+        with tracker.trial_run(study.ask(), {"lr": 0.1}) as run:
+            if outcome is not None:
+                run.set_outcome(*outcome)
+            if error is not None:
+                raise error
+    tracked = MlflowClient(store_uri).get_run(run.run_id)
+    assert tracked.info.status == status
+    assert tracked.data.tags["optuna.state"] == state
+    assert tracked.data.tags.get("optuna.reason") == reason
+    assert tracked.data.metrics.get("objective_value") == value
+
+
+def test_plots_follow_the_study_size(store_uri: str) -> None:
     """No plot (and no error) without trials; importances from ten complete trials; curves without runs."""
     from mlflow import MlflowClient
     from optuna.distributions import FloatDistribution
 
-    uri = copy_store(migrated_db, tmp_path)
     study = optuna.create_study(study_name="imported")
-    tracker = StudyTracker(uri, EXPERIMENT, study.study_name)
+    tracker = StudyTracker(store_uri, "imported", study.study_name)
     parent_id = tracker.ensure_parent_run(study, {}, {})
     tracker.refresh_plots(study)
-    assert MlflowClient(uri).list_artifacts(parent_id, "plots") == []
+    assert MlflowClient(store_uri).list_artifacts(parent_id, "plots") == []
 
     space = {"lr": FloatDistribution(1e-4, 1.0, log=True), "damping": FloatDistribution(1e-5, 1e-1, log=True)}
     for i in range(10):  # imported results: Optuna reports, no MLflow runs behind them
@@ -176,28 +205,27 @@ def test_plots_follow_the_study_size(migrated_db: Path, tmp_path: Path) -> None:
         study.add_trial(optuna.trial.create_trial(params={"lr": lr, "damping": damping}, distributions=space,
                                                   value=curve[EVAL_STEPS], intermediate_values=curve))  # fmt: skip
     tracker.refresh_plots(study)
-    plots = {a.path for a in MlflowClient(uri).list_artifacts(parent_id, "plots")}
+    plots = {a.path for a in MlflowClient(store_uri).list_artifacts(parent_id, "plots")}
     assert {"plots/param_importances.png", "plots/best_loss_curves.png"} <= plots
 
 
-def test_two_worker_processes_share_one_parent(migrated_db: Path, tmp_path: Path) -> None:
-    uri = copy_store(migrated_db, tmp_path)
+def test_two_worker_processes_share_one_parent(store_uri: str, tmp_path: Path) -> None:
     study, storage = new_study(tmp_path, "workers")
-    tracker = StudyTracker(uri, EXPERIMENT, study.study_name)
+    tracker = StudyTracker(store_uri, "workers", study.study_name)
     parent_id = tracker.ensure_parent_run(study, {}, ARTIFACTS)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, str(Path(__file__).parent / "tracking_worker.py"), storage, uri, EXPERIMENT,
+    command = [sys.executable, str(Path(__file__).parent / "tracking_worker.py"), storage, store_uri, "workers",
                study.study_name, "3"]  # fmt: skip
     workers = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for worker in workers:
         _, err = worker.communicate(timeout=180)
         assert worker.returncode == 0, err[-3000:]
 
-    runs = child_runs(uri, tracker.experiment_id, parent_id)
+    runs = child_runs(store_uri, tracker.experiment_id, parent_id)
     assert len(runs) == len(study.trials) == 6
     from mlflow import MlflowClient
 
-    client = MlflowClient(uri)
+    client = MlflowClient(store_uri)
     for run in runs:
         if run.data.tags["optuna.state"] != "FAIL":
             assert len(client.get_metric_history(run.info.run_id, "eval_loss")) >= PRUNE_STEP
@@ -294,14 +322,13 @@ def test_check_reachable_fails_fast_on_a_closed_port() -> None:
 
 
 def test_trial_survives_the_server_dying_mid_trial(
-    migrated_db: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    store_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     from mlflow import MlflowClient
 
-    uri = copy_store(migrated_db, tmp_path)
     study = optuna.create_study(study_name="http-study")
-    with running_ui(uri) as (base_url, server):
-        tracker = StudyTracker(base_url, EXPERIMENT, study.study_name)
+    with running_ui(store_uri) as (base_url, server):
+        tracker = StudyTracker(base_url, "http", study.study_name)
         tracker.ensure_parent_run(study, {}, {})
         trial = study.ask()
         with caplog.at_level(logging.WARNING, logger="kfac_tune.tracking"):
@@ -315,5 +342,5 @@ def test_trial_survives_the_server_dying_mid_trial(
             elapsed = time.monotonic() - start
     assert "giving up" in caplog.text
     assert elapsed < 20, f"a dead server cost the trial {elapsed:.1f} s"
-    history = MlflowClient(uri).get_metric_history(run.run_id, "eval_loss")
+    history = MlflowClient(store_uri).get_metric_history(run.run_id, "eval_loss")
     assert [m.step for m in history] == [1]  # what was logged before the server died is kept
