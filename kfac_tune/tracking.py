@@ -173,9 +173,11 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10) -> None:
 def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> subprocess.Popen:
     """Start ``mlflow server`` on a local store and return once ``/health`` answers.
 
-    The server reads the same artifact root the runs were logged to (``--default-artifact-root`` and
-    ``--artifacts-destination``), so run pages show plots and files. It binds 127.0.0.1 unless told
-    otherwise: the server has no authentication. Output goes to ``mlflow-server.log`` beside the store.
+    Runs logged straight to the SQLite store name their files by path (``<db dir>/mlartifacts``), which the
+    server reads; experiments created through the server get ``mlflow-artifacts:/`` locations, proxied by it
+    into the same directory (``--artifacts-destination``), so clients on other hosts can upload too.
+    It binds 127.0.0.1 unless told otherwise: the server has no authentication. Output goes to
+    ``mlflow-server.log`` beside the store.
     MLflow's job runner (GenAI evaluation jobs) is off unless the environment asks for it: this UI only shows
     training runs, and the runner is one more process importing mlflow on a machine that is training.
     """
@@ -186,7 +188,6 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, worke
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", tracking_uri,
-        "--default-artifact-root", artifact_root.as_uri(),
         "--artifacts-destination", artifact_root.as_uri(),
         "--host", host, "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
