@@ -12,8 +12,16 @@ from kfac_tune import KFAC
 from kfac_tune.optim import fisher
 from kfac_tune.optim.blocks import KroneckerBlock
 
-torch.set_default_dtype(torch.float64)
 LOSS_FN = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "bce": F.binary_cross_entropy_with_logits}
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Exactness is checked in float64; the default dtype is restored so other test files see float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _kfac(model: nn.Module, **kw) -> KFAC:

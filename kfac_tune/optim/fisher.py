@@ -46,7 +46,7 @@ def sample(loss: str, z: Tensor, generator: Optional[torch.Generator] = None) ->
     if loss == "cross_entropy":
         p = torch.softmax(z.float(), dim=-1)
         flat = p.reshape(-1, p.shape[-1])
-        drawn = torch.multinomial(flat, 1, generator=generator).squeeze(1)
+        drawn = torch.multinomial(_drawable(flat), 1, generator=generator).squeeze(1)
         u = flat.clone()
         u[torch.arange(flat.shape[0], device=z.device), drawn] -= 1.0
         u = u.reshape(p.shape)
@@ -55,8 +55,16 @@ def sample(loss: str, z: Tensor, generator: Optional[torch.Generator] = None) ->
         u = torch.randn(z.shape, device=z.device, dtype=torch.float32, generator=generator) * math.sqrt(2.0)
     else:
         p = torch.sigmoid(z.float())
-        u = p - torch.bernoulli(p, generator=generator)
+        u = p - torch.bernoulli(_drawable(p), generator=generator)
     return (u / n).to(z.dtype)
+
+
+def _drawable(p: Tensor) -> Tensor:
+    """Probabilities safe to sample from: a non-finite output (a diverging model) must not crash the draw.
+
+    The statistic built from it is still non-finite, and the factor update rejects it.
+    """
+    return torch.nan_to_num(p, nan=1.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
 
 
 def exact_columns(loss: str, z: Tensor) -> list[Tensor]:

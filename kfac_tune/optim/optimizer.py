@@ -48,7 +48,7 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: with a fixed ``lr``, scales the update so that ``α² Δᵀ F̂ Δ ≤ kl_clip`` (None: off).
         damping_mode: ``"pi"`` (factored Tikhonov) or ``"exact"`` (eigenbasis); see :mod:`kfac_tune.optim.blocks`.
         adaptive_damping: Levenberg–Marquardt adaptation of λ every ``damping_adaptation_interval`` steps; needs
-            ``step(closure)``.
+            ``step(closure)``.  On those steps an update that increases the batch loss is rejected (undone).
         adaptive_lr, adaptive_momentum: choose α and/or μ each step by minimising the exact quadratic model.
         stat_fraction: share of each batch (its first examples) used for the factor statistics.
         exclude: module names (or prefixes), module instances or module types that get the first-order fallback.
@@ -431,8 +431,10 @@ class KFAC(torch.optim.Optimizer):
                                 for p, u in zip(params, update))
         actual = new_loss - float(loss) + l2
         rho = actual / predicted if predicted < 0 else float("nan")
-        if not math.isfinite(new_loss):
-            for p, u in zip(params, update):  # reject the step: parameters go back, momentum restarts
+        if not math.isfinite(new_loss) or actual > 0:
+            # The update made this batch's objective worse (or non-finite): reject it. Parameters go back,
+            # momentum restarts, and the damping grows below.
+            for p, u in zip(params, update):
                 p.sub_(u)
                 self.state[p].pop("delta", None)
         group["damping"] = quadratic.new_damping(

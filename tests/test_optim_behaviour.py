@@ -1,0 +1,277 @@
+"""K-FAC as a user meets it: both call forms, checkpoints, bad input, non-finite updates, adaptation, speed-up."""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfac_tune import KFAC
+
+
+def _mlp(seed: int = 0, inplace: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(inplace=inplace), nn.Linear(32, 10))
+
+
+def _closure(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_closure_and_backward_forms_agree(digits) -> None:
+    x, y = digits[0][:256], digits[1][:256]
+    m1, m2 = _mlp(), _mlp()
+    o1, o2 = KFAC(m1, lr=0.05, seed=0), KFAC(m2, lr=0.05, seed=0)
+    for _ in range(5):
+        o1.step(_closure(m1, o1, x, y))
+        o2.zero_grad()
+        F.cross_entropy(m2(x), y).backward()
+        o2.step()
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_state_dict_round_trip_resumes_exactly(digits, tmp_path) -> None:
+    x, y = digits[0][:256], digits[1][:256]
+    model = _mlp()
+    opt = KFAC(model, lr=0.05, inv_update_freq=3, seed=1, adaptive_damping=True)
+    for _ in range(4):
+        opt.step(_closure(model, opt, x, y))
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+    for _ in range(6):
+        opt.step(_closure(model, opt, x, y))
+
+    restored = _mlp(seed=99)
+    ropt = KFAC(restored, lr=0.05, inv_update_freq=3, seed=123, adaptive_damping=True)
+    ckpt = torch.load(path, weights_only=False)
+    restored.load_state_dict(ckpt["model"])
+    ropt.load_state_dict(ckpt["opt"])
+    for _ in range(6):
+        ropt.step(_closure(restored, ropt, x, y))
+    for p, q in zip(model.parameters(), restored.parameters()):
+        torch.testing.assert_close(p, q)
+    assert ropt.param_groups[0]["damping"] == opt.param_groups[0]["damping"]
+
+
+def test_float64_factors_survive_a_checkpoint_of_a_float32_model(digits) -> None:
+    model = _mlp()
+    opt = KFAC(model, factor_dtype=torch.float64)
+    opt.step(_closure(model, opt, digits[0][:64], digits[1][:64]))
+    ropt = KFAC(_mlp(), factor_dtype=torch.float64)
+    ropt.load_state_dict(opt.state_dict())
+    block = next(iter(ropt.layers.values()))[1]
+    assert block.A.dtype == torch.float64 and block.QA is not None and block.QA.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(loss="hinge"), "loss='hinge' is not supported"),
+        (dict(fisher="sampled"), "fisher='sampled'"),
+        (dict(damping=float("nan")), "damping must be a finite number > 0"),
+        (dict(damping=float("inf")), "damping must be a finite number > 0"),
+        (dict(lr=-1.0), "lr must be a finite number > 0"),
+        (dict(inv_update_freq=-5), "inv_update_freq must be an integer >= 1"),
+        (dict(cov_update_freq=0), "cov_update_freq must be an integer >= 1"),
+        (dict(inv_update_freq=2.5), "inv_update_freq must be an integer >= 1"),
+        (dict(momentum=1.0), "momentum must be in [0, 1)"),
+        (dict(factor_decay=1.5), "factor_decay must be in [0, 1)"),
+        (dict(kl_clip=0.0), "kl_clip must be a finite number > 0"),
+        (dict(damping_mode="diag"), "damping_mode='diag'"),
+        (dict(stat_fraction=0.0), "stat_fraction must be in (0, 1]"),
+    ],
+)
+def test_bad_hyperparameters_get_clear_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        KFAC(_mlp(), **kwargs)
+    assert message in str(err.value)
+
+
+def test_model_without_supported_layer_is_rejected() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
+    with pytest.raises(ValueError, match="no supported layer"):
+        KFAC(model)
+    with pytest.raises(ValueError, match="no supported layer"):
+        KFAC(_mlp(), exclude=[nn.Linear])
+
+
+def test_non_tensor_output_is_explained() -> None:
+    class TupleOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.fc(x), x
+
+    model = TupleOut()
+    KFAC(model)
+    with pytest.raises(TypeError, match="output to be the tensor the loss is computed from"):
+        model(torch.randn(4, 3))
+
+
+def test_lm_damping_needs_a_closure(digits) -> None:
+    model = _mlp()
+    opt = KFAC(model, adaptive_damping=True, damping_adaptation_interval=1)
+    F.cross_entropy(model(digits[0][:32]), digits[1][:32]).backward()
+    with pytest.raises(RuntimeError, match="needs step\\(closure\\)"):
+        opt.step()
+
+
+def test_non_finite_update_is_skipped_and_damping_raised(digits) -> None:
+    x, y = digits[0][:128], digits[1][:128]
+    model = _mlp()
+    opt = KFAC(model, lr=0.05, inv_update_freq=2)
+    opt.step(_closure(model, opt, x, y))
+    before = [p.detach().clone() for p in model.parameters()]
+    bad_x = x.clone()
+    bad_x[0, 0] = float("nan")  # a corrupt input: NaN loss, NaN gradients, NaN statistics
+    opt.step(_closure(model, opt, bad_x, y))
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b), "a non-finite update must not touch the parameters"
+    assert opt.skipped_steps == 1
+    damping = opt.param_groups[0]["damping"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(_closure(model, opt, x, y))  # the next inverse refresh reports it
+    assert any("skipped 1 non-finite update" in str(w.message) for w in caught)
+    assert opt.param_groups[0]["damping"] == pytest.approx(damping * 10)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for _, block in opt.layers.values():
+        A, G = block.factors()
+        assert torch.isfinite(A).all() and torch.isfinite(G).all()
+
+
+def test_levenberg_marquardt_shrinks_damping_when_the_model_is_exact() -> None:
+    """Least squares with the exact Fisher: the quadratic model is the objective, so ρ = 1 and λ shrinks by ω."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 3))
+    x, y = torch.randn(64, 5), torch.randn(64, 3)
+    opt = KFAC(model, lr=0.5, momentum=0.0, damping=1.0, fisher="exact", loss="mse", damping_mode="exact",
+               adaptive_damping=True, damping_adaptation_interval=2, damping_adaptation_decay=0.9, inv_update_freq=1)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    assert 0.75 < opt.last_rho <= 1.0 + 1e-4
+    assert opt.param_groups[0]["damping"] == pytest.approx(0.9**2)
+
+
+def test_levenberg_marquardt_rejects_a_step_that_blows_up(digits) -> None:
+    x, y = digits[0][:128], digits[1][:128]
+    model = _mlp()
+    opt = KFAC(model, lr=1e6, momentum=0.0, adaptive_damping=True, damping_adaptation_interval=1)
+    damping = opt.param_groups[0]["damping"]
+    before = F.cross_entropy(model(x), y).item()
+    opt.step(_closure(model, opt, x, y))
+    after = F.cross_entropy(model(x), y).item()
+    assert opt.param_groups[0]["damping"] > damping
+    assert math.isfinite(after) and after < 10 * before + 10
+
+
+def test_fallback_parameters_are_trained(digits) -> None:
+    """Norm layers and embeddings get the documented first-order update in the same step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 10))
+    opt = KFAC(model, lr=0.05)
+    assert set(opt.layers) == {"0", "3"}
+    norm_before = model[1].weight.detach().clone()
+    for _ in range(3):
+        opt.step(_closure(model, opt, digits[0][:128], digits[1][:128]))
+    assert not torch.equal(model[1].weight, norm_before)
+
+
+def test_excluded_modules_fall_back(digits) -> None:
+    model = _mlp()
+    opt = KFAC(model, exclude=["2"])
+    assert set(opt.layers) == {"0"}
+    opt.step(_closure(model, opt, digits[0][:64], digits[1][:64]))
+
+
+def test_statistics_follow_cov_update_freq_and_stat_fraction(digits) -> None:
+    x, y = digits[0][:100], digits[1][:100]
+    model = _mlp()
+    opt = KFAC(model, cov_update_freq=2, stat_fraction=0.25, factor_decay=0.5, fisher="empirical")
+    block = opt.layers["0"][1]
+    opt.step(_closure(model, opt, x, y))
+    rows = x[:25]
+    torch.testing.assert_close(block.factors()[0][:64, :64], rows.T @ rows / 25)
+    weight = block.A_weight.clone()
+    opt.step(_closure(model, opt, x, y))  # step 1: no statistics
+    assert torch.equal(block.A_weight, weight)
+    opt.step(_closure(model, opt, x, y))  # step 2: statistics again
+    assert not torch.equal(block.A_weight, weight)
+
+
+def test_kl_clip_bounds_the_update(digits) -> None:
+    x, y = digits[0][:128], digits[1][:128]
+
+    def first_step_norm(kl_clip) -> float:
+        model = _mlp()
+        opt = KFAC(model, lr=10.0, kl_clip=kl_clip, seed=0)
+        before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+        opt.step(_closure(model, opt, x, y))
+        return float((torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before).norm())
+
+    assert first_step_norm(1e-4) < 0.5 * first_step_norm(None)
+
+
+def test_factors_stay_float32_for_a_bfloat16_model(digits) -> None:
+    model = _mlp().to(torch.bfloat16)
+    opt = KFAC(model, lr=0.05)
+    x = digits[0][:64].to(torch.bfloat16)
+    opt.step(_closure(model, opt, x, digits[1][:64]))
+    block = opt.layers["0"][1]
+    assert block.A.dtype == torch.float32 and block.QA is not None and block.QA.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_conv_model_trains(digits) -> None:
+    torch.manual_seed(0)
+    x, y = digits[0][:256].reshape(-1, 1, 8, 8), digits[1][:256]
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 10))
+    opt = KFAC(model, lr=0.05, damping=0.1)
+    losses = [float(opt.step(_closure(model, opt, x, y))) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def _steps_to_target(make_opt, x, y, target: float, max_steps: int) -> int:
+    model = _mlp(seed=0)
+    opt = make_opt(model)
+    for step in range(1, max_steps + 1):
+        loss = opt.step(_closure(model, opt, x, y))
+        if not math.isfinite(float(loss)):
+            return max_steps + 1
+        if float(loss) <= target:
+            return step
+    return max_steps + 1
+
+
+def test_kfac_needs_far_fewer_iterations_than_tuned_adam(digits) -> None:
+    """Full-batch digits MLP: iterations to a training loss of 0.02, Adam at its best of 6 learning rates."""
+    x, y = digits
+    target, budget = 0.02, 600
+    adam = min(
+        _steps_to_target(lambda m, lr=lr: torch.optim.Adam(m.parameters(), lr=lr), x, y, target, budget)
+        for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+    )
+    kfac = _steps_to_target(lambda m: KFAC(m, lr=0.3, damping=3e-2, momentum=0.5, seed=0), x, y, target, budget)
+    assert adam <= budget, "the baseline must reach the target for the ratio to mean anything"
+    assert kfac * 3 <= adam, f"K-FAC {kfac} iterations vs Adam {adam}"
