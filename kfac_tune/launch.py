@@ -33,7 +33,7 @@ def default_backend(local_world_size: int) -> str:
 
 @contextmanager
 def process_group_from_env(backend: Optional[str] = None,
-                           timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[dist.ProcessGroup]:
+                           timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
     """Open the default process group from the torchrun environment and close it on exit.
 
     With NCCL each process takes the GPU of its ``LOCAL_RANK``.  ``timeout_s`` bounds every collective, so that
@@ -41,10 +41,10 @@ def process_group_from_env(backend: Optional[str] = None,
     """
     backend = backend or default_backend(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
     try:
-        yield dist.group.WORLD
+        yield
     finally:
         dist.destroy_process_group()
 

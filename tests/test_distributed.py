@@ -13,6 +13,8 @@ equal halves ``N_r = N/2``, so the mean of the two ranks' statistics is exactly 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from collections import Counter
 from typing import Any, Callable, Iterator
 
@@ -105,7 +107,7 @@ def _rank_worker(x: Tensor, y: Tensor, device: str) -> dict[str, Any]:
         ddp = nn.parallel.DistributedDataParallel(model) if given in ("ddp", "inner") else None
         opt = KFAC(ddp if given == "ddp" else model, **kwargs)
         forward = ddp if ddp is not None else model
-        sync = (lambda: None) if ddp is not None else (lambda: average_gradients(model.parameters()))
+        sync = (lambda: None) if ddp is not None else functools.partial(average_gradients, list(model.parameters()))
         with _recording() as seen:
             _train(forward, opt, batches, sync)
         names = {id(b): n for n, (_, b) in opt.layers.items()}
@@ -206,6 +208,20 @@ def test_greedy_lpt_gives_the_costliest_layer_to_the_least_loaded_rank() -> None
     assert {n: assignment.owner(n) for n in costs} == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1, "f": 0}
     assert assignment.layers_of(1, costs) == ["b", "c", "e"]
     assert GreedyLPTAssignment(costs, world_size=1).layers_of(0, costs) == list(costs)
+
+
+def _rank_identity(fail_on: int) -> tuple[str, int, int]:
+    if dist.get_rank() == fail_on:
+        raise ValueError(f"rank {fail_on} fails on purpose")
+    return os.environ["MASTER_ADDR"], dist.get_rank(), dist.get_world_size()
+
+
+def test_run_local_returns_every_rank_result_and_raises_a_rank_failure() -> None:
+    from kfac_tune.launch import run_local
+
+    assert run_local(_rank_identity, 2, -1) == [("127.0.0.1", 0, 2), ("127.0.0.1", 1, 2)]
+    with pytest.raises(Exception, match="rank 1 fails on purpose"):
+        run_local(_rank_identity, 2, 1)
 
 
 def test_without_a_process_group_kfac_is_single_process() -> None:

@@ -183,7 +183,7 @@ def _decomposition_tensors(block: KroneckerBlock, is_owner: bool) -> list[Tensor
     return [empty(a, a), empty(a), empty(g, g), empty(g), empty()]
 
 
-def _bucketed(tensors: list[Tensor], op: Callable[[Tensor], None], cap_bytes: int) -> None:
+def _bucketed(tensors: list[Tensor], op: Callable[[Tensor], object], cap_bytes: int) -> None:
     """Apply an in-place collective ``op`` to ``tensors`` through flat buffers of at most ``cap_bytes`` each.
 
     One call per bucket instead of one per tensor: small factors cost latency, not bandwidth.  Tensors are
