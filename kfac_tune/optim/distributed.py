@@ -14,8 +14,10 @@ in the spirit of KAISA (Pauloski et al. 2021):
   batch.
 - **Eigendecompositions are spread**: a :class:`WorkAssignment` gives each layer an owner rank, each rank
   decomposes only the factors it owns, and the owners broadcast the results, so every rank ends with bitwise
-  identical decompositions.  This is KAISA's memory-optimal end (``grad_worker_fraction = 1/world``) for the
-  inverses; the preconditioning itself is replicated, which costs no communication.
+  identical decompositions.  This is KAISA's communication-optimal placement (``grad_worker_fraction = 1``):
+  decompositions travel once per ``inv_update_freq`` steps and every rank preconditions its own gradients, so a step
+  without an inverse refresh needs no K-FAC communication beyond the statistics.  KAISA's memory-optimal end
+  (only the owner preconditions, then broadcasts the preconditioned gradient every step) is not implemented.
 
 Every rank must call ``step()`` on the same schedule and capture the same layers (the same requirement DDP has),
 since the collectives are matched by order.
@@ -154,7 +156,8 @@ def average_gradients(params: Iterable[nn.Parameter], group: Optional[dist.Proce
                       bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> None:
     """Average ``.grad`` across the ranks: DDP's job, done by hand for a plain process group.
 
-    Call it after ``loss.backward()`` and before ``KFAC.step()`` (inside the closure when there is one).
+    Call it after ``loss.backward()`` and before ``KFAC.step()`` (inside the closure when there is one); every
+    rank must have gradients for the same parameters.
     """
     resolved = resolve_group(group)
     if resolved is not None:
