@@ -55,7 +55,11 @@ class KroneckerBlock:
         return self.A / self.A_weight.clamp_min(1e-30), self.G / self.G_weight.clamp_min(1e-30)
 
     def set_decomposition(self, QA: Tensor, dA: Tensor, QG: Tensor, dG: Tensor) -> None:
-        self.QA, self.dA, self.QG, self.dG = QA, dA.clamp_min(0), QG, dG.clamp_min(0)
+        # Row-major copies: ``eigh`` returns column-major eigenvectors, and the layout picks the BLAS kernel, so
+        # a decomposition computed here and one received from another rank must be stored alike to give
+        # bitwise the same preconditioned gradients.
+        self.QA, self.dA = QA.contiguous(), dA.clamp_min(0)
+        self.QG, self.dG = QG.contiguous(), dG.clamp_min(0)
         self._inverse_cache = None
 
     # -- preconditioning --------------------------------------------------------------------------------------

@@ -9,6 +9,13 @@ Hot path: with a fixed learning rate the step performs no host synchronisation: 
 non-finite guard all stay on the device.  Only inverse refreshes (every ``inv_update_freq`` steps), Levenberg–
 Marquardt adaptation and the automatic learning rate/momentum (which need scalars from the quadratic model)
 synchronise.
+
+Data parallelism (:mod:`kfac_tune.optim.distributed`): when ``torch.distributed`` is initialised (or a
+``process_group`` is given) the factor statistics, the quadratic-model curvature and the Levenberg–Marquardt losses
+are averaged over the ranks and the eigendecompositions are spread across them, so every rank takes the step that
+single-process K-FAC would take on the combined batch.  Gradients are not K-FAC's business: DDP averages them (pass
+the DDP-wrapped model or its ``.module``), or call :func:`~kfac_tune.optim.distributed.average_gradients` after
+``backward()`` with a plain process group.
 """
 from __future__ import annotations
 
@@ -17,10 +24,12 @@ import warnings
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from kfac_tune.optim import blocks as blocks_mod
 from kfac_tune.optim import fisher, quadratic
+from kfac_tune.optim.distributed import DataParallel, resolve_group, unwrap
 from kfac_tune.optim.blocks import DAMPING_MODES, KroneckerBlock
 from kfac_tune.optim.capture import LayerHelper, make_helper
 from kfac_tune.optim.profiling import PhaseTimer
@@ -33,7 +42,9 @@ class KFAC(torch.optim.Optimizer):
     """K-FAC (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016) for a PyTorch model.
 
     Args:
-        model: the network; its output must be the tensor the loss is computed from.
+        model: the network; its output must be the tensor the loss is computed from.  A
+            ``DistributedDataParallel`` model is unwrapped: layer names, ``exclude`` and checkpoints are those of
+            its ``.module``.
         lr: step size α (ignored when ``adaptive_lr``; then it is chosen each step by the quadratic model).
         damping: Tikhonov damping λ added to the curvature (see ``damping_mode``).
         momentum: μ in ``δ = α Δ + μ δ_prev`` (ignored when ``adaptive_momentum``).
@@ -54,9 +65,14 @@ class KFAC(torch.optim.Optimizer):
         exclude: module names (or prefixes), module instances or module types that get the first-order fallback.
         factor_dtype: dtype of factors and inverses (float32 by default whatever the model's dtype; float64 for
             tests or ill-conditioned problems).
-        seed: seeds the sampling of true-Fisher targets (reproducible, checkpointed).
+        seed: seeds the sampling of true-Fisher targets (reproducible, checkpointed); rank ``r`` of a process
+            group uses ``seed + r`` so that the ranks draw independent targets.
         profile: time each phase (statistics, inverses, precondition, update) into ``self.timer.totals``;
             synchronises the device, so leave it off outside benchmarks.
+        process_group: the ranks that train this model data-parallel; None: the default group when
+            ``torch.distributed`` is initialised, else single-process.  ``self.data_parallel.assignment`` says which
+            rank decomposes which layer (greedy LPT) and may be replaced by another
+            :class:`~kfac_tune.optim.distributed.WorkAssignment`.
     """
 
     HYPERPARAMETERS = (
@@ -96,6 +112,7 @@ class KFAC(torch.optim.Optimizer):
         factor_dtype: torch.dtype = torch.float32,
         seed: Optional[int] = None,
         profile: bool = False,
+        process_group: Optional[dist.ProcessGroup] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"KFAC needs the model (an nn.Module), got {type(model).__name__}")
@@ -117,6 +134,7 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError("KFAC: the model has no trainable parameters")
         super().__init__(params, defaults)
 
+        model = unwrap(model)
         self.model = model
         self.loss, self.fisher, self.damping_mode = loss, fisher, damping_mode
         self.adaptive_damping, self.adaptive_lr, self.adaptive_momentum = (
@@ -142,6 +160,9 @@ class KFAC(torch.optim.Optimizer):
                 "KFAC: the model has no supported layer (nn.Linear, or nn.Conv2d with groups=1) outside `exclude`; "
                 "use a first-order optimizer for it, or un-exclude a layer"
             )
+        group = resolve_group(process_group)
+        self.data_parallel: Optional[DataParallel] = None if group is None else DataParallel(
+            group, {name: (helper.a_dim, helper.g_dim) for name, (helper, _) in self.layers.items()})
 
         self._steps = 0
         device = params[0].device
@@ -150,7 +171,7 @@ class KFAC(torch.optim.Optimizer):
         self._generator: Optional[torch.Generator] = None
         if seed is not None:
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(seed)
+            self._generator.manual_seed(seed + (self.data_parallel.rank if self.data_parallel else 0))
         self._hooks_enabled = True
         self._capturing = False
         self._in_sampled_pass = False
@@ -325,21 +346,28 @@ class KFAC(torch.optim.Optimizer):
             self._adapt_damping(group, closure, loss, params, grads, update, model, (alpha, mu), has_prev)
 
     def _commit_statistics(self, decay: float) -> None:
-        for name, (a_sum, rows) in self._pending_A.items():
-            self.layers[name][1].update_A(a_sum / rows, decay)
-        if self._passes:
-            for name, g_sum in self._pending_G.items():
-                self.layers[name][1].update_G(g_sum / self._passes, decay)
+        """Fold the statistics of this step's passes into the moving averages (averaged over the ranks first)."""
+        new_A = {name: a_sum / rows for name, (a_sum, rows) in self._pending_A.items()}
+        new_G = {name: g_sum / self._passes for name, g_sum in self._pending_G.items()} if self._passes else {}
+        if self.data_parallel is not None:
+            self.data_parallel.average([*new_A.values(), *new_G.values()])
+        for name, A in new_A.items():
+            self.layers[name][1].update_A(A, decay)
+        for name, G in new_G.items():
+            self.layers[name][1].update_G(G, decay)
         self._pending_A, self._pending_G, self._passes, self._outputs = {}, {}, 0, []
 
     def _refresh_inverses(self, group: dict[str, Any]) -> None:
         """Eigendecompose the factors every ``inv_update_freq`` steps, and as soon as a new layer has statistics."""
         due = self._steps % group["inv_update_freq"] == 0
-        candidates = [b for _, b in self.layers.values() if due or not b.has_statistics]
-        ready = [b for b in candidates if bool((b.A_weight > 0) & (b.G_weight > 0))]
+        ready = {name: b for name, (_, b) in self.layers.items()
+                 if (due or not b.has_statistics) and bool((b.A_weight > 0) & (b.G_weight > 0))}
         if not ready:
             return
-        blocks_mod.decompose(ready)
+        if self.data_parallel is None:
+            blocks_mod.decompose(list(ready.values()))
+        else:
+            self.data_parallel.decompose(ready)
         skipped = int(self._skipped.item())
         if skipped > self._skipped_seen:
             new = min(group["damping"] * 10, self.max_damping)
@@ -392,7 +420,8 @@ class KFAC(torch.optim.Optimizer):
         self._hooks_enabled = False
         try:
             return quadratic.build(self.model, self._last_inputs, self._last_output, self.loss, params, grads,
-                                   dirs, weight_decay)
+                                   dirs, weight_decay,
+                                   average=None if self.data_parallel is None else self.data_parallel.average)
         finally:
             self._hooks_enabled = True
 
@@ -421,15 +450,16 @@ class KFAC(torch.optim.Optimizer):
         self._hooks_enabled = False
         try:
             with torch.enable_grad():
-                new_loss = float(closure())
+                evaluated = closure()
         finally:
             self._hooks_enabled = True
+        new_loss, old_loss = self._mean_over_ranks(evaluated, loss)
         wd = group["weight_decay"]
         l2 = 0.0
         if wd:
             l2 = 0.5 * wd * sum(float((p.float() ** 2).sum() - ((p - u).float() ** 2).sum())
                                 for p, u in zip(params, update))
-        actual = new_loss - float(loss) + l2
+        actual = new_loss - old_loss + l2
         rho = actual / predicted if predicted < 0 else float("nan")
         if not math.isfinite(new_loss) or actual > 0:
             # The update made this batch's objective worse (or non-finite): reject it. Parameters go back,
@@ -441,6 +471,13 @@ class KFAC(torch.optim.Optimizer):
             group["damping"], rho, self.damping_adaptation_decay, self.damping_adaptation_interval,
             self.min_damping, self.max_damping)
         self.last_rho = rho
+
+    def _mean_over_ranks(self, *values: Union[Tensor, float]) -> list[float]:
+        """Scalars (losses) averaged over the ranks: the combined batch's values, the same on every rank."""
+        stacked = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._skipped.device)
+        if self.data_parallel is not None:
+            self.data_parallel.average([stacked])
+        return stacked.tolist()
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -71,10 +71,13 @@ def build(
     grads: list[Tensor],
     directions: list[list[Tensor]],
     weight_decay: float,
+    average: Optional[Callable[[list[Tensor]], None]] = None,
 ) -> QuadraticModel:
     """Evaluate ``gᵀd``, ``dᵀCd`` and ``dᵀd`` for each direction (one JVP per direction).
 
-    ``weight_decay`` η enters as the L2 term of the objective: ``C + η I``.
+    ``weight_decay`` η enters as the L2 term of the objective: ``C + η I``.  Under data parallelism ``average``
+    (in place, over the ranks) turns this rank's ``dᵀCd`` into the combined batch's; ``gᵀd`` and ``dᵀd`` need
+    nothing, the gradients and directions being the same on every rank already.
     """
     jvps = [_jvp(model, inputs, params, d) for d in directions]
     n = len(directions)
@@ -84,6 +87,8 @@ def build(
     curv = torch.stack(
         [torch.stack([fisher.quadratic_form(loss, output, jvps[i], jvps[j]) for j in range(n)]) for i in range(n)]
     )
+    if average is not None:
+        average([curv])
     curv = curv + weight_decay * sq
     values = torch.cat([grad_dots, curv.flatten(), sq.flatten()]).double().cpu().tolist()  # one host sync
     grad_list = values[:n]
