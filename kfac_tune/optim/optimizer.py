@@ -181,6 +181,7 @@ class KFAC(torch.optim.Optimizer):
         self._outputs: list[tuple[str, Tensor, int, int]] = []
         self._last_inputs: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
         self._last_output: Optional[Tensor] = None
+        self._model_output: Optional[Tensor] = None
         self._loss_count = 1
         self.timer = PhaseTimer(profile, device)
         self._handles = [
@@ -235,7 +236,10 @@ class KFAC(torch.optim.Optimizer):
         self._last_output = output.detach()
         if self._capturing and output.requires_grad:
             self._loss_count = fisher.loss_count(self.loss, output)
-            output.register_hook(lambda grad, z=output: self._on_output_grad(z))
+            # The output is held by the optimizer (not by its own hook, which would make a reference cycle that
+            # keeps every step's graph alive until the garbage collector runs) and released by the hook.
+            self._model_output = output
+            output.register_hook(self._on_output_grad)
         return None
 
     def _layer_hook(self, name: str) -> Callable[..., Optional[Tensor]]:
@@ -264,7 +268,7 @@ class KFAC(torch.optim.Optimizer):
 
         return hook
 
-    def _on_output_grad(self, z: Tensor) -> None:
+    def _on_output_grad(self, grad: Tensor) -> None:
         """First thing in the real backward: count the pass and, for the true/exact Fisher, run the extra pass.
 
         The extra pass differentiates the output w.r.t. the captured layer outputs only, so no weight gradient is
@@ -274,7 +278,8 @@ class KFAC(torch.optim.Optimizer):
             return
         self._passes += 1
         outputs, self._outputs = self._outputs, []
-        if self.fisher == "empirical" or not outputs:
+        z, self._model_output = self._model_output, None
+        if self.fisher == "empirical" or not outputs or z is None:
             return
         self._in_sampled_pass = True
         try:
