@@ -1,0 +1,394 @@
+"""Built-in datasets, loaded whole into memory as float32 tensors.
+
+The training loop moves entire tensors to the device once, so a loader returns a ``DataBundle`` of four tensors:
+images scaled to [0, 1] with shape ``(N, C, H, W)`` (``(N, F)`` for flat synthetic data) and int64 labels.
+
+Offline first: Fashion-MNIST is read straight from Debian's ``dataset-fashion-mnist`` files (gzipped IDX) with
+numpy in well under a second; digits ships with scikit-learn; synthetic data is generated. MNIST and CIFAR-10 need
+files the user provides (``root``) or a download (``download=True``, the only path that imports torchvision).
+
+Subsets are deterministic and always the *first* ``train_size`` / ``test_size`` examples of each split in the
+dataset's own order, so they match published protocols (e.g. "train images 0-9,999"). ``seed`` only matters
+where this module shuffles or generates: the digits train/test split and the synthetic data.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kfac_tune.zoo._args import (
+    BadArgument,
+    bad_value,
+    check_known,
+    check_kwargs,
+    keyword_defaults,
+    positive_int,
+    positive_ints,
+)
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are not where we looked; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """A dataset in memory: float32 inputs in [0, 1] and int64 labels, train and test splits."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+    name: str
+    source: str
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What the caller asked for; generated datasets size themselves from it."""
+
+    root: Path | None
+    download: bool
+    seed: int
+    train_size: int | None
+    test_size: int | None
+    test_from_train: bool
+
+
+@dataclass(frozen=True)
+class _Splits:
+    """A loader's full splits as numpy arrays, before subsetting and scaling (``x / scale`` lies in [0, 1])."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    scale: float
+    num_classes: int
+    source: str
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registry entry. ``loader(request, **kwargs)`` returns the full splits."""
+
+    name: str
+    loader: Callable[..., _Splits]
+    description: str
+
+    def arguments(self) -> dict[str, Any]:
+        """The dataset-specific keyword arguments of ``load_dataset``, with their defaults."""
+        return keyword_defaults(self.loader)
+
+
+# the arguments of load_dataset that every dataset takes (named in error messages beside its own)
+_COMMON_ARGUMENTS = ("root", "train_size", "test_size", "test_from_train", "download", "seed")
+
+
+def load_dataset(
+    name: str,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    test_from_train: bool = False,
+    download: bool = False,
+    seed: int = 0,
+    **kwargs: Any,
+) -> DataBundle:
+    """Load dataset ``name`` as tensors.
+
+    ``train_size`` / ``test_size`` keep the first N examples of each split (all by default). With
+    ``test_from_train`` the test split is cut from the training images right after the training subset (train =
+    ``[0, train_size)``, test = ``[train_size, train_size + test_size)``, by default the rest), as in Bulatov's
+    autoencoder benchmark; ``train_size`` is then required. ``root`` and ``download`` apply to file-backed
+    datasets. Raises ``DatasetNotFoundError`` when files are missing and ``ValueError`` for bad arguments.
+    """
+    check_known("dataset", name, DATASETS)
+    spec = DATASETS[name]
+    accepted = [*_COMMON_ARGUMENTS, *spec.arguments()]
+    check_kwargs("dataset", name, accepted, kwargs)
+    try:
+        request = _Request(
+            root=None if root is None else Path(root).expanduser(),
+            download=bool(download),
+            seed=int(seed),
+            train_size=None if train_size is None else positive_int("train_size", train_size),
+            test_size=None if test_size is None else positive_int("test_size", test_size),
+            test_from_train=bool(test_from_train),
+        )
+        splits = spec.loader(request, **kwargs)
+        train, test = _subset(splits, request)
+    except BadArgument as error:
+        raise bad_value("dataset", name, error, accepted) from None
+    train_x = _to_float(splits.train_x[train], splits.scale)
+    test_source = splits.train_x if request.test_from_train else splits.test_x
+    test_labels = splits.train_y if request.test_from_train else splits.test_y
+    return DataBundle(
+        train_x=train_x,
+        train_y=torch.from_numpy(splits.train_y[train].astype(np.int64)),
+        test_x=_to_float(test_source[test], splits.scale),
+        test_y=torch.from_numpy(test_labels[test].astype(np.int64)),
+        input_shape=tuple(train_x.shape[1:]),
+        num_classes=splits.num_classes,
+        name=name,
+        source=splits.source,
+    )
+
+
+def _subset(splits: _Splits, request: _Request) -> tuple[slice, slice]:
+    """Index ranges of the train and test subsets (the test range indexes the train split if test_from_train)."""
+    n_train, n_test = len(splits.train_x), len(splits.test_x)
+    if request.test_from_train:
+        if request.train_size is None:
+            raise BadArgument("train_size", "set when test_from_train is true", None)
+        if request.train_size >= n_train:
+            raise BadArgument("train_size", f"below {n_train} (the training split) with test_from_train", request.train_size)
+        end = n_train if request.test_size is None else request.train_size + request.test_size
+        if end > n_train:
+            left = n_train - request.train_size
+            raise BadArgument("test_size", f"at most {left} (training images after train_size)", request.test_size)
+        return slice(0, request.train_size), slice(request.train_size, end)
+    for argument, size, available in (("train_size", request.train_size, n_train), ("test_size", request.test_size, n_test)):
+        if size is not None and size > available:
+            raise BadArgument(argument, f"at most {available}", size)
+    return slice(0, request.train_size), slice(0, request.test_size)
+
+
+def _to_float(x: np.ndarray, scale: float) -> torch.Tensor:
+    """One pass from the stored dtype (and layout) to contiguous float32, then scale in place."""
+    out = np.ascontiguousarray(x, dtype=np.float32)
+    if scale != 1.0:
+        out /= np.float32(scale)
+    return torch.from_numpy(out)
+
+
+def _cache_root() -> Path:
+    """Where ``download=True`` puts files when no ``root`` is given."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kfac-tune" / "datasets"
+
+
+# ------------------------------------------------------------------------------------------ IDX files
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (gzipped if it ends in .gz) with ``ndim`` dimensions.
+
+    Header: two zero bytes, type byte 0x08 (uint8), byte 3 = number of dimensions, then one big-endian uint32
+    size per dimension; the data follows.
+    """
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    header = 4 + 4 * ndim
+    if len(data) < header or data[:4] != bytes((0, 0, 0x08, ndim)):
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes with {ndim} dimensions (magic {data[:4].hex()})")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    body = np.frombuffer(data, dtype=np.uint8, offset=header)
+    if body.size != math.prod(dims):
+        raise ValueError(f"{path}: header says {dims} but the file holds {body.size} values")
+    return body.reshape(dims)
+
+
+def _find_idx_files(directories: Sequence[Path]) -> list[Path] | None:
+    """The four IDX files (plain or .gz) from the first directory that has all of them."""
+    for directory in directories:
+        found = []
+        for stem in IDX_FILES:
+            candidates = [directory / stem, directory / f"{stem}.gz"]
+            found += [c for c in candidates if c.is_file()][:1]
+        if len(found) == len(IDX_FILES):
+            return found
+    return None
+
+
+def _load_idx_dataset(
+    request: _Request, *, title: str, torchvision_name: str, how_to: Sequence[str] = ()
+) -> _Splits:
+    """Shared by MNIST and Fashion-MNIST: same file names, same format, same torchvision layout.
+
+    ``how_to`` lists dataset-specific ways to get the files, put first in the not-found message.
+    """
+
+    def directories(root: Path) -> list[Path]:
+        return [root, root / torchvision_name / "raw"]
+
+    searched = (
+        directories(request.root)
+        if request.root is not None
+        else ([DEBIAN_FASHION_MNIST] if torchvision_name == "FashionMNIST" else []) + directories(_cache_root())
+    )
+    files = _find_idx_files(searched)
+    if files is None and request.download:
+        import torchvision  # slow import (5-8 s): only when asked to download
+
+        target = request.root or _cache_root()
+        getattr(torchvision.datasets, torchvision_name)(str(target), train=True, download=True)
+        files = _find_idx_files(directories(target))
+    if files is None:
+        options = [
+            *how_to,
+            f"set `root:` to a directory holding {', '.join(f + '.gz' for f in IDX_FILES)} (gzipped or not, "
+            f"directly or in torchvision's <root>/{torchvision_name}/raw/ layout)",
+            "set `download: true` on a machine with internet",
+        ]
+        raise DatasetNotFoundError(
+            f"{title} not found (looked in: {', '.join(str(d) for d in searched)}). To get it: {'; or '.join(options)}."
+        )
+    train_x, train_y, test_x, test_y = (read_idx(path, ndim) for path, ndim in zip(files, (3, 1, 3, 1)))
+    return _Splits(
+        train_x=train_x[:, None],
+        train_y=train_y,
+        test_x=test_x[:, None],
+        test_y=test_y,
+        scale=255.0,
+        num_classes=10,
+        source=str(files[0].parent),
+    )
+
+
+def _load_fashion_mnist(request: _Request) -> _Splits:
+    return _load_idx_dataset(
+        request,
+        title="Fashion-MNIST",
+        torchvision_name="FashionMNIST",
+        how_to=[f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, offline; installs {DEBIAN_FASHION_MNIST})"],
+    )
+
+
+def _load_mnist(request: _Request) -> _Splits:
+    return _load_idx_dataset(request, title="MNIST", torchvision_name="MNIST")
+
+
+# ------------------------------------------------------------------------------------------- CIFAR-10
+
+
+def _load_cifar10(request: _Request) -> _Splits:
+    root = request.root or _cache_root()
+    folder = root / "cifar-10-batches-py"
+    missing = DatasetNotFoundError(
+        f"CIFAR-10 not found (looked for {folder}). To get it: set `root:` to a directory holding torchvision's "
+        "cifar-10-batches-py/ folder (the extracted cifar-10-python.tar.gz), "
+        "or set `download: true` on a machine with internet."
+    )
+    if not folder.is_dir() and not request.download:
+        raise missing  # decided without importing torchvision
+    import torchvision  # slow import: only when the files exist or a download was asked for
+
+    try:
+        train, test = (
+            torchvision.datasets.CIFAR10(str(root), train=split, download=request.download) for split in (True, False)
+        )
+    except RuntimeError as error:  # torchvision's "not found or corrupted"
+        raise missing from error
+    return _Splits(
+        train_x=train.data.transpose(0, 3, 1, 2),  # NHWC -> NCHW view; made contiguous on conversion
+        train_y=np.asarray(train.targets),
+        test_x=test.data.transpose(0, 3, 1, 2),
+        test_y=np.asarray(test.targets),
+        scale=255.0,
+        num_classes=10,
+        source=str(folder),
+    )
+
+
+# ------------------------------------------------------------------------------- digits and synthetic
+
+DIGITS_TEST_FRACTION = 0.2
+
+
+def _load_digits(request: _Request) -> _Splits:
+    """scikit-learn's 1,797 8x8 digits (pixel values 0-16), split 80/20 by a permutation drawn from ``seed``."""
+    from sklearn.datasets import load_digits  # ~1 s import, only for this dataset
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(request.seed).permutation(len(y))
+    n_test = round(DIGITS_TEST_FRACTION * len(y))
+    train, test = order[:-n_test], order[-n_test:]
+    images = x.reshape(-1, 1, 8, 8)
+    return _Splits(
+        train_x=images[train],
+        train_y=y[train],
+        test_x=images[test],
+        test_y=y[test],
+        scale=16.0,
+        num_classes=10,
+        source="sklearn.datasets.load_digits",
+    )
+
+
+SYNTHETIC_TRAIN_SIZE = 1000
+SYNTHETIC_TEST_SIZE = 200
+
+
+def _load_synthetic(
+    request: _Request,
+    *,
+    n_features: int | None = None,
+    num_classes: int = 4,
+    shape: Sequence[int] | None = None,
+) -> _Splits:
+    """Gaussian class clusters squashed into (0, 1) by a sigmoid, so every model and loss in the zoo accepts them.
+
+    Inputs have ``shape`` (e.g. ``[1, 8, 8]``) or ``n_features`` (flat; 20 if neither is given). The split sizes
+    are generated to order: ``train_size`` (default 1000, plus the test part when ``test_from_train``) and
+    ``test_size`` (default 200). Everything is drawn from one generator seeded by ``seed``.
+    """
+    if n_features is not None and shape is not None:
+        raise BadArgument("shape", "left unset when n_features is given (set one of them)", shape)
+    input_shape = positive_ints("shape", shape) if shape is not None else (positive_int("n_features", 20 if n_features is None else n_features),)
+    num_classes = positive_int("num_classes", num_classes)
+    n_test = request.test_size or SYNTHETIC_TEST_SIZE
+    n_train = (request.train_size or SYNTHETIC_TRAIN_SIZE) + (n_test if request.test_from_train else 0)
+    rng = np.random.default_rng(request.seed)
+    means = rng.standard_normal((num_classes, math.prod(input_shape)))
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(num_classes, size=n)
+        logits = means[y] + rng.standard_normal((n, means.shape[1]))
+        return (1.0 / (1.0 + np.exp(-logits))).reshape(n, *input_shape), y
+
+    (train_x, train_y), (test_x, test_y) = sample(n_train), sample(n_test)
+    return _Splits(
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        scale=1.0,
+        num_classes=num_classes,
+        source=f"synthetic(seed={request.seed}, shape={list(input_shape)}, num_classes={num_classes})",
+    )
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            "fashion_mnist",
+            _load_fashion_mnist,
+            "Fashion-MNIST 28x28 grey, 60k/10k, 10 classes; offline from Debian's dataset-fashion-mnist.",
+        ),
+        DatasetSpec("mnist", _load_mnist, "MNIST 28x28 grey, 60k/10k, 10 classes; needs `root` or `download`."),
+        DatasetSpec("cifar10", _load_cifar10, "CIFAR-10 32x32 RGB, 50k/10k, 10 classes; via torchvision."),
+        DatasetSpec("digits", _load_digits, "scikit-learn's 8x8 digits, 1,797 images, 10 classes; offline."),
+        DatasetSpec("synthetic", _load_synthetic, "Generated Gaussian-cluster classification data; offline."),
+    )
+}
