@@ -56,7 +56,7 @@ class _Named(_Section):
         return {"name": data} if isinstance(data, str) else data
 
 
-def _import_callable(reference: str) -> Any:
+def import_callable(reference: str) -> Any:
     """Import ``package.module:function``; every failure becomes a ValueError saying what went wrong."""
     if not CALLABLE_PATTERN.match(reference):
         raise ValueError("expected 'package.module:function' (a module path, a colon, a function name)")
@@ -100,7 +100,7 @@ class _Buildable(_Named):
     @classmethod
     def _importable(cls, reference: str | None) -> str | None:
         if reference is not None:
-            _import_callable(reference)
+            import_callable(reference)
         return reference
 
     @model_validator(mode="after")
@@ -164,6 +164,7 @@ class TrainingConfig(_Section):
     direction: Literal["minimize", "maximize"] | None = None
     seed: int = Field(0, ge=0, le=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, le=4096)  # torch CPU threads; 1 is fastest for small nets on busy CPUs
     loss: Literal["cross_entropy", "mse", "bce"] | None = None
 
     @model_validator(mode="after")
@@ -236,7 +237,7 @@ class ParamSpec(_Section):
         given = [k for k in ("low", "high", "choices", "value") if getattr(self, k) is not None]
         ranged = {"low", "high"} & set(given)
         if len(ranged) == 1:
-            raise ValueError(f"expected both low and high for a range, found only {given[0]}")
+            raise ValueError(f"expected both low and high for a range (only {given[0]} is given)")
         if len(given) - len(ranged) + bool(ranged) != 1:
             raise ValueError("expected exactly one of: low/high (a range), choices, or a fixed value")
         if (self.log or self.integer) and not ranged:
@@ -420,7 +421,7 @@ def _yaml_problem(source: str, error: yaml.YAMLError) -> str:
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
     context = getattr(error, "context", None)
     detail = f"{problem} ({context})" if context else problem
-    return f"{source}:{where}: expected valid YAML, found a syntax error: {detail}."
+    return f"{source}{where}: expected valid YAML, found a syntax error: {detail}."
 
 
 def _describe(value: Any) -> str:
@@ -438,11 +439,11 @@ def _describe(value: Any) -> str:
 def _error(source: str | None, path: str, expected: str, found: Any, lines: Mapping[str, int]) -> ConfigError:
     line = lines.get(path)
     where = f"{source or '<config>'}{f' line {line}' if line else ''}"
-    found_text = found if isinstance(found, _Found) else _describe(found)
+    found_text = found if isinstance(found, Phrase) else _describe(found)
     return ConfigError(f"{where}: {path}: {expected}; found {found_text}.")
 
 
-class _Found(str):
+class Phrase(str):
     """An already-phrased 'found' clause (not to be repr'd)."""
 
 
@@ -476,12 +477,12 @@ def _pydantic_problem(source: str, error: ValidationError, lines: Mapping[str, i
         valid = _valid_keys(loc[:-1])
         hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         expected = f"one of the keys {', '.join(valid)}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        found_clause: Any = _Found(f"unknown key {str(loc[-1])!r}")
+        found_clause: Any = Phrase(f"unknown key {str(loc[-1])!r}")
     else:
         expected = _expected(kind, first["msg"], ctx)
         found_clause = first.get("input")
         if kind == "missing":
-            found_clause = _Found("nothing")
+            found_clause = Phrase("nothing")
     problem = _error(source, path, f"expected {expected}", found_clause, lines)
     more = len(errors) - 1
     if more:
