@@ -155,8 +155,10 @@ def test_signatures_differ_between_architectures_and_kwargs() -> None:
 
 def test_signature_marks_weight_norm() -> None:
     plain, normed = (
-        architecture_signature(build_model("autoencoder", input_shape=(4,), num_classes=None, widths=[2], weight_norm=wn))
-        for wn in (False, True)
+        architecture_signature(
+            build_model("autoencoder", input_shape=(4,), num_classes=None, widths=[2], weight_norm=weight_norm)
+        )
+        for weight_norm in (False, True)
     )
     assert [layer["type"] for layer in plain["layers"]] == ["Linear", "Linear"]
     assert [layer["type"] for layer in normed["layers"]] == ["Linear[parametrized:weight]"] * 2

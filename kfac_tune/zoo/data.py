@@ -141,13 +141,12 @@ def load_dataset(
     except BadArgument as error:
         raise bad_value("dataset", name, error, accepted) from None
     train_x = _to_float(splits.train_x[train], splits.scale)
-    test_source = splits.train_x if request.test_from_train else splits.test_x
-    test_labels = splits.train_y if request.test_from_train else splits.test_y
+    test_x, test_y = (splits.train_x, splits.train_y) if request.test_from_train else (splits.test_x, splits.test_y)
     return DataBundle(
         train_x=train_x,
         train_y=torch.from_numpy(splits.train_y[train].astype(np.int64)),
-        test_x=_to_float(test_source[test], splits.scale),
-        test_y=torch.from_numpy(test_labels[test].astype(np.int64)),
+        test_x=_to_float(test_x[test], splits.scale),
+        test_y=torch.from_numpy(test_y[test].astype(np.int64)),
         input_shape=tuple(train_x.shape[1:]),
         num_classes=splits.num_classes,
         name=name,
@@ -158,20 +157,21 @@ def load_dataset(
 def _subset(splits: _Splits, request: _Request) -> tuple[slice, slice]:
     """Index ranges of the train and test subsets (the test range indexes the train split if test_from_train)."""
     n_train, n_test = len(splits.train_x), len(splits.test_x)
+    train_size, test_size = request.train_size, request.test_size
     if request.test_from_train:
-        if request.train_size is None:
+        if train_size is None:
             raise BadArgument("train_size", "set when test_from_train is true", None)
-        if request.train_size >= n_train:
-            raise BadArgument("train_size", f"below {n_train} (the training split) with test_from_train", request.train_size)
-        end = n_train if request.test_size is None else request.train_size + request.test_size
+        if train_size >= n_train:
+            raise BadArgument("train_size", f"below {n_train} (the training split) with test_from_train", train_size)
+        end = n_train if test_size is None else train_size + test_size
         if end > n_train:
-            left = n_train - request.train_size
-            raise BadArgument("test_size", f"at most {left} (training images after train_size)", request.test_size)
-        return slice(0, request.train_size), slice(request.train_size, end)
-    for argument, size, available in (("train_size", request.train_size, n_train), ("test_size", request.test_size, n_test)):
+            left = n_train - train_size
+            raise BadArgument("test_size", f"at most {left} (training images after train_size)", test_size)
+        return slice(0, train_size), slice(train_size, end)
+    for argument, size, available in (("train_size", train_size, n_train), ("test_size", test_size, n_test)):
         if size is not None and size > available:
             raise BadArgument(argument, f"at most {available}", size)
-    return slice(0, request.train_size), slice(0, request.test_size)
+    return slice(0, train_size), slice(0, test_size)
 
 
 def _to_float(x: np.ndarray, scale: float) -> torch.Tensor:
@@ -221,21 +221,23 @@ def _find_idx_files(directories: Sequence[Path]) -> list[Path] | None:
 
 
 def _load_idx_dataset(
-    request: _Request, *, title: str, torchvision_name: str, how_to: Sequence[str] = ()
+    request: _Request,
+    *,
+    title: str,
+    torchvision_name: str,
+    system_dirs: Sequence[Path] = (),
+    how_to: Sequence[str] = (),
 ) -> _Splits:
     """Shared by MNIST and Fashion-MNIST: same file names, same format, same torchvision layout.
 
-    ``how_to`` lists dataset-specific ways to get the files, put first in the not-found message.
+    Without a ``root``, ``system_dirs`` (where an OS package installs the files) are searched before the download
+    cache. ``how_to`` lists dataset-specific ways to get the files, put first in the not-found message.
     """
 
     def directories(root: Path) -> list[Path]:
         return [root, root / torchvision_name / "raw"]
 
-    searched = (
-        directories(request.root)
-        if request.root is not None
-        else ([DEBIAN_FASHION_MNIST] if torchvision_name == "FashionMNIST" else []) + directories(_cache_root())
-    )
+    searched = directories(request.root) if request.root is not None else [*system_dirs, *directories(_cache_root())]
     files = _find_idx_files(searched)
     if files is None and request.download:
         import torchvision  # slow import (5-8 s): only when asked to download
@@ -270,6 +272,7 @@ def _load_fashion_mnist(request: _Request) -> _Splits:
         request,
         title="Fashion-MNIST",
         torchvision_name="FashionMNIST",
+        system_dirs=[DEBIAN_FASHION_MNIST],
         how_to=[f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, offline; installs {DEBIAN_FASHION_MNIST})"],
     )
 
@@ -354,7 +357,10 @@ def _load_synthetic(
     """
     if n_features is not None and shape is not None:
         raise BadArgument("shape", "left unset when n_features is given (set one of them)", shape)
-    input_shape = positive_ints("shape", shape) if shape is not None else (positive_int("n_features", 20 if n_features is None else n_features),)
+    if shape is not None:
+        input_shape = positive_ints("shape", shape)
+    else:
+        input_shape = (positive_int("n_features", 20 if n_features is None else n_features),)
     num_classes = positive_int("num_classes", num_classes)
     n_test = request.test_size or SYNTHETIC_TEST_SIZE
     n_train = (request.train_size or SYNTHETIC_TRAIN_SIZE) + (n_test if request.test_from_train else 0)

@@ -112,8 +112,9 @@ def architecture_signature(model: nn.Module) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _check_activation(argument: str, value: Any, *, allow_linear: bool) -> str | None:
-    return choice(argument, value, (*_ACTIVATIONS, *_LINEAR) if allow_linear else tuple(_ACTIVATIONS))
+def _check_activation(argument: str, value: Any, *, allow_linear: bool) -> None:
+    """Validate an activation name; "linear" (or null) only where a layer may stay linear."""
+    choice(argument, value, (*_ACTIVATIONS, *_LINEAR) if allow_linear else tuple(_ACTIVATIONS))
 
 
 def _activation_module(name: str | None) -> nn.Module | None:

@@ -1,0 +1,4 @@
+"""The K-FAC optimizer package: ``from kfac_tune.optim import KFAC``."""
+from kfac_tune.optim.optimizer import KFAC
+
+__all__ = ["KFAC"]

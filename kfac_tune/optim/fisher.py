@@ -1,0 +1,92 @@
+"""The output side of the Fisher: what the loss says about the network's output ``z``.
+
+Conventions (one, fixed and tested).  The objective is ``h = (1/N) Σ_n ℓ_n`` -- the torch functional named by
+``loss`` with its default ``reduction="mean"`` -- where ``N`` (:func:`loss_count`) is the number of terms it
+averages: rows of logits for cross-entropy (classes on the last dimension), elements for MSE and BCE.  ``H_n`` is the
+Hessian of ``ℓ_n`` w.r.t. its output row.  Every vector returned here is on the scale of ``h``: backpropagating it
+through the network gives per-layer gradients ``g`` with ``G = N Σ_rows g gᵀ`` (the estimator in ``blocks``), so
+that ``E[G] ⊗ A`` is K-FAC's approximation of the Fisher/GGN of ``h`` itself.
+
+- ``sample``: one Monte-Carlo draw per term (the true Fisher): ``(1/N) u`` with ``E[u uᵀ] = H_n``.
+- ``exact_columns``: a square-root factorisation of ``H_n`` (``Σ_c u_c u_cᵀ = H_n``): the exact (type-2) Fisher,
+  one backward pass per column; for small output dimensions and for tests.
+- ``quadratic_form``: ``(1/N) Σ_n v1_nᵀ H_n v2_n``, for the quadratic model of automatic step sizes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+LOSSES = ("cross_entropy", "mse", "bce")
+
+
+def check_loss(loss: str) -> None:
+    if loss not in LOSSES:
+        raise ValueError(
+            f"loss={loss!r} is not supported: expected one of {', '.join(LOSSES)} "
+            "(the torch functional F.cross_entropy, F.mse_loss or F.binary_cross_entropy_with_logits "
+            "with reduction='mean', applied to the model's output)"
+        )
+
+
+def loss_count(loss: str, z: Tensor) -> int:
+    """``N``: how many terms the mean-reduced loss averages over."""
+    if loss == "cross_entropy":
+        return z.numel() // z.shape[-1]
+    return z.numel()
+
+
+def sample(loss: str, z: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """A gradient of ``h`` w.r.t. ``z`` for targets drawn from the model's own predictive distribution."""
+    z = z.detach()
+    n = loss_count(loss, z)
+    if loss == "cross_entropy":
+        p = torch.softmax(z.float(), dim=-1)
+        flat = p.reshape(-1, p.shape[-1])
+        drawn = torch.multinomial(flat, 1, generator=generator).squeeze(1)
+        u = flat.clone()
+        u[torch.arange(flat.shape[0], device=z.device), drawn] -= 1.0
+        u = u.reshape(p.shape)
+    elif loss == "mse":
+        # F.mse_loss is the NLL of a Gaussian with variance 1/2 per element: Fisher 2, so u ~ N(0, 2).
+        u = torch.randn(z.shape, device=z.device, dtype=torch.float32, generator=generator) * math.sqrt(2.0)
+    else:
+        p = torch.sigmoid(z.float())
+        u = p - torch.bernoulli(p, generator=generator)
+    return (u / n).to(z.dtype)
+
+
+def exact_columns(loss: str, z: Tensor) -> list[Tensor]:
+    """Columns ``u_c / N`` of a square root of every ``H_n``, each shaped like ``z``."""
+    z = z.detach()
+    n = loss_count(loss, z)
+    width = z.shape[-1]
+    eye = torch.eye(width, device=z.device, dtype=torch.float32)
+    if loss == "cross_entropy":
+        # H = diag(p) - p pᵀ = M Mᵀ with M = diag(√p) - p √pᵀ, column c: √p_c (e_c - p).
+        p = torch.softmax(z.float(), dim=-1)
+        cols = [p[..., c : c + 1].sqrt() * (eye[c] - p) for c in range(width)]
+    elif loss == "mse":
+        cols = [math.sqrt(2.0) * eye[c].expand_as(z).float() for c in range(width)]
+    else:
+        p = torch.sigmoid(z.float())
+        cols = [(p * (1 - p)).sqrt() * eye[c] for c in range(width)]
+    return [(c / n).to(z.dtype) for c in cols]
+
+
+def quadratic_form(loss: str, z: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
+    """``(1/N) Σ_n v1_nᵀ H_n v2_n`` for output-space directions ``v1``, ``v2`` (e.g. ``J δ``)."""
+    z, v1, v2 = z.detach().float(), v1.float(), v2.float()
+    n = loss_count(loss, z)
+    if loss == "cross_entropy":
+        p = torch.softmax(z, dim=-1)
+        total = (p * v1 * v2).sum() - ((p * v1).sum(-1) * (p * v2).sum(-1)).sum()
+    elif loss == "mse":
+        total = 2.0 * (v1 * v2).sum()
+    else:
+        p = torch.sigmoid(z)
+        total = (p * (1 - p) * v1 * v2).sum()
+    return total / n

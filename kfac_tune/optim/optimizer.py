@@ -1,0 +1,535 @@
+"""The public K-FAC optimizer.
+
+``KFAC(model, ...)`` finds the model's ``nn.Linear`` and ``nn.Conv2d`` layers, hooks them to collect Kronecker
+factors, and on ``step()`` replaces their gradient by the damped natural gradient ``(F̂ + λI)⁻¹ ∇h``.  Every other
+trainable parameter (norm layers, embeddings, excluded modules) takes the plain gradient in the same update, so
+it is trained by the same momentum/step-size rule: the documented first-order fallback.
+
+Hot path: with a fixed learning rate the step performs no host synchronisation: damping, π, KL-clip and the
+non-finite guard all stay on the device.  Only inverse refreshes (every ``inv_update_freq`` steps), Levenberg–
+Marquardt adaptation and the automatic learning rate/momentum (which need scalars from the quadratic model)
+synchronise.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from kfac_tune.optim import blocks as blocks_mod
+from kfac_tune.optim import fisher, quadratic
+from kfac_tune.optim.blocks import DAMPING_MODES, KroneckerBlock
+from kfac_tune.optim.capture import LayerHelper, make_helper
+from kfac_tune.optim.profiling import PhaseTimer
+
+FISHER_TYPES = ("true", "empirical", "exact")
+Exclude = Union[str, nn.Module, type]
+
+
+class KFAC(torch.optim.Optimizer):
+    """K-FAC (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016) for a PyTorch model.
+
+    Args:
+        model: the network; its output must be the tensor the loss is computed from.
+        lr: step size α (ignored when ``adaptive_lr``; then it is chosen each step by the quadratic model).
+        damping: Tikhonov damping λ added to the curvature (see ``damping_mode``).
+        momentum: μ in ``δ = α Δ + μ δ_prev`` (ignored when ``adaptive_momentum``).
+        factor_decay: EMA decay of the Kronecker factors, applied once per factor update.
+        inv_update_freq: steps between eigendecompositions of the factors (amortised inverses).
+        cov_update_freq: steps between factor updates; other steps skip the statistics entirely.
+        loss: ``"cross_entropy"`` | ``"mse"`` | ``"bce"``: the torch functional (``reduction="mean"``) whose Fisher
+            is approximated; see :mod:`kfac_tune.optim.fisher` for the exact convention.
+        fisher: ``"true"`` (targets sampled from the model, the default), ``"empirical"`` (the real gradients) or
+            ``"exact"`` (one backward pass per output dimension; small outputs only).
+        weight_decay: L2 coefficient η, added to the gradient, the damping and the quadratic model.
+        kl_clip: with a fixed ``lr``, scales the update so that ``α² Δᵀ F̂ Δ ≤ kl_clip`` (None: off).
+        damping_mode: ``"pi"`` (factored Tikhonov) or ``"exact"`` (eigenbasis); see :mod:`kfac_tune.optim.blocks`.
+        adaptive_damping: Levenberg–Marquardt adaptation of λ every ``damping_adaptation_interval`` steps; needs
+            ``step(closure)``.
+        adaptive_lr, adaptive_momentum: choose α and/or μ each step by minimising the exact quadratic model.
+        stat_fraction: share of each batch (its first examples) used for the factor statistics.
+        exclude: module names (or prefixes), module instances or module types that get the first-order fallback.
+        factor_dtype: dtype of factors and inverses (float32 by default whatever the model's dtype; float64 for
+            tests or ill-conditioned problems).
+        seed: seeds the sampling of true-Fisher targets (reproducible, checkpointed).
+        profile: time each phase (statistics, inverses, precondition, update) into ``self.timer.totals``;
+            synchronises the device, so leave it off outside benchmarks.
+    """
+
+    HYPERPARAMETERS = (
+        "lr",
+        "damping",
+        "momentum",
+        "factor_decay",
+        "inv_update_freq",
+        "cov_update_freq",
+        "weight_decay",
+        "kl_clip",
+    )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.01,
+        damping: float = 1e-3,
+        momentum: float = 0.9,
+        factor_decay: float = 0.95,
+        inv_update_freq: int = 10,
+        cov_update_freq: int = 1,
+        loss: str = "cross_entropy",
+        fisher: str = "true",
+        weight_decay: float = 0.0,
+        kl_clip: Optional[float] = None,
+        damping_mode: str = "pi",
+        adaptive_damping: bool = False,
+        adaptive_lr: bool = False,
+        adaptive_momentum: bool = False,
+        damping_adaptation_interval: int = 5,
+        damping_adaptation_decay: float = 0.95,
+        min_damping: float = 1e-8,
+        max_damping: float = 1e8,
+        stat_fraction: float = 1.0,
+        exclude: Iterable[Exclude] = (),
+        factor_dtype: torch.dtype = torch.float32,
+        seed: Optional[int] = None,
+        profile: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"KFAC needs the model (an nn.Module), got {type(model).__name__}")
+        defaults = dict(
+            lr=lr,
+            damping=damping,
+            momentum=momentum,
+            factor_decay=factor_decay,
+            inv_update_freq=inv_update_freq,
+            cov_update_freq=cov_update_freq,
+            weight_decay=weight_decay,
+            kl_clip=kl_clip,
+        )
+        _validate(defaults, min_damping=min_damping, max_damping=max_damping)
+        fisher_check(loss, fisher, damping_mode, stat_fraction, damping_adaptation_interval,
+                     damping_adaptation_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("KFAC: the model has no trainable parameters")
+        super().__init__(params, defaults)
+
+        self.model = model
+        self.loss, self.fisher, self.damping_mode = loss, fisher, damping_mode
+        self.adaptive_damping, self.adaptive_lr, self.adaptive_momentum = (
+            adaptive_damping, adaptive_lr, adaptive_momentum)
+        self.damping_adaptation_interval = damping_adaptation_interval
+        self.damping_adaptation_decay = damping_adaptation_decay
+        self.min_damping, self.max_damping = min_damping, max_damping
+        self.stat_fraction = stat_fraction
+        self.factor_dtype = factor_dtype
+
+        self.layers: dict[str, tuple[LayerHelper, KroneckerBlock]] = {}
+        excluded = list(exclude)
+        for name, module in model.named_modules():
+            if _is_excluded(name, module, excluded) or not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            helper = make_helper(module)
+            if helper is None or not module.weight.requires_grad:
+                continue
+            block = KroneckerBlock(helper.a_dim, helper.g_dim, module.weight.device, factor_dtype)
+            self.layers[name] = (helper, block)
+        if not self.layers:
+            raise ValueError(
+                "KFAC: the model has no supported layer (nn.Linear, or nn.Conv2d with groups=1) outside `exclude`; "
+                "use a first-order optimizer for it, or un-exclude a layer"
+            )
+
+        self._steps = 0
+        device = params[0].device
+        self._skipped = torch.zeros((), dtype=torch.long, device=device)
+        self._skipped_seen = 0
+        self._generator: Optional[torch.Generator] = None
+        if seed is not None:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(seed)
+        self._hooks_enabled = True
+        self._capturing = False
+        self._in_sampled_pass = False
+        self._pending_A: dict[str, list[Any]] = {}
+        self._pending_G: dict[str, Tensor] = {}
+        self._passes = 0
+        self._outputs: list[tuple[str, Tensor, int, int]] = []
+        self._last_inputs: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
+        self._last_output: Optional[Tensor] = None
+        self._loss_count = 1
+        self.timer = PhaseTimer(profile, device)
+        self._handles = [
+            model.register_forward_pre_hook(self._on_model_input, with_kwargs=True),
+            model.register_forward_hook(self._on_model_output),
+        ]
+        for name, (helper, _) in self.layers.items():
+            self._handles.append(helper.module.register_forward_hook(self._layer_hook(name)))
+
+    # ------------------------------------------------------------------------------------------------ recipes
+    @classmethod
+    def from_recipe(cls, model: nn.Module, recipe: Any, **overrides: Any) -> "KFAC":
+        """Build the optimizer a recipe (a path or a loaded recipe) describes; ``overrides`` win."""
+        from kfac_tune.recipes import load_recipe  # lazy: the optimizer does not depend on the tool
+
+        if not hasattr(recipe, "hyperparameters"):
+            recipe = load_recipe(recipe)
+        if recipe.optimizer != "kfac":
+            raise ValueError(f"this recipe is for the {recipe.optimizer!r} optimizer, not K-FAC")
+        kwargs = {**recipe.hyperparameters, **overrides}
+        return cls(model, **kwargs)
+
+    def close(self) -> None:
+        """Detach the optimizer's hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Updates that were not applied because they were not finite (synchronises)."""
+        return int(self._skipped.item())
+
+    # ----------------------------------------------------------------------------------------------- capture
+    def _on_model_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not (self._hooks_enabled and torch.is_grad_enabled()):
+            self._capturing = False
+            return None
+        self._capturing = self._steps % self.param_groups[0]["cov_update_freq"] == 0
+        if self.adaptive_lr or self.adaptive_momentum or self.adaptive_damping:
+            self._last_inputs = (args, kwargs)
+        return None
+
+    def _on_model_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not (self._hooks_enabled and torch.is_grad_enabled()):
+            return None
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"KFAC needs the model's output to be the tensor the loss is computed from; got "
+                f"{type(output).__name__}. Wrap the model so that forward() returns that tensor."
+            )
+        self._last_output = output.detach()
+        if self._capturing and output.requires_grad:
+            self._loss_count = fisher.loss_count(self.loss, output)
+            output.register_hook(lambda grad, z=output: self._on_output_grad(z))
+        return None
+
+    def _layer_hook(self, name: str) -> Callable[..., Optional[Tensor]]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Optional[Tensor]:
+            if not (self._capturing and self._hooks_enabled and torch.is_grad_enabled()):
+                return None
+            if not output.requires_grad:
+                return None
+            with self.timer.phase("statistics"):
+                x = args[0].detach()
+                batch = x.shape[0]
+                used = max(1, math.ceil(self.stat_fraction * batch))
+                helper = self.layers[name][0]
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    a = helper.a_rows(x[:used]).to(self.factor_dtype)
+                    cov = a.T @ a
+                pending = self._pending_A.setdefault(name, [0, 0])
+                pending[0] = pending[0] + cov
+                pending[1] += a.shape[0]
+                self._outputs.append((name, output, used, batch))
+                if self.fisher == "empirical":
+                    output.register_hook(lambda g: self._add_G(name, g, used, batch))
+                # The layer's consumers get a copy, so an in-place op after the layer (ReLU(inplace=True)) cannot
+                # rewrite the tensor whose gradient the statistics need.
+                return output.clone()
+
+        return hook
+
+    def _on_output_grad(self, z: Tensor) -> None:
+        """First thing in the real backward: count the pass and, for the true/exact Fisher, run the extra pass.
+
+        The extra pass differentiates the output w.r.t. the captured layer outputs only, so no weight gradient is
+        computed and ``.grad`` is untouched.
+        """
+        if self._in_sampled_pass or not self._hooks_enabled:
+            return
+        self._passes += 1
+        outputs, self._outputs = self._outputs, []
+        if self.fisher == "empirical" or not outputs:
+            return
+        self._in_sampled_pass = True
+        try:
+            with self.timer.phase("statistics"):
+                self._sampled_pass(z, outputs)
+        finally:
+            self._in_sampled_pass = False
+
+    def _sampled_pass(self, z: Tensor, outputs: list[tuple[str, Tensor, int, int]]) -> None:
+        if self.fisher == "true":
+            vectors = [fisher.sample(self.loss, z, self._generator)]
+        else:
+            vectors = fisher.exact_columns(self.loss, z)
+        targets = [s for _, s, _, _ in outputs]
+        for v in vectors:
+            grads = torch.autograd.grad(z, targets, grad_outputs=v, retain_graph=True, allow_unused=True)
+            for (name, _, used, batch), g in zip(outputs, grads):
+                if g is not None:
+                    self._add_G(name, g, used, batch)
+
+    def _add_G(self, name: str, g: Tensor, used: int, batch: int) -> None:
+        helper = self.layers[name][0]
+        with self.timer.phase("statistics"), torch.autocast(device_type=g.device.type, enabled=False):
+            rows = helper.g_rows(g[:used].detach()).to(self.factor_dtype)
+            cov = (rows.T @ rows) * (self._loss_count * batch / used)
+        self._pending_G[name] = self._pending_G.get(name, 0) + cov
+
+    # ------------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:  # type: ignore[override]
+        """One K-FAC update; with ``closure`` it first evaluates the loss and gradients (and may re-evaluate
+        the loss for Levenberg–Marquardt damping)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        with self.timer.phase("statistics"):
+            self._commit_statistics(group["factor_decay"])
+        with self.timer.phase("inverses"):
+            self._refresh_inverses(group)
+
+        params = [p for p in group["params"] if p.grad is not None]
+        if params:
+            wd = group["weight_decay"]
+            grads = [p.grad + wd * p if wd else p.grad for p in params]
+            with self.timer.phase("precondition"):
+                direction = self._natural_direction(params, grads, group["damping"] + wd)
+            with self.timer.phase("update"):
+                self._update(group, params, grads, direction, closure, loss)
+        self._steps += 1
+        return loss
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], direction: list[Tensor],
+                closure: Optional[Callable[[], Tensor]], loss: Optional[Tensor]) -> None:
+        """δ = α Δ + μ δ_prev with α, μ fixed (and KL-clipped) or from the quadratic model; then LM damping."""
+        prev = [self.state[p].get("delta") for p in params]
+        has_prev = all(d is not None for d in prev)
+        model = None
+        if self.adaptive_lr or self.adaptive_momentum:
+            model, coeffs = self._solve_step(group, params, grads, direction, prev if has_prev else None)
+            alpha, mu = coeffs[0], (coeffs[1] if has_prev else 0.0)
+        else:
+            alpha = group["lr"] * self._kl_scale(group, grads, direction)
+            mu = group["momentum"] if has_prev else 0.0
+        update = [alpha * d + mu * p_ if mu else alpha * d for d, p_ in zip(direction, prev)]
+        self._apply(params, update)
+        if self.adaptive_damping and (self._steps + 1) % self.damping_adaptation_interval == 0:
+            self._adapt_damping(group, closure, loss, params, grads, update, model, (alpha, mu), has_prev)
+
+    def _commit_statistics(self, decay: float) -> None:
+        for name, (a_sum, rows) in self._pending_A.items():
+            self.layers[name][1].update_A(a_sum / rows, decay)
+        if self._passes:
+            for name, g_sum in self._pending_G.items():
+                self.layers[name][1].update_G(g_sum / self._passes, decay)
+        self._pending_A, self._pending_G, self._passes, self._outputs = {}, {}, 0, []
+
+    def _refresh_inverses(self, group: dict[str, Any]) -> None:
+        """Eigendecompose the factors every ``inv_update_freq`` steps, and as soon as a new layer has statistics."""
+        due = self._steps % group["inv_update_freq"] == 0
+        candidates = [b for _, b in self.layers.values() if due or not b.has_statistics]
+        ready = [b for b in candidates if bool((b.A_weight > 0) & (b.G_weight > 0))]
+        if not ready:
+            return
+        blocks_mod.decompose(ready)
+        skipped = int(self._skipped.item())
+        if skipped > self._skipped_seen:
+            new = min(group["damping"] * 10, self.max_damping)
+            warnings.warn(
+                f"K-FAC skipped {skipped - self._skipped_seen} non-finite update(s); raising damping "
+                f"from {group['damping']:.3g} to {new:.3g}", RuntimeWarning, stacklevel=3)
+            group["damping"] = new
+            self._skipped_seen = skipped
+
+    def _natural_direction(self, params: list[Tensor], grads: list[Tensor], damping: float) -> list[Tensor]:
+        """Δ = −(F̂ + λI)⁻¹ g for K-FAC layers and −g for the fallback parameters."""
+        index = {id(p): i for i, p in enumerate(params)}
+        direction = [-g for g in grads]
+        for helper, block in self.layers.values():
+            idx = [index.get(id(p)) for p in helper.params]
+            if idx[0] is None or not block.has_statistics:
+                continue
+            mat = _as_matrix(helper, [grads[i] if i is not None else None for i in idx])
+            pieces = helper.split(block.precondition(mat, damping, self.damping_mode))
+            for i, piece in zip(idx, pieces):
+                if i is not None:
+                    direction[i] = -piece
+        return direction
+
+    def _kl_scale(self, group: dict[str, Any], grads: list[Tensor], direction: list[Tensor]) -> Any:
+        """KL-clipping (norm constraint): a device scalar ≤ 1, or 1.0 when off."""
+        if group["kl_clip"] is None:
+            return 1.0
+        vg = -sum((d.float() * g.float()).sum() for d, g in zip(direction, grads)) * group["lr"] ** 2
+        return torch.clamp(torch.sqrt(group["kl_clip"] / vg.abs().clamp_min(1e-30)), max=1.0)
+
+    def _solve_step(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], direction: list[Tensor],
+        prev: Optional[list[Tensor]],
+    ) -> tuple[quadratic.QuadraticModel, list[float]]:
+        dirs = [direction] + ([prev] if prev is not None else [])
+        qm = self._quadratic_model(params, grads, dirs, group["weight_decay"])
+        fixed: dict[int, float] = {}
+        if not self.adaptive_lr:
+            fixed[0] = group["lr"]
+        if prev is not None and not self.adaptive_momentum:
+            fixed[1] = group["momentum"]
+        return qm, qm.solve(group["damping"], fixed)
+
+    def _quadratic_model(self, params: list[Tensor], grads: list[Tensor], dirs: list[list[Tensor]],
+                         weight_decay: float) -> quadratic.QuadraticModel:
+        if self._last_inputs is None or self._last_output is None:
+            raise RuntimeError("KFAC: the automatic step size and damping need a forward pass of the model "
+                               "with gradients enabled before step()")
+        self._hooks_enabled = False
+        try:
+            return quadratic.build(self.model, self._last_inputs, self._last_output, self.loss, params, grads,
+                                   dirs, weight_decay)
+        finally:
+            self._hooks_enabled = True
+
+    def _apply(self, params: list[Tensor], update: list[Tensor]) -> None:
+        """Add the update unless any entry is non-finite (decided on the device, no synchronisation)."""
+        total = sum((u.float() ** 2).sum() for u in update)
+        finite = torch.isfinite(total)
+        self._skipped += (~finite).long()
+        for p, u in zip(params, update):
+            safe = torch.where(finite, u, torch.zeros_like(u))
+            p.add_(safe)
+            self.state[p]["delta"] = safe
+
+    def _adapt_damping(self, group: dict[str, Any], closure: Optional[Callable[[], Tensor]],
+                       loss: Optional[Tensor], params: list[Tensor], grads: list[Tensor], update: list[Tensor],
+                       model: Optional[quadratic.QuadraticModel], coeffs: tuple[Any, float], has_prev: bool) -> None:
+        """Levenberg–Marquardt: compare the loss change the update achieved with the one the model predicted."""
+        if closure is None or loss is None:
+            raise RuntimeError("KFAC(adaptive_damping=True) needs step(closure): the damping rule re-evaluates "
+                               "the loss after the update")
+        if model is None:
+            model = self._quadratic_model(params, grads, [update], group["weight_decay"])
+            predicted = model.change([1.0])
+        else:
+            predicted = model.change([float(coeffs[0]), float(coeffs[1])] if has_prev else [float(coeffs[0])])
+        self._hooks_enabled = False
+        try:
+            with torch.enable_grad():
+                new_loss = float(closure())
+        finally:
+            self._hooks_enabled = True
+        wd = group["weight_decay"]
+        l2 = 0.0
+        if wd:
+            l2 = 0.5 * wd * sum(float((p.float() ** 2).sum() - ((p - u).float() ** 2).sum())
+                                for p, u in zip(params, update))
+        actual = new_loss - float(loss) + l2
+        rho = actual / predicted if predicted < 0 else float("nan")
+        if not math.isfinite(new_loss):
+            for p, u in zip(params, update):  # reject the step: parameters go back, momentum restarts
+                p.sub_(u)
+                self.state[p].pop("delta", None)
+        group["damping"] = quadratic.new_damping(
+            group["damping"], rho, self.damping_adaptation_decay, self.damping_adaptation_interval,
+            self.min_damping, self.max_damping)
+        self.last_rho = rho
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["kfac"] = {
+            "steps": self._steps,
+            "skipped": self._skipped.clone(),
+            "skipped_seen": self._skipped_seen,
+            "generator": None if self._generator is None else self._generator.get_state(),
+            "blocks": {name: block.state_dict() for name, (_, block) in self.layers.items()},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("kfac", None)
+        super().load_state_dict(state_dict)
+        if extra is None:
+            return
+        missing = set(self.layers) - set(extra["blocks"])
+        if missing:
+            raise ValueError(f"KFAC state has no factors for layers {sorted(missing)}: it was saved for "
+                             "another model")
+        self._steps = extra["steps"]
+        self._skipped = extra["skipped"].to(self._skipped.device)
+        self._skipped_seen = extra["skipped_seen"]
+        if extra["generator"] is not None and self._generator is not None:
+            self._generator.set_state(extra["generator"])
+        for name, (_, block) in self.layers.items():
+            block.load_state_dict(extra["blocks"][name])
+
+
+def _as_matrix(helper: LayerHelper, grads: list[Optional[Tensor]]) -> Tensor:
+    """Gradients of a layer's parameters as one ``(g_dim, a_dim)`` matrix (bias last column)."""
+    w = grads[0]
+    assert w is not None
+    mat = w.reshape(w.shape[0], -1)
+    if helper.has_bias:
+        b = grads[1] if grads[1] is not None else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
+        mat = torch.cat([mat, b.reshape(-1, 1)], dim=1)
+    return mat
+
+
+def _is_excluded(name: str, module: nn.Module, exclude: list[Exclude]) -> bool:
+    for item in exclude:
+        if isinstance(item, str) and (name == item or name.startswith(item + ".")):
+            return True
+        if isinstance(item, type) and isinstance(module, item):
+            return True
+        if isinstance(item, nn.Module) and item is module:
+            return True
+    return False
+
+
+def _validate(h: dict[str, Any], *, min_damping: float, max_damping: float) -> None:
+    """Reject hyperparameters that would make K-FAC silently misbehave."""
+    def finite_positive(name: str, value: Any) -> None:
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"KFAC: {name} must be a finite number > 0, got {value!r}")
+
+    finite_positive("lr", h["lr"])
+    finite_positive("damping", h["damping"])
+    finite_positive("min_damping", min_damping)
+    if not (0 <= h["momentum"] < 1):
+        raise ValueError(f"KFAC: momentum must be in [0, 1), got {h['momentum']!r}")
+    if not (0 <= h["factor_decay"] < 1):
+        raise ValueError(f"KFAC: factor_decay must be in [0, 1), got {h['factor_decay']!r}")
+    for name in ("inv_update_freq", "cov_update_freq"):
+        value = h[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"KFAC: {name} must be an integer >= 1 (a number of steps), got {value!r}")
+    if not isinstance(h["weight_decay"], (int, float)) or not math.isfinite(h["weight_decay"]) \
+            or h["weight_decay"] < 0:
+        raise ValueError(f"KFAC: weight_decay must be a finite number >= 0, got {h['weight_decay']!r}")
+    if h["kl_clip"] is not None:
+        finite_positive("kl_clip", h["kl_clip"])
+    if not (min_damping <= h["damping"] <= max_damping):
+        raise ValueError(f"KFAC: damping {h['damping']!r} is outside [min_damping, max_damping] = "
+                         f"[{min_damping}, {max_damping}]")
+
+
+def fisher_check(loss: str, fisher_type: str, damping_mode: str, stat_fraction: float, interval: int,
+                 decay: float) -> None:
+    fisher.check_loss(loss)
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(f"KFAC: fisher={fisher_type!r} is not supported: expected one of {', '.join(FISHER_TYPES)}")
+    if damping_mode not in DAMPING_MODES:
+        raise ValueError(f"KFAC: damping_mode={damping_mode!r}: expected one of {', '.join(DAMPING_MODES)}")
+    if not (0 < stat_fraction <= 1):
+        raise ValueError(f"KFAC: stat_fraction must be in (0, 1], got {stat_fraction!r}")
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"KFAC: damping_adaptation_interval must be an integer >= 1, got {interval!r}")
+    if not (0 < decay < 1):
+        raise ValueError(f"KFAC: damping_adaptation_decay must be in (0, 1), got {decay!r}")

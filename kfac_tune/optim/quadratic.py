@@ -1,0 +1,125 @@
+"""The local quadratic model of Martens & Grosse (2015) §6.5 and §7.
+
+``M(δ) = gᵀδ + ½ δᵀ (C + λ I) δ`` with ``C`` the exact Fisher/GGN of the mini-batch objective, evaluated through
+Jacobian-vector products of the network (never forming ``C``).  Used for
+
+- automatic learning rate and momentum: minimise ``M`` over ``δ = α Δ + μ δ_prev`` (a 2×2 solve);
+- Levenberg–Marquardt damping: ``ρ = (h(θ+δ) − h(θ)) / M(δ)`` decides whether λ grows or shrinks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from kfac_tune.optim import fisher
+
+
+@dataclass
+class QuadraticModel:
+    """Inner products of the candidate directions; ``dirs[0]`` is Δ, ``dirs[1]`` (optional) is δ_prev."""
+
+    grad_dots: list[float]  # gᵀ d_i
+    curv: list[list[float]]  # d_iᵀ C d_j
+    sq: list[list[float]]  # d_iᵀ d_j (for the damping term)
+
+    def solve(self, damping: float, fixed: dict[int, float]) -> list[float]:
+        """Coefficients minimising ``M`` over the span of the directions; ``fixed`` pins some of them."""
+        n = len(self.grad_dots)
+        Q = [[self.curv[i][j] + damping * self.sq[i][j] for j in range(n)] for i in range(n)]
+        free = [i for i in range(n) if i not in fixed]
+        coeffs = [fixed.get(i, 0.0) for i in range(n)]
+        if not free:
+            return coeffs
+        # Move the pinned coefficients to the right-hand side, then solve the small SPD system.
+        rhs = [-(self.grad_dots[i] + sum(Q[i][j] * coeffs[j] for j in fixed)) for i in free]
+        if len(free) == 1:
+            i = free[0]
+            coeffs[i] = rhs[0] / Q[i][i] if Q[i][i] > 0 else 0.0
+            return coeffs
+        i, j = free
+        det = Q[i][i] * Q[j][j] - Q[i][j] * Q[j][i]
+        if det <= 1e-12 * max(Q[i][i] * Q[j][j], 1e-30):
+            # Δ and δ_prev are (nearly) parallel: fall back to the step along Δ alone.
+            coeffs[i] = rhs[0] / Q[i][i] if Q[i][i] > 0 else 0.0
+            coeffs[j] = 0.0
+            return coeffs
+        coeffs[i] = (rhs[0] * Q[j][j] - Q[i][j] * rhs[1]) / det
+        coeffs[j] = (Q[i][i] * rhs[1] - Q[j][i] * rhs[0]) / det
+        return coeffs
+
+    def change(self, coeffs: list[float], damping: float = 0.0) -> float:
+        """``M(Σ c_i d_i)``: the change of the objective the model predicts."""
+        n = len(coeffs)
+        lin = sum(c * g for c, g in zip(coeffs, self.grad_dots))
+        quad = sum(
+            coeffs[i] * coeffs[j] * (self.curv[i][j] + damping * self.sq[i][j]) for i in range(n) for j in range(n)
+        )
+        return lin + 0.5 * quad
+
+
+def build(
+    model: nn.Module,
+    inputs: tuple[tuple[Any, ...], dict[str, Any]],
+    output: Tensor,
+    loss: str,
+    params: list[nn.Parameter],
+    grads: list[Tensor],
+    directions: list[list[Tensor]],
+    weight_decay: float,
+) -> QuadraticModel:
+    """Evaluate ``gᵀd``, ``dᵀCd`` and ``dᵀd`` for each direction (one JVP per direction).
+
+    ``weight_decay`` η enters as the L2 term of the objective: ``C + η I``.
+    """
+    jvps = [_jvp(model, inputs, params, d) for d in directions]
+    n = len(directions)
+    dot = lambda a, b: sum((x.float() * y.float()).sum() for x, y in zip(a, b))  # noqa: E731
+    grad_dots = torch.stack([dot(grads, d) for d in directions])
+    sq = torch.stack([torch.stack([dot(directions[i], directions[j]) for j in range(n)]) for i in range(n)])
+    curv = torch.stack(
+        [torch.stack([fisher.quadratic_form(loss, output, jvps[i], jvps[j]) for j in range(n)]) for i in range(n)]
+    )
+    curv = curv + weight_decay * sq
+    values = torch.cat([grad_dots, curv.flatten(), sq.flatten()]).double().cpu().tolist()  # one host sync
+    grad_list = values[:n]
+    curv_list = [values[n + i * n : n + (i + 1) * n] for i in range(n)]
+    sq_list = [values[n + n * n + i * n : n + n * n + (i + 1) * n] for i in range(n)]
+    return QuadraticModel(grad_list, curv_list, sq_list)
+
+
+def _jvp(
+    model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], params: list[nn.Parameter], tangent: list[Tensor]
+) -> Tensor:
+    """``J d``: the change of the model output along the parameter direction ``d``."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    primal = {names[id(p)]: p.detach() for p in params}
+    tangents = {names[id(p)]: t.to(p.dtype) for p, t in zip(params, tangent)}
+    # Buffers are cloned so that batch-norm running statistics are not updated twice.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    args, kwargs = inputs
+
+    def f(p: dict[str, Tensor]) -> Tensor:
+        out = functional_call(model, {**p, **buffers}, args, kwargs, strict=False)
+        return out
+
+    with torch.enable_grad():
+        _, out_tangent = jvp(f, (primal,), (tangents,))
+    return out_tangent.detach()
+
+
+def new_damping(
+    damping: float, rho: float, decay: float, interval: int, lower: float, upper: float
+) -> float:
+    """Levenberg–Marquardt rule: shrink λ by ω = decay^interval when ρ > 3/4, grow it when ρ < 1/4."""
+    omega = decay**interval
+    if not math.isfinite(rho) or rho < 0.25:
+        damping = damping / omega
+    elif rho > 0.75:
+        damping = damping * omega
+    return min(max(damping, lower), upper)
+

@@ -1,0 +1,237 @@
+"""K-FAC's curvature against exact computations by autograd, in float64 on tiny networks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfac_tune import KFAC
+from kfac_tune.optim import fisher
+from kfac_tune.optim.blocks import KroneckerBlock
+
+torch.set_default_dtype(torch.float64)
+LOSS_FN = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "bce": F.binary_cross_entropy_with_logits}
+
+
+def _kfac(model: nn.Module, **kw) -> KFAC:
+    base = dict(lr=1.0, momentum=0.0, factor_decay=0.5, inv_update_freq=1, factor_dtype=torch.float64)
+    return KFAC(model, **{**base, **kw})
+
+
+def _one_step(model: nn.Module, opt: KFAC, x: torch.Tensor, target: torch.Tensor, loss: str) -> list[torch.Tensor]:
+    """Run one closure step; return the parameter change."""
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        out = LOSS_FN[loss](model(x), target)
+        out.backward()
+        return out
+
+    opt.step(closure)
+    return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+
+def _block(opt: KFAC, name: str) -> KroneckerBlock:
+    return opt.layers[name][1]
+
+
+def test_linear_factors_equal_hand_computed_moments() -> None:
+    """A = E[a aᵀ] over all rows (batch × time, bias column appended); G = N Σ_rows g gᵀ (empirical Fisher)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    model = nn.Sequential(layer)
+    x = torch.randn(5, 2, 4)  # (batch, time, features): time steps are extra rows
+    y = torch.randint(0, 3, (5, 2))
+    # Gradient of the mean loss w.r.t. the logits, by autograd, before the optimizer is attached.
+    z = layer(x).detach().requires_grad_(True)
+    (dz,) = torch.autograd.grad(F.cross_entropy(z.reshape(-1, 3), y.reshape(-1)), [z])
+    dz = dz.reshape(-1, 3)
+    opt = _kfac(model, fisher="empirical", loss="cross_entropy")
+    F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)).backward()
+    opt.step()
+    rows = torch.cat([x.reshape(-1, 4), torch.ones(10, 1)], dim=1)
+    A, G = _block(opt, "0").factors()
+    torch.testing.assert_close(A, rows.T @ rows / 10)
+    torch.testing.assert_close(G, 10 * dz.T @ dz)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,bias", [(1, 0, 1, True), (2, 1, 1, False), (1, 2, 2, True)])
+def test_conv2d_factors_equal_explicit_patches(stride: int, padding: int, dilation: int, bias: bool) -> None:
+    """KFC factors from explicit per-location patches (loops, no unfold) and per-location output gradients."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 3, kernel_size=3, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    model = nn.Sequential(conv, nn.Flatten())
+    x = torch.randn(2, 2, 7, 7)
+    target = torch.randn_like(model(x))
+    s = conv(x).detach().requires_grad_(True)
+    (ds,) = torch.autograd.grad(F.mse_loss(s.flatten(1), target), [s])
+    opt = _kfac(model, fisher="empirical", loss="mse")
+    opt.zero_grad()
+    F.mse_loss(model(x), target).backward()
+    opt.step()
+
+    n_loss = target.numel()
+    xp = F.pad(x, (padding,) * 4)
+    patches, grads = [], []
+    for b in range(x.shape[0]):
+        for i in range(s.shape[2]):
+            for j in range(s.shape[3]):
+                r, c = i * stride, j * stride
+                patch = xp[b, :, r : r + dilation * 2 + 1 : dilation, c : c + dilation * 2 + 1 : dilation]
+                vec = patch.reshape(-1)
+                patches.append(torch.cat([vec, torch.ones(1)]) if bias else vec)
+                grads.append(ds[b, :, i, j])
+    a = torch.stack(patches)
+    g = torch.stack(grads)
+    A, G = _block(opt, "0").factors()
+    torch.testing.assert_close(A, a.T @ a / a.shape[0])
+    torch.testing.assert_close(G, n_loss * g.T @ g)
+
+
+def _exact_ggn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """The GGN of the mean loss, ``Jᵀ (∇²_z h) J``, from the full Jacobian and the loss Hessian by autograd."""
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, dict(zip(names, ps)), (x,))
+
+    jac = torch.autograd.functional.jacobian(f, tuple(params))
+    z = model(x).detach()
+    J = torch.cat([j.reshape(z.numel(), -1) for j in jac], dim=1)  # (outputs, params)
+    H = torch.autograd.functional.hessian(lambda out: LOSS_FN[loss](out, y), z).reshape(z.numel(), z.numel())
+    return J.T @ H @ J
+
+
+def test_single_linear_layer_update_equals_exact_natural_gradient() -> None:
+    """One Linear layer, MSE loss, exact Fisher, exact damping: the K-FAC step is −(GGN + λI)⁻¹ ∇h."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 2, bias=False))
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    damping = 1e-3
+    ggn = _exact_ggn(model, x, y, "mse")
+    opt = _kfac(model, fisher="exact", loss="mse", damping=damping, damping_mode="exact")
+    model.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    grad = model[0].weight.grad.reshape(-1).clone()
+    (delta,) = _one_step(model, opt, x, y, "mse")
+    expected = -torch.linalg.solve(ggn + damping * torch.eye(ggn.shape[0]), grad)
+    torch.testing.assert_close(delta.reshape(-1), expected)
+
+
+def test_pi_damping_equals_solve_on_the_damped_kronecker_product() -> None:
+    """π-damped inverse through the eigenbasis == torch.linalg.solve with (A + π√λ I) ⊗ (G + √λ/π I)."""
+    torch.manual_seed(3)
+    a_dim, g_dim, damping = 4, 3, 0.05
+    block = KroneckerBlock(a_dim, g_dim, torch.device("cpu"), torch.float64)
+    ra, rg = torch.randn(10, a_dim), torch.randn(10, g_dim)
+    block.update_A(ra.T @ ra / 10, 0.9)
+    block.update_G(rg.T @ rg, 0.9)
+    from kfac_tune.optim.blocks import decompose
+
+    decompose([block])
+    A, G = block.factors()
+    pi = math.sqrt((A.trace() / a_dim) / (G.trace() / g_dim))
+    Ad = A + pi * math.sqrt(damping) * torch.eye(a_dim)
+    Gd = G + math.sqrt(damping) / pi * torch.eye(g_dim)
+    grad = torch.randn(g_dim, a_dim)
+    # vec() is column-major here: (A ⊗ G) vec(M) = vec(G M A).
+    vec = grad.T.reshape(-1)
+    expected = torch.linalg.solve(torch.kron(Ad, Gd), vec).reshape(a_dim, g_dim).T
+    torch.testing.assert_close(block.precondition(grad, damping, "pi"), expected)
+    exact = torch.linalg.solve(torch.kron(A, G) + damping * torch.eye(a_dim * g_dim), vec)
+    torch.testing.assert_close(block.precondition(grad, damping, "exact"), exact.reshape(a_dim, g_dim).T)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
+def test_sampled_output_gradients_match_the_output_hessian(loss: str) -> None:
+    """E[u uᵀ] = H_n, checked entrywise within 5 standard errors estimated from the draws themselves."""
+    torch.manual_seed(4)
+    z = torch.randn(1, 4)
+    draws = 20000
+    gen = torch.Generator().manual_seed(0)
+    n = fisher.loss_count(loss, z.expand(draws, 4))
+    u = fisher.sample(loss, z.expand(draws, 4).contiguous(), gen) * n  # (draws, 4), undo the 1/N
+    outer = u[:, :, None] * u[:, None, :]
+    mean, sem = outer.mean(0), outer.std(0) / math.sqrt(draws)
+    cols = fisher.exact_columns(loss, z)
+    H = sum(c.reshape(-1, 1) @ c.reshape(1, -1) for c in cols) * fisher.loss_count(loss, z) ** 2
+    assert torch.all((mean - H).abs() <= 5 * sem + 1e-12), (mean, H)
+
+
+def test_true_fisher_factors_converge_to_the_exact_fisher() -> None:
+    """The sampled G of the optimizer, averaged over many passes, equals the exact (type-2) G within 5 s.e."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
+
+    def g_factor(fisher_type: str, seed: int) -> torch.Tensor:
+        opt = _kfac(model, fisher=fisher_type, seed=seed)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.close()
+        model.zero_grad()
+        return _block(opt, "0").factors()[1]
+
+    with torch.no_grad():
+        params = [p.clone() for p in model.parameters()]
+    exact = g_factor("exact", 0)
+    samples = []
+    for seed in range(400):
+        with torch.no_grad():  # undo the last step so every draw sees the same parameters
+            for p, q in zip(model.parameters(), params):
+                p.copy_(q)
+        samples.append(g_factor("true", seed))
+    stack = torch.stack(samples)
+    mean, sem = stack.mean(0), stack.std(0) / math.sqrt(len(samples))
+    assert torch.all((mean - exact).abs() <= 5 * sem + 1e-12)
+
+
+def test_sampling_pass_leaves_gradients_untouched() -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    F.cross_entropy(model(x), y).backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    opt = _kfac(model, fisher="true", seed=0)
+    F.cross_entropy(model(x), y).backward()
+    for p, r in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, r)
+    assert opt._passes == 1
+
+
+@pytest.mark.parametrize("fisher_type", ["true", "empirical"])
+def test_inplace_activations_give_the_same_factors(fisher_type: str) -> None:
+    x, y = torch.randn(9, 4), torch.randint(0, 3, (9,))
+
+    def factors(inplace: bool) -> list[torch.Tensor]:
+        torch.manual_seed(7)
+        model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=inplace), nn.Linear(5, 3))
+        opt = _kfac(model, fisher=fisher_type, seed=0)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return [t for _, b in opt.layers.values() for t in b.factors()]
+
+    for a, b in zip(factors(False), factors(True)):
+        torch.testing.assert_close(a, b)
+
+
+def test_adaptive_lr_takes_the_newton_step_on_least_squares() -> None:
+    """Linear least squares: exact Fisher = Hessian, so the quadratic-model step lands on the minimiser."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 2))
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    opt = _kfac(model, fisher="exact", loss="mse", damping=1e-8, min_damping=1e-10, damping_mode="exact",
+                adaptive_lr=True)
+    _one_step(model, opt, x, y, "mse")
+    X = torch.cat([x, torch.ones(32, 1)], dim=1)
+    best = torch.linalg.lstsq(X, y).solution
+    minimum = F.mse_loss(X @ best, y)
+    assert float(F.mse_loss(model(x), y)) == pytest.approx(float(minimum), rel=1e-6)
