@@ -1,0 +1,667 @@
+"""MLflow tracking for kfac-tune studies: one parent run per study, one child run per trial.
+
+Layout (design.md): the experiment holds a parent run named after the Optuna study, carrying the study's tags,
+its input files (resolved model YAML, search space), the plots and the exported recipe. Each trial is a child run
+``trial-<n>`` (tag ``mlflow.parentRunId``) with its hyperparameters as params and its evaluation curves as
+metrics. The link lives in Optuna user attributes (``mlflow_parent_run_id`` on the study, ``mlflow_run_id`` on
+each trial), so a resumed study and every worker process find the same parent.
+
+Everything talks to the store through :class:`mlflow.MlflowClient` rather than the fluent ``mlflow.start_run``:
+the client keeps no process-global "active run", so threads (``n_jobs > 1``) and worker processes cannot trip
+over each other's run stacks. mlflow is imported inside functions because importing it costs ~3 s, which the
+CLI's ``--help`` and the non-tracking commands should not pay.
+
+Tracking must never kill a trial: store calls made while a trial trains are retried with backoff and then
+turned into a logged warning.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+
+if TYPE_CHECKING:
+    import optuna
+    from matplotlib.figure import Figure as MplFigure
+    from mlflow import MlflowClient
+    from plotly.graph_objects import Figure as PlotlyFigure
+
+__all__ = [
+    "StudyTracker",
+    "TrackingUnavailable",
+    "TrialRun",
+    "check_reachable",
+    "experiment_url",
+    "prepare_store",
+    "serve_ui",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+TRIAL_RUN_ATTR = "mlflow_run_id"
+ARTIFACT_DIR_NAME = "mlartifacts"
+OUTCOME_METRIC = "objective_value"
+OUTCOME_STATES = ("COMPLETE", "PRUNED", "FAIL")
+BEST_CURVES = 5
+CURVE_METRIC = "eval_loss"
+CONTOUR_PARAMS = ("lr", "damping")
+
+# log_batch limits of the MLflow REST API; keys and tags beyond them are rejected, not truncated.
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAMS_TAGS_PER_BATCH = 100
+_MAX_TAG_CHARS = 5000
+_MAX_PARAM_CHARS = 6000
+
+# Retries of our own around every store call made while a trial trains (see _retrying).
+_RETRY_DELAYS_S = (0.25, 0.5, 1.0)
+# After a flush gave up, wait this long before talking to the store again, so a dead server costs the trial
+# one round of retries per interval instead of one per evaluation.
+_COOL_DOWN_S = 30.0
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server named by the URI does not answer."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Store and server
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_http(tracking_uri: str) -> bool:
+    return urllib.parse.urlparse(tracking_uri).scheme in ("http", "https")
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the working directory, like SQLAlchemy)."""
+    parsed = urllib.parse.urlparse(tracking_uri)
+    if parsed.scheme != "sqlite" or parsed.path in ("", "/", "/:memory:"):
+        return None
+    return Path(parsed.path[1:]).resolve()
+
+
+def local_artifact_root(tracking_uri: str) -> Path | None:
+    """Where runs of a local SQLite store keep their artifacts: ``<db dir>/mlartifacts``.
+
+    MLflow's own default for a SQL store is ``./mlruns`` relative to whichever directory the process happened
+    to start in; pinning the root next to the database keeps the store self-contained and lets
+    :func:`serve_ui` serve the same files. ``None`` for stores whose artifact location the server decides.
+    """
+    db = _sqlite_path(tracking_uri)
+    return db.parent / ARTIFACT_DIR_NAME if db is not None else None
+
+
+def _limit_http_retries() -> None:
+    """Cap MLflow's built-in HTTP retries (default: 7 retries, minutes of backoff per call).
+
+    Our own retry loop (_retrying) decides how long a trial may wait for the server; MLflow's default would block a trial
+    for minutes on every call once the server is gone. User settings in the environment win.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    if _is_http(tracking_uri):
+        _limit_http_retries()
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def prepare_store(tracking_uri: str) -> None:
+    """Create or migrate the tracking store once, before worker processes start.
+
+    Several processes migrating a fresh SQLite database at once crash (``duplicate column name: step``);
+    the first query through a client builds the schema, so doing it here, in the parent, leaves the workers
+    an up-to-date store. For an HTTP server it only checks that the server answers.
+    """
+    if _is_http(tracking_uri):
+        check_reachable(tracking_uri)
+        return
+    db = _sqlite_path(tracking_uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    _client(tracking_uri).search_experiments(max_results=1)
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 10) -> None:
+    """Raise :class:`TrackingUnavailable` if an HTTP tracking server does not answer ``/health``.
+
+    Fails fast (one request, ``timeout_s``) instead of letting the first logging call sit in MLflow's retry
+    loop. Database URIs are not checked: opening them is the store's job.
+    """
+    if not _is_http(tracking_uri):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        problem = f"HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        problem = str(getattr(err, "reason", err))
+    raise TrackingUnavailable(
+        f"MLflow tracking server {tracking_uri} is not reachable ({problem}); start it "
+        f"(kfac-tune ui / mlflow server) or pass a sqlite:/// tracking URI."
+    )
+
+
+def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> subprocess.Popen:
+    """Start ``mlflow server`` on a local store and return once ``/health`` answers.
+
+    The server reads the same artifact root the runs were logged to (``--default-artifact-root`` and
+    ``--artifacts-destination``), so run pages show plots and files. It binds 127.0.0.1 unless told
+    otherwise: the server has no authentication. Output goes to ``mlflow-server.log`` beside the store.
+    """
+    prepare_store(tracking_uri)
+    artifact_root = local_artifact_root(tracking_uri) or Path.cwd() / ARTIFACT_DIR_NAME
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    log_path = artifact_root.parent / "mlflow-server.log"
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", tracking_uri,
+        "--default-artifact-root", artifact_root.as_uri(),
+        "--artifacts-destination", artifact_root.as_uri(),
+        "--host", host, "--port", str(port), "--workers", str(workers),
+    ]  # fmt: skip
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    _wait_until_healthy(process, f"http://{_url_host(host)}:{port}", log_path)
+    return process
+
+
+def _url_host(host: str) -> str:
+    """The address a client on this machine uses to reach a server bound to ``host``."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _wait_until_healthy(process: subprocess.Popen, base_url: str, log_path: Path, timeout_s: float = 120) -> None:
+    """Poll ``/health``; stop the server and raise with its log tail if it exits or never comes up.
+
+    SIGTERM to ``mlflow server`` also stops its uvicorn and job-runner children (SIGKILL would orphan them).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            check_reachable(base_url, timeout_s=2)
+            return
+        except TrackingUnavailable:
+            time.sleep(0.5)
+    process.terminate()
+    process.wait()
+    tail = log_path.read_text(errors="replace")[-2000:]
+    raise TrackingUnavailable(f"mlflow server at {base_url} did not come up; its log ({log_path}) ends:\n{tail}")
+
+
+def experiment_url(base_url: str, experiment_id: str) -> str:
+    """The experiment's "Training runs" table (MLflow 3's bare experiment page is the GenAI overview)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Retries
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _retrying(action: Callable[[], T], what: str) -> tuple[bool, T | None]:
+    """Run a store call, retrying with backoff; on final failure log a warning and return ``(False, None)``.
+
+    Used for every call made while a trial trains, so a flaky or dead tracking server (or a briefly locked
+    SQLite file) degrades tracking instead of failing the trial.
+    """
+    for attempt, delay in enumerate((*_RETRY_DELAYS_S, None)):
+        try:
+            return True, action()
+        except Exception as err:  # the store raises MlflowException, requests/SQLAlchemy errors, OSError
+            if delay is None:
+                log.warning("MLflow: %s failed after %d attempts, giving up: %s", what, attempt + 1, err)
+                return False, None
+            log.debug("MLflow: %s failed (%s); retrying in %.2f s", what, err, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trial runs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    state: str
+    value: float | None
+    reason: str | None
+    run_status: str
+
+
+class TrialRun:
+    """The child run of one trial: buffered metrics, outcome tags, and the run's end status.
+
+    ``log_eval`` only appends to a buffer; the buffer goes to the store in one ``log_batch`` per flush, and a
+    flush happens at most every ``flush_interval_s`` (and always on exit). ``run_id`` is ``""`` when the run
+    could not be created: the trial then trains untracked.
+    """
+
+    def __init__(self, client: MlflowClient | None, run_id: str, flush_interval_s: float = 0.0) -> None:
+        self.run_id = run_id
+        self._client = client
+        self._flush_interval_s = flush_interval_s
+        self._metrics: list[Any] = []
+        self._last_flush = -math.inf
+        self._resume_at = -math.inf
+        self._outcome: _Outcome | None = None
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Buffer one evaluation's metrics; flush if the last flush is ``flush_interval_s`` old."""
+        if not self.run_id:
+            return
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        self._metrics.extend(Metric(key, _as_float(value), timestamp, int(step)) for key, value in metrics.items())
+        if time.monotonic() - self._last_flush >= self._flush_interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the buffered metrics in batches of the REST limit; keep them if the store is unreachable."""
+        self._send(tags={})
+
+    def set_outcome(self, state: str, value: float | None = None, reason: str | None = None) -> None:
+        """Record how the trial ended; written as ``optuna.state``/``optuna.reason`` tags on exit."""
+        if state not in OUTCOME_STATES:
+            raise ValueError(f"state must be one of {OUTCOME_STATES}, got {state!r}")
+        run_status = "FAILED" if state == "FAIL" else "FINISHED"
+        self._outcome = _Outcome(state, value, reason, run_status)
+
+    def __enter__(self) -> TrialRun:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Write the outcome with the last metrics in one batch, then end the run; never raise."""
+        outcome = self._resolve_outcome(exc)
+        if not self.run_id:
+            return
+        if outcome.value is not None:
+            from mlflow.entities import Metric
+
+            step = max((m.step for m in self._metrics), default=0)
+            self._metrics.append(Metric(OUTCOME_METRIC, _as_float(outcome.value), int(time.time() * 1000), step))
+        tags = {"optuna.state": outcome.state}
+        if outcome.reason:
+            tags["optuna.reason"] = outcome.reason[:_MAX_TAG_CHARS]
+        self._resume_at = -math.inf  # the final write deserves one more round of retries
+        self._send(tags)
+        _retrying(lambda: self._client.set_terminated(self.run_id, outcome.run_status), f"ending run {self.run_id}")
+
+    def _resolve_outcome(self, exc: BaseException | None) -> _Outcome:
+        """Combine the explicit outcome with how the ``with`` block ended.
+
+        An explicit ``set_outcome`` wins, except that an error after a ``COMPLETE`` outcome is a failure and
+        an interrupt is always one (Optuna marks interrupted trials FAIL; the run is KILLED).
+        """
+        import optuna
+
+        if exc is not None and not isinstance(exc, Exception):
+            return _Outcome("FAIL", None, type(exc).__name__, "KILLED")
+        explicit = self._outcome
+        failed = exc is not None and not isinstance(exc, optuna.TrialPruned)
+        if explicit is not None and not (failed and explicit.state == "COMPLETE"):
+            return explicit
+        if exc is None:
+            return _Outcome("COMPLETE", None, None, "FINISHED")
+        if not failed:
+            return _Outcome("PRUNED", None, str(exc) or "pruned", "FINISHED")
+        return _Outcome("FAIL", None, f"{type(exc).__name__}: {exc}", "FAILED")
+
+    def _send(self, tags: dict[str, str]) -> None:
+        """One ``log_batch`` per 1000 metrics (tags ride on the first); pause after the store gave up."""
+        if not self.run_id or (not self._metrics and not tags) or time.monotonic() < self._resume_at:
+            return
+        from mlflow.entities import RunTag
+
+        tag_list = [RunTag(key, value) for key, value in tags.items()]
+        while self._metrics or tag_list:
+            chunk = self._metrics[:_MAX_METRICS_PER_BATCH]
+            sent, _ = _retrying(
+                lambda: self._client.log_batch(self.run_id, metrics=chunk, tags=tag_list, synchronous=True),
+                f"logging {len(chunk)} metrics to run {self.run_id}",
+            )
+            if not sent:
+                self._resume_at = time.monotonic() + _COOL_DOWN_S
+                return
+            del self._metrics[: len(chunk)]
+            tag_list = []
+        self._last_flush = time.monotonic()
+
+
+def _as_float(value: object) -> float:
+    """A metric value the store accepts: NaN and ±inf are stored by MLflow; anything unconvertible is NaN."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Studies
+# --------------------------------------------------------------------------------------------------------------
+
+
+class StudyTracker:
+    """Tracks one Optuna study in one MLflow experiment; safe to construct in every worker process.
+
+    ``flush_interval_s`` bounds how often a trial's metric buffer goes to the store; 0 sends every
+    evaluation at once (one ``log_batch`` per evaluation), which is cheap next to an evaluation.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, study_name: str, flush_interval_s: float = 0.0) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.study_name = study_name
+        self.flush_interval_s = flush_interval_s
+        self._client_instance: MlflowClient | None = None
+        self._experiment_id: str | None = None
+        self._parent_run_id: str | None = None
+
+    @property
+    def _client(self) -> MlflowClient:
+        if self._client_instance is None:
+            self._client_instance = _client(self.tracking_uri)
+        return self._client_instance
+
+    @property
+    def experiment_id(self) -> str:
+        """The experiment's id, creating the experiment (with a local artifact root) on first use."""
+        if self._experiment_id is None:
+            self._experiment_id = self._get_or_create_experiment()
+        return self._experiment_id
+
+    def _get_or_create_experiment(self) -> str:
+        """Look the experiment up, create it if missing; a lost creation race falls back to the lookup."""
+        existing = self._client.get_experiment_by_name(self.experiment)
+        if existing is not None:
+            return existing.experiment_id
+        root = local_artifact_root(self.tracking_uri)
+        try:
+            return self._client.create_experiment(self.experiment, artifact_location=root and root.as_uri())
+        except Exception:
+            existing = self._client.get_experiment_by_name(self.experiment)
+            if existing is None:
+                raise
+            return existing.experiment_id
+
+    def ensure_parent_run(self, study: optuna.Study, tags: dict[str, str], artifacts: dict[str, str]) -> str:
+        """Return the study's parent run, creating it (with its artifacts) only if the study has none yet.
+
+        A resumed study or another worker re-attaches to the run named in ``study.user_attrs`` and sets it
+        RUNNING again; its tags are refreshed, its artifacts left as logged. Call it once in the launching
+        process before workers start: two processes that both find no parent would each create one.
+        """
+        from mlflow.entities import RunTag
+
+        all_tags = self._parent_tags(study, tags)
+        run_id = self._existing_parent(study)
+        if run_id is None:
+            run_id = self._client.create_run(self.experiment_id, run_name=self.study_name, tags=all_tags).info.run_id
+            for name, text in artifacts.items():
+                self._client.log_text(run_id, text, name)
+            study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        else:
+            self._client.log_batch(run_id, tags=[RunTag(key, value) for key, value in all_tags.items()])
+        self._parent_run_id = run_id
+        return run_id
+
+    def _existing_parent(self, study: optuna.Study) -> str | None:
+        """The parent run recorded on the study, reopened; ``None`` if absent or gone from the store."""
+        from mlflow.exceptions import MlflowException
+
+        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        if not run_id:
+            return None
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException:
+            log.warning("MLflow: parent run %s of study %s is gone; creating a new one", run_id, study.study_name)
+            return None
+        if run.info.lifecycle_stage == "deleted":
+            return None
+        if run.info.status != "RUNNING":
+            self._client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def _parent_tags(self, study: optuna.Study, tags: dict[str, str]) -> dict[str, str]:
+        directions = ",".join(d.name for d in study.directions)
+        merged = {"optuna.study_name": self.study_name, "optuna.direction": directions, **tags}
+        return {key: str(value)[:_MAX_TAG_CHARS] for key, value in merged.items()}
+
+    def _parent_of(self, study: optuna.Study) -> str:
+        """The parent run id known to this process, else the one recorded on the study."""
+        run_id = self._parent_run_id or study.user_attrs.get(PARENT_RUN_ATTR)
+        if not run_id:
+            raise RuntimeError(f"study {study.study_name!r} has no MLflow parent run: call ensure_parent_run first")
+        return run_id
+
+    def trial_run(self, trial: optuna.Trial, params: dict[str, object]) -> TrialRun:
+        """Create the child run ``trial-<n>`` with its params; use the result as a context manager.
+
+        Every call makes a new run, so a retried trial (a new Optuna trial) never overwrites the run of the
+        attempt that died. If the store cannot be reached the trial still runs, untracked (``run_id == ""``).
+        """
+        from mlflow.entities import Param
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        tags = {
+            MLFLOW_PARENT_RUN_ID: self._parent_of(trial.study),
+            "optuna.study_name": self.study_name,
+            "optuna.trial_number": str(trial.number),
+        }
+        created, run = _retrying(
+            lambda: self._client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags),
+            f"creating the run of trial {trial.number}",
+        )
+        if not created:
+            return TrialRun(None, "")
+        run_id = run.info.run_id
+        param_list = [Param(key, str(value)[:_MAX_PARAM_CHARS]) for key, value in params.items()]
+        for start in range(0, len(param_list), _MAX_PARAMS_TAGS_PER_BATCH):
+            chunk = param_list[start : start + _MAX_PARAMS_TAGS_PER_BATCH]
+            _retrying(lambda: self._client.log_batch(run_id, params=chunk), f"logging params of run {run_id}")
+        trial.set_user_attr(TRIAL_RUN_ATTR, run_id)
+        return TrialRun(self._client, run_id, self.flush_interval_s)
+
+    def refresh_plots(self, study: optuna.Study) -> None:
+        """Re-render the study plots and the best-so-far summary onto the parent run (same paths each time)."""
+        run_id = self._parent_of(study)
+        with tempfile.TemporaryDirectory(prefix="kfac-tune-plots-") as tmp:
+            if _render_plots(study, self._client, Path(tmp)):
+                _retrying(lambda: self._client.log_artifacts(run_id, tmp, "plots"), f"uploading plots to {run_id}")
+        _retrying(lambda: self._log_summary(run_id, study), f"logging the study summary to {run_id}")
+
+    def finish_study(self, study: optuna.Study, recipe_path: str | None = None) -> None:
+        """Final plots, the exported recipe, and the parent run ended FINISHED."""
+        run_id = self._parent_of(study)
+        self.refresh_plots(study)
+        if recipe_path is not None:
+            _retrying(lambda: self._client.log_artifact(run_id, recipe_path), f"uploading {recipe_path}")
+        _retrying(lambda: self._client.set_terminated(run_id, "FINISHED"), f"ending parent run {run_id}")
+
+    def _log_summary(self, run_id: str, study: optuna.Study) -> None:
+        """Trial counts and the best value as parent metrics, the best params as ``best.<name>`` tags.
+
+        Tags rather than params because MLflow params are write-once and the best trial changes.
+        """
+        from mlflow.entities import Metric, RunTag
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        now = int(time.time() * 1000)
+        step = len(trials)
+        counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+        metrics = [Metric(f"n_{state.name.lower()}", counts[state], now, step) for state in TrialState]
+        tags = []
+        best = _best_trial(study)
+        if best is not None:
+            metrics.append(Metric("best_value", _as_float(best.value), now, step))
+            tags = [RunTag("best.trial", str(best.number))]
+            tags += [RunTag(f"best.{key}", str(value)[:_MAX_TAG_CHARS]) for key, value in best.params.items()]
+        self._client.log_batch(run_id, metrics=metrics, tags=tags[:_MAX_PARAMS_TAGS_PER_BATCH])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------------------
+
+_FigurePair = tuple["PlotlyFigure", "MplFigure"]
+
+
+def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial of a single-objective study, or ``None`` (no complete trial, or several objectives)."""
+    try:
+        return study.best_trial
+    except (ValueError, RuntimeError):
+        return None
+
+
+def _render_plots(study: optuna.Study, client: MlflowClient, out_dir: Path) -> list[str]:
+    """Write ``<name>.html`` (interactive plotly) and ``<name>.png`` (matplotlib) for every plot that applies.
+
+    A plot that cannot be drawn yet (too few trials, a missing parameter) is skipped with a debug message:
+    plots are a view on the study and must never stop it. Returns the names written.
+    """
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, build in _plot_builders(study, client).items():
+        with _isolated_plotting():
+            try:
+                pair = build()
+            except Exception as err:  # optuna raises ValueError/RuntimeError/ZeroDivisionError on thin studies
+                log.debug("plot %s skipped: %s", name, err)
+                continue
+            if pair is None:
+                continue
+            plotly_fig, mpl_fig = pair
+            # Inline plotly.js (~4.8 MB a file): the MLflow UI shows HTML artifacts in a sandboxed iframe, and
+            # a CDN link would leave the plots blank on machines without internet access.
+            plotly_fig.write_html(out_dir / f"{name}.html", include_plotlyjs=True, full_html=True)
+            mpl_fig.savefig(out_dir / f"{name}.png", dpi=100, bbox_inches="tight")
+            plt.close(mpl_fig)
+        written.append(name)
+    return written
+
+
+@contextmanager
+def _isolated_plotting() -> Iterator[None]:
+    """Keep optuna's matplotlib backend from leaking into the process.
+
+    It calls ``plt.style.use("ggplot")`` (global rcParams) and warns (ExperimentalWarning, "no trials"); the
+    rc context restores the style and the warnings stay inside.
+    """
+    import matplotlib
+
+    with matplotlib.rc_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _plot_builders(study: optuna.Study, client: MlflowClient) -> dict[str, Callable[[], _FigurePair | None]]:
+    """The plots of a study, by stable artifact name; the lr x damping contour only when both are searched."""
+    builders: dict[str, Callable[[], _FigurePair | None]] = {
+        "optimization_history": lambda: _optuna_pair("plot_optimization_history", study),
+        "param_importances": lambda: _optuna_pair("plot_param_importances", study),
+        "intermediate_values": lambda: _optuna_pair("plot_intermediate_values", study),
+        "best_loss_curves": lambda: _curves_pair(_best_curves(study, client)),
+    }
+    searched = {name for trial in study.get_trials(deepcopy=False) for name in trial.distributions}
+    if set(CONTOUR_PARAMS) <= searched:
+        builders["lr_damping_contour"] = lambda: _optuna_pair("plot_contour", study, params=list(CONTOUR_PARAMS))
+    return builders
+
+
+def _optuna_pair(function: str, study: optuna.Study, **kwargs: Any) -> _FigurePair | None:
+    """The same optuna plot from its plotly and its matplotlib backend; ``None`` before any trial finished."""
+    import optuna.visualization as plotly_plots
+    import optuna.visualization.matplotlib as mpl_plots
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        return None
+    plotly_fig = getattr(plotly_plots, function)(study, **kwargs)
+    axes = getattr(mpl_plots, function)(study, **kwargs)
+    mpl_fig = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
+    return plotly_fig, mpl_fig
+
+
+Curves = dict[str, tuple[list[int], list[float]]]
+
+
+def _best_curves(study: optuna.Study, client: MlflowClient, count: int = BEST_CURVES) -> Curves:
+    """``eval_loss`` curves of the best complete trials, from their runs; Optuna's reports when a run has none."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    if len(study.directions) != 1:
+        return {}
+    reverse = study.direction == StudyDirection.MAXIMIZE
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = sorted((t for t in complete if t.value is not None), key=lambda t: t.value, reverse=reverse)[:count]
+    curves: Curves = {}
+    for trial in best:
+        label = f"trial-{trial.number} ({trial.value:.4g})"
+        run_id = trial.user_attrs.get(TRIAL_RUN_ATTR)
+        history = client.get_metric_history(run_id, CURVE_METRIC) if run_id else []
+        if history:
+            points = sorted((m.step, m.value) for m in history)
+        else:
+            points = sorted(trial.intermediate_values.items())
+        curves[label] = ([step for step, _ in points], [value for _, value in points])
+    return curves
+
+
+def _curves_pair(curves: Curves) -> _FigurePair | None:
+    """Overlay of loss curves, log-scaled when every value is positive; ``None`` without curves."""
+    if not curves:
+        return None
+    import plotly.graph_objects as go
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    values = [v for _, ys in curves.values() for v in ys if math.isfinite(v)]
+    log_y = bool(values) and min(values) > 0
+    title = f"{CURVE_METRIC} of the best {len(curves)} trials"
+
+    plotly_fig = go.Figure([go.Scatter(x=xs, y=ys, mode="lines+markers", name=label) for label, (xs, ys) in curves.items()])
+    plotly_fig.update_layout(title=title, xaxis_title="step", yaxis_title=CURVE_METRIC)
+    if log_y:
+        plotly_fig.update_yaxes(type="log")
+
+    mpl_fig = Figure(figsize=(8, 5))
+    axes = mpl_fig.add_subplot()
+    for label, (xs, ys) in curves.items():
+        axes.plot(xs, ys, marker=".", label=label)
+    axes.set(title=title, xlabel="step", ylabel=CURVE_METRIC, yscale="log" if log_y else "linear")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.legend()
+    return plotly_fig, mpl_fig
