@@ -36,8 +36,9 @@ TASK_LOSSES = {"classification": ("cross_entropy",), "reconstruction": ("mse", "
 class Diverged(RuntimeError):
     """The loss became NaN or infinite; ``step`` is the evaluation step where it was seen."""
 
-    def __init__(self, step: int, metric: str, value: float) -> None:
-        super().__init__(f"diverged: {metric} = {value} at step {step}")
+    def __init__(self, step: int, metric: str, value: float, cause: Exception | None = None) -> None:
+        detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
+        super().__init__(f"diverged: {metric} = {value} at step {step}{detail}")
         self.step, self.metric, self.value = step, metric, value
 
 
@@ -219,7 +220,12 @@ def train(
             loss.backward()
             return loss
 
-        loss_sum += opt.step(closure).detach()
+        try:
+            loss_sum += opt.step(closure).detach()
+        except RuntimeError as error:  # e.g. Fisher sampling from NaN logits: name the divergence, not its symptom
+            if _finite_model(model, xb):
+                raise
+            raise Diverged(step, "train_loss", math.nan, cause=error) from error
         since_eval += 1
         if step % cfg.training.eval_every and step != steps:
             continue
@@ -285,6 +291,14 @@ def _evaluate(
     if task == "classification":
         metrics["eval_accuracy"] = correct.item() / len(x)
     return metrics
+
+
+@torch.no_grad()
+def _finite_model(model: nn.Module, batch: torch.Tensor) -> bool:
+    """Parameters and the output on ``batch`` are all finite (called only after a step raised)."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        return False
+    return bool(torch.isfinite(model(batch)).all())
 
 
 def _sync_time(device: torch.device) -> float:
