@@ -130,18 +130,19 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     overrides = {key: value for key, value in {"optimizer.name": optimizer, "tracking.uri": tracking_uri}.items()
                  if value is not None}
     cfg = load_config(config, overrides)
-    from kfac_tune.search import run_search  # after validation: a bad file is reported before torch loads
+    from kfac_tune.search import prepare_search  # after validation: a bad file is reported before torch loads
     from kfac_tune.search.study import display_url
 
     name = study_name or cfg.stem
     storage_url = storage or cfg.storage
+    prepared = prepare_search(cfg, trials=trials, timeout=timeout, study_name=name, storage=storage_url, jobs=jobs,
+                              tracking=False if no_tracking else None, recipe_path=output)
     console = Console(stderr=True)
     console.print(f"study [bold]{name}[/] in {display_url(storage_url)}  ({cfg.optimizer.name} on "
                   f"{cfg.model.architecture}, {cfg.training.metric}, {jobs} worker{'s' * (jobs > 1)})")
-    with SearchDisplay(console, trials or cfg.search.trials, cfg.training.metric) as display:
-        outcome = run_search(cfg, trials=trials, timeout=timeout, study_name=name, storage=storage_url, jobs=jobs,
-                             tracking=False if no_tracking else None, recipe_path=output,
-                             on_progress=display.update)
+    with SearchDisplay(console, prepared.spec.budget, cfg.training.metric) as display:
+        display.update(prepared.study)
+        outcome = prepared.run(on_progress=display.update)
         display.update(outcome.study)
     resume = f"kfac-tune search {config} --study {name}" + (f" --storage {display_url(storage_url)}" if storage else "")
     if outcome.interrupted:

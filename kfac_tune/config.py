@@ -166,6 +166,8 @@ class TrainingConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, le=4096)  # torch CPU threads; 1 is fastest for small nets on busy CPUs
     loss: Literal["cross_entropy", "mse", "bce"] | None = None
+    # a loss this many times the first step's loss counts as diverged (null: only NaN/inf do)
+    divergence_factor: float | None = Field(1000.0, gt=1, le=1e30)
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainingConfig:

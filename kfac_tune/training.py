@@ -3,8 +3,10 @@
 This is the inner loop of every trial, so it is written for overhead as much as for clarity: the data go to the
 device once, batches are index slices of a seeded permutation, losses stay on the device between evaluations
 (one ``.item()`` per evaluation, not per step), and evaluation is excluded from the step clock so ``step_time``
-measures the optimizer. A non-finite loss raises ``Diverged`` at the next evaluation; the search turns that into a
-pruned trial.
+measures the optimizer. A non-finite or exploded loss (``training.divergence_factor`` x the first step's loss)
+raises ``Diverged`` at the next evaluation; the search turns that into a pruned trial. Huge learning rates often
+leave the loss finite but astronomically large (ReLU units die, K-FAC skips non-finite updates), which is why
+"exploded" counts as diverged too.
 """
 from __future__ import annotations
 
@@ -34,11 +36,14 @@ TASK_LOSSES = {"classification": ("cross_entropy",), "reconstruction": ("mse", "
 
 
 class Diverged(RuntimeError):
-    """The loss became NaN or infinite; ``step`` is the evaluation step where it was seen."""
+    """The loss became NaN/inf or exploded past ``training.divergence_factor`` x its first value; ``step`` is the
+    evaluation step where it was seen."""
 
-    def __init__(self, step: int, metric: str, value: float, cause: Exception | None = None) -> None:
+    def __init__(self, step: int, metric: str, value: float, *, limit: float = math.inf,
+                 cause: Exception | None = None) -> None:
         detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
-        super().__init__(f"diverged: {metric} = {value} at step {step}{detail}")
+        bound = f", above the divergence limit {limit:.4g}" if math.isfinite(value) else ""
+        super().__init__(f"diverged: {metric} = {value:.6g} at step {step}{bound}{detail}")
         self.step, self.metric, self.value = step, metric, value
 
 
@@ -221,11 +226,14 @@ def train(
             return loss
 
         try:
-            loss_sum += opt.step(closure).detach()
+            loss = opt.step(closure).detach()
         except RuntimeError as error:  # e.g. Fisher sampling from NaN logits: name the divergence, not its symptom
             if _finite_model(model, xb):
                 raise
             raise Diverged(step, "train_loss", math.nan, cause=error) from error
+        loss_sum += loss
+        if step == 1:
+            limit = _divergence_limit(cfg, loss.item())
         since_eval += 1
         if step % cfg.training.eval_every and step != steps:
             continue
@@ -235,8 +243,8 @@ def train(
                                                                             cfg.data.eval_batch_size)}
         metrics["step_time"] = train_seconds / step
         for name in ("train_loss", "eval_loss"):
-            if not math.isfinite(metrics[name]):
-                raise Diverged(step, name, metrics[name])
+            if not metrics[name] <= limit:  # also catches NaN
+                raise Diverged(step, name, metrics[name], limit=limit)
         curves.append({"step": step, **metrics})
         if on_eval is not None:
             on_eval(step, metrics)
@@ -291,6 +299,14 @@ def _evaluate(
     if task == "classification":
         metrics["eval_accuracy"] = correct.item() / len(x)
     return metrics
+
+
+def _divergence_limit(cfg: Config, first_loss: float) -> float:
+    """Losses above ``divergence_factor`` x the first step's loss (or non-finite) mean the run diverged."""
+    factor = cfg.training.divergence_factor
+    if factor is None or not math.isfinite(first_loss):
+        return math.inf
+    return factor * max(abs(first_loss), 1e-3)
 
 
 @torch.no_grad()

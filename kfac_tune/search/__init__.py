@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from kfac_tune.search.objective import Objective
 from kfac_tune.search.space import build_space, suggest
-from kfac_tune.search.study import SearchOutcome, make_storage, open_study, run_search
+from kfac_tune.search.study import PreparedSearch, SearchOutcome, make_storage, open_study, prepare_search, run_search
 
-__all__ = ["Objective", "SearchOutcome", "build_space", "make_storage", "open_study", "run_search", "suggest"]
+__all__ = [
+    "Objective", "PreparedSearch", "SearchOutcome", "build_space", "make_storage", "open_study", "prepare_search",
+    "run_search", "suggest",
+]

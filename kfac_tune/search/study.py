@@ -34,6 +34,7 @@ from kfac_tune.training import Problem, preflight
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_CONSECUTIVE_FAILURES = 5
+PLOT_REFRESH_S = 300.0
 ProgressCallback = Callable[[optuna.Study], None]
 
 
@@ -134,12 +135,12 @@ def count(study: optuna.Study, states: tuple[TrialState, ...] = FINISHED) -> int
 # ------------------------------------------------------------------------------------------------ the study
 
 
-def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem) -> optuna.Study:
+def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem, space: dict[str, Any]) -> optuna.Study:
     """Create or resume the study, refusing to resume one created from a different objective."""
-    storage = make_storage(storage_url, cfg)
     study = optuna.create_study(
-        study_name=study_name, storage=storage, direction=cfg.training.goal, load_if_exists=True,
-        sampler=make_sampler(cfg, cfg.search.sampler.seed), pruner=make_pruner(cfg, problem.steps),
+        study_name=study_name, storage=make_storage(storage_url, cfg), direction=cfg.training.goal,
+        load_if_exists=True, sampler=make_sampler(cfg, cfg.search.sampler.seed),
+        pruner=make_pruner(cfg, problem.steps),
     )
     recorded = study.user_attrs.get("config_hash")
     if recorded is not None and recorded != cfg.fingerprint():
@@ -149,10 +150,7 @@ def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem)
             f"resuming would mix incomparable trials. Pass --study NEW_NAME for a new study, or resume with the "
             f"original file."
         )
-    if study.direction.name.lower() != cfg.training.goal:
-        raise ConfigError(f"{cfg.source}: study {study_name!r} maximises/minimises differently from this config")
     if recorded is None:
-        space = build_space(cfg)
         attrs = {
             "config": cfg.model_dump(mode="json", by_alias=True),
             "config_hash": cfg.fingerprint(),
@@ -172,9 +170,9 @@ def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem)
     return study
 
 
-def enqueue_warm_starts(study: optuna.Study, cfg: Config) -> None:
-    """Enqueue the warm-start points once (``skip_if_exists`` makes a resume a no-op)."""
-    for point in warm_starts(cfg, build_space(cfg)):
+def enqueue(study: optuna.Study, points: list[dict[str, Any]]) -> None:
+    """Enqueue warm-start points once (``skip_if_exists`` makes a resume a no-op)."""
+    for point in points:
         study.enqueue_trial(point, user_attrs={"warm_start": True}, skip_if_exists=True)
 
 
@@ -257,7 +255,37 @@ def quiet() -> None:
 # ------------------------------------------------------------------------------------------------ run_search
 
 
-def run_search(
+@dataclass
+class PreparedSearch:
+    """A validated, opened study ready to run: everything that can be wrong with the input has been checked."""
+
+    cfg: Config
+    study: optuna.Study
+    tracker: Any
+    spec: WorkerSpec
+    jobs: int
+    recipe_path: str | Path | None
+
+    def run(self, on_progress: ProgressCallback | None = None) -> SearchOutcome:
+        """Run the workers to the budget, then export the best trial and close the MLflow parent run.
+
+        A Ctrl-C returns an interrupted outcome once the running trials were failed, so the caller can say how
+        to resume.
+        """
+        watch = _Watcher(self.tracker, on_progress)
+        try:
+            if self.jobs == 1:
+                run_worker(self.spec, callbacks=(lambda study, trial: watch(study),))
+            else:
+                _run_processes(self.spec, self.jobs, self.study, watch)
+        except KeyboardInterrupt:
+            return SearchOutcome(self.study, None, None, interrupted=True)
+        recipe, path = _export(self.study, self.cfg, self.recipe_path)
+        self.tracker.finish_study(self.study, str(path) if path else None)
+        return SearchOutcome(self.study, recipe, path)
+
+
+def prepare_search(
     cfg: Config,
     *,
     trials: int | None = None,
@@ -267,45 +295,38 @@ def run_search(
     jobs: int = 1,
     tracking: bool | None = None,
     recipe_path: str | Path | None = None,
-    on_progress: ProgressCallback | None = None,
-) -> SearchOutcome:
-    """Create or resume the study and run it to its budget with ``jobs`` worker processes.
+) -> PreparedSearch:
+    """Check everything that does not need a trial (space, warm starts, data, model, optimizer options, sampler
+    and pruner arguments, tracking store) before the storage is touched, then create or resume the study.
 
-    ``trials``/``timeout``/``storage``/``tracking`` default to the config. The best trial is exported as a recipe
-    (``recipes/<architecture>.yaml`` unless ``recipe_path``). ``KeyboardInterrupt`` propagates after the running
-    trials were failed, so the caller can print how to resume.
+    ``trials``/``timeout``/``storage``/``tracking`` default to the config. Raises ``ConfigError`` for bad input.
     """
     quiet()
-    budget = trials or cfg.search.trials
-    timeout = timeout if timeout is not None else cfg.search.timeout
-    storage_url = storage or cfg.storage
-    name = study_name or cfg.stem
-    tracking = cfg.tracking.enabled if tracking is None else tracking
-
     space = build_space(cfg)
+    starts = warm_starts(cfg, space)
     problem = preflight(cfg, suggest(_LowTrial(), space))  # pinned values and options checked too
+    make_sampler(cfg, cfg.search.sampler.seed), make_pruner(cfg, problem.steps)  # argument errors, before storage
+    name, storage_url = study_name or cfg.stem, storage or cfg.storage
+    tracking = cfg.tracking.enabled if tracking is None else tracking
     tracker = open_tracker(cfg, name, tracking, prepare=True)
-    study = open_study(cfg, name, storage_url, problem)
-    enqueue_warm_starts(study, cfg)
+    study = open_study(cfg, name, storage_url, problem, space)
+    enqueue(study, starts)
     tracker.ensure_parent_run(study, _tags(cfg, storage_url, problem, jobs), _artifacts(cfg, space))
-
+    timeout = timeout if timeout is not None else cfg.search.timeout
     spec = WorkerSpec(
-        cfg=cfg, study_name=name, storage_url=storage_url, budget=budget,
+        cfg=cfg, study_name=name, storage_url=storage_url, budget=trials or cfg.search.trials,
         deadline=None if timeout is None else time.time() + timeout, worker=0,
         trials_at_start=len(study.get_trials(deepcopy=False)), tracking=tracking,
         threads=cfg.training.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None),
     )
-    progress = _progress_callback(on_progress)
-    try:
-        if jobs == 1:
-            run_worker(spec, callbacks=(progress,))
-        else:
-            _run_processes(spec, jobs, study, on_progress)
-    except KeyboardInterrupt:
-        return SearchOutcome(study, None, None, interrupted=True)
-    recipe, path = _export(study, cfg, recipe_path)
-    tracker.finish_study(study, str(path) if path else None)
-    return SearchOutcome(study, recipe, path)
+    return PreparedSearch(cfg, study, tracker, spec, jobs, recipe_path)
+
+
+def run_search(cfg: Config, *, on_progress: ProgressCallback | None = None, **options: Any) -> SearchOutcome:
+    """``prepare_search(cfg, **options).run(on_progress)``: create or resume the study and run it to its budget
+    with ``jobs`` worker processes; the best trial is exported as a recipe (``recipes/<architecture>.yaml``
+    unless ``recipe_path``)."""
+    return prepare_search(cfg, **options).run(on_progress)
 
 
 class _LowTrial:
@@ -322,15 +343,23 @@ class _LowTrial:
         return choices[0]
 
 
-def _progress_callback(on_progress: ProgressCallback | None) -> Callable[..., None]:
-    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if on_progress is not None:
-            on_progress(study)
+class _Watcher:
+    """Called after each trial (or each second with several workers): the caller's progress display, and the
+    MLflow study plots refreshed now and then (rendering them costs seconds, so not after every trial)."""
 
-    return callback
+    def __init__(self, tracker: Any, on_progress: ProgressCallback | None) -> None:
+        self.tracker, self.on_progress = tracker, on_progress
+        self.plots_at = time.monotonic()
+
+    def __call__(self, study: optuna.Study) -> None:
+        if self.on_progress is not None:
+            self.on_progress(study)
+        if time.monotonic() - self.plots_at > PLOT_REFRESH_S:
+            self.tracker.refresh_plots(study)
+            self.plots_at = time.monotonic()
 
 
-def _run_processes(spec: WorkerSpec, jobs: int, study: optuna.Study, on_progress: ProgressCallback | None) -> None:
+def _run_processes(spec: WorkerSpec, jobs: int, study: optuna.Study, watch: ProgressCallback) -> None:
     """``jobs`` spawned workers on the same storage; the parent only watches (and forwards Ctrl-C)."""
     import dataclasses
     import signal
@@ -345,8 +374,7 @@ def _run_processes(spec: WorkerSpec, jobs: int, study: optuna.Study, on_progress
     try:
         while any(p.is_alive() for p in processes):
             time.sleep(1.0)
-            if on_progress is not None:
-                on_progress(study)
+            watch(study)
     except KeyboardInterrupt:
         for process in processes:
             if process.is_alive() and process.pid is not None:
