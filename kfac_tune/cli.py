@@ -41,6 +41,9 @@ tracking_uri_option = click.option(
          f"{DEFAULT_TRACKING_URI}.",
 )
 
+format_option = click.option("-f", "--format", "output_format", type=click.Choice(["table", "json", "yaml"]),
+                             default="table", show_default=True, help="Output format (json/yaml for scripts).")
+
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"Error: {message}", err=True)
@@ -163,8 +166,7 @@ Examples:
   KFAC_TUNE_STORAGE=sqlite:///runs/tune.db kfac-tune show -f yaml""")
 @study_option
 @storage_option
-@click.option("-f", "--format", "output_format", type=click.Choice(["table", "json", "yaml"]), default="table",
-              show_default=True, help="Output format.")
+@format_option
 @handle_errors
 def show(study_name: str | None, storage: str | None, output_format: str) -> None:
     """List a study's trials, best first: state, value, parameters, duration, prune/fail reason."""
@@ -172,13 +174,7 @@ def show(study_name: str | None, storage: str | None, output_format: str) -> Non
 
     study = _load_study(study_name, storage)
     rows = trial_rows(study)
-    if output_format == "json":
-        click.echo(json.dumps(rows, indent=2, default=str))
-    elif output_format == "yaml":
-        import yaml
-
-        click.echo(yaml.safe_dump(json.loads(json.dumps(rows, default=str)), sort_keys=False))
-    else:
+    if not _print_data(rows, output_format):
         from rich.console import Console
 
         metric = study.user_attrs.get("metric", "value")
@@ -207,14 +203,16 @@ def export(study_name: str | None, storage: str | None, output: Path | None) -> 
 @cli.command(epilog="""\b
 Examples:
   kfac-tune train examples/digits_mlp.yaml --recipe recipes/mlp.yaml
-  kfac-tune train model.yaml --recipe tuned.yaml --ignore-architecture""")
+  kfac-tune train model.yaml --recipe tuned.yaml --ignore-architecture
+  kfac-tune train model.yaml --recipe recipes/mlp.yaml -f json""")
 @config_argument
 @click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               metavar="PATH", help="Recipe YAML (from `kfac-tune export`).")
 @click.option("--ignore-architecture", is_flag=True,
               help="Use the recipe even if it was tuned for a different network.")
+@format_option
 @handle_errors
-def train(config: Path, recipe_path: Path, ignore_architecture: bool) -> None:
+def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_format: str) -> None:
     """Train once with a recipe's hyperparameters and print the result."""
     from rich.console import Console
     from rich.table import Table
@@ -233,7 +231,7 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool) -> None:
     if recipe.hyperparameters.get("loss", problem.loss) != problem.loss:
         raise RecipeError(f"{recipe_path}: the recipe was tuned for loss {recipe.hyperparameters['loss']!r}, "
                           f"but {config} trains with {problem.loss!r}")
-    console = Console()
+    console = Console(stderr=output_format != "table")
     tuned = recipe.training
     for what, theirs, ours in (("batch size", tuned.batch_size, cfg.data.batch_size), ("steps", tuned.steps,
                                                                                          problem.steps)):
@@ -241,6 +239,11 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool) -> None:
             console.print(f"[yellow]note[/]: the recipe was tuned with {what} {theirs}, {config} uses {ours}")
     with console.status(f"training {problem.architecture} with {recipe.optimizer} for {problem.steps} steps"):
         result = train_once(cfg, hparams)
+    summary = {"metric": result.metric, "value": result.value, "best": result.best, "recipe_value": recipe.result.value,
+               "final": result.final, "steps": result.steps, "step_time_s": result.step_time,
+               "seconds": result.seconds, "device": result.device}
+    if _print_data(summary, output_format):
+        return
     table = Table(title=f"{recipe.optimizer} on {problem.architecture} ({recipe_path})", show_header=False)
     rows = [(f"final {result.metric}", f"{result.value:.6g}"), (f"best {result.metric}", f"{result.best:.6g}"),
             (f"recipe {recipe.result.metric}", f"{recipe.result.value:.6g}"),
@@ -281,6 +284,17 @@ def ui(tracking_uri: str | None, port: int, host: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _print_data(data: Any, output_format: str) -> bool:
+    """Print ``data`` as JSON or YAML; False for ``table`` (the caller renders its own)."""
+    if output_format == "json":
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif output_format == "yaml":
+        import yaml
+
+        click.echo(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False))
+    return output_format != "table"
 
 
 def _load_study(study_name: str | None, storage: str | None) -> Any:

@@ -28,9 +28,9 @@ def tiny_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
         "tracking": {"enabled": False, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "storage": f"sqlite:///{tmp_path / 'study.db'}",
     }
-    for name, value in sections.items():
-        config[name] = {**config[name], **value} if isinstance(value, dict) and isinstance(config.get(name), dict) \
-            else value
+    for name, value in sections.items():  # sections merge key by key; a model or optimizer is replaced whole
+        merge = name not in ("model", "optimizer") and isinstance(config.get(name), dict)
+        config[name] = {**config[name], **value} if merge else value
     return config
 
 
