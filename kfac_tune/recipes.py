@@ -202,7 +202,7 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
         provenance=Provenance(
             study=study.study_name, trial=trial.number, mlflow_run_id=trial.user_attrs.get("mlflow_run_id"),
             config_hash=attrs["config_hash"], architecture=attrs["architecture"], signature=attrs["signature"],
-            device=trial.user_attrs.get("device", "unknown"),
+            device=trial.user_attrs.get("result", {}).get("device", "unknown"),
             date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=versions(),
         ),
     )

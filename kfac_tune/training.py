@@ -212,6 +212,26 @@ def train(
     batches = _Batches(len(train_x), cfg.data.batch_size, cfg.training.seed, device)
     steps = total_steps(cfg, len(train_x))
 
+    try:
+        curves = _loop(cfg, model, opt, loss_fn, task, batches, steps, on_eval, (train_x, train_t), (test_x, test_t))
+    finally:
+        getattr(opt, "close", lambda: None)()  # K-FAC's hooks tie model and optimizer in a reference cycle
+    metric = cfg.training.metric
+    values = [point[metric] for point in curves]
+    best = (min if cfg.training.goal == "minimize" else max)(values)
+    final = {k: v for k, v in curves[-1].items() if k not in ("step", "train_seconds")}
+    return TrainResult(metric, values[-1], best, curves, steps, time.perf_counter() - started,
+                       curves[-1]["train_seconds"], str(device), final)
+
+
+def _loop(
+    cfg: Config, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[..., torch.Tensor], task: str,
+    batches: _Batches, steps: int, on_eval: EvalCallback | None, train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+) -> list[dict[str, float]]:
+    """The steps and evaluations; returns the curve (one point per evaluation, with the cumulative step clock)."""
+    (train_x, train_t), (test_x, test_t) = train, test
+    device = train_x.device
     curves: list[dict[str, float]] = []
     loss_sum, since_eval, train_seconds = torch.zeros((), device=device), 0, 0.0
     clock = _sync_time(device)
@@ -245,19 +265,13 @@ def train(
         for name in ("train_loss", "eval_loss"):
             if not metrics[name] <= limit:  # also catches NaN
                 raise Diverged(step, name, metrics[name], limit=limit)
-        curves.append({"step": step, **metrics})
+        curves.append({"step": step, **metrics, "train_seconds": train_seconds})
         if on_eval is not None:
             on_eval(step, metrics)
         loss_sum.zero_()
         since_eval = 0
         clock = _sync_time(device)
-
-    metric = cfg.training.metric
-    values = [point[metric] for point in curves]
-    best = (min if cfg.training.goal == "minimize" else max)(values)
-    final = {k: v for k, v in curves[-1].items() if k != "step"}
-    return TrainResult(metric, values[-1], best, curves, steps, time.perf_counter() - started, train_seconds,
-                       str(device), final)
+    return curves
 
 
 class _Batches:
