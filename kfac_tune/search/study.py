@@ -247,9 +247,19 @@ class _StopAfterFailures:
 
 
 def quiet() -> None:
-    """Optuna's per-trial INFO lines would fight the progress display; warnings still show."""
+    """Optuna's per-trial INFO lines would fight the progress display; warnings still show, but a failed trial's
+    traceback does not (its reason is on the trial as ``fail_reason``, shown by ``kfac-tune show``)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    trial_logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _NoTraceback) for f in trial_logger.filters):
+        trial_logger.addFilter(_NoTraceback())
+
+
+class _NoTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
 
 
 # ------------------------------------------------------------------------------------------------ run_search
