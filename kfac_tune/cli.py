@@ -1,0 +1,327 @@
+"""The ``kfac-tune`` command line: search, show, export, train, ui.
+
+Options used by several commands are defined once below. Every command imports torch, optuna and mlflow inside
+its body, so ``kfac-tune --help`` answers at once. Exit codes: 0 success, 1 a runtime failure (storage or tracking
+unreachable), 2 bad input (the model YAML, a recipe, a study name; printed as one paragraph, no traceback),
+130 interrupted by Ctrl-C (completed trials are kept; the message says how to resume).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from kfac_tune import __version__
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_STORAGE = "sqlite:///kfac_tune.db"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+
+# ------------------------------------------------------------------------------------------- shared options
+
+config_argument = click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+study_option = click.option(
+    "--study", "study_name", metavar="NAME",
+    help="Study name. search: defaults to the config file's stem; show/export: may be omitted when the storage "
+         "holds exactly one study.",
+)
+storage_option = click.option(
+    "--storage", metavar="URL", envvar="KFAC_TUNE_STORAGE", show_envvar=True,
+    help=f"Optuna storage, any SQLAlchemy URL (postgresql+psycopg2://user@host/db for several machines; put the "
+         f"password in the environment, e.g. PGPASSWORD). Default: the config's `storage`, else {DEFAULT_STORAGE}.",
+)
+tracking_uri_option = click.option(
+    "--tracking-uri", metavar="URI", envvar="MLFLOW_TRACKING_URI", show_envvar=True,
+    help=f"MLflow tracking URI (sqlite:///… or http://host:port). Default: the config's `tracking.uri`, else "
+         f"{DEFAULT_TRACKING_URI}.",
+)
+
+format_option = click.option("-f", "--format", "output_format", type=click.Choice(["table", "json", "yaml"]),
+                             default="table", show_default=True, help="Output format (json/yaml for scripts).")
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"Error: {message}", err=True)
+    raise SystemExit(code)
+
+
+def handle_errors(command: F) -> F:
+    """Turn the errors a user can fix into a message and an exit code instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kfac_tune.config import ConfigError
+        from kfac_tune.recipes import RecipeError
+
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, RecipeError, StudyNotFound) as error:
+            _fail(str(error), EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            _fail("interrupted.", EXIT_INTERRUPTED)
+        except Exception as error:
+            from sqlalchemy.exc import SQLAlchemyError
+
+            from kfac_tune.tracking import TrackingUnavailable
+
+            if isinstance(error, (TrackingUnavailable, SQLAlchemyError)):
+                _fail(_first_line(error), 1)
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class StudyNotFound(LookupError):
+    """``--study`` names no study in the storage (or it was omitted and the storage holds several)."""
+
+
+# ------------------------------------------------------------------------------------------------ group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(version=__version__, prog_name="kfac-tune")
+def cli() -> None:
+    """Tune K-FAC (or Adam/SGD) hyperparameters for a model described in YAML.
+
+    Optuna runs the study (resumable, SQLite by default), MLflow records every trial, and the best trial is
+    exported as a recipe YAML that KFAC.from_recipe() and `kfac-tune train` load.
+    """
+
+
+@cli.command(epilog="""\b
+Examples:
+  kfac-tune search examples/digits_mlp.yaml
+  kfac-tune search model.yaml --trials 50 --jobs 2 --study mlp-v2
+  kfac-tune search model.yaml --optimizer adam --no-tracking
+  kfac-tune search model.yaml --storage postgresql+psycopg2://tuner@db/kfac   # several machines
+Re-running the same command resumes the study until the budget is reached.""")
+@config_argument
+@click.option("--trials", type=click.IntRange(1, 1_000_000), metavar="N",
+              help="Finished trials (complete + pruned) the study should reach, counting earlier runs and all "
+                   "workers. Default: the config's search.trials.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Start no new trial after S seconds. Default: the config's search.timeout (none).")
+@study_option
+@storage_option
+@click.option("--jobs", type=click.IntRange(1, 256), default=1, show_default=True, metavar="N",
+              help="Worker processes on this machine, sharing the storage (each with its own sampler seed).")
+@tracking_uri_option
+@click.option("--optimizer", type=click.Choice(["kfac", "adam", "sgd"]), help="Override the config's optimizer.")
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow (tracking.enabled: false).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
+              help="Where to write the best recipe. Default: recipes/<architecture>.yaml.")
+@handle_errors
+def search(config: Path, trials: int | None, timeout: float | None, study_name: str | None, storage: str | None,
+           jobs: int, tracking_uri: str | None, optimizer: str | None, no_tracking: bool,
+           output: Path | None) -> None:
+    """Run (or resume) an Optuna study over the optimizer's hyperparameters."""
+    from rich.console import Console
+
+    from kfac_tune.config import load_config
+    from kfac_tune.display import SearchDisplay, trial_rows, trials_table
+
+    overrides = {key: value for key, value in {"optimizer.name": optimizer, "tracking.uri": tracking_uri}.items()
+                 if value is not None}
+    cfg = load_config(config, overrides)
+    from kfac_tune.search import prepare_search  # after validation: a bad file is reported before torch loads
+    from kfac_tune.search.study import display_url
+
+    name = study_name or cfg.stem
+    storage_url = storage or cfg.storage
+    prepared = prepare_search(cfg, trials=trials, timeout=timeout, study_name=name, storage=storage_url, jobs=jobs,
+                              tracking=False if no_tracking else None, recipe_path=output)
+    console = Console(stderr=True)
+    console.print(f"study [bold]{name}[/] in {display_url(storage_url)}  ({cfg.optimizer.name} on "
+                  f"{cfg.model.architecture}, {cfg.training.metric}, {jobs} worker{'s' * (jobs > 1)})")
+    with SearchDisplay(console, prepared.spec.budget, cfg.training.metric) as display:
+        display.update(prepared.study)
+        outcome = prepared.run(on_progress=display.update)
+        display.update(outcome.study)
+    resume = f"kfac-tune search {config} --study {name}" + (f" --storage {display_url(storage_url)}" if storage else "")
+    if outcome.interrupted:
+        _fail(f"interrupted: the running trial was marked failed; completed trials are kept in "
+              f"{display_url(storage_url)}. Resume with: {resume}", EXIT_INTERRUPTED)
+    rows = trial_rows(outcome.study)
+    Console().print(trials_table(rows[:10], cfg.training.metric, title=f"study {name}: best trials"))
+    if outcome.recipe_path is None:
+        _fail(f"no trial completed, so no recipe was written. Inspect failures with: kfac-tune show --study {name}"
+              + (f" --storage {display_url(storage_url)}" if storage else ""), 1)
+    click.echo(f"best recipe written to {outcome.recipe_path}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  kfac-tune show
+  kfac-tune show --study digits_mlp -f json
+  KFAC_TUNE_STORAGE=sqlite:///runs/tune.db kfac-tune show -f yaml""")
+@study_option
+@storage_option
+@format_option
+@handle_errors
+def show(study_name: str | None, storage: str | None, output_format: str) -> None:
+    """List a study's trials, best first: state, value, parameters, duration, prune/fail reason."""
+    from kfac_tune.display import trial_rows, trials_table
+
+    study = _load_study(study_name, storage)
+    rows = trial_rows(study)
+    if not _print_data(rows, output_format):
+        from rich.console import Console
+
+        metric = study.user_attrs.get("metric", "value")
+        Console().print(trials_table(rows, metric, title=f"study {study.study_name}: {len(rows)} trials"))
+
+
+@cli.command(epilog="""\b
+Examples:
+  kfac-tune export
+  kfac-tune export --study digits_mlp -o recipes/digits-mlp-kfac.yaml""")
+@study_option
+@storage_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
+              help="Recipe file to write (atomically). Default: recipes/<architecture>.yaml.")
+@handle_errors
+def export(study_name: str | None, storage: str | None, output: Path | None) -> None:
+    """Write the study's best trial as a recipe YAML."""
+    from kfac_tune.recipes import export_best
+
+    study = _load_study(study_name, storage)
+    recipe, path = export_best(study, path=output)
+    click.echo(f"{path}: {recipe.optimizer} for {recipe.architecture}, {recipe.result.metric} = "
+               f"{recipe.result.value:.6g} (trial {recipe.provenance.trial} of {recipe.result.trials})")
+
+
+@cli.command(epilog="""\b
+Examples:
+  kfac-tune train examples/digits_mlp.yaml --recipe recipes/mlp.yaml
+  kfac-tune train model.yaml --recipe tuned.yaml --ignore-architecture
+  kfac-tune train model.yaml --recipe recipes/mlp.yaml -f json""")
+@config_argument
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="PATH", help="Recipe YAML (from `kfac-tune export`).")
+@click.option("--ignore-architecture", is_flag=True,
+              help="Use the recipe even if it was tuned for a different network.")
+@format_option
+@handle_errors
+def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_format: str) -> None:
+    """Train once with a recipe's hyperparameters and print the result."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kfac_tune.config import load_config
+    from kfac_tune.recipes import RecipeError, check_architecture, load_recipe
+
+    recipe = load_recipe(recipe_path)
+    cfg = load_config(config, {"optimizer.name": recipe.optimizer})
+    from kfac_tune.training import preflight, train as train_once
+
+    hparams = {k: v for k, v in recipe.hyperparameters.items() if k != "loss"}
+    problem = preflight(cfg, hparams)
+    if not ignore_architecture:
+        check_architecture(recipe, problem.architecture, problem.signature)
+    if recipe.hyperparameters.get("loss", problem.loss) != problem.loss:
+        raise RecipeError(f"{recipe_path}: the recipe was tuned for loss {recipe.hyperparameters['loss']!r}, "
+                          f"but {config} trains with {problem.loss!r}")
+    console = Console(stderr=output_format != "table")
+    tuned = recipe.training
+    for what, theirs, ours in (("batch size", tuned.batch_size, cfg.data.batch_size), ("steps", tuned.steps,
+                                                                                         problem.steps)):
+        if theirs != ours:
+            console.print(f"[yellow]note[/]: the recipe was tuned with {what} {theirs}, {config} uses {ours}")
+    with console.status(f"training {problem.architecture} with {recipe.optimizer} for {problem.steps} steps"):
+        result = train_once(cfg, hparams)
+    summary = {"metric": result.metric, "value": result.value, "best": result.best, "recipe_value": recipe.result.value,
+               "final": result.final, "steps": result.steps, "step_time_s": result.step_time,
+               "seconds": result.seconds, "device": result.device}
+    if _print_data(summary, output_format):
+        return
+    table = Table(title=f"{recipe.optimizer} on {problem.architecture} ({recipe_path})", show_header=False)
+    rows = [(f"final {result.metric}", f"{result.value:.6g}"), (f"best {result.metric}", f"{result.best:.6g}"),
+            (f"recipe {recipe.result.metric}", f"{recipe.result.value:.6g}"),
+            *((k, f"{v:.6g}") for k, v in result.final.items() if k not in ("step_time", result.metric)),
+            ("steps", str(result.steps)), ("step time", f"{result.step_time * 1e3:.3f} ms"),
+            ("wall time", f"{result.seconds:.1f} s"), ("device", result.device)]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@cli.command(epilog="""\b
+Examples:
+  kfac-tune ui
+  kfac-tune ui --tracking-uri sqlite:///runs/mlflow.db --port 5001
+  kfac-tune ui --host 0.0.0.0   # reachable from other machines: the server has no authentication""")
+@tracking_uri_option
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="Port to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (local only by default).")
+@handle_errors
+def ui(tracking_uri: str | None, port: int, host: str) -> None:
+    """Serve the MLflow UI on a local tracking store and wait (Ctrl-C stops it)."""
+    from kfac_tune.tracking import experiment_url, serve_ui
+
+    uri = tracking_uri or DEFAULT_TRACKING_URI
+    process = serve_ui(uri, host=host, port=port)
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    click.echo(f"MLflow UI for {uri} at {base}")
+    from mlflow import MlflowClient
+
+    for experiment in MlflowClient(uri).search_experiments():
+        click.echo(f"  {experiment.name}: {experiment_url(base, experiment.experiment_id)}")
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _print_data(data: Any, output_format: str) -> bool:
+    """Print ``data`` as JSON or YAML; False for ``table`` (the caller renders its own)."""
+    if output_format == "json":
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif output_format == "yaml":
+        import yaml
+
+        click.echo(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False))
+    return output_format != "table"
+
+
+def _load_study(study_name: str | None, storage: str | None) -> Any:
+    """Load ``study_name`` (or the storage's only study) without touching heartbeats or samplers."""
+    import optuna
+
+    from kfac_tune.search.study import display_url, quiet
+
+    quiet()
+    url = storage or DEFAULT_STORAGE
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise StudyNotFound(f"no storage at {url}: run `kfac-tune search CONFIG` first, or pass --storage")
+    names = optuna.get_all_study_names(storage=url)
+    if study_name is None:
+        if len(names) != 1:
+            listing = ", ".join(names) if names else "none"
+            raise StudyNotFound(f"{display_url(url)} holds {len(names)} studies ({listing}); choose one with --study")
+        study_name = names[0]
+    if study_name not in names:
+        raise StudyNotFound(f"no study {study_name!r} in {display_url(url)}; studies there: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=study_name, storage=url)
+
+
+def main() -> None:
+    """Console-script entry point (``kfac-tune``)."""
+    cli.main(prog_name="kfac-tune")
+
+
+if __name__ == "__main__":
+    main()

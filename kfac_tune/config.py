@@ -1,0 +1,540 @@
+"""The model-YAML schema and the one-paragraph errors a bad file gets.
+
+A study runs for hours, so a typo must stop it before any training: every section is a pydantic v2 model with
+``extra="forbid"`` and strict types, every field has a default (a ten-line YAML works), and every failure becomes a
+``ConfigError`` naming the file, the line, the field path (``search.space.lr.low``), what was expected and what
+was found. The CLI prints that message and exits with code 2, never a traceback.
+
+Two things here are deliberate departures from the obvious:
+
+* YAML is read by a ``yaml.SafeLoader`` subclass that also reads ``1e-4`` as a float (YAML 1.2 does; PyYAML's
+  YAML 1.1 resolver reads it as a string, and a learning-rate range written ``low: 1e-4`` would be rejected). It
+  constructs plain scalars, lists and mappings only, exactly as ``yaml.safe_load``.
+* ``module:callable`` references (``model.callable``, ``data.callable``) are imported while validating. That import
+  is the one place user code runs; it runs so that a missing module is reported before the study starts.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import json
+import re
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+MAX_TRIALS = 1_000_000
+MAX_STEPS = 10**9
+MAX_BOUND = 1e15  # a search-space bound beyond this is a typo, not a hyperparameter
+CALLABLE_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ConfigError(ValueError):
+    """A model YAML that cannot be used; ``str(error)`` is the whole user-facing paragraph."""
+
+
+# --------------------------------------------------------------------------------------------------- sections
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=False)
+
+
+class _Named(_Section):
+    """A section that may also be written as its name alone (``optimizer: adam``, ``pruner: none``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+def import_callable(reference: str) -> Any:
+    """Import ``package.module:function``; every failure becomes a ValueError saying what went wrong."""
+    if not CALLABLE_PATTERN.match(reference):
+        raise ValueError("expected 'package.module:function' (a module path, a colon, a function name)")
+    module_name, attribute = reference.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # user code: anything may be raised while importing it
+        raise ValueError(
+            f"expected an importable module, but importing {module_name!r} failed "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    target = getattr(module, attribute, None)
+    if target is None:
+        raise ValueError(f"expected module {module_name!r} to define {attribute!r}, it does not")
+    if not callable(target):
+        raise ValueError(f"expected {reference!r} to be callable, it is a {type(target).__name__}")
+    return target
+
+
+def _check_known(kind: str, name: str, known: Mapping[str, Any]) -> str:
+    if name not in known:
+        hint = difflib.get_close_matches(name, list(known), n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"expected a {kind}, one of {', '.join(sorted(known))}{suggestion}")
+    return name
+
+
+def _scalar(value: Any) -> Any:
+    if not isinstance(value, (bool, int, float, str)):
+        raise ValueError("expected a number, a string or true/false")
+    return value
+
+
+class _Buildable(_Named):
+    """What model and data share: a built-in ``name`` with ``kwargs``, or a ``callable`` of the user's."""
+
+    callable: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("callable")
+    @classmethod
+    def _importable(cls, reference: str | None) -> str | None:
+        if reference is not None:
+            import_callable(reference)
+        return reference
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _Buildable:
+        if self.callable is not None and "name" in self.model_fields_set:
+            raise ValueError("expected either name (a built-in) or callable (your own code), not both")
+        return self
+
+
+class ModelConfig(_Buildable):
+    """A built-in architecture (``name`` + ``kwargs``) or ``callable: pkg.module:fn`` returning an ``nn.Module``.
+
+    A callable is called as ``fn(input_shape=..., num_classes=..., **kwargs)``; ``task`` says whether its output
+    is class logits or a reconstruction of the (flattened) input. Built-ins know their task.
+    """
+
+    name: str = "mlp"
+    task: Literal["classification", "reconstruction"] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_architecture(cls, name: str) -> str:
+        from kfac_tune.zoo import ARCHITECTURES
+
+        return _check_known("built-in architecture", name, ARCHITECTURES)
+
+    @property
+    def architecture(self) -> str:
+        """The name recipes are filed under: the built-in's name or the callable's function name."""
+        return self.callable.split(":")[1] if self.callable else self.name
+
+
+class DataConfig(_Buildable):
+    """A built-in dataset or ``callable: pkg.module:fn`` returning a ``DataBundle`` or
+    ``(train_x, train_y, test_x, test_y)`` tensors."""
+
+    name: str = "digits"
+    root: str | None = None
+    train_size: int | None = Field(None, ge=1, le=10**8)
+    test_size: int | None = Field(None, ge=1, le=10**8)
+    test_from_train: bool = False
+    batch_size: int = Field(128, ge=1, le=10**7)
+    eval_batch_size: int = Field(4096, ge=1, le=10**7)
+    download: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from kfac_tune.zoo import DATASETS
+
+        return _check_known("built-in dataset", name, DATASETS)
+
+
+class TrainingConfig(_Section):
+    """The budget of one trial and what it is judged on."""
+
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    epochs: float | None = Field(None, gt=0, le=10**6)
+    eval_every: int = Field(50, ge=1, le=MAX_STEPS)
+    metric: Literal["eval_loss", "eval_accuracy", "train_loss"] = "eval_loss"
+    direction: Literal["minimize", "maximize"] | None = None
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, le=4096)  # torch CPU threads; 1 is fastest for small nets on busy CPUs
+    loss: Literal["cross_entropy", "mse", "bce"] | None = None
+    # a loss this many times the first step's loss counts as diverged (null: only NaN/inf do)
+    divergence_factor: float | None = Field(1000.0, gt=1, le=1e30)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainingConfig:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("expected a budget in steps or in epochs, not both")
+        return self
+
+    @property
+    def goal(self) -> Literal["minimize", "maximize"]:
+        """Accuracy is maximised, losses minimised, unless the YAML says otherwise."""
+        return self.direction or ("maximize" if self.metric == "eval_accuracy" else "minimize")
+
+
+class OptimizerConfig(_Named):
+    """The optimizer whose hyperparameters are searched, plus options passed to it unchanged."""
+
+    name: Literal["kfac", "adam", "sgd"] = "kfac"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ParamSpec(_Section):
+    """One hyperparameter: a range (``low``/``high``, ``log``, ``int``), ``choices``, or a fixed ``value``.
+
+    In YAML a bare scalar pins the value (``momentum: 0.9``) and a bare list gives the choices.
+    Fields are declared in validation order: ``low`` is checked knowing ``log``, ``high`` knowing ``low``.
+    """
+
+    log: bool = False
+    integer: bool = Field(False, alias="int")
+    low: float | None = Field(None, ge=-MAX_BOUND, le=MAX_BOUND)
+    high: float | None = Field(None, ge=-MAX_BOUND, le=MAX_BOUND)
+    choices: list[Any] | None = Field(None, min_length=1)
+    value: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, list):
+            return {"choices": data}
+        return data if isinstance(data, dict) else {"value": data}
+
+    @field_validator("choices")
+    @classmethod
+    def _scalar_choices(cls, choices: list[Any] | None) -> list[Any] | None:
+        return None if choices is None else [_scalar(c) for c in choices]
+
+    @field_validator("value")
+    @classmethod
+    def _scalar_value(cls, value: Any) -> Any:
+        return None if value is None else _scalar(value)
+
+    @field_validator("low")
+    @classmethod
+    def _positive_on_log_scale(cls, low: float | None, info: Any) -> float | None:
+        if low is not None and info.data.get("log") and low <= 0:
+            raise ValueError("expected low > 0 because log: true (a log scale never reaches 0)")
+        return low
+
+    @field_validator("high")
+    @classmethod
+    def _ordered(cls, high: float | None, info: Any) -> float | None:
+        low = info.data.get("low")
+        if high is not None and low is not None and high < low:
+            raise ValueError(f"expected high >= low ({low:g})")
+        return high
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ParamSpec:
+        given = [k for k in ("low", "high", "choices", "value") if getattr(self, k) is not None]
+        ranged = {"low", "high"} & set(given)
+        if len(ranged) == 1:
+            raise ValueError(f"expected both low and high for a range (only {given[0]} is given)")
+        if len(given) - len(ranged) + bool(ranged) != 1:
+            raise ValueError("expected exactly one of: low/high (a range), choices, or a fixed value")
+        if (self.log or self.integer) and not ranged:
+            raise ValueError("expected log/int only together with low and high")
+        if self.integer and not (float(self.low).is_integer() and float(self.high).is_integer()):  # type: ignore[arg-type]
+            raise ValueError("expected whole-number low and high because int: true")
+        return self
+
+    @property
+    def kind(self) -> Literal["range", "choices", "fixed"]:
+        return "range" if self.low is not None else "choices" if self.choices is not None else "fixed"
+
+
+class SamplerConfig(_Named):
+    name: Literal["tpe", "random", "gp", "qmc", "cmaes"] = "tpe"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrunerConfig(_Named):
+    name: Literal["median", "hyperband", "none"] = "median"
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class SearchConfig(_Section):
+    """The study: budget, sampler, pruner, space overrides, warm starts and crash recovery."""
+
+    trials: int = Field(20, ge=1, le=MAX_TRIALS)
+    timeout: float | None = Field(None, gt=0, le=10**8)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig)
+    space: dict[str, ParamSpec] = Field(default_factory=dict)
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    enqueue_defaults: bool = True
+    heartbeat_interval: int = Field(60, ge=1, le=86400)
+    grace_period: int | None = Field(None, ge=2, le=10 * 86400)
+    max_retry: int = Field(2, ge=0, le=100)
+
+    @field_validator("enqueue")
+    @classmethod
+    def _scalar_points(cls, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{name: _scalar(v) for name, v in point.items()} for point in points]
+
+    @model_validator(mode="after")
+    def _grace_after_heartbeat(self) -> SearchConfig:
+        if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
+            raise ValueError("expected grace_period > heartbeat_interval (else live trials are failed as stale)")
+        return self
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None
+
+
+class Config(_Section):
+    """A whole model YAML. ``source`` is the file it came from (``None`` when built in code)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: str = "sqlite:///kfac_tune.db"
+
+    _source: str | None = PrivateAttr(default=None)
+    _lines: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    @property
+    def source(self) -> str | None:
+        return self._source
+
+    @property
+    def stem(self) -> str:
+        """The default study and experiment name: the YAML file's stem, else the architecture."""
+        return Path(self._source).stem if self._source else self.model.architecture
+
+    def problem(self, path: str, expected: str, found: Any) -> ConfigError:
+        """A ConfigError about ``path`` in this config, for checks made after loading (space, preflight)."""
+        return _error(self._source, path, expected, found, self._lines)
+
+    def fingerprint(self) -> str:
+        """Hash of what defines the objective (model, data, training, optimizer, space): two configs with the
+        same hash may share a study; budgets, tracking and storage do not count."""
+        keys = {"model", "data", "training", "optimizer"}
+        payload = self.model_dump(mode="json", include=keys)
+        payload["space"] = self.search.model_dump(mode="json", include={"space"}, by_alias=True)["space"]
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads YAML 1.2 floats without a dot (``1e-4``, ``3E5``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate a model YAML; ``overrides`` maps dotted paths (``search.trials``) to values and is
+    applied before validation, so a bad override is reported like a bad file entry."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{source}: cannot read the file ({type(error).__name__}: {error}).") from None
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_problem(source, error)) from None
+    except (ValueError, OverflowError, RecursionError) as error:  # e.g. a timestamp PyYAML cannot represent
+        raise ConfigError(f"{source}: the YAML could not be read ({type(error).__name__}: {error}).") from None
+    lines = _line_map(node)
+    if raw is None:
+        raise ConfigError(f"{source}: the file is empty; expected a mapping with sections such as model, data, "
+                          "training, search (see examples/digits_mlp.yaml).")
+    if not isinstance(raw, dict):
+        raise _error(source, "(top level)", "a mapping of sections (model, data, training, ...)", raw, lines)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    config_dir = str(path.resolve().parent)
+    if config_dir not in sys.path:  # lets model.callable name a module that sits next to the YAML
+        sys.path.append(config_dir)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as error:
+        raise _pydantic_problem(source, error, lines) from None
+    config._source, config._lines = source, lines
+    return config
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        child = node.get(key)
+        if isinstance(child, str):  # ``optimizer: adam`` shorthand, about to get a sibling key
+            child = {"name": child}
+        node[key] = child if isinstance(child, dict) else {}
+        node = node[key]
+    node[leaf] = value
+
+
+def _line_map(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    """Dotted field path -> 1-based line, so errors can point into the file."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = f"{prefix}.{key.value}" if prefix else str(key.value)
+            lines[path] = key.start_mark.line + 1
+            lines.update(_line_map(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = f"{prefix}[{i}]"
+            lines[path] = item.start_mark.line + 1
+            lines.update(_line_map(item, path))
+    return lines
+
+
+def _yaml_problem(source: str, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    return f"{source}{where}: expected valid YAML, found a syntax error: {detail}."
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        keys = ", ".join(str(k) for k in list(value)[:6])
+        return f"a mapping with keys {keys}" if value else "an empty mapping"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item{'s' * (len(value) != 1)}"
+    if value is None:
+        return "nothing (null)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _error(source: str | None, path: str, expected: str, found: Any, lines: Mapping[str, int]) -> ConfigError:
+    line = lines.get(path)
+    where = f"{source or '<config>'}{f' line {line}' if line else ''}"
+    found_text = found if isinstance(found, Phrase) else _describe(found)
+    return ConfigError(f"{where}: {path}: {expected}; found {found_text}.")
+
+
+class Phrase(str):
+    """An already-phrased 'found' clause (not to be repr'd)."""
+
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "list_type": "a list",
+    "missing": "a value (the field is required)",
+    "too_short": "a non-empty list",
+}
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _pydantic_problem(source: str, error: ValidationError, lines: Mapping[str, int]) -> ConfigError:
+    """The first (most specific) pydantic error as one paragraph; others follow in a count."""
+    errors = error.errors()
+    first = errors[0]
+    loc = list(first["loc"])
+    path = _dotted(loc) or "(top level)"
+    kind, ctx = first["type"], first.get("ctx") or {}
+    if kind == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        expected = f"one of the keys {', '.join(valid)}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        found_clause: Any = Phrase(f"unknown key {str(loc[-1])!r}")
+    else:
+        expected = _expected(kind, first["msg"], ctx)
+        found_clause = first.get("input")
+        if kind == "missing":
+            found_clause = Phrase("nothing")
+    problem = _error(source, path, f"expected {expected}", found_clause, lines)
+    more = len(errors) - 1
+    if more:
+        return ConfigError(f"{problem} ({more} more problem{'s' * (more > 1)} in the file after fixing this one.)")
+    return problem
+
+
+def _expected(kind: str, message: str, ctx: Mapping[str, Any]) -> str:
+    if kind == "value_error":
+        text = message.removeprefix("Value error, ")
+        return text.removeprefix("expected ")
+    if kind == "literal_error":
+        return f"one of {ctx.get('expected')}"
+    bound = next((k for k in _BOUNDS if k in ctx), None)
+    if bound:
+        return f"a number {_BOUNDS[bound]} {ctx[bound]}"
+    return _EXPECTED.get(kind, message[0].lower() + message[1:])
+
+
+def _dotted(loc: list[Any]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _valid_keys(loc: list[Any]) -> list[str]:
+    """The keys accepted at ``loc`` (walking the schema), for 'did you mean' hints."""
+    annotation: Any = Config
+    for part in loc:
+        annotation = _unwrap_optional(annotation)
+        if typing.get_origin(annotation) in (dict, list):
+            annotation = typing.get_args(annotation)[-1]
+        elif _is_section(annotation):
+            field = next((f for n, f in annotation.model_fields.items() if (f.alias or n) == part), None)
+            if field is None:
+                return []
+            annotation = field.annotation
+        else:
+            return []
+    annotation = _unwrap_optional(annotation)
+    return [f.alias or n for n, f in annotation.model_fields.items()] if _is_section(annotation) else []
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)

@@ -1,0 +1,122 @@
+"""Terminal rendering for the CLI: the live search display and the trials table (rich).
+
+Kept apart from ``cli.py`` so the commands read as argument handling only, and from ``search/`` so the search
+never depends on a terminal.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    import optuna
+
+STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return "" if value is None else str(value)
+
+
+def sort_trials(trials: Iterable[optuna.trial.FrozenTrial], maximize: bool) -> list[optuna.trial.FrozenTrial]:
+    """Best first: complete trials by value, then pruned ones by their last value, then the rest by number."""
+
+    def key(trial: optuna.trial.FrozenTrial) -> tuple[int, float, int]:
+        value = trial.value if trial.value is not None else _last_intermediate(trial)
+        ranked = value if value is not None and math.isfinite(value) else math.inf
+        return STATE_ORDER.get(trial.state.name, 5), (-ranked if maximize and ranked != math.inf else ranked), trial.number
+
+    return sorted(trials, key=key)
+
+
+def _last_intermediate(trial: optuna.trial.FrozenTrial) -> float | None:
+    values = trial.intermediate_values
+    return values[max(values)] if values else None
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One plain dict per trial, best first: the data behind ``show`` in every format."""
+    maximize = study.direction.name == "MAXIMIZE"
+    rows = []
+    for trial in sort_trials(study.get_trials(deepcopy=False), maximize):
+        duration = trial.duration.total_seconds() if trial.duration else None
+        rows.append({
+            "number": trial.number,
+            "state": trial.state.name,
+            "value": trial.value,
+            "params": dict(trial.params),
+            "duration_s": None if duration is None else round(duration, 3),
+            "reason": trial.user_attrs.get("prune_reason") or trial.user_attrs.get("fail_reason"),
+        })
+    return rows
+
+
+def trials_table(rows: Sequence[dict[str, Any]], metric: str, title: str | None = None) -> Table:
+    """Parameters share one column (``name=value`` pairs) so the table fits a terminal whatever the space."""
+    table = Table(title=title, header_style="bold")
+    table.add_column("#", justify="right", min_width=3)
+    table.add_column("state", no_wrap=True)
+    table.add_column(metric, justify="right", no_wrap=True)
+    table.add_column("params", overflow="fold", min_width=30, ratio=1)
+    table.add_column("duration", justify="right", no_wrap=True)
+    table.add_column("reason", overflow="ellipsis", no_wrap=True, max_width=32)
+    styles = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
+    for row in rows:
+        duration = "" if row["duration_s"] is None else str(dt.timedelta(seconds=round(row["duration_s"])))
+        params = " ".join(f"{name}={fmt(value)}" for name, value in row["params"].items())
+        table.add_row(str(row["number"]), f"[{styles.get(row['state'], '')}]{row['state']}", fmt(row["value"]),
+                      params, duration, row["reason"] or "")
+    return table
+
+
+class SearchDisplay:
+    """A progress bar over the trial budget and a live 'best so far' line, updated after each trial."""
+
+    def __init__(self, console: Console, budget: int, metric: str) -> None:
+        self.console, self.metric = console, metric
+        self.progress = Progress(
+            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[states]}"), console=console,
+        )
+        self.task = self.progress.add_task("search", total=budget, states="")
+        self.best = Table.grid(padding=(0, 1))
+        self.live = Live(Group(self.progress, self.best), console=console, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> SearchDisplay:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.__exit__(*exc)  # type: ignore[arg-type]
+
+    def update(self, study: optuna.Study) -> None:
+        trials = study.get_trials(deepcopy=False)
+        counts: dict[str, int] = {}
+        for trial in trials:
+            counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+        finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+        states = "  ".join(f"{name.lower()} {n}" for name, n in sorted(counts.items()))
+        self.progress.update(self.task, completed=finished, states=states)
+        self.best = best_line(study, self.metric)
+        self.live.update(Group(self.progress, self.best))
+
+
+def best_line(study: optuna.Study, metric: str) -> Table:
+    grid = Table.grid(padding=(0, 1))
+    try:
+        best = study.best_trial
+    except ValueError:
+        grid.add_row("[dim]best so far: no completed trial yet")
+        return grid
+    params = ", ".join(f"{k}={fmt(v)}" for k, v in best.params.items())
+    grid.add_row(f"[bold green]best so far[/]: trial {best.number}  {metric} = {fmt(best.value)}  ({params})")
+    return grid

@@ -1,0 +1,221 @@
+"""Recipes: the best trial of a study as a small YAML file, per architecture.
+
+A recipe is what outlives the study: the optimizer's name and constructor arguments (``KFAC(model,
+**recipe.hyperparameters)`` works), the training settings they were tuned for, the result they gave and where
+it came from. Files are written atomically (temp file in the same directory + ``os.replace``) because a half
+written recipe that still parses would silently train with defaults; loading rejects anything incomplete with a
+``RecipeError`` that names the file and the field.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.metadata
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kfac_tune.config import Config
+
+if TYPE_CHECKING:
+    import optuna
+
+RECIPE_FORMAT = 1
+DEFAULT_DIRECTORY = Path("recipes")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be written, read, or used for this model; the message says which and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class TrainingSettings(_Strict):
+    """The setting the hyperparameters were tuned in: they do not transfer blindly to another batch size."""
+
+    dataset: str
+    batch_size: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    loss: str
+    metric: str
+    seed: int
+
+
+class Result(_Strict):
+    metric: str
+    value: float
+    direction: Literal["minimize", "maximize"]
+    trials: int = Field(ge=1, description="finished trials (complete + pruned) when the recipe was exported")
+
+
+class Provenance(_Strict):
+    study: str
+    trial: int
+    mlflow_run_id: str | None = None
+    config_hash: str
+    architecture: str
+    signature: dict[str, Any]
+    device: str
+    date: str
+    versions: dict[str, str]
+
+
+class Recipe(_Strict):
+    """A tuned optimizer for one architecture. ``optimizer`` and ``hyperparameters`` are all
+    ``KFAC.from_recipe`` needs; the rest says when the numbers can be trusted."""
+
+    format: int = RECIPE_FORMAT
+    architecture: str
+    optimizer: Literal["kfac", "adam", "sgd"]
+    hyperparameters: dict[str, Any]
+    training: TrainingSettings
+    result: Result
+    provenance: Provenance
+
+
+# --------------------------------------------------------------------------------------------- read / write
+
+
+def default_path(architecture: str, directory: Path = DEFAULT_DIRECTORY) -> Path:
+    return directory / f"{architecture}.yaml"
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> Path:
+    """Write ``recipe`` to ``path`` atomically: on any failure the previous file, if any, is left untouched."""
+    path = Path(path)
+    try:
+        text = _header(recipe) + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    except (yaml.YAMLError, ValueError, TypeError) as error:
+        raise RecipeError(f"cannot serialise the recipe for {recipe.architecture!r}: {error}") from None
+    temp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError as error:
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+        raise RecipeError(
+            f"cannot write recipe {path} ({error.strerror or error}); any previous file there is unchanged"
+        ) from None
+    return path
+
+
+def _header(recipe: Recipe) -> str:
+    in_code = "KFAC.from_recipe(model, PATH)  or  " if recipe.optimizer == "kfac" else ""
+    return (
+        f"# kfac-tune recipe: {recipe.optimizer} for {recipe.architecture!r}, "
+        f"{recipe.result.metric} = {recipe.result.value:.6g} after {recipe.result.trials} trials.\n"
+        f"# Use it: {in_code}kfac-tune train CONFIG --recipe PATH\n"
+    )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe; a missing, corrupt, truncated or foreign file raises ``RecipeError`` naming the problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise RecipeError(f"cannot read recipe {path}: {error.strerror or error}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise RecipeError(f"recipe {path} is not valid YAML (corrupt or truncated?): {_first_line(error)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} is not a kfac-tune recipe: expected a mapping, found {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise RecipeError(
+            f"recipe {path} is incomplete or invalid (a partial write or a hand edit?): {where}: {first['msg']}"
+            + (f" ({error.error_count() - 1} more)" if error.error_count() > 1 else "")
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def check_architecture(recipe: Recipe, architecture: str, signature: dict[str, Any]) -> None:
+    """Refuse a recipe tuned for another network: K-FAC's damping and lr do not transfer across layer shapes."""
+    theirs = recipe.provenance
+    if theirs.architecture != architecture:
+        raise RecipeError(
+            f"the recipe was tuned for architecture {theirs.architecture!r}, but the model is {architecture!r}"
+        )
+    if theirs.signature.get("hash") != signature.get("hash"):
+        raise RecipeError(
+            f"the recipe was tuned for {theirs.architecture!r} with layers {_layers(theirs.signature)} "
+            f"(signature {theirs.signature.get('hash')}), but this model has layers {_layers(signature)} "
+            f"(signature {signature.get('hash')})"
+        )
+
+
+def _layers(signature: dict[str, Any]) -> str:
+    shapes = ["x".join(str(d) for d in layer.get("weight_shape", [])) for layer in signature.get("layers", [])]
+    return "[" + ", ".join(shapes[:6]) + (", ..." if len(shapes) > 6 else "") + "]"
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def versions() -> dict[str, str]:
+    """Package versions worth recording (read from metadata: importing torch just for this would cost seconds)."""
+    found = {}
+    for package in ("kfac-tune", "torch", "optuna"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[package] = importlib.metadata.version(package)
+    if "kfac-tune" not in found:  # running from a checkout
+        from kfac_tune import __version__
+
+        found["kfac-tune"] = __version__
+    return found
+
+
+def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg: Config | None = None) -> Recipe:
+    """Build the recipe of ``trial``, using what the search stored on the study and the trial."""
+    from optuna.trial import TrialState
+
+    attrs = study.user_attrs
+    cfg = cfg or Config.model_validate(attrs["config"])
+    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return Recipe(
+        architecture=attrs["architecture"],
+        optimizer=attrs["optimizer"],
+        hyperparameters=trial.user_attrs.get("hyperparameters", trial.params),
+        training=TrainingSettings(
+            dataset=cfg.data.callable or cfg.data.name, batch_size=cfg.data.batch_size, steps=attrs["steps"],
+            loss=attrs["loss"], metric=cfg.training.metric, seed=cfg.training.seed,
+        ),
+        result=Result(metric=cfg.training.metric, value=trial.value, direction=cfg.training.goal, trials=finished),
+        provenance=Provenance(
+            study=study.study_name, trial=trial.number, mlflow_run_id=trial.user_attrs.get("mlflow_run_id"),
+            config_hash=attrs["config_hash"], architecture=attrs["architecture"], signature=attrs["signature"],
+            device=trial.user_attrs.get("result", {}).get("device", "unknown"),
+            date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=versions(),
+        ),
+    )
+
+
+def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path | None = None) -> tuple[Recipe, Path]:
+    """Write the study's best completed trial as a recipe (default ``recipes/<architecture>.yaml``)."""
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise RecipeError(f"study {study.study_name!r} has no completed trial yet: nothing to export")
+    if "architecture" not in study.user_attrs:
+        raise RecipeError(f"study {study.study_name!r} was not created by kfac-tune search: no recipe metadata")
+    recipe = recipe_from_trial(study, study.best_trial, cfg)
+    target = Path(path) if path is not None else default_path(recipe.architecture)
+    return recipe, save_recipe(recipe, target)

@@ -1,0 +1,151 @@
+"""One trial: sample a point, train, report each evaluation to the pruner, record how it ended.
+
+Outcomes, and why each is what it is (docs/tuning-tools.md §1.5–1.6):
+
+* NaN/inf loss -> ``optuna.TrialPruned`` with ``prune_reason``: a returned NaN would be a FAIL and a returned inf a
+  COMPLETE (and a "best" of -inf when maximising); pruned is the honest state for a diverged point.
+* Any exception, CUDA out-of-memory included -> FAIL with ``fail_reason``; the study goes on (``catch=(Exception,)``).
+* Ctrl-C -> the trial is failed (Optuna does that), ``fail_reason`` says it was interrupted, and the interrupt
+  propagates so the CLI can exit 130.
+
+Memory is released after every trial, whatever its outcome: a study of OOM-prone trials must not leak.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import optuna
+
+from kfac_tune.config import Config, ParamSpec
+from kfac_tune.search.space import suggest
+from kfac_tune.training import Diverged, task_and_loss, train
+
+REASON_LIMIT = 2000  # characters kept of an exception message
+FLUSH_INTERVAL_S = 10.0  # curve points reach MLflow in batches at most this often (and always at the trial's end)
+
+
+class Objective:
+    """The callable passed to ``study.optimize``."""
+
+    def __init__(self, cfg: Config, space: Mapping[str, ParamSpec], tracker: Any) -> None:
+        self.cfg, self.space, self.tracker = cfg, dict(space), tracker
+        self.loss = task_and_loss(cfg)[1]
+
+    def constructor_arguments(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """What the optimizer constructor receives: fixed options, the sampled point and, for K-FAC, the loss.
+        Stored on the trial so a recipe is exactly what was run."""
+        arguments = {**self.cfg.optimizer.options, **hparams}
+        return {**arguments, "loss": self.loss} if self.cfg.optimizer.name == "kfac" else arguments
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        hparams = suggest(trial, self.space)
+        trial.set_user_attr("hyperparameters", self.constructor_arguments(hparams))
+        with self.tracker.trial_run(trial, hparams) as run:
+            succeeded = False
+            try:
+                result = train(self.cfg, hparams, on_eval=lambda step, metrics: self._report(trial, run, step, metrics))
+            except Diverged as diverged:
+                self._prune(trial, run, str(diverged))
+            except optuna.TrialPruned as pruned:
+                self._prune(trial, run, str(pruned))
+            except Exception as error:
+                reason = f"{type(error).__name__}: {error}"[:REASON_LIMIT]
+                trial.set_user_attr("fail_reason", reason)
+                run.set_outcome("FAIL", reason=reason)
+                raise
+            except KeyboardInterrupt:
+                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); resume by running the same command")
+                run.set_outcome("FAIL", reason="interrupted")
+                raise
+            else:
+                succeeded = True
+            finally:
+                release_memory(after_failure=not succeeded)
+            trial.set_user_attr("result", {  # one storage write (each costs ~20 ms on SQLite)
+                "step_time": result.step_time, "train_seconds": result.train_seconds, "seconds": result.seconds,
+                "steps": result.steps, "device": result.device, "final": result.final, "best": result.best,
+            })
+            run.set_outcome("COMPLETE", value=result.value)
+            return result.value
+
+    def _report(self, trial: optuna.Trial, run: Any, step: int, metrics: dict[str, float]) -> None:
+        """Log the curve point, feed the pruner once per evaluation interval, and prune if it says so."""
+        run.log_eval(step, metrics)
+        value = metrics[self.cfg.training.metric]
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned by the {self.cfg.search.pruner.name} pruner at step {step}: "
+                                     f"{self.cfg.training.metric} = {value:.6g}")
+
+    @staticmethod
+    def _prune(trial: optuna.Trial, run: Any, reason: str) -> None:
+        trial.set_user_attr("prune_reason", reason)
+        run.set_outcome("PRUNED", reason=reason)
+        raise optuna.TrialPruned(reason) from None
+
+
+def release_memory(after_failure: bool) -> None:
+    """Free what the finished trial left: Python cycles first, then the CUDA caching allocator's blocks.
+
+    ``train`` detaches K-FAC's hooks when it ends, so a finished trial's model and optimizer are freed by reference
+    counting. A full ``gc.collect()`` costs 0.1-0.4 s once torch and SQLAlchemy are loaded: it runs after every
+    trial on CUDA (GPU memory is what trials run out of) and, on CPU, after a failed trial, whose traceback may
+    keep a model alive in reference cycles.
+    """
+    import torch
+
+    on_cuda = torch.cuda.is_available()
+    if on_cuda or after_failure:
+        gc.collect()
+    if on_cuda:
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------ tracking
+
+
+def open_tracker(cfg: Config, study_name: str, enabled: bool, *, prepare: bool = False) -> Any:
+    """A ``kfac_tune.tracking.StudyTracker``, or a stand-in that records nothing when tracking is off.
+
+    ``prepare`` (the parent, once, before any worker): create/migrate the store and check it answers, so an
+    unreachable MLflow is reported before training starts.
+    """
+    if not enabled:
+        return Untracked()
+    from kfac_tune import tracking
+
+    if prepare:
+        tracking.prepare_store(cfg.tracking.uri)
+        tracking.check_reachable(cfg.tracking.uri)
+    return tracking.StudyTracker(cfg.tracking.uri, cfg.tracking.experiment or cfg.stem, study_name,
+                                 flush_interval_s=FLUSH_INTERVAL_S)
+
+
+class Untracked:
+    """``StudyTracker``'s interface doing nothing: ``--no-tracking`` keeps one code path in the search."""
+
+    def ensure_parent_run(self, study: optuna.Study, tags: Mapping[str, str], artifacts: Mapping[str, str]) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def trial_run(self, trial: optuna.Trial, params: Mapping[str, Any]) -> Iterator[_UntrackedRun]:
+        yield _UntrackedRun()
+
+    def refresh_plots(self, study: optuna.Study) -> None:
+        return None
+
+    def finish_study(self, study: optuna.Study, recipe_path: str | None = None) -> None:
+        return None
+
+
+class _UntrackedRun:
+    run_id = None
+
+    def log_eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        return None
+
+    def set_outcome(self, state: str, value: float | None = None, reason: str | None = None) -> None:
+        return None

@@ -1,0 +1,337 @@
+"""One training run from a validated config and a point of hyperparameters.
+
+This is the inner loop of every trial, so it is written for overhead as much as for clarity: the data go to the
+device once, batches are index slices of a seeded permutation, losses stay on the device between evaluations
+(one ``.item()`` per evaluation, not per step), and evaluation is excluded from the step clock so ``step_time``
+measures the optimizer. A non-finite or exploded loss (``training.divergence_factor`` x the first step's loss)
+raises ``Diverged`` at the next evaluation; the search turns that into a pruned trial. Huge learning rates often
+leave the loss finite but astronomically large (ReLU units die, K-FAC skips non-finite updates), which is why
+"exploded" counts as diverged too.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfac_tune.config import Config, Phrase, import_callable
+from kfac_tune.optimizers import build_optimizer
+from kfac_tune.zoo import ARCHITECTURES, DataBundle, DatasetNotFoundError, architecture_signature, build_model, load_dataset
+
+EvalCallback = Callable[[int, dict[str, float]], None]
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": F.cross_entropy,
+    "mse": F.mse_loss,
+    "bce": F.binary_cross_entropy_with_logits,
+}
+TASK_LOSSES = {"classification": ("cross_entropy",), "reconstruction": ("mse", "bce")}
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN/inf or exploded past ``training.divergence_factor`` x its first value; ``step`` is the
+    evaluation step where it was seen."""
+
+    def __init__(self, step: int, metric: str, value: float, *, limit: float = math.inf,
+                 cause: Exception | None = None) -> None:
+        detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
+        bound = f", above the divergence limit {limit:.4g}" if math.isfinite(value) else ""
+        super().__init__(f"diverged: {metric} = {value:.6g} at step {step}{bound}{detail}")
+        self.step, self.metric, self.value = step, metric, value
+
+
+@dataclass
+class TrainResult:
+    """What one run produced. ``value`` is the configured metric at the end of the budget (what a recipe
+    promises); ``best`` the best value seen at any evaluation."""
+
+    metric: str
+    value: float
+    best: float
+    curves: list[dict[str, float]]
+    steps: int
+    seconds: float
+    train_seconds: float
+    device: str
+    final: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def step_time(self) -> float:
+        """Seconds per optimizer step, evaluation excluded."""
+        return self.train_seconds / max(self.steps, 1)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The fixed part of every trial of a config: what is trained, on what, judged by which loss."""
+
+    architecture: str
+    signature: dict[str, Any]
+    task: str
+    loss: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    train_examples: int
+    steps: int
+    device: str
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when one is visible; asking for ``cuda`` without one is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device is 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def load_data(cfg: Config) -> DataBundle:
+    """The dataset the config names (cached per process: every trial of a study uses the same one)."""
+    return _load_data(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), cfg.training.seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_data(data_json: str, seed: int) -> DataBundle:
+    data = json.loads(data_json)
+    if data["callable"]:
+        return _user_data(import_callable(data["callable"])(**data["kwargs"]))
+    return load_dataset(
+        data["name"], root=data["root"], train_size=data["train_size"], test_size=data["test_size"],
+        test_from_train=data["test_from_train"], download=data["download"], seed=seed, **data["kwargs"],
+    )
+
+
+def _user_data(result: Any) -> DataBundle:
+    """Accept a ``DataBundle`` or ``(train_x, train_y, test_x, test_y)`` from a user's data callable."""
+    if isinstance(result, DataBundle):
+        return result
+    if not (isinstance(result, (tuple, list)) and len(result) == 4 and all(isinstance(t, torch.Tensor) for t in result)):
+        raise TypeError("a data callable must return a DataBundle or a tuple (train_x, train_y, test_x, test_y) "
+                        f"of tensors, got {type(result).__name__}")
+    train_x, train_y, test_x, test_y = (t.detach().cpu() for t in result)
+    classes = int(train_y.max()) + 1 if not train_y.is_floating_point() else 0
+    return DataBundle(train_x.float(), train_y, test_x.float(), test_y, tuple(train_x.shape[1:]), classes,
+                      "callable", "user callable")
+
+
+def make_model(cfg: Config, data: DataBundle) -> nn.Module:
+    if cfg.model.callable:
+        model = import_callable(cfg.model.callable)(
+            input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.kwargs
+        )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model.callable returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
+    return build_model(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.kwargs)
+
+
+def task_and_loss(cfg: Config) -> tuple[str, str]:
+    """The task (built-ins know theirs; callables say it or are classifiers) and the loss (override or default)."""
+    if cfg.model.callable:
+        task = cfg.model.task or "classification"
+        default_loss = TASK_LOSSES[task][0]
+    else:
+        spec = ARCHITECTURES[cfg.model.name]
+        task, default_loss = spec.task, spec.default_loss
+    return task, cfg.training.loss or default_loss
+
+
+def total_steps(cfg: Config, train_examples: int) -> int:
+    if cfg.training.epochs is None:
+        return cfg.training.steps or 300
+    per_epoch = max(train_examples // cfg.data.batch_size, 1)
+    return max(math.ceil(cfg.training.epochs * per_epoch), 1)
+
+
+def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
+    """Build data, model and optimizer once, before any trial, so a bad argument is a config error (exit 2)
+    rather than a study full of failed trials. Returns what the study and recipes record about the problem."""
+    try:
+        data = load_data(cfg)
+    except (DatasetNotFoundError, ValueError, TypeError) as error:
+        field = "data.callable" if cfg.data.callable else "data.kwargs" if "argument" in str(error) else "data.name"
+        raise cfg.problem(field, "expected a loadable dataset", Phrase(f"{type(error).__name__}: {error}")) from None
+    task, loss = task_and_loss(cfg)
+    if loss not in TASK_LOSSES[task]:
+        raise cfg.problem("training.loss", f"expected a loss for {task} ({', '.join(TASK_LOSSES[task])})", loss)
+    try:
+        torch.manual_seed(cfg.training.seed)
+        model = make_model(cfg, data)
+    except Exception as error:  # a user callable may raise anything
+        where = "model.callable" if cfg.model.callable else "model.kwargs"
+        raise cfg.problem(where, "expected a buildable model", Phrase(f"{type(error).__name__}: {error}")) from None
+    try:
+        build_optimizer(cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss)
+    except (TypeError, ValueError) as error:
+        raise cfg.problem("optimizer.options", f"expected options accepted by {cfg.optimizer.name}",
+                          Phrase(f"{type(error).__name__}: {error}")) from None
+    return Problem(
+        architecture=cfg.model.architecture, signature=architecture_signature(model), task=task, loss=loss,
+        input_shape=tuple(data.input_shape), num_classes=data.num_classes, train_examples=len(data.train_x),
+        steps=total_steps(cfg, len(data.train_x)), device=str(resolve_device(cfg.training.device)),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def train(
+    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None, on_eval: EvalCallback | None = None
+) -> TrainResult:
+    """Train once for the config's budget with ``hparams``; ``optimizer`` defaults to ``cfg.optimizer.name``.
+
+    ``on_eval(step, metrics)`` is called at every evaluation (``train_loss``, ``eval_loss``, ``eval_accuracy`` for
+    classifiers, ``step_time``) and may raise to stop the run (the search prunes that way).
+    """
+    started = time.perf_counter()
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    device = resolve_device(cfg.training.device)
+    data = load_data(cfg)
+    task, loss_name = task_and_loss(cfg)
+    loss_fn = LOSSES[loss_name]
+    torch.manual_seed(cfg.training.seed)
+    model = make_model(cfg, data).to(device)
+    opt = build_optimizer(optimizer or cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss_name)
+
+    train_x, test_x = data.train_x.to(device), data.test_x.to(device)
+    if task == "classification":
+        train_t, test_t = data.train_y.to(device), data.test_y.to(device)
+    else:
+        train_t, test_t = train_x.flatten(1), test_x.flatten(1)
+    batches = _Batches(len(train_x), cfg.data.batch_size, cfg.training.seed, device)
+    steps = total_steps(cfg, len(train_x))
+
+    try:
+        curves = _loop(cfg, model, opt, loss_fn, task, batches, steps, on_eval, (train_x, train_t), (test_x, test_t))
+    finally:
+        getattr(opt, "close", lambda: None)()  # K-FAC's hooks tie model and optimizer in a reference cycle
+    metric = cfg.training.metric
+    values = [point[metric] for point in curves]
+    best = (min if cfg.training.goal == "minimize" else max)(values)
+    final = {k: v for k, v in curves[-1].items() if k not in ("step", "train_seconds")}
+    return TrainResult(metric, values[-1], best, curves, steps, time.perf_counter() - started,
+                       curves[-1]["train_seconds"], str(device), final)
+
+
+def _loop(
+    cfg: Config, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[..., torch.Tensor], task: str,
+    batches: _Batches, steps: int, on_eval: EvalCallback | None, train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+) -> list[dict[str, float]]:
+    """The steps and evaluations; returns the curve (one point per evaluation, with the cumulative step clock)."""
+    (train_x, train_t), (test_x, test_t) = train, test
+    device = train_x.device
+    curves: list[dict[str, float]] = []
+    loss_sum, since_eval, train_seconds = torch.zeros((), device=device), 0, 0.0
+    clock = _sync_time(device)
+    for step in range(1, steps + 1):
+        index = batches.next()
+        xb, tb = train_x[index], train_t[index]
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), tb)
+            loss.backward()
+            return loss
+
+        try:
+            loss = opt.step(closure).detach()
+        except RuntimeError as error:  # e.g. Fisher sampling from NaN logits: name the divergence, not its symptom
+            if _finite_model(model, xb):
+                raise
+            raise Diverged(step, "train_loss", math.nan, cause=error) from error
+        loss_sum += loss
+        if step == 1:
+            limit = _divergence_limit(cfg, loss.item())
+        since_eval += 1
+        if step % cfg.training.eval_every and step != steps:
+            continue
+        now = _sync_time(device)
+        train_seconds += now - clock
+        metrics = {"train_loss": loss_sum.item() / since_eval, **_evaluate(model, loss_fn, test_x, test_t, task,
+                                                                            cfg.data.eval_batch_size)}
+        metrics["step_time"] = train_seconds / step
+        for name in ("train_loss", "eval_loss"):
+            if not metrics[name] <= limit:  # also catches NaN
+                raise Diverged(step, name, metrics[name], limit=limit)
+        curves.append({"step": step, **metrics, "train_seconds": train_seconds})
+        if on_eval is not None:
+            on_eval(step, metrics)
+        loss_sum.zero_()
+        since_eval = 0
+        clock = _sync_time(device)
+    return curves
+
+
+class _Batches:
+    """Index batches of a seeded permutation, reshuffled each epoch; the last incomplete batch is dropped so
+    every K-FAC statistic comes from the same batch size."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device) -> None:
+        self.n, self.size, self.device = n, min(batch_size, n), device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = self._shuffle(), 0
+
+    def _shuffle(self) -> torch.Tensor:
+        return torch.randperm(self.n, generator=self.generator).to(self.device)
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.size > self.n:
+            self.order, self.position = self._shuffle(), 0
+        index = self.order[self.position : self.position + self.size]
+        self.position += self.size
+        return index
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, target: torch.Tensor, task: str,
+    batch_size: int,
+) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    total, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+    for start in range(0, len(x), batch_size):
+        out = model(x[start : start + batch_size])
+        tb = target[start : start + batch_size]
+        total += loss_fn(out, tb, reduction="sum") / (1 if task == "classification" else tb[0].numel())
+        if task == "classification":
+            correct += (out.argmax(-1) == tb).sum()
+    model.train(was_training)
+    metrics = {"eval_loss": total.item() / len(x)}
+    if task == "classification":
+        metrics["eval_accuracy"] = correct.item() / len(x)
+    return metrics
+
+
+def _divergence_limit(cfg: Config, first_loss: float) -> float:
+    """Losses above ``divergence_factor`` x the first step's loss (or non-finite) mean the run diverged."""
+    factor = cfg.training.divergence_factor
+    if factor is None or not math.isfinite(first_loss):
+        return math.inf
+    return factor * max(abs(first_loss), 1e-3)
+
+
+@torch.no_grad()
+def _finite_model(model: nn.Module, batch: torch.Tensor) -> bool:
+    """Parameters and the output on ``batch`` are all finite (called only after a step raised)."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        return False
+    return bool(torch.isfinite(model(batch)).all())
+
+
+def _sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,7 @@
+"""Corpus helper: a module with a non-callable attribute and a real (never called) builder."""
+VALUE = 42
+
+
+def build(input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Never reached: the configs naming it fail validation first."""
+    raise AssertionError("the corpus must be rejected before any model is built")

@@ -1,0 +1,91 @@
+"""A search killed with SIGKILL mid-trial resumes: budget met, completed trials kept, nothing duplicated, the
+killed trial failed by the heartbeat and retried with the same parameters.
+
+Heartbeat 1 s, grace 2 s (from the YAML), so the test only waits seconds for the zombie trial to be noticed.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tests.search_support import cli, cli_popen, load_study, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+BUDGET = 4
+
+
+def test_sigkill_mid_study_then_resume(tmp_path: Path) -> None:
+    config = write_config(tmp_path, training={"steps": 200, "eval_every": 50},
+                          search={"trials": BUDGET, "heartbeat_interval": 1, "grace_period": 2, "pruner": "none"})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+
+    process = cli_popen("search", str(config), "--no-tracking", cwd=tmp_path)
+    try:
+        study = _wait_for_completed_and_running(process, storage, timeout_s=300)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    before = {t.number: (t.state, t.value, t.params) for t in study.get_trials() if t.state.name == "COMPLETE"}
+    killed = [t.number for t in study.get_trials() if t.state.name == "RUNNING"]
+    assert before and len(killed) == 1
+
+    time.sleep(3)  # past the grace period: the next run's first trial start fails the zombie
+    result = cli("search", str(config), "--no-tracking", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    trials = load_study(storage, "model").get_trials()
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == BUDGET
+    for number, (state, value, params) in before.items():  # kept, untouched
+        assert (trials[number].state, trials[number].value, trials[number].params) == (state, value, params)
+    zombie = trials[killed[0]]
+    assert zombie.state.name == "FAIL"
+    retries = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+               == zombie.number]
+    assert len(retries) == 1 and retries[0].params == zombie.params and retries[0].state.name == "COMPLETE"
+    complete_points = [tuple(sorted(t.params.items())) for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete_points) == len(set(complete_points)), "a completed point was run twice"
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+
+    again = cli("search", str(config), "--no-tracking", cwd=tmp_path)  # budget met: nothing more runs
+    assert again.returncode == 0 and len(load_study(storage, "model").get_trials()) == len(trials)
+
+
+def _wait_for_completed_and_running(process, storage: str, timeout_s: float) -> optuna.Study:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"search ended early:\n{process.stdout.read()}"
+        try:
+            study = load_study(storage, "model")
+            states = [t.state.name for t in study.get_trials()]
+        except Exception:  # storage or study not created yet
+            states = []
+        if "COMPLETE" in states and "RUNNING" in states:
+            return study
+        time.sleep(0.2)
+    raise AssertionError("no trial completed in time")
+
+
+def test_ctrl_c_fails_the_running_trial_and_says_how_to_resume(tmp_path: Path) -> None:
+    config = write_config(tmp_path, training={"steps": 400, "eval_every": 50}, search={"trials": 20, "pruner": "none"})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    process = cli_popen("search", str(config), "--no-tracking", cwd=tmp_path)
+    try:
+        _wait_for_completed_and_running(process, storage, timeout_s=300)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output
+    assert "Resume with: kfac-tune search" in output and "Traceback" not in output
+    trials = load_study(storage, "model").get_trials()
+    interrupted = [t for t in trials if t.state.name == "FAIL"]
+    assert len(interrupted) == 1 and "interrupted" in interrupted[0].user_attrs["fail_reason"]
+    assert not [t for t in trials if t.state.name == "RUNNING"]
