@@ -5,8 +5,7 @@ bootstrap:
 	bash .ci/bootstrap.sh
 
 demo: bootstrap  ## a real search on the embedded default: digits, SQLite study, local MLflow store
-	.venv/bin/kfac-tune search examples/digits_mlp.yaml
-	.venv/bin/kfac-tune export --study digits_mlp -o recipes/digits_mlp.yaml
+	.venv/bin/kfac-tune search examples/digits_mlp.yaml -o recipes/digits_mlp.yaml
 
 test: bootstrap  ## the whole test suite, CPU only
 	.venv/bin/python -m pytest -q
