@@ -208,3 +208,13 @@ def test_bad_arguments_name_architecture_argument_and_accepted(
 def test_unknown_architecture_lists_known_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown architecture 'vgg'; known: autoencoder, convnet, mlp, resnet"):
         build_model("vgg", input_shape=(3, 32, 32), num_classes=10)
+
+
+def test_signature_tells_activations_apart() -> None:
+    """Same shapes, different nonlinearity: a recipe tuned for one must not pass as tuned for the other."""
+    shape = dict(input_shape=(1, 8, 8), num_classes=None, widths=[16, 4])
+    sigmoid = architecture_signature(build_model("autoencoder", activation="sigmoid", **shape))
+    relu = architecture_signature(build_model("autoencoder", activation="relu", **shape))
+    assert sigmoid["layers"] == relu["layers"]
+    assert "Sigmoid" in sigmoid["activations"] and "ReLU" in relu["activations"]
+    assert sigmoid["hash"] != relu["hash"]

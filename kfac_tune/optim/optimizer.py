@@ -191,7 +191,32 @@ class KFAC(torch.optim.Optimizer):
         for name, (helper, _) in self.layers.items():
             self._handles.append(helper.module.register_forward_hook(self._layer_hook(name)))
 
+    # Everything that decides what a given ``damping`` or ``lr`` means: recipes store all of it, because values do
+    # not transfer across conventions (damping mode, Fisher type, adaptation rules).
+    CONVENTIONS = (
+        "loss",
+        "fisher",
+        "damping_mode",
+        "adaptive_damping",
+        "adaptive_lr",
+        "adaptive_momentum",
+        "damping_adaptation_interval",
+        "damping_adaptation_decay",
+        "min_damping",
+        "max_damping",
+        "stat_fraction",
+    )
+
     # ------------------------------------------------------------------------------------------------ recipes
+    @classmethod
+    def complete_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
+        """``arguments`` with every hyperparameter and convention filled in from the constructor's defaults."""
+        import inspect
+
+        defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                    if name in cls.HYPERPARAMETERS + cls.CONVENTIONS}
+        return {**defaults, **arguments}
+
     @classmethod
     def from_recipe(cls, model: nn.Module, recipe: Any, **overrides: Any) -> "KFAC":
         """Build the optimizer a recipe (a path or a loaded recipe) describes; ``overrides`` win."""

@@ -38,7 +38,11 @@ class Objective:
         """What the optimizer constructor receives: fixed options, the sampled point and, for K-FAC, the loss.
         Stored on the trial so a recipe is exactly what was run."""
         arguments = {**self.cfg.optimizer.options, **hparams}
-        return {**arguments, "loss": self.loss} if self.cfg.optimizer.name == "kfac" else arguments
+        if self.cfg.optimizer.name != "kfac":
+            return arguments
+        from kfac_tune.optim import KFAC
+
+        return KFAC.complete_arguments({**arguments, "loss": self.loss})
 
     def __call__(self, trial: optuna.Trial) -> float:
         hparams = suggest(trial, self.space)

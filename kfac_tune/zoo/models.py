@@ -81,10 +81,11 @@ def build_model(
 def architecture_signature(model: nn.Module) -> dict[str, Any]:
     """A stable, YAML/JSON-safe description of the parameterised layers, and a short hash of it.
 
-    Recipes store it to recognise "the same network" later. Only layers that own a ``weight`` are listed (module
-    path, layer type, weight shape, bias): this is what K-FAC's curvature blocks depend on; parameter-free
-    modules such as activations are not part of it. A parametrised layer (e.g. weight norm) is recorded as
-    ``"Linear[parametrized:weight]"`` so it differs from the plain layer.
+    Recipes store it to recognise "the same network" later. Layers that own a ``weight`` are listed (module
+    path, layer type, weight shape, bias): this is what K-FAC's curvature blocks depend on. The parameter-free
+    leaf modules (activations, pooling, flatten) are recorded in order as ``activations``, because a recipe tuned
+    for a sigmoid network does not transfer to the same shapes with ReLUs. A parametrised layer (e.g. weight
+    norm) is recorded as ``"Linear[parametrized:weight]"`` so it differs from the plain layer.
     """
     layers = []
     for path, module in model.named_modules():
@@ -105,8 +106,11 @@ def architecture_signature(model: nn.Module) -> dict[str, Any]:
                 "bias": isinstance(getattr(module, "bias", None), torch.Tensor),
             }
         )
-    digest = hashlib.sha256(json.dumps(layers, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    return {"layers": layers, "hash": digest[:16]}
+    activations = [type(m).__name__ for m in model.modules()
+                   if not any(True for _ in m.children()) and not any(True for _ in m.parameters(recurse=False))]
+    described = {"layers": layers, "activations": activations}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return {**described, "hash": digest[:16]}
 
 
 # --------------------------------------------------------------------------------------------- helpers
