@@ -1,7 +1,6 @@
 """K-FAC as a user meets it: both call forms, checkpoints, bad input, non-finite updates, adaptation, speed-up."""
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 

@@ -8,11 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager, nullcontext
@@ -27,6 +24,7 @@ from kfac_tune import tracking
 from kfac_tune.tracking import StudyTracker, TrackingUnavailable
 
 sys.path.insert(0, str(Path(__file__).parent))
+from browser_support import chromium, free_port, has_chromium, visible_text  # noqa: E402
 from tracking_worker import EVAL_STEPS, FAILING_TRIAL, PRUNE_STEP, make_objective, quadratic_loss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,12 +231,6 @@ def test_two_worker_processes_share_one_parent(store_uri: str, tmp_path: Path) -
     assert [r.info.run_id for r in all_runs if "mlflow.parentRunId" not in r.data.tags] == [parent_id]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def running_ui(tracking_uri: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """``serve_ui`` on a free port; the server is stopped (SIGTERM, children included) on the way out."""
@@ -256,34 +248,9 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
-def chromium(url: str, screenshot: Path) -> str:
-    """Render ``url`` in headless Chromium: save a screenshot and return the rendered DOM."""
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert binary is not None
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        result = subprocess.run(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--window-size=1600,1000", "--virtual-time-budget=15000",
-             f"--screenshot={screenshot}", "--dump-dom", url],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
-
-
-def visible_text(dom: str) -> str:
-    """The page's text, without scripts, styles and markup."""
-    import html
-    import re
-
-    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
-    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))
-
-
 def test_ui_shows_the_study_its_trials_and_their_params(tracked_study: TrackedStudy) -> None:
     """The runs table lists the parent; its page lists the trial-N children; a child page shows lr and damping."""
-    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
+    if not has_chromium():
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     experiment_id = tracked_study.tracker.experiment_id
     best = tracked_study.study.best_trial
