@@ -418,7 +418,10 @@ class StudyTracker:
             return existing.experiment_id
         root = local_artifact_root(self.tracking_uri)
         try:
-            return self._client.create_experiment(self.experiment, artifact_location=root and root.as_uri())
+            # The kind tag makes the MLflow UI open the experiment as "Model training" (run tables, metrics),
+            # not as the GenAI overview where training runs are not listed.
+            return self._client.create_experiment(self.experiment, artifact_location=root and root.as_uri(),
+                                                  tags={"mlflow.experimentKind": "custom_model_development"})
         except Exception:
             existing = self._client.get_experiment_by_name(self.experiment)
             if existing is None:
