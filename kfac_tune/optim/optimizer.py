@@ -390,8 +390,11 @@ class KFAC(torch.optim.Optimizer):
     def _refresh_inverses(self, group: dict[str, Any]) -> None:
         """Eigendecompose the factors every ``inv_update_freq`` steps, and as soon as a new layer has statistics."""
         due = self._steps % group["inv_update_freq"] == 0
-        ready = {name: b for name, (_, b) in self.layers.items()
-                 if (due or not b.has_statistics) and bool((b.A_weight > 0) & (b.G_weight > 0))}
+        candidates = {name: b for name, (_, b) in self.layers.items() if due or not b.has_statistics}
+        if not candidates:
+            return
+        has_statistics = torch.stack([(b.A_weight > 0) & (b.G_weight > 0) for b in candidates.values()]).tolist()
+        ready = {name: b for (name, b), ok in zip(candidates.items(), has_statistics) if ok}
         if not ready:
             return
         if self.data_parallel is None:
