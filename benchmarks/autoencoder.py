@@ -201,7 +201,7 @@ class Runner:
             self._perm = list(order.split(size))[::-1]
         return self.train_x[self._perm.pop()]
 
-    def step(self) -> float:
+    def step(self) -> Tensor:
         x = self._batch()
         start = time.perf_counter()
         with self.clock:
@@ -209,7 +209,7 @@ class Runner:
         if self.split is not None:
             self.split.record_step(time.perf_counter() - start)
         self.steps += 1
-        return loss  # type: ignore[return-value]
+        return loss
 
     def done(self, max_seconds: float) -> bool:
         return self.curve.diverged or self.steps >= self.arm.max_steps or self.clock.total >= max_seconds
@@ -380,11 +380,10 @@ def log_grid(lo: float, hi: float, n: int) -> list[float]:
 
 def build_arms(args: argparse.Namespace) -> dict[str, list[Arm]]:
     """Candidate arms per family: a one-element list when fixed, a tuning grid otherwise."""
-    full = None
     kfac_common = dict(momentum=args.kfac_momentum, factor_decay=0.95, inv_update_freq=args.inv_update_freq,
                        cov_update_freq=args.cov_update_freq, stat_fraction=args.stat_fraction,
                        damping_mode=args.damping_mode)
-    adam_bs = 128 if args.experiment == "relu" else full
+    adam_bs = 128 if args.experiment == "relu" else None  # None: full batch
     wn = args.experiment == "relu"
     fams: dict[str, list[Arm]] = {}
     lrs = [args.adam_lr] if args.adam_lr else log_grid(*args.adam_lr_range, args.trials)

@@ -99,7 +99,6 @@ def make_arms(x: Tensor, widths: Sequence[int], args: argparse.Namespace, device
     arms.append(first_order("sgd", torch.optim.SGD, lr=1e-3, momentum=0.9))
     arms.append(first_order("adam", torch.optim.Adam, lr=1e-4))
 
-    model = _model(widths, device, args.seed)
     # Profiling synchronises a GPU around every phase; there the ratio comes from an unprofiled K-FAC and the split
     # from a second, profiled one.  On the CPU the profiler costs microseconds, so one profiled arm does both.
     profiled = [True] if device.type == "cpu" else [False, True]
