@@ -1,0 +1,1 @@
+"""Benchmarks of kfac-tune (run as scripts: ``PYTHONPATH=. python benchmarks/<name>.py``)."""
