@@ -295,3 +295,26 @@ def test_kfac_needs_far_fewer_iterations_than_tuned_adam(digits) -> None:
         x, target, budget)
     assert adam <= budget, "the baseline must reach the target for the ratio to mean anything"
     assert kfac * 3 <= adam, f"K-FAC {kfac} iterations vs Adam {adam}"
+
+
+def test_subset_statistics_pass_equals_statistics_of_the_subset(digits) -> None:
+    """stat_fraction with the sampled/exact Fisher: a separate pass over the first examples gives exactly the
+    factors of a batch made of those examples, and batch-norm running statistics see only the real pass."""
+    x, y = digits[0][:64], digits[1][:64]
+
+    def factors(batch_x: torch.Tensor, batch_y: torch.Tensor, fraction: float) -> tuple[list, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 10))
+        opt = KFAC(model, fisher="exact", stat_fraction=fraction, factor_dtype=torch.float64)
+        opt.step(_closure(model, opt, batch_x, batch_y))
+        model.train()
+        return [t for _, b in opt.layers.values() for t in b.factors()], model[1].running_mean
+
+    subset, running = factors(x, y, 0.25)
+    alone, _ = factors(x[:16], y[:16], 1.0)
+    for a, b in zip(subset, alone):
+        torch.testing.assert_close(a, b)
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16))
+    reference(x)
+    torch.testing.assert_close(running, reference[1].running_mean)

@@ -61,7 +61,9 @@ class KFAC(torch.optim.Optimizer):
         adaptive_damping: Levenberg–Marquardt adaptation of λ every ``damping_adaptation_interval`` steps; needs
             ``step(closure)``.  On those steps an update that increases the batch loss is rejected (undone).
         adaptive_lr, adaptive_momentum: choose α and/or μ each step by minimising the exact quadratic model.
-        stat_fraction: share of each batch (its first examples) used for the factor statistics.
+        stat_fraction: share of each batch (its first examples) used for the factor statistics.  With the true or
+            exact Fisher, a fraction < 1 runs the statistics as a separate forward and sampled backward pass over
+            those examples alone (Martens & Grosse use 1/8), so their cost shrinks with the fraction.
         exclude: module names (or prefixes), module instances or module types that get the first-order fallback.
         factor_dtype: dtype of factors and inverses (float32 by default whatever the model's dtype; float64 for
             tests or ill-conditioned problems).
@@ -182,6 +184,9 @@ class KFAC(torch.optim.Optimizer):
         self._last_inputs: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
         self._last_output: Optional[Tensor] = None
         self._model_output: Optional[Tensor] = None
+        self._statistics_on_subset = stat_fraction < 1 and fisher != "empirical"
+        self._subset_inputs: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
+        self._in_statistics_pass = False
         self._loss_count = 1
         self.timer = PhaseTimer(profile, device)
         self._handles = [
@@ -245,9 +250,16 @@ class KFAC(torch.optim.Optimizer):
         if not (self._hooks_enabled and torch.is_grad_enabled()):
             self._capturing = False
             return None
-        self._capturing = self._steps % self.param_groups[0]["cov_update_freq"] == 0
-        if self.adaptive_lr or self.adaptive_momentum or self.adaptive_damping:
+        statistics_step = self._steps % self.param_groups[0]["cov_update_freq"] == 0
+        if (self.adaptive_lr or self.adaptive_momentum or self.adaptive_damping) and not self._in_statistics_pass:
             self._last_inputs = (args, kwargs)
+        if statistics_step and self._statistics_on_subset and not self._in_statistics_pass:
+            # The statistics come from a separate pass over the first examples (in step()), so that the
+            # sampled backward pass costs a fraction of the batch rather than all of it.
+            self._subset_inputs = _first_examples(args, kwargs, self.stat_fraction)
+            self._capturing = False
+        else:
+            self._capturing = statistics_step
         return None
 
     def _on_model_output(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -258,7 +270,8 @@ class KFAC(torch.optim.Optimizer):
                 f"KFAC needs the model's output to be the tensor the loss is computed from; got "
                 f"{type(output).__name__}. Wrap the model so that forward() returns that tensor."
             )
-        self._last_output = output.detach()
+        if not self._in_statistics_pass:
+            self._last_output = output.detach()
         if self._capturing and output.requires_grad:
             self._loss_count = fisher.loss_count(self.loss, output)
             # The output is held by the optimizer (not by its own hook, which would make a reference cycle that
@@ -276,7 +289,8 @@ class KFAC(torch.optim.Optimizer):
             with self.timer.phase("statistics"):
                 x = args[0].detach()
                 batch = x.shape[0]
-                used = max(1, math.ceil(self.stat_fraction * batch))
+                fraction = 1.0 if self._in_statistics_pass else self.stat_fraction
+                used = max(1, math.ceil(fraction * batch))
                 helper = self.layers[name][0]
                 with torch.autocast(device_type=x.device.type, enabled=False):
                     a = helper.a_rows(x[:used]).to(self.factor_dtype)
@@ -293,7 +307,7 @@ class KFAC(torch.optim.Optimizer):
 
         return hook
 
-    def _on_output_grad(self, grad: Tensor) -> None:
+    def _on_output_grad(self, grad: Optional[Tensor]) -> None:
         """First thing in the real backward: count the pass and, for the true/exact Fisher, run the extra pass.
 
         The extra pass differentiates the output w.r.t. the captured layer outputs only, so no weight gradient is
@@ -343,6 +357,7 @@ class KFAC(torch.optim.Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         with self.timer.phase("statistics"):
+            self._statistics_pass()
             self._commit_statistics(group["factor_decay"])
         with self.timer.phase("inverses"):
             self._refresh_inverses(group)
@@ -374,6 +389,24 @@ class KFAC(torch.optim.Optimizer):
         self._apply(params, update)
         if self.adaptive_damping and (self._steps + 1) % self.damping_adaptation_interval == 0:
             self._adapt_damping(group, closure, loss, params, grads, update, model, (alpha, mu), has_prev)
+
+    def _statistics_pass(self) -> None:
+        """Forward the recorded first examples of the batch and run the sampled backward pass on them alone.
+
+        Buffers are copies, so batch-norm running statistics see only the real forward pass.
+        """
+        if self._subset_inputs is None:
+            return
+        (args, kwargs), self._subset_inputs = self._subset_inputs, None
+        params = dict(self.model.named_parameters())
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        self._in_statistics_pass = True
+        try:
+            with torch.enable_grad():
+                torch.func.functional_call(self.model, {**params, **buffers}, args, kwargs, strict=False)
+                self._on_output_grad(None)
+        finally:
+            self._in_statistics_pass = False
 
     def _commit_statistics(self, decay: float) -> None:
         """Fold the statistics of this step's passes into the moving averages (averaged over the ranks first)."""
@@ -541,6 +574,17 @@ class KFAC(torch.optim.Optimizer):
             self._generator.set_state(extra["generator"])
         for name, (_, block) in self.layers.items():
             block.load_state_dict(extra["blocks"][name])
+
+
+def _first_examples(args: tuple[Any, ...], kwargs: dict[str, Any], fraction: float
+                    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The model's inputs cut to their first ``ceil(fraction × batch)`` examples (tensors' first dimension)."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() > 0]
+    if not tensors:
+        return args, kwargs
+    used = max(1, math.ceil(fraction * tensors[0].shape[0]))
+    cut = lambda a: a[:used].detach() if isinstance(a, Tensor) and a.dim() > 0 else a  # noqa: E731
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
 def _as_matrix(helper: LayerHelper, grads: list[Optional[Tensor]]) -> Tensor:
