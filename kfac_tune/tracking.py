@@ -332,13 +332,15 @@ class TrialRun:
         """Combine the explicit outcome with how the ``with`` block ended.
 
         An explicit ``set_outcome`` wins, except that an error after a ``COMPLETE`` outcome is a failure and
-        an interrupt is always one (Optuna marks interrupted trials FAIL; the run is KILLED).
+        an interrupt is always one (Optuna marks interrupted trials FAIL; the run is KILLED, with the reason
+        given to ``set_outcome("FAIL", ...)`` if any, else the interrupt's name).
         """
         import optuna
 
-        if exc is not None and not isinstance(exc, Exception):
-            return _Outcome("FAIL", None, type(exc).__name__, "KILLED")
         explicit = self._outcome
+        if exc is not None and not isinstance(exc, Exception):
+            said = explicit.reason if explicit is not None and explicit.state == "FAIL" else None
+            return _Outcome("FAIL", None, said or type(exc).__name__, "KILLED")
         failed = exc is not None and not isinstance(exc, optuna.TrialPruned)
         if explicit is not None and not (failed and explicit.state == "COMPLETE"):
             return explicit

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from kfac_tune.config import Config, ConfigError
 from kfac_tune.recipes import Recipe, export_best, versions
-from kfac_tune.search.objective import Objective, open_tracker
+from kfac_tune.search.objective import Objective, open_tracker, release_after_failure
 from kfac_tune.search.space import build_space, describe, suggest, warm_starts
 from kfac_tune.training import Problem, preflight
 
@@ -214,7 +214,8 @@ def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()
         n_trials=None,
         timeout=timeout,
         catch=(Exception,),
-        callbacks=[optuna.study.MaxTrialsCallback(spec.budget, states=FINISHED), _StopAfterFailures(), *callbacks],
+        callbacks=[release_after_failure, optuna.study.MaxTrialsCallback(spec.budget, states=FINISHED),
+                   _StopAfterFailures(), *callbacks],
     )
 
 
