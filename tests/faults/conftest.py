@@ -140,3 +140,32 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run in ``tmp_path`` (default recipes/ and stores land there) and return it."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@contextmanager
+def small_tmpfs(mount_point: Path, size: str = "64k") -> Iterator[Path]:
+    """A tiny tmpfs at ``mount_point`` (a real filesystem that fills up or turns read-only on demand); skips the
+    scenario where this process may not mount (not root, or no CAP_SYS_ADMIN in a container)."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def fill(directory: Path) -> None:
+    """Write into ``directory`` until its filesystem reports ENOSPC."""
+    with open(directory / "filler", "wb", buffering=0) as handle:  # unbuffered: close() has nothing to flush
+        try:
+            while handle.write(b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+
+
+def remount_read_only(mount_point: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True, capture_output=True, timeout=30)
