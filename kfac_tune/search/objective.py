@@ -8,7 +8,9 @@ Outcomes, and why each is what it is (docs/tuning-tools.md §1.5–1.6):
 * Ctrl-C -> the trial is failed (Optuna does that), ``fail_reason`` says it was interrupted, and the interrupt
   propagates so the CLI can exit 130.
 
-Memory is released after every trial, whatever its outcome: a study of OOM-prone trials must not leak.
+Memory is released after every trial, whatever its outcome: a study of OOM-prone trials must not leak. After a
+failed or pruned trial that happens in a study callback (``release_after_failure``), once Optuna has let go of the
+exception that holds the trial's model.
 """
 from __future__ import annotations
 
