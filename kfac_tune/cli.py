@@ -151,6 +151,7 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     if outcome.interrupted:
         _fail(f"interrupted: the running trial was marked failed; completed trials are kept in "
               f"{display_url(storage_url)}. Resume with: {resume}", EXIT_INTERRUPTED)
+    _warn_incomplete_tracking(cfg.tracking.uri if prepared.spec.tracking else None, name, storage_url)
     rows = trial_rows(outcome.study)
     Console().print(trials_table(rows[:10], cfg.training.metric, title=f"study {name}: best trials"))
     if outcome.recipe_path is None:
@@ -284,6 +285,21 @@ def ui(tracking_uri: str | None, port: int, host: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _warn_incomplete_tracking(tracking_uri: str | None, study_name: str, storage_url: str) -> None:
+    """One closing warning when MLflow calls were given up during the search (the server died or stalled): the
+    study is complete, its MLflow record is not, and the user should know which is which."""
+    if tracking_uri is None:
+        return
+    from kfac_tune.search.study import display_url
+    from kfac_tune.tracking import given_up
+
+    failed = given_up()
+    if failed:
+        click.echo(f"Warning: MLflow tracking at {display_url(tracking_uri)} failed for {len(failed)} call(s) "
+                   f"(first: {failed[0]}); the runs of study {study_name} are incomplete in MLflow, but every "
+                   f"trial is kept in {display_url(storage_url)} (kfac-tune show --study {study_name}).", err=True)
 
 
 def _print_data(data: Any, output_format: str) -> bool:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 MAX_TRIALS = 1_000_000
 MAX_STEPS = 10**9
+MAX_NODES = 100_000  # scalars, lists and mappings after alias expansion; a real config has a few hundred
 MAX_BOUND = 1e15  # a search-space bound beyond this is a typo, not a hyperparameter
 CALLABLE_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -365,6 +366,10 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise ConfigError(f"{source}: cannot read the file ({type(error).__name__}: {error}).") from None
     try:
         node = yaml.compose(text, Loader=_Loader)
+        nodes = _expanded_size(node, {})
+        if nodes > MAX_NODES:
+            raise ConfigError(f"{source}: expected a config of at most {MAX_NODES:,} values once YAML aliases are "
+                              f"expanded; found {nodes:,} (an alias bomb?).")
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as error:
         raise ConfigError(_yaml_problem(source, error)) from None
@@ -399,6 +404,27 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
         node[key] = child if isinstance(child, dict) else {}
         node = node[key]
     node[leaf] = value
+
+
+def _expanded_size(node: yaml.Node | None, memo: dict[int, int]) -> int:
+    """How many nodes the document holds once every alias is expanded, counted without expanding them.
+
+    ``&a [*b, *b, ...]`` chains (the "billion laughs") compose into a small graph that every later walk (the line
+    map, validation, hashing) would expand exponentially; refusing them here keeps a malicious or broken file
+    from hanging the CLI.
+    """
+    if node is None:
+        return 0
+    key = id(node)
+    if key not in memo:
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        memo[key] = 1 + sum(_expanded_size(child, memo) for child in children)
+    return memo[key]
 
 
 def _line_map(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:

@@ -233,11 +233,25 @@ def experiment_url(base_url: str, experiment_id: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# What this process gave up on (see _retrying), for the summary the CLI prints when a study ends.
+_GIVEN_UP: list[str] = []
+
+
+def given_up() -> list[str]:
+    """The store calls this process gave up on so far, oldest first (``what`` of each :func:`_retrying`).
+
+    A study whose server died still completes; this is how the caller learns that its tracking is incomplete.
+    Worker processes (``--jobs N``) keep their own lists and report through their log warnings.
+    """
+    return list(_GIVEN_UP)
+
+
 def _retrying(action: Callable[[], T], what: str) -> tuple[bool, T | None]:
     """Run a store call, retrying with backoff; on final failure log a warning and return ``(False, None)``.
 
     Used for every call made while a trial trains, so a flaky or dead tracking server (or a briefly locked
-    SQLite file) degrades tracking instead of failing the trial.
+    SQLite file) degrades tracking instead of failing the trial. The warning carries the first line of the
+    error only: HTTP client errors repeat the URL and the connection pool's state over several hundred characters.
     """
     attempts = len(_RETRY_DELAYS_S) + 1
     for attempt in range(attempts):
@@ -245,11 +259,17 @@ def _retrying(action: Callable[[], T], what: str) -> tuple[bool, T | None]:
             return True, action()
         except Exception as err:  # the store raises MlflowException, requests/SQLAlchemy errors, OSError
             if attempt == attempts - 1:
-                log.warning("MLflow: %s failed after %d attempts, giving up: %s", what, attempts, err)
+                _GIVEN_UP.append(what)
+                log.warning("MLflow: %s failed after %d attempts, giving up: %s", what, attempts, _short(err))
             else:
                 log.debug("MLflow: %s failed (%s); retrying", what, err)
                 time.sleep(_RETRY_DELAYS_S[attempt])
     return False, None
+
+
+def _short(error: Exception, limit: int = 240) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -332,13 +352,15 @@ class TrialRun:
         """Combine the explicit outcome with how the ``with`` block ended.
 
         An explicit ``set_outcome`` wins, except that an error after a ``COMPLETE`` outcome is a failure and
-        an interrupt is always one (Optuna marks interrupted trials FAIL; the run is KILLED).
+        an interrupt is always one (Optuna marks interrupted trials FAIL; the run is KILLED, with the reason
+        given to ``set_outcome("FAIL", ...)`` if any, else the interrupt's name).
         """
         import optuna
 
-        if exc is not None and not isinstance(exc, Exception):
-            return _Outcome("FAIL", None, type(exc).__name__, "KILLED")
         explicit = self._outcome
+        if exc is not None and not isinstance(exc, Exception):
+            said = explicit.reason if explicit is not None and explicit.state == "FAIL" else None
+            return _Outcome("FAIL", None, said or type(exc).__name__, "KILLED")
         failed = exc is not None and not isinstance(exc, optuna.TrialPruned)
         if explicit is not None and not (failed and explicit.state == "COMPLETE"):
             return explicit

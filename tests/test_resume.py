@@ -72,20 +72,4 @@ def _wait_for_completed_and_running(process, storage: str, timeout_s: float) -> 
     raise AssertionError("no trial completed in time")
 
 
-def test_ctrl_c_fails_the_running_trial_and_says_how_to_resume(tmp_path: Path) -> None:
-    config = write_config(tmp_path, training={"steps": 400, "eval_every": 50}, search={"trials": 20, "pruner": "none"})
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
-    process = cli_popen("search", str(config), "--no-tracking", cwd=tmp_path)
-    try:
-        _wait_for_completed_and_running(process, storage, timeout_s=300)
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 130, output
-    assert "Resume with: kfac-tune search" in output and "Traceback" not in output
-    trials = load_study(storage, "model").get_trials()
-    interrupted = [t for t in trials if t.state.name == "FAIL"]
-    assert len(interrupted) == 1 and "interrupted" in interrupted[0].user_attrs["fail_reason"]
-    assert not [t for t in trials if t.state.name == "RUNNING"]
+# Ctrl-C (exit 130, resume message, the MLflow child run KILLED): tests/faults/test_fault_tracking.py

@@ -13,6 +13,7 @@ Rules this module keeps (docs/tuning-tools.md §0, §1.2, §1.6):
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -28,7 +29,7 @@ from optuna.trial import TrialState
 
 from kfac_tune.config import Config, ConfigError
 from kfac_tune.recipes import Recipe, export_best, versions
-from kfac_tune.search.objective import Objective, open_tracker
+from kfac_tune.search.objective import Objective, open_tracker, release_after_failure
 from kfac_tune.search.space import build_space, describe, suggest, warm_starts
 from kfac_tune.training import Problem, preflight
 
@@ -57,6 +58,31 @@ def display_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not an SQLAlchemy URL: show it as given (it cannot hold a password we could parse)
         return url
+
+
+def url_secrets(*urls: str) -> list[str]:
+    """The passwords in ``urls`` (as written, and percent-encoded as a URL would carry them)."""
+    import urllib.parse
+
+    from sqlalchemy.engine import make_url
+
+    found: set[str] = set()
+    for url in urls:
+        try:
+            password = make_url(url).password
+        except Exception:  # not an SQLAlchemy URL (an MLflow http://user:pw@host URI, say)
+            password = urllib.parse.urlsplit(url).password if "://" in url else None
+        if password:
+            found.update({str(password), urllib.parse.quote(str(password), safe="")})
+    return sorted(found, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """``text`` with every secret replaced by ``***``: for what the study records about its config (the storage
+    holds the user attributes, MLflow the YAML), which may name a database URL with its password."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def make_storage(url: str, cfg: Config) -> optuna.storages.RDBStorage:
@@ -151,8 +177,9 @@ def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem,
             f"original file."
         )
     if recorded is None:
+        secrets = url_secrets(storage_url, cfg.storage, cfg.tracking.uri)
         attrs = {
-            "config": cfg.model_dump(mode="json", by_alias=True),
+            "config": json.loads(redact(json.dumps(cfg.model_dump(mode="json", by_alias=True)), secrets)),
             "config_hash": cfg.fingerprint(),
             "optimizer": cfg.optimizer.name,
             "architecture": problem.architecture,
@@ -214,7 +241,8 @@ def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()
         n_trials=None,
         timeout=timeout,
         catch=(Exception,),
-        callbacks=[optuna.study.MaxTrialsCallback(spec.budget, states=FINISHED), _StopAfterFailures(), *callbacks],
+        callbacks=[release_after_failure, optuna.study.MaxTrialsCallback(spec.budget, states=FINISHED),
+                   _StopAfterFailures(), *callbacks],
     )
 
 
@@ -321,7 +349,7 @@ def prepare_search(
     tracker = open_tracker(cfg, name, tracking, prepare=True)
     study = open_study(cfg, name, storage_url, problem, space)
     enqueue(study, starts)
-    tracker.ensure_parent_run(study, _tags(cfg, storage_url, problem, jobs), _artifacts(cfg, space))
+    tracker.ensure_parent_run(study, _tags(cfg, storage_url, problem, jobs), _artifacts(cfg, space, storage_url))
     timeout = timeout if timeout is not None else cfg.search.timeout
     spec = WorkerSpec(
         cfg=cfg, study_name=name, storage_url=storage_url, budget=trials or cfg.search.trials,
@@ -421,11 +449,13 @@ def _tags(cfg: Config, storage_url: str, problem: Problem, jobs: int) -> dict[st
     }
 
 
-def _artifacts(cfg: Config, space: dict[str, Any]) -> dict[str, str]:
+def _artifacts(cfg: Config, space: dict[str, Any], storage_url: str) -> dict[str, str]:
+    """The model YAML as written (passwords of the URLs it names masked) and the resolved search space."""
     import yaml
 
     config_text = Path(cfg.source).read_text(encoding="utf-8") if cfg.source else ""
+    config_text = config_text or yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
     return {
-        "model.yaml": config_text or yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False),
+        "model.yaml": redact(config_text, url_secrets(storage_url, cfg.storage, cfg.tracking.uri)),
         "space.yaml": yaml.safe_dump(describe(space), sort_keys=False),
     }

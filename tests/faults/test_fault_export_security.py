@@ -1,0 +1,135 @@
+"""Exporting into a full or read-only filesystem, and secrets in storage URLs.
+
+One small tracked study serves every scenario here. Its YAML names a PostgreSQL storage with a password (as a
+team's shared file would) that the command line overrides with a local SQLite file, so the password passes
+through every place it could leak from: the config the study records, the MLflow parent run's tags and
+artifacts, the trial runs, the recipe, the CLI's output.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kfac_tune.search.study import display_url
+from tests.faults.conftest import fault_config, fill, invoke, mlflow_store_of, remount_read_only, small_tmpfs, storage_of
+from tests.search_support import load_study
+
+pytestmark = pytest.mark.slow
+PASSWORD = "s3cr3t-pw"
+SECRET_STORAGE = f"postgresql+psycopg2://tuner:{PASSWORD}@127.0.0.1:1/kfac"
+
+
+@dataclass(frozen=True)
+class Study:
+    directory: Path
+    storage: str
+    output: str  # what `kfac-tune search` printed
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Study]:
+    directory = tmp_path_factory.mktemp("secret-study")
+    config = fault_config(directory, trials=1, tracking=True)
+    text = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**text, "storage": SECRET_STORAGE}, sort_keys=False))
+    cwd = Path.cwd()
+    os.chdir(directory)
+    try:
+        result = invoke("search", str(config), "--storage", storage_of(directory))
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    yield Study(directory, storage_of(directory), result.output)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _export(study: Study, target: Path) -> tuple[int, str]:
+    result = invoke("export", "--storage", study.storage, "-o", str(target))
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("fault", ["disk full", "read-only"])
+def test_export_into_a_broken_filesystem_keeps_the_previous_recipe(study: Study, tmp_path: Path, fault: str) -> None:
+    with small_tmpfs(tmp_path / "mnt") as mount:
+        target = mount / "recipes" / "mlp.yaml"
+        code, output = _export(study, target)
+        assert code == 0, output
+        previous = target.read_bytes()
+        if fault == "disk full":
+            fill(mount)
+        else:
+            remount_read_only(mount)
+        code, output = _export(study, target)
+        assert code == 2, output
+        assert output.startswith(f"Error: cannot write recipe {target} (")
+        assert ("No space left on device" if fault == "disk full" else "Read-only file system") in output
+        assert "previous file there is unchanged" in output and "Traceback" not in output
+        assert target.read_bytes() == previous
+        assert sorted(p.name for p in target.parent.iterdir()) == ["mlp.yaml"], "a temporary file was left"
+
+
+# ------------------------------------------------------------------------------------------------ secrets
+
+
+def test_the_storage_password_is_written_nowhere(study: Study) -> None:
+    from mlflow import MlflowClient
+
+    assert PASSWORD not in study.output
+    recorded = load_study(study.storage, "model")
+    assert PASSWORD not in json.dumps(recorded.user_attrs, default=str)
+    assert all(PASSWORD not in json.dumps(t.user_attrs, default=str) for t in recorded.trials)
+    recipe = study.directory / "recipes" / "mlp.yaml"
+    assert PASSWORD not in recipe.read_text()
+
+    client = MlflowClient(mlflow_store_of(study.directory))
+    experiment = client.get_experiment_by_name("model")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2  # the study's parent run and its trial's run
+    for run in runs:
+        assert PASSWORD not in json.dumps([run.data.tags, run.data.params])
+        for artifact in client.list_artifacts(run.info.run_id):
+            if artifact.path.endswith(".yaml"):
+                text = client.download_artifacts(run.info.run_id, artifact.path, str(study.directory / "dl"))
+                assert PASSWORD not in Path(text).read_text(), artifact.path
+
+
+def test_an_unreachable_password_storage_fails_without_showing_the_password(tmp_path: Path) -> None:
+    config = fault_config(tmp_path)
+    for command in (["search", str(config), "--storage", SECRET_STORAGE], ["show", "--storage", SECRET_STORAGE]):
+        result = invoke(*command)
+        assert result.exit_code == 1, result.output
+        assert PASSWORD not in result.output and "Traceback" not in result.output
+
+
+def test_display_url_masks_passwords_only() -> None:
+    assert display_url(SECRET_STORAGE) == "postgresql+psycopg2://tuner:***@127.0.0.1:1/kfac"
+    assert display_url("sqlite:///runs/study.db") == "sqlite:///runs/study.db"
+    assert display_url("not a url") == "not a url"
+
+
+def test_the_ui_binds_loopback_unless_asked() -> None:
+    """The `ui` command's default; tests/faults/test_fault_tracking.py shows the server it starts listening on
+    127.0.0.1 only."""
+    import inspect
+
+    from kfac_tune.cli import ui
+    from kfac_tune.tracking import serve_ui
+
+    assert next(p for p in ui.params if p.name == "host").default == "127.0.0.1"
+    assert inspect.signature(serve_ui).parameters["host"].default == "127.0.0.1"
+
+
+def test_redact_masks_every_form_of_the_password() -> None:
+    from kfac_tune.search.study import redact, url_secrets
+
+    secrets = url_secrets("postgresql://u:p%40ss@db/x", "http://me:t0k3n@mlflow:5000", "sqlite:///a.db")
+    assert redact("storage: postgresql://u:p%40ss@db/x  # p@ss, token t0k3n", secrets) == \
+        "storage: postgresql://u:***@db/x  # ***, token ***"
