@@ -32,7 +32,7 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mse": F.mse_loss,
     "bce": F.binary_cross_entropy_with_logits,
 }
-TASK_LOSSES = {"classification": ("cross_entropy",), "reconstruction": ("mse", "bce")}
+TASK_LOSSES = {"classification": ("cross_entropy",), "reconstruction": ("mse", "bce"), "sequence": ("cross_entropy",)}
 
 
 class Diverged(RuntimeError):
@@ -199,13 +199,13 @@ def train(
     device = resolve_device(cfg.training.device)
     data = load_data(cfg)
     task, loss_name = task_and_loss(cfg)
-    loss_fn = LOSSES[loss_name]
+    loss_fn = LOSSES[loss_name] if task != "sequence" else functools.partial(_per_position, LOSSES[loss_name])
     torch.manual_seed(cfg.training.seed)
     model = make_model(cfg, data).to(device)
     opt = build_optimizer(optimizer or cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss_name)
 
     train_x, test_x = data.train_x.to(device), data.test_x.to(device)
-    if task == "classification":
+    if task in ("classification", "sequence"):
         train_t, test_t = data.train_y.to(device), data.test_y.to(device)
     else:
         train_t, test_t = train_x.flatten(1), test_x.flatten(1)
@@ -272,6 +272,13 @@ def _loop(
         since_eval = 0
         clock = _sync_time(device)
     return curves
+
+
+def _per_position(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, target: torch.Tensor,
+                  **kwargs: Any) -> torch.Tensor:
+    """A sequence model's loss: logits ``(batch, time, classes)`` against ``(batch, time)`` targets, one term per
+    position (the mean over all positions, the convention K-FAC's Fisher assumes)."""
+    return loss_fn(out.flatten(0, -2), target.flatten(), **kwargs)
 
 
 class _Batches:

@@ -98,9 +98,10 @@ def test_bad_hyperparameters_get_clear_errors(kwargs: dict, message: str) -> Non
 
 
 def test_model_without_supported_layer_is_rejected() -> None:
-    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
     with pytest.raises(ValueError, match="no supported layer"):
-        KFAC(model)
+        KFAC(nn.Sequential(nn.Linear(4, 4, bias=False), nn.PReLU(4)), exclude=[nn.Linear])
+    with pytest.raises(ValueError, match="no supported layer"):
+        KFAC(nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4)), exclude=[nn.Embedding, nn.LayerNorm])
     with pytest.raises(ValueError, match="no supported layer"):
         KFAC(_mlp(), exclude=[nn.Linear])
 
@@ -185,10 +186,10 @@ def test_levenberg_marquardt_rejects_a_step_that_blows_up(digits) -> None:
 
 
 def test_fallback_parameters_are_trained(digits) -> None:
-    """Norm layers and embeddings get the documented first-order update in the same step."""
+    """Excluded (or unsupported) layers get the documented first-order update in the same step."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 10))
-    opt = KFAC(model, lr=0.05)
+    opt = KFAC(model, lr=0.05, exclude=[nn.LayerNorm])
     assert set(opt.layers) == {"0", "3"}
     norm_before = model[1].weight.detach().clone()
     for _ in range(3):

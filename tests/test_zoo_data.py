@@ -40,7 +40,7 @@ def fmnist() -> DataBundle:
 
 
 def test_registry_names() -> None:
-    assert set(DATASETS) == {"fashion_mnist", "mnist", "cifar10", "digits", "synthetic"}
+    assert set(DATASETS) == {"fashion_mnist", "mnist", "cifar10", "digits", "synthetic", "pydoc_text"}
     assert all(spec.name == key and spec.description for key, spec in DATASETS.items())
 
 

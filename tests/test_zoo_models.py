@@ -43,10 +43,10 @@ def _loss(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
 
 
 def test_registry_entries_are_consistent() -> None:
-    assert set(ARCHITECTURES) == {"autoencoder", "mlp", "convnet", "resnet"}
+    assert set(ARCHITECTURES) == {"autoencoder", "mlp", "convnet", "resnet", "lstm_lm"}
     for key, spec in ARCHITECTURES.items():
         assert spec.name == key
-        assert spec.task in ("classification", "reconstruction")
+        assert spec.task in ("classification", "reconstruction", "sequence")
         assert spec.default_loss in LOSSES
         assert spec.description
     assert ARCHITECTURES["autoencoder"].arguments()["widths"] == (1000, 500, 250, 30)
@@ -145,7 +145,8 @@ def test_signature_is_stable_and_serialisable(name: str, kwargs: dict) -> None:
 
 
 def test_signatures_differ_between_architectures_and_kwargs() -> None:
-    builds = [(name, {}) for name in ARCHITECTURES] + TINY + [("autoencoder", {"widths": [32, 8], "bias": False})]
+    images = [name for name, spec in ARCHITECTURES.items() if spec.task != "sequence"]
+    builds = [(name, {}) for name in images] + TINY + [("autoencoder", {"widths": [32, 8], "bias": False})]
     hashes = [
         architecture_signature(build_model(name, input_shape=(1, 16, 16), num_classes=10, **kwargs))["hash"]
         for name, kwargs in builds
@@ -206,7 +207,7 @@ def test_bad_arguments_name_architecture_argument_and_accepted(
 
 
 def test_unknown_architecture_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown architecture 'vgg'; known: autoencoder, convnet, mlp, resnet"):
+    with pytest.raises(ValueError, match=r"unknown architecture 'vgg'; known: autoencoder, convnet, lstm_lm, mlp, resnet"):
         build_model("vgg", input_shape=(3, 32, 32), num_classes=10)
 
 

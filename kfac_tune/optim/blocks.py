@@ -11,11 +11,19 @@ Damping modes (recipes record which one their ``damping`` means):
 - ``"pi"``: factored Tikhonov damping (Martens & Grosse §6.3): ``(A + π√λ I) ⊗ (G + √λ/π I)`` with the trace-norm
   ``π² = (tr A / dim A) / (tr G / dim G)``.  Applied with two cached explicit inverses: 2 matmuls per step.
 - ``"exact"``: ``(A ⊗ G + λ I)⁻¹`` through the eigenbases of both factors: 4 matmuls per step.
+
+Every block type (this one, :mod:`kfac_tune.optim.layers`' and :mod:`kfac_tune.optim.temporal`'s) offers the same
+surface to the optimizer: ``update(estimates, decay)``, ``ready`` (a device boolean: every factor has statistics),
+``has_statistics`` (a decomposition exists), ``precondition(grad_matrix, damping, mode)``, ``decomposition()`` /
+``decomposition_shapes()`` / ``set_decomposition(*tensors)`` (what data parallelism broadcasts),
+``decomposition_cost`` and ``state_dict`` / ``load_state_dict``.  :func:`decompose` batches the eigendecompositions
+of Kronecker blocks; other blocks decompose themselves.
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -40,6 +48,28 @@ class KroneckerBlock:
         self._inverse_cache: Optional[tuple[float, str, Tensor, Tensor]] = None
 
     # -- statistics -------------------------------------------------------------------------------------------
+    def update(self, estimates: dict[str, Tensor], decay: float) -> None:
+        if "A" in estimates:
+            self.update_A(estimates["A"], decay)
+        if "G" in estimates:
+            self.update_G(estimates["G"], decay)
+
+    @property
+    def ready(self) -> Tensor:
+        return (self.A_weight > 0) & (self.G_weight > 0)
+
+    @property
+    def decomposition_cost(self) -> float:
+        """Relative cost of a refresh: eigendecomposition grows as the cube of a factor's dimension."""
+        return float(self.a_dim) ** 3 + float(self.g_dim) ** 3
+
+    def decomposition_shapes(self) -> list[tuple[int, ...]]:
+        return [(self.a_dim, self.a_dim), (self.a_dim,), (self.g_dim, self.g_dim), (self.g_dim,)]
+
+    def decomposition(self) -> list[Tensor]:
+        assert self.QA is not None and self.dA is not None and self.QG is not None and self.dG is not None
+        return [self.QA, self.dA, self.QG, self.dG]
+
     def update_A(self, new: Tensor, decay: float) -> None:
         self.A, self.A_weight = _ema(self.A, self.A_weight, new.to(self.dtype), decay)
 
@@ -81,11 +111,7 @@ class KroneckerBlock:
         if cache is not None and cache[0] == damping and cache[1] == "pi":
             return cache[2], cache[3]
         assert self.QA is not None and self.QG is not None and self.dA is not None and self.dG is not None
-        mean_a = self.dA.sum() / self.a_dim
-        mean_g = self.dG.sum() / self.g_dim
-        # A zero factor (a layer whose inputs or gradients vanish) gets π = 1 instead of 0 or ∞.
-        ok = (mean_a > 0) & (mean_g > 0)
-        pi = torch.where(ok, (mean_a / torch.where(ok, mean_g, 1.0)).sqrt(), torch.ones_like(mean_a))
+        pi = pi_factor(self.dA, self.dG)
         root = damping**0.5
         a_inv = (self.QA / (self.dA + pi * root)) @ self.QA.T
         g_inv = (self.QG / (self.dG + root / pi)) @ self.QG.T
@@ -109,6 +135,16 @@ class KroneckerBlock:
         self._inverse_cache = None
 
 
+def pi_factor(dA: Tensor, dG: Tensor) -> Tensor:
+    """The trace-norm π of factored Tikhonov damping, from the factors' eigenvalues (or diagonals).
+
+    A zero factor (a layer whose inputs or gradients vanish) gets π = 1 instead of 0 or ∞.
+    """
+    mean_a, mean_g = dA.mean(), dG.mean()
+    ok = (mean_a > 0) & (mean_g > 0)
+    return torch.where(ok, (mean_a / torch.where(ok, mean_g, 1.0)).sqrt(), torch.ones_like(mean_a))
+
+
 def _ema(value: Tensor, weight: Tensor, new: Tensor, decay: float) -> tuple[Tensor, Tensor]:
     """One moving-average step that silently keeps the old value when the new statistic is not finite."""
     finite = torch.isfinite(new).all()
@@ -117,12 +153,17 @@ def _ema(value: Tensor, weight: Tensor, new: Tensor, decay: float) -> tuple[Tens
     return value, weight
 
 
-def decompose(blocks: list[KroneckerBlock]) -> None:
-    """Eigendecompose every factor of ``blocks``, batching the factors that share a shape.
+def decompose(blocks: list[Any]) -> None:
+    """Eigendecompose every factor of ``blocks``, batching the Kronecker factors that share a shape.
 
     A factor with non-finite entries, or one whose decomposition fails even in float64, keeps its previous
-    decomposition (a warning says so) rather than poisoning the preconditioner.
+    decomposition (a warning says so) rather than poisoning the preconditioner.  Blocks of other types decompose
+    themselves (``block.decompose()``) under the same rule.
     """
+    for block in blocks:
+        if not isinstance(block, KroneckerBlock):
+            block.decompose()
+    blocks = [b for b in blocks if isinstance(b, KroneckerBlock)]
     jobs: dict[tuple[int, torch.dtype, torch.device], list[tuple[KroneckerBlock, str, Tensor]]] = {}
     for block in blocks:
         A, G = block.factors()
@@ -157,3 +198,115 @@ def _safe_eigh(stack: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
             return vals.to(stack), vecs.to(stack)
         except RuntimeError:
             return None, None
+
+
+def eigh_or_warn(mats: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """``(eigenvalues, eigenvectors)`` of symmetric matrices (batched), or None with a warning when they are not
+    finite or cannot be decomposed: the caller then keeps its previous decomposition, as :func:`decompose` does."""
+    vals, vecs = _safe_eigh(mats) if bool(torch.isfinite(mats).all()) else (None, None)
+    if vals is None or vecs is None:
+        warnings.warn("K-FAC: a factor was not finite or could not be decomposed; keeping its previous inverse",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return vals, vecs
+
+
+class MovingAverages:
+    """Exponential moving averages with zero initialisation and bias correction, one weight per factor.
+
+    A new estimate that is not finite is rejected (the average and its weight keep their values), as in
+    :class:`KroneckerBlock`.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device: torch.device, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.values = {k: torch.zeros(shape, device=device, dtype=dtype) for k, shape in shapes.items()}
+        self.weights = {k: torch.zeros((), device=device, dtype=dtype) for k in shapes}
+
+    def update(self, estimates: dict[str, Tensor], decay: float) -> None:
+        for key, new in estimates.items():
+            self.values[key], self.weights[key] = _ema(self.values[key], self.weights[key], new.to(self.dtype),
+                                                       decay)
+
+    def ready(self) -> Tensor:
+        """A device boolean: every factor has had at least one finite estimate."""
+        return torch.stack([w > 0 for w in self.weights.values()]).all()
+
+    def __getitem__(self, key: str) -> Tensor:
+        """The bias-corrected average of ``key``."""
+        return self.values[key] / self.weights[key].clamp_min(1e-30)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**self.values, **{f"{k}_weight": w for k, w in self.weights.items()}}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k in self.values:
+            self.values[k] = state[k].to(self.values[k])
+            self.weights[k] = state[f"{k}_weight"].to(self.weights[k])
+
+
+class FactorBlock:
+    """Base of the block types beyond :class:`KroneckerBlock`: factors in :class:`MovingAverages`, a decomposition
+    that is a list of tensors of fixed shapes (what data parallelism broadcasts and checkpoints store).
+
+    Subclasses define ``_decompose() -> Optional[list[Tensor]]`` (None keeps the previous decomposition) and
+    ``precondition``.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], decomposition_shapes: list[tuple[int, ...]],
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.averages = MovingAverages(shapes, device, dtype)
+        self.dtype = dtype
+        self._shapes = decomposition_shapes
+        self._decomposition: Optional[list[Tensor]] = None
+        self._inverse_cache: Optional[tuple[float, Any]] = None
+
+    def update(self, estimates: dict[str, Tensor], decay: float) -> None:
+        self.averages.update(estimates, decay)
+
+    @property
+    def ready(self) -> Tensor:
+        return self.averages.ready()
+
+    @property
+    def has_statistics(self) -> bool:
+        return self._decomposition is not None
+
+    @property
+    def decomposition_cost(self) -> float:
+        return float(sum(math.prod(s) for s in self._shapes))
+
+    def decomposition_shapes(self) -> list[tuple[int, ...]]:
+        return list(self._shapes)
+
+    def decomposition(self) -> list[Tensor]:
+        assert self._decomposition is not None
+        return self._decomposition
+
+    def set_decomposition(self, *tensors: Tensor) -> None:
+        self._decomposition = [t.contiguous() for t in tensors]
+        self._inverse_cache = None
+
+    def decompose(self) -> None:
+        result = self._decompose()
+        if result is not None:
+            self.set_decomposition(*result)
+
+    def _decompose(self) -> Optional[list[Tensor]]:
+        raise NotImplementedError
+
+    def _cached(self, damping: float, build: Any) -> Any:
+        """``build(damping)``, recomputed only when the damping changes or a new decomposition arrives."""
+        if self._inverse_cache is None or self._inverse_cache[0] != damping:
+            self._inverse_cache = (damping, build(damping))
+        return self._inverse_cache[1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"averages": self.averages.state_dict(), "decomposition": self._decomposition}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.averages.load_state_dict(state["averages"])
+        stored = state["decomposition"]
+        device = next(iter(self.averages.values.values())).device
+        self._decomposition = None if stored is None else [t.to(device=device, dtype=self.dtype) for t in stored]
+        self._inverse_cache = None

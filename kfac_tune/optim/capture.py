@@ -4,16 +4,22 @@ Every supported layer is seen as a matrix product ``s = W a`` applied to many *r
 convolution locations).  A helper turns the layer's input into the ``a`` rows (with a trailing column of ones when
 the layer has a bias, so the bias is the last column of the weight matrix) and the gradient w.r.t. its output into
 the ``g`` rows, and moves the gradient between the parameters and one ``(d_out, d_in [+1])`` matrix.  Everything
-else in the optimizer is layer-agnostic.
+else in the optimizer is layer-agnostic: a helper also says which curvature block its layer gets
+(:meth:`LayerHelper.make_block`) and which accumulator sums its statistics (:meth:`LayerHelper.statistics`), so a
+layer whose Fisher block is not a dense ``A ⊗ G`` (embeddings, normalisation layers, weights shared over time) plugs
+in here without touching the optimizer.  The other layer types live in :mod:`kfac_tune.optim.layers`.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kfac_tune.optim.blocks import KroneckerBlock
+from kfac_tune.optim.statistics import KroneckerStatistics, Statistics
 
 
 class LayerHelper:
@@ -38,6 +44,19 @@ class LayerHelper:
     def g_dim(self) -> int:
         return self.module.weight.shape[0]
 
+    def make_block(self, device: torch.device, dtype: torch.dtype) -> Any:
+        """The curvature block of this layer (a dense ``A ⊗ G`` unless the layer type says otherwise)."""
+        return KroneckerBlock(self.a_dim, self.g_dim, device, dtype)
+
+    def statistics(self, dtype: torch.dtype) -> Statistics:
+        """A fresh accumulator for one step's statistics of this layer."""
+        return KroneckerStatistics(self, dtype)
+
+    def a_moment(self, x: Tensor, used: int) -> tuple[Tensor, int]:
+        """``(Σ_rows a aᵀ, rows)`` over the first ``used`` examples of the input ``x``."""
+        a = self.a_rows(x[:used])
+        return a.T @ a, a.shape[0]
+
     def a_rows(self, x: Tensor) -> Tensor:
         """Input rows, ``(rows, a_dim)``, with a ones column for the bias."""
         rows = self._input_rows(x)
@@ -52,24 +71,33 @@ class LayerHelper:
         """Output-gradient rows, ``(rows, g_dim)``."""
         raise NotImplementedError
 
-    def grad_matrix(self) -> Optional[Tensor]:
-        """The gradient as one ``(g_dim, a_dim)`` matrix, or None when the layer got no gradient."""
-        w = self.module.weight
-        if w.grad is None:
-            return None
-        mat = w.grad.reshape(w.shape[0], -1)
+    def weight_matrix(self, w: Tensor) -> Tensor:
+        """A weight-shaped tensor as the ``(g_dim, a_dim [-1])`` matrix the block sees."""
+        return w.reshape(w.shape[0], -1)
+
+    def as_matrix(self, grads: list[Optional[Tensor]]) -> Tensor:
+        """Gradients of :attr:`params` (the weight's is required, a missing bias's is zero) as one
+        ``(g_dim, a_dim)`` matrix, the bias as its last column."""
+        w = grads[0]
+        assert w is not None
+        mat = self.weight_matrix(w)
         if self.has_bias:
-            b = self.module.bias.grad
-            b = torch.zeros_like(self.module.bias) if b is None else b
-            mat = torch.cat([mat, b.unsqueeze(1)], dim=1)
+            b = grads[1] if grads[1] is not None else mat.new_zeros(mat.shape[0])
+            mat = torch.cat([mat, b.reshape(-1, 1)], dim=1)
         return mat
 
     def split(self, mat: Tensor) -> list[Tensor]:
-        """Inverse of :meth:`grad_matrix`: one tensor per parameter, shaped like it."""
+        """Inverse of :meth:`as_matrix`: one tensor per parameter, shaped like it."""
         w = self.module.weight
+        weight = mat[:, :-1] if self.has_bias else mat
+        pieces = [self._unmatrix(weight, w.shape)]
         if self.has_bias:
-            return [mat[:, :-1].reshape(w.shape), mat[:, -1].reshape(self.module.bias.shape)]
-        return [mat.reshape(w.shape)]
+            pieces.append(mat[:, -1].reshape(self.module.bias.shape))
+        return pieces
+
+    def _unmatrix(self, mat: Tensor, shape: torch.Size) -> Tensor:
+        """Inverse of :meth:`weight_matrix`."""
+        return mat.reshape(shape)
 
 
 class LinearHelper(LayerHelper):
@@ -135,15 +163,4 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
         if isinstance(module.padding, str) and module.padding == "same":
             if any((d * (k - 1)) % 2 for d, k in zip(module.dilation, module.kernel_size)):
                 return "asymmetric 'same' padding is not supported"
-    return None
-
-
-def make_helper(module: nn.Module) -> Optional[LayerHelper]:
-    """The helper for a supported module, or None (its parameters then get the first-order fallback)."""
-    if unsupported_reason(module) is not None:
-        return None
-    if isinstance(module, nn.Linear):
-        return LinearHelper(module)
-    if isinstance(module, nn.Conv2d):
-        return Conv2dHelper(module)
     return None

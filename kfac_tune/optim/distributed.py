@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
-from typing import Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from kfac_tune.optim import blocks as blocks_mod
-from kfac_tune.optim.blocks import KroneckerBlock
 
 DEFAULT_BUCKET_CAP_MB = 25.0
 
@@ -55,7 +54,7 @@ class GreedyLPTAssignment(WorkAssignment):
     """Longest-processing-time-first: the costliest layer goes to the least loaded rank, and so on.
 
     Eigendecomposition dominates the inverse refresh and grows as the cube of a factor's dimension, so the cost of
-    a layer is ``a_dim³ + g_dim³``.  LPT is within 4/3 of the optimal makespan and, being deterministic (ties
+    a Kronecker layer is ``a_dim³ + g_dim³`` (each block type states its own: ``block.decomposition_cost``).  LPT is within 4/3 of the optimal makespan and, being deterministic (ties
     broken by layer order and the lowest rank), gives every rank the same assignment without communication.
     """
 
@@ -72,11 +71,6 @@ class GreedyLPTAssignment(WorkAssignment):
 
     def owner(self, layer: str) -> int:
         return self._owner[layer]
-
-
-def decomposition_cost(a_dim: int, g_dim: int) -> float:
-    """Relative cost of eigendecomposing a layer's two factors."""
-    return float(a_dim) ** 3 + float(g_dim) ** 3
 
 
 # ------------------------------------------------------------------------------------------------ process group
@@ -112,15 +106,14 @@ class DataParallel:
     def __init__(
         self,
         group: dist.ProcessGroup,
-        dims: Mapping[str, tuple[int, int]],
+        costs: Mapping[str, float],
         assignment: Optional[WorkAssignment] = None,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.assignment = assignment or GreedyLPTAssignment(
-            {name: decomposition_cost(a, g) for name, (a, g) in dims.items()}, self.world_size)
+        self.assignment = assignment or GreedyLPTAssignment(dict(costs), self.world_size)
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self._global_ranks = dist.get_process_group_ranks(group)
 
@@ -128,7 +121,7 @@ class DataParallel:
         """Average ``tensors`` in place across the ranks: factor statistics, quadratic-model scalars, losses."""
         all_reduce_mean(tensors, self.group, self.bucket_cap_bytes)
 
-    def decompose(self, blocks: Mapping[str, KroneckerBlock]) -> None:
+    def decompose(self, blocks: Mapping[str, Any]) -> None:
         """Eigendecompose ``blocks`` (the same names on every rank): each rank its own, then broadcast."""
         names = list(blocks)
         blocks_mod.decompose([blocks[n] for n in self.assignment.layers_of(self.rank, names)])
@@ -137,7 +130,7 @@ class DataParallel:
             if owned:
                 self._broadcast_decompositions(owned, src)
 
-    def _broadcast_decompositions(self, owned: list[KroneckerBlock], src: int) -> None:
+    def _broadcast_decompositions(self, owned: list[Any], src: int) -> None:
         """Send the owner's decompositions to every rank; a flag per block says whether it has one at all."""
         payload: list[Tensor] = []
         for block in owned:
@@ -146,10 +139,12 @@ class DataParallel:
         _bucketed(payload, lambda flat: dist.broadcast(flat, src=root, group=self.group), self.bucket_cap_bytes)
         if self.rank == src:
             return
-        for i, block in enumerate(owned):
-            QA, dA, QG, dG, valid = payload[5 * i : 5 * i + 5]
+        start = 0
+        for block in owned:
+            *tensors, valid = payload[start : start + len(block.decomposition_shapes()) + 1]
+            start += len(tensors) + 1
             if bool(valid):
-                block.set_decomposition(QA, dA, QG, dG)
+                block.set_decomposition(*tensors)
 
 
 def average_gradients(params: Iterable[nn.Parameter], group: Optional[dist.ProcessGroup] = None,
@@ -175,15 +170,13 @@ def all_reduce_mean(tensors: list[Tensor], group: dist.ProcessGroup, cap_bytes: 
     _bucketed(tensors, reduce, cap_bytes)
 
 
-def _decomposition_tensors(block: KroneckerBlock, is_owner: bool) -> list[Tensor]:
-    """``QA, dA, QG, dG, valid``: the owner's values, or buffers of the same shapes to receive them."""
-    device, dtype = block.A.device, block.dtype
-    a, g = block.a_dim, block.g_dim
+def _decomposition_tensors(block: Any, is_owner: bool) -> list[Tensor]:
+    """The block's decomposition tensors and a ``valid`` flag: the owner's values, or buffers of the same shapes
+    to receive them."""
+    device, dtype = block.ready.device, block.dtype
     if is_owner and block.has_statistics:
-        assert block.QA is not None and block.dA is not None and block.QG is not None and block.dG is not None
-        return [block.QA, block.dA, block.QG, block.dG, torch.ones((), device=device, dtype=dtype)]
-    empty = lambda *shape: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
-    return [empty(a, a), empty(a), empty(g, g), empty(g), empty()]
+        return [*block.decomposition(), torch.ones((), device=device, dtype=dtype)]
+    return [torch.zeros(shape, device=device, dtype=dtype) for shape in [*block.decomposition_shapes(), ()]]
 
 
 def _bucketed(tensors: list[Tensor], op: Callable[[Tensor], object], cap_bytes: int) -> None:

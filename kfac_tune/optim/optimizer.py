@@ -1,9 +1,10 @@
 """The public K-FAC optimizer.
 
-``KFAC(model, ...)`` finds the model's ``nn.Linear`` and ``nn.Conv2d`` layers, hooks them to collect Kronecker
-factors, and on ``step()`` replaces their gradient by the damped natural gradient ``(F̂ + λI)⁻¹ ∇h``.  Every other
-trainable parameter (norm layers, embeddings, excluded modules) takes the plain gradient in the same update, so
-it is trained by the same momentum/step-size rule: the documented first-order fallback.
+``KFAC(model, ...)`` finds the model's supported layers (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``,
+``nn.LayerNorm``, batch norm; :func:`~kfac_tune.optim.layers.make_helper`), hooks them to collect curvature
+statistics, and on ``step()`` replaces their gradient by the damped natural gradient ``(F̂ + λI)⁻¹ ∇h``.  Every
+other trainable parameter (unsupported or excluded modules) takes the plain gradient in the same update, so it is
+trained by the same momentum/step-size rule: the documented first-order fallback.
 
 Hot path: with a fixed learning rate the step performs no host synchronisation: damping, π, KL-clip and the
 non-finite guard all stay on the device.  Only inverse refreshes (every ``inv_update_freq`` steps), Levenberg–
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -30,8 +31,11 @@ from torch import Tensor, nn
 from kfac_tune.optim import blocks as blocks_mod
 from kfac_tune.optim import fisher, quadratic
 from kfac_tune.optim.distributed import DataParallel, resolve_group, unwrap
-from kfac_tune.optim.blocks import DAMPING_MODES, KroneckerBlock
-from kfac_tune.optim.capture import LayerHelper, make_helper
+from kfac_tune.optim.blocks import DAMPING_MODES
+from kfac_tune.optim.capture import LayerHelper
+from kfac_tune.optim.layers import make_helper
+from kfac_tune.optim.statistics import Statistics
+from kfac_tune.optim.temporal import TEMPORAL_MODES
 from kfac_tune.optim.profiling import PhaseTimer
 
 FISHER_TYPES = ("true", "empirical", "exact")
@@ -65,6 +69,10 @@ class KFAC(torch.optim.Optimizer):
             exact Fisher, a fraction < 1 runs the statistics as a separate forward and sampled backward pass over
             those examples alone (Martens & Grosse use 1/8), so their cost shrinks with the fraction.
         exclude: module names (or prefixes), module instances or module types that get the first-order fallback.
+        temporal: curvature model of Linear layers marked as shared over time steps (``kfac_tune.nn``'s LSTM and
+            GRU mark theirs): ``"independent"``, ``"option1"`` or ``"option2"`` (Martens et al. 2018; see
+            :mod:`kfac_tune.optim.temporal`), or a mapping from module names (or prefixes) to those, unlisted
+            layers being independent.  Option 1 and 2 need ``damping_mode="pi"``.
         factor_dtype: dtype of factors and inverses (float32 by default whatever the model's dtype; float64 for
             tests or ill-conditioned problems).
         seed: seeds the sampling of true-Fisher targets (reproducible, checkpointed); rank ``r`` of a process
@@ -111,6 +119,7 @@ class KFAC(torch.optim.Optimizer):
         max_damping: float = 1e8,
         stat_fraction: float = 1.0,
         exclude: Iterable[Exclude] = (),
+        temporal: Union[str, Mapping[str, str]] = "independent",
         factor_dtype: torch.dtype = torch.float32,
         seed: Optional[int] = None,
         profile: bool = False,
@@ -147,24 +156,26 @@ class KFAC(torch.optim.Optimizer):
         self.stat_fraction = stat_fraction
         self.factor_dtype = factor_dtype
 
-        self.layers: dict[str, tuple[LayerHelper, KroneckerBlock]] = {}
+        self.layers: dict[str, tuple[LayerHelper, Any]] = {}
         excluded = list(exclude)
         for name, module in model.named_modules():
-            if _is_excluded(name, module, excluded) or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            if _is_excluded(name, module, excluded):
                 continue
-            helper = make_helper(module)
-            if helper is None or not module.weight.requires_grad:
-                continue
-            block = KroneckerBlock(helper.a_dim, helper.g_dim, module.weight.device, factor_dtype)
-            self.layers[name] = (helper, block)
+            helper = make_helper(module, _temporal_mode(temporal, name))
+            if helper is not None:
+                self.layers[name] = (helper, helper.make_block(module.weight.device, factor_dtype))
         if not self.layers:
             raise ValueError(
-                "KFAC: the model has no supported layer (nn.Linear, or nn.Conv2d with groups=1) outside `exclude`; "
-                "use a first-order optimizer for it, or un-exclude a layer"
+                "KFAC: the model has no supported layer (nn.Linear, nn.Conv2d with groups=1, nn.Embedding, "
+                "nn.LayerNorm, batch norm) outside `exclude`; use a first-order optimizer for it, or un-exclude a layer"
             )
+        if damping_mode != "pi" and any(getattr(h, "mode", "independent") != "independent"
+                                        for h, _ in self.layers.values()):
+            raise ValueError("KFAC: temporal='option1'/'option2' damps the factors of V₀ (damping_mode='pi'); "
+                             f"damping_mode={damping_mode!r} has no counterpart for them")
         group = resolve_group(process_group)
         self.data_parallel: Optional[DataParallel] = None if group is None else DataParallel(
-            group, {name: (helper.a_dim, helper.g_dim) for name, (helper, _) in self.layers.items()})
+            group, {name: block.decomposition_cost for name, (_, block) in self.layers.items()})
 
         self._steps = 0
         device = params[0].device
@@ -177,8 +188,7 @@ class KFAC(torch.optim.Optimizer):
         self._hooks_enabled = True
         self._capturing = False
         self._in_sampled_pass = False
-        self._pending_A: dict[str, list[Any]] = {}
-        self._pending_G: dict[str, Tensor] = {}
+        self._pending: dict[str, Statistics] = {}
         self._passes = 0
         self._outputs: list[tuple[str, Tensor, int, int]] = []
         self._last_inputs: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
@@ -251,6 +261,8 @@ class KFAC(torch.optim.Optimizer):
             self._capturing = False
             return None
         statistics_step = self._steps % self.param_groups[0]["cov_update_freq"] == 0
+        for stats in self._pending.values():
+            stats.end_pass()
         if (self.adaptive_lr or self.adaptive_momentum or self.adaptive_damping) and not self._in_statistics_pass:
             self._last_inputs = (args, kwargs)
         if statistics_step and self._statistics_on_subset and not self._in_statistics_pass:
@@ -291,16 +303,12 @@ class KFAC(torch.optim.Optimizer):
                 batch = x.shape[0]
                 fraction = 1.0 if self._in_statistics_pass else self.stat_fraction
                 used = max(1, math.ceil(fraction * batch))
-                helper = self.layers[name][0]
+                call = len(self._outputs)
                 with torch.autocast(device_type=x.device.type, enabled=False):
-                    a = helper.a_rows(x[:used]).to(self.factor_dtype)
-                    cov = a.T @ a
-                pending = self._pending_A.setdefault(name, [0, 0])
-                pending[0] = pending[0] + cov
-                pending[1] += a.shape[0]
+                    self._statistics(name).add_input(x, used, call)
                 self._outputs.append((name, output, used, batch))
                 if self.fisher == "empirical":
-                    output.register_hook(lambda g: self._add_G(name, g, used, batch))
+                    output.register_hook(lambda g: self._add_G(name, g, used, batch, call))
                 # The layer's consumers get a copy, so an in-place op after the layer (ReLU(inplace=True)) cannot
                 # rewrite the tensor whose gradient the statistics need.
                 return output.clone()
@@ -335,16 +343,21 @@ class KFAC(torch.optim.Optimizer):
         targets = [s for _, s, _, _ in outputs]
         for v in vectors:
             grads = torch.autograd.grad(z, targets, grad_outputs=v, retain_graph=True, allow_unused=True)
-            for (name, _, used, batch), g in zip(outputs, grads):
+            for call, ((name, _, used, batch), g) in enumerate(zip(outputs, grads)):
                 if g is not None:
-                    self._add_G(name, g, used, batch)
+                    self._add_G(name, g, used, batch, call)
+            for stats in self._pending.values():
+                stats.end_backward()
 
-    def _add_G(self, name: str, g: Tensor, used: int, batch: int) -> None:
-        helper = self.layers[name][0]
+    def _statistics(self, name: str) -> Statistics:
+        """This step's accumulator of layer ``name``, created on first use."""
+        if name not in self._pending:
+            self._pending[name] = self.layers[name][0].statistics(self.factor_dtype)
+        return self._pending[name]
+
+    def _add_G(self, name: str, g: Tensor, used: int, batch: int, call: int) -> None:
         with self.timer.phase("statistics"), torch.autocast(device_type=g.device.type, enabled=False):
-            rows = helper.g_rows(g[:used].detach()).to(self.factor_dtype)
-            cov = (rows.T @ rows) * (self._loss_count * batch / used)
-        self._pending_G[name] = self._pending_G.get(name, 0) + cov
+            self._statistics(name).add_output_grad(g[:used].detach(), self._loss_count * batch / used, call)
 
     # ------------------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -410,15 +423,12 @@ class KFAC(torch.optim.Optimizer):
 
     def _commit_statistics(self, decay: float) -> None:
         """Fold the statistics of this step's passes into the moving averages (averaged over the ranks first)."""
-        new_A = {name: a_sum / rows for name, (a_sum, rows) in self._pending_A.items()}
-        new_G = {name: g_sum / self._passes for name, g_sum in self._pending_G.items()} if self._passes else {}
+        new = {name: stats.estimates(self._passes) for name, stats in self._pending.items()}
         if self.data_parallel is not None:
-            self.data_parallel.average([*new_A.values(), *new_G.values()])
-        for name, A in new_A.items():
-            self.layers[name][1].update_A(A, decay)
-        for name, G in new_G.items():
-            self.layers[name][1].update_G(G, decay)
-        self._pending_A, self._pending_G, self._passes, self._outputs = {}, {}, 0, []
+            self.data_parallel.average([t for estimates in new.values() for t in estimates.values()])
+        for name, estimates in new.items():
+            self.layers[name][1].update(estimates, decay)
+        self._pending, self._passes, self._outputs = {}, 0, []
 
     def _refresh_inverses(self, group: dict[str, Any]) -> None:
         """Eigendecompose the factors every ``inv_update_freq`` steps, and as soon as a new layer has statistics."""
@@ -426,8 +436,8 @@ class KFAC(torch.optim.Optimizer):
         candidates = {name: b for name, (_, b) in self.layers.items() if due or not b.has_statistics}
         if not candidates:
             return
-        has_statistics = torch.stack([(b.A_weight > 0) & (b.G_weight > 0) for b in candidates.values()]).tolist()
-        ready = {name: b for (name, b), ok in zip(candidates.items(), has_statistics) if ok}
+        is_ready = torch.stack([b.ready for b in candidates.values()]).tolist()  # one host sync
+        ready = {name: b for (name, b), ok in zip(candidates.items(), is_ready) if ok}
         if not ready:
             return
         if self.data_parallel is None:
@@ -451,7 +461,7 @@ class KFAC(torch.optim.Optimizer):
             idx = [index.get(id(p)) for p in helper.params]
             if idx[0] is None or not block.has_statistics:
                 continue
-            mat = _as_matrix(helper, [grads[i] if i is not None else None for i in idx])
+            mat = helper.as_matrix([grads[i] if i is not None else None for i in idx])
             pieces = helper.split(block.precondition(mat, damping, self.damping_mode))
             for i, piece in zip(idx, pieces):
                 if i is not None:
@@ -587,15 +597,17 @@ def _first_examples(args: tuple[Any, ...], kwargs: dict[str, Any], fraction: flo
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
-def _as_matrix(helper: LayerHelper, grads: list[Optional[Tensor]]) -> Tensor:
-    """Gradients of a layer's parameters as one ``(g_dim, a_dim)`` matrix (bias last column)."""
-    w = grads[0]
-    assert w is not None
-    mat = w.reshape(w.shape[0], -1)
-    if helper.has_bias:
-        b = grads[1] if grads[1] is not None else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
-        mat = torch.cat([mat, b.reshape(-1, 1)], dim=1)
-    return mat
+def _temporal_mode(temporal: Union[str, Mapping[str, str]], name: str) -> str:
+    """The temporal model of layer ``name``: the global one, or the longest matching name/prefix in the mapping."""
+    if isinstance(temporal, str):
+        modes = {"": temporal}
+    else:
+        modes = dict(temporal)
+    for mode in modes.values():
+        if mode not in TEMPORAL_MODES:
+            raise ValueError(f"KFAC: temporal={mode!r}: expected one of {', '.join(TEMPORAL_MODES)}")
+    matches = [key for key in modes if key in ("", name) or name.startswith(key + ".")]
+    return modes[max(matches, key=len)] if matches else "independent"
 
 
 def _is_excluded(name: str, module: nn.Module, exclude: list[Exclude]) -> bool:

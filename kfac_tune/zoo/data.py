@@ -4,7 +4,8 @@ The training loop moves entire tensors to the device once, so a loader returns a
 images scaled to [0, 1] with shape ``(N, C, H, W)`` (``(N, F)`` for flat synthetic data) and int64 labels.
 
 Offline first: Fashion-MNIST is read straight from Debian's ``dataset-fashion-mnist`` files (gzipped IDX) with
-numpy in well under a second; digits ships with scikit-learn; synthetic data is generated. MNIST and CIFAR-10 need
+numpy in well under a second; digits ships with scikit-learn; synthetic data is generated; the character-level
+text corpus is the Python reference documentation that ships inside every Python (``pydoc_data``). MNIST and CIFAR-10 need
 files the user provides (``root``) or a download (``download=True``, the only path that imports torchvision).
 
 Subsets are deterministic and always the *first* ``train_size`` / ``test_size`` examples of each split in the
@@ -384,6 +385,53 @@ def _load_synthetic(
     )
 
 
+# ------------------------------------------------------------------------------------------- text corpus
+
+
+def _load_pydoc_text(request: _Request, *, seq_len: int = 64, test_fraction: float = 0.1) -> _Splits:
+    """A character-level language-modelling corpus: the text of Python's ``pydoc_data.topics`` (the language
+    reference and library topics behind ``help()``, ~0.7 M characters of English prose and code).
+
+    Why this corpus: it is installed with Python itself (Debian's ``libpython3.x-stdlib``), so it is there offline,
+    on every machine and in CI, with no download and no extra package; Penn TreeBank, WikiText and NLTK's corpora
+    all need a download.  Examples are consecutive non-overlapping windows: ``x`` is ``seq_len`` character ids
+    (as float32, like every input here; the model casts them back), ``y`` the same window shifted by one
+    character.  The split is by position: the last ``test_fraction`` of the text is the test set, so no test
+    window overlaps a training one.  The vocabulary is the sorted set of characters of the whole text.
+    """
+    import sys
+
+    from pydoc_data.topics import topics
+
+    seq_len = positive_int("seq_len", seq_len)
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise BadArgument("test_fraction", "a number in (0, 1)", test_fraction)
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    vocab = sorted(set(text))
+    ids = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    lookup = {ord(c): i for i, c in enumerate(vocab)}
+    codes = np.array([lookup[int(c)] for c in ids], dtype=np.int64)
+    cut = int(len(codes) * (1 - test_fraction))
+
+    def windows(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = (len(part) - 1) // seq_len
+        x = part[: n * seq_len].reshape(n, seq_len)
+        y = part[1 : n * seq_len + 1].reshape(n, seq_len)
+        return x, y
+
+    (train_x, train_y), (test_x, test_y) = windows(codes[:cut]), windows(codes[cut:])
+    return _Splits(
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        scale=1.0,
+        num_classes=len(vocab),
+        source=f"pydoc_data.topics (Python {sys.version_info.major}.{sys.version_info.minor}), "
+        f"{len(text)} characters, vocabulary {len(vocab)}",
+    )
+
+
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
@@ -396,5 +444,8 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("cifar10", _load_cifar10, "CIFAR-10 32x32 RGB, 50k/10k, 10 classes; via torchvision."),
         DatasetSpec("digits", _load_digits, "scikit-learn's 8x8 digits, 1,797 images, 10 classes; offline."),
         DatasetSpec("synthetic", _load_synthetic, "Generated Gaussian-cluster classification data; offline."),
+        DatasetSpec("pydoc_text", _load_pydoc_text,
+                    "Character-level text: Python's bundled reference docs (pydoc_data), next-character targets; "
+                    "offline."),
     )
 }

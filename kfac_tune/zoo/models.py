@@ -1,10 +1,12 @@
 """Built-in architectures, addressed by name from the model YAML.
 
-Every model is made of plain ``nn.Linear`` / ``nn.Conv2d`` modules (K-FAC captures those) plus parameter-free
-activations; normalisation layers (``BatchNorm2d``) and weight-normalised layers are left to K-FAC's first-order
-fallback. Models take ``(batch, *input_shape)`` tensors: classifiers return logits ``(batch, num_classes)``; the
-autoencoder returns the flattened reconstruction ``(batch, prod(input_shape))`` without an output nonlinearity by
-default, so that the loss (``bce`` with logits or ``mse``) decides how outputs are read.
+Every model is made of layers K-FAC gives curvature to (``nn.Linear``, ``nn.Conv2d``, ``nn.BatchNorm2d``,
+``nn.Embedding`` and :mod:`kfac_tune.nn`'s recurrent layers) plus parameter-free activations; weight-normalised
+layers are left to K-FAC's first-order fallback. Models take ``(batch, *input_shape)`` tensors: classifiers return
+logits ``(batch, num_classes)``; the autoencoder returns the flattened reconstruction ``(batch, prod(input_shape))``
+without an output nonlinearity by default, so that the loss (``bce`` with logits or ``mse``) decides how outputs
+are read; the language model (task ``"sequence"``) takes ``(batch, time)`` token ids and returns next-token logits
+``(batch, time, num_classes)``, the classes last as K-FAC's Fisher expects.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm as apply_weight_norm
 
+from kfac_tune.nn import GRU, LSTM
 from kfac_tune.zoo._args import (
     BadArgument,
     bad_value,
@@ -33,7 +36,7 @@ from kfac_tune.zoo._args import (
     positive_ints,
 )
 
-Task = Literal["classification", "reconstruction"]
+Task = Literal["classification", "reconstruction", "sequence"]
 Loss = Literal["cross_entropy", "mse", "bce"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
@@ -293,6 +296,42 @@ def _build_resnet(
     return nn.Sequential(*modules)
 
 
+# --------------------------------------------------------------------------------------- language model
+
+
+class LanguageModel(nn.Module):
+    """Token ids ``(batch, time)`` (any dtype holding integers) -> next-token logits ``(batch, time, vocab)``."""
+
+    def __init__(self, vocab: int, embedding: int, hidden: int, layers: int, dropout: float, cell: str) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embedding)
+        self.rnn = (LSTM if cell == "lstm" else GRU)(embedding, hidden, layers, batch_first=True, dropout=dropout)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.rnn(self.embed(x.long()))[0])
+
+
+def _build_lstm_lm(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    embedding: int = 32,
+    hidden: int = 128,
+    layers: int = 1,
+    dropout: float = 0.0,
+    cell: str = "lstm",
+) -> nn.Module:
+    if len(input_shape) != 1:
+        raise BadArgument("input_shape", "(sequence length,): token ids per example", input_shape)
+    embedding, hidden, layers = (positive_int(n, v) for n, v in
+                                 (("embedding", embedding), ("hidden", hidden), ("layers", layers)))
+    choice("cell", cell, ("lstm", "gru"))
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise BadArgument("dropout", "a number in [0, 1)", dropout)
+    return LanguageModel(num_classes, embedding, hidden, layers, float(dropout), cell)
+
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
@@ -318,6 +357,14 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             "classification",
             "cross_entropy",
             "CIFAR-style ResNet (He et al. 2016), 6n+2 layers, BatchNorm.",
+        ),
+        ArchSpec(
+            "lstm_lm",
+            _build_lstm_lm,
+            "sequence",
+            "cross_entropy",
+            "Recurrent language model: embedding, kfac_tune.nn LSTM (or GRU) layers, Linear decoder; "
+            "next-token logits per position.",
         ),
     )
 }
