@@ -402,6 +402,13 @@ def build_arms(args: argparse.Namespace) -> dict[str, list[Arm]]:
         grid = [(lr, d) for lr in lrs_k for d in damps][: max(args.trials, 1)]
     fams["kfac-tuned"] = [Arm(f"kfac lr={lr:g} damping={d:g}", "kfac", {**kfac_common, "lr": lr, "damping": d},
                               args.kfac_steps) for lr, d in grid]
+    # Martens & Grosse's automatic mode: Levenberg–Marquardt damping and quadratic-model lr and momentum; only the
+    # initial damping λ₀ is searched (same trial budget as the other families).
+    fams["kfac-adaptive"] = [
+        Arm(f"kfac-adaptive λ0={d:g}", "kfac",
+            {**kfac_common, "damping": d, "adaptive_damping": True, "adaptive_lr": True, "adaptive_momentum": True},
+            args.kfac_steps)
+        for d in args.adaptive_damping_grid[: max(args.trials, 1)]]
     if args.adam_kfac_lr:
         fams["adam-kfac"] = [Arm(f"adam-kfac lr={args.adam_kfac_lr:g}", "adam-kfac",
                                  dict(adam_lr=args.adam_kfac_lr, damping=args.seed_dampings[-1], factor_decay=0.0,
@@ -417,7 +424,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--width-div", type=int, default=1, help="divide the hidden widths (4: C1's CPU network)")
     p.add_argument("--train-size", type=int, default=10000)
     p.add_argument("--test-size", type=int, default=10000)
-    p.add_argument("--arms", type=lambda s: s.split(","), default=["adam", "kfac-seed", "kfac-tuned", "adam-kfac"])
+    p.add_argument("--arms", type=lambda s: s.split(","), default=["adam", "kfac-seed", "kfac-tuned", "kfac-adaptive", "adam-kfac"])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--adam-steps", type=int, default=3000)
     p.add_argument("--kfac-steps", type=int, default=300)
@@ -436,6 +443,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     # on F.mse_loss the Fisher is ~392x smaller than on ½·SSE/N: Bulatov's 3e-3 corresponds to ~2e-8 (see above)
     p.add_argument("--kfac-damping-grid", type=floats, default=[1e-7, 1e-6, 1e-5])
     p.add_argument("--kfac-momentum", type=float, default=0.0)
+    p.add_argument("--adaptive-damping-grid", type=floats, default=[1e-4, 1e-3, 1e-2],
+                   help="initial damping values tried for the kfac-adaptive family")
     p.add_argument("--inv-update-freq", type=int, default=5)
     p.add_argument("--cov-update-freq", type=int, default=1)
     p.add_argument("--stat-fraction", type=float, default=0.25)
