@@ -81,6 +81,26 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+class _ManyOption(click.Option):
+    """An option taking every following value up to the next option (``--recipes a.yaml b.yaml c.yaml``).
+
+    Click's ``multiple=True`` alone wants ``--recipes a --recipes b``; the issue's spelling lists them after one
+    flag, so the parser hands this option the run of non-option arguments that follows it.
+    """
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        option = parser._long_opt.get(self.opts[0]) or parser._short_opt.get(self.opts[0])
+        original = option.process
+
+        def process(value: str, state: Any) -> None:
+            original(value, state)
+            while state.rargs and not state.rargs[0].startswith("-"):
+                original(state.rargs.pop(0), state)
+
+        option.process = process
+
+
 class StudyNotFound(LookupError):
     """``--study`` names no study in the storage (or it was omitted and the storage holds several)."""
 
@@ -217,20 +237,13 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_for
     from rich.console import Console
     from rich.table import Table
 
-    from kfac_tune.config import load_config
-    from kfac_tune.recipes import RecipeError, check_architecture, load_recipe
+    from kfac_tune.recipes import load_recipe
 
     recipe = load_recipe(recipe_path)
-    cfg = load_config(config, {"optimizer.name": recipe.optimizer})
-    from kfac_tune.training import preflight, train as train_once
+    from kfac_tune.compare import bind_recipe
+    from kfac_tune.training import train as train_once
 
-    hparams = {k: v for k, v in recipe.hyperparameters.items() if k != "loss"}
-    problem = preflight(cfg, hparams)
-    if not ignore_architecture:
-        check_architecture(recipe, problem.architecture, problem.signature)
-    if recipe.hyperparameters.get("loss", problem.loss) != problem.loss:
-        raise RecipeError(f"{recipe_path}: the recipe was tuned for loss {recipe.hyperparameters['loss']!r}, "
-                          f"but {config} trains with {problem.loss!r}")
+    cfg, hparams, problem = bind_recipe(config, recipe, recipe_path, ignore_architecture=ignore_architecture)
     console = Console(stderr=output_format != "table")
     tuned = recipe.training
     for what, theirs, ours in (("batch size", tuned.batch_size, cfg.data.batch_size), ("steps", tuned.steps,
@@ -253,6 +266,58 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_for
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+@cli.command(epilog="""\b
+Examples:
+  kfac-tune compare examples/digits_mlp.yaml --recipes recipes/digits_mlp-kfac.yaml recipes/digits_mlp-adam.yaml
+  kfac-tune compare model.yaml --recipes a.yaml b.yaml c.yaml --seeds 5 -o plots/
+  kfac-tune compare model.yaml --recipes a.yaml b.yaml --no-tracking -f json
+The common target is the best value every run of every recipe reaches (the worst of their bests).""")
+@config_argument
+@click.option("--recipes", "recipe_paths", required=True, multiple=True, metavar="PATH...",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path), cls=_ManyOption,
+              help="Two or more recipe YAMLs (K-FAC, Adam or SGD), each trained on CONFIG's workload.")
+@click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Seeds per recipe, starting at the config's training.seed (which reproduces the recipe's run).")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("compare"),
+              show_default=True, metavar="DIR", help="Where to write compare-<config stem>.png and .json.")
+@tracking_uri_option
+@click.option("--no-tracking", is_flag=True, help="Do not log the comparison to MLflow.")
+@click.option("--ignore-architecture", is_flag=True,
+              help="Use recipes even if they were tuned for a different network.")
+@format_option
+@handle_errors
+def compare(config: Path, recipe_paths: tuple[Path, ...], seeds: int, output_dir: Path, tracking_uri: str | None,
+            no_tracking: bool, ignore_architecture: bool, output_format: str) -> None:
+    """Train recipes with several seeds on one workload: final metric, steps and seconds to a common target."""
+    from rich.console import Console
+
+    from kfac_tune.compare import compare as run_comparison, tracked_metrics, write_outputs
+    from kfac_tune.config import load_config
+    from kfac_tune.display import comparison_table
+
+    cfg = load_config(config, {"tracking.uri": tracking_uri} if tracking_uri else None)
+    console = Console(stderr=True)
+    with console.status("comparing") as status:
+        result = run_comparison(config, recipe_paths, seeds, ignore_architecture=ignore_architecture,
+                                on_run=lambda label, seed: status.update(f"training {label}, seed {seed}"))
+    png, table = write_outputs(result, output_dir, cfg.stem)
+    if not no_tracking and cfg.tracking.enabled:
+        from kfac_tune.tracking import log_comparison
+
+        summary, curves = tracked_metrics(result)
+        run_id = log_comparison(
+            cfg.tracking.uri, cfg.tracking.experiment or cfg.stem, f"compare {' vs '.join(r.label for r in result.recipes)}",
+            params={"recipes": " ".join(str(p) for p in recipe_paths), "seeds": str(seeds), "metric": result.metric,
+                    "target": str(result.target)}, summary=summary, curves=curves, files=[png, table])
+        console.print(f"logged to MLflow run {run_id} in experiment {cfg.tracking.experiment or cfg.stem}")
+    rows = result.rows()
+    if not _print_data({"metric": result.metric, "target": result.target, "seeds": result.seeds, "recipes": rows},
+                       output_format):
+        Console().print(comparison_table(rows, result.metric, result.target, title=f"{cfg.stem}: {len(result.seeds)} "
+                                         f"seeds, {result.metric}"))
+    console.print(f"plot: {png}  table: {table}")
 
 
 @cli.command(epilog="""\b

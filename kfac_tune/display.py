@@ -120,3 +120,28 @@ def best_line(study: optuna.Study, metric: str) -> Table:
     params = ", ".join(f"{k}={fmt(v)}" for k, v in best.params.items())
     grid.add_row(f"[bold green]best so far[/]: trial {best.number}  {metric} = {fmt(best.value)}  ({params})")
     return grid
+
+
+def comparison_table(rows: Sequence[dict[str, Any]], metric: str, target: float | None, title: str) -> Table:
+    """``kfac-tune compare``: one row per recipe, every cell ``mean ± spread`` over the seeds."""
+    table = Table(title=title, header_style="bold", caption=None if target is None else
+                  f"common target: {metric} {'≥' if metric == 'eval_accuracy' else '≤'} {fmt(target)} "
+                  "(the best value every run of every recipe reaches)")
+    for name, justify in (("recipe", "left"), ("optimizer", "left"), (f"final {metric}", "right"),
+                          ("steps to target", "right"), ("seconds to target", "right"), ("ms / step", "right"),
+                          ("seeds", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for row in rows:
+        seeds = f"{row['seeds']}" + (f" [red]({row['diverged']} diverged)" if row["diverged"] else "")
+        if not row["seeds"]:
+            table.add_row(row["recipe"], row["optimizer"], "[red]diverged", "", "", "", seeds)
+            continue
+        table.add_row(row["recipe"], row["optimizer"], _pm(row["final"]), _pm(row["steps_to_target"], "{:.0f}"),
+                      _pm(row["seconds_to_target"], "{:.2f}"), _pm(row["step_time_ms"], "{:.2f}"), seeds)
+    return table
+
+
+def _pm(stat: dict[str, float] | None, pattern: str = "{:.4g}") -> str:
+    if stat is None:
+        return "—"
+    return f"{pattern.format(stat['mean'])} ± {pattern.format(stat['spread'])}"
