@@ -41,6 +41,10 @@ tracking_uri_option = click.option(
          f"{DEFAULT_TRACKING_URI}.",
 )
 
+recipes_dir_option = click.option(
+    "--recipes-dir", "recipes_dirs", multiple=True, metavar="DIR",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Also look for recipes here (repeatable; searched before ./recipes and the shipped recipes/).")
 format_option = click.option("-f", "--format", "output_format", type=click.Choice(["table", "json", "yaml"]),
                              default="table", show_default=True, help="Output format (json/yaml for scripts).")
 
@@ -140,18 +144,22 @@ Re-running the same command resumes the study until the budget is reached.""")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow (tracking.enabled: false).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
               help="Where to write the best recipe. Default: recipes/<architecture>.yaml.")
+@click.option("--warm-start", is_flag=True,
+              help="First try the closest recipe for this optimizer and network (see `kfac-tune recipe find`); "
+                   "same as search.warm_start: true.")
+@recipes_dir_option
 @handle_errors
 def search(config: Path, trials: int | None, timeout: float | None, study_name: str | None, storage: str | None,
            jobs: int, tracking_uri: str | None, optimizer: str | None, no_tracking: bool,
-           output: Path | None) -> None:
+           output: Path | None, warm_start: bool, recipes_dirs: tuple[Path, ...]) -> None:
     """Run (or resume) an Optuna study over the optimizer's hyperparameters."""
     from rich.console import Console
 
     from kfac_tune.config import load_config
-    from kfac_tune.display import SearchDisplay, trial_rows, trials_table
+    from kfac_tune.display import SearchDisplay, describe_match, trial_rows, trials_table
 
-    overrides = {key: value for key, value in {"optimizer.name": optimizer, "tracking.uri": tracking_uri}.items()
-                 if value is not None}
+    overrides = {key: value for key, value in {"optimizer.name": optimizer, "tracking.uri": tracking_uri,
+                                               "search.warm_start": warm_start or None}.items() if value is not None}
     cfg = load_config(config, overrides)
     from kfac_tune.search import prepare_search  # after validation: a bad file is reported before torch loads
     from kfac_tune.search.study import display_url
@@ -159,8 +167,12 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     name = study_name or cfg.stem
     storage_url = storage or cfg.storage
     prepared = prepare_search(cfg, trials=trials, timeout=timeout, study_name=name, storage=storage_url, jobs=jobs,
-                              tracking=False if no_tracking else None, recipe_path=output)
+                              tracking=False if no_tracking else None, recipe_path=output, recipe_dirs=recipes_dirs)
     console = Console(stderr=True)
+    if prepared.warm_start is not None:
+        console.print(f"warm start: {describe_match(prepared.warm_start)}")
+    elif cfg.search.warm_start:
+        console.print(f"[yellow]warm start[/]: no {cfg.optimizer.name} recipe found; starting cold")
     console.print(f"study [bold]{name}[/] in {display_url(storage_url)}  ({cfg.optimizer.name} on "
                   f"{cfg.model.architecture}, {cfg.training.metric}, {jobs} worker{'s' * (jobs > 1)})")
     with SearchDisplay(console, prepared.spec.budget, cfg.training.metric) as display:
@@ -277,7 +289,8 @@ The common target is the best value every run of every recipe reaches (the worst
 @config_argument
 @click.option("--recipes", "recipe_paths", required=True, multiple=True, metavar="PATH...",
               type=click.Path(exists=True, dir_okay=False, path_type=Path), cls=_ManyOption,
-              help="Two or more recipe YAMLs (K-FAC, Adam or SGD), each trained on CONFIG's workload.")
+              help="Recipe YAMLs (K-FAC, Adam or SGD; usually two or more), each trained on CONFIG's workload. "
+                   "Put CONFIG first: the list runs up to the next option.")
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Seeds per recipe, starting at the config's training.seed (which reproduces the recipe's run).")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("compare"),
@@ -318,6 +331,54 @@ def compare(config: Path, recipe_paths: tuple[Path, ...], seeds: int, output_dir
         Console().print(comparison_table(rows, result.metric, result.target, title=f"{cfg.stem}: {len(result.seeds)} "
                                          f"seeds, {result.metric}"))
     console.print(f"plot: {png}  table: {table}")
+
+
+@cli.group()
+def recipe() -> None:
+    """Work with recipe files (recipes/ ships tuned K-FAC and Adam recipes for the examples)."""
+
+
+@recipe.command(epilog="""\b
+Examples:
+  kfac-tune recipe find examples/digits_mlp.yaml
+  kfac-tune recipe find model.yaml --optimizer adam -n 3
+  kfac-tune recipe find model.yaml --recipes-dir ~/my-recipes -f json
+Then warm-start a search with it: kfac-tune search model.yaml --warm-start""")
+@config_argument
+@click.option("--optimizer", type=click.Choice(["kfac", "adam", "sgd"]),
+              help="Recipes for this optimizer. Default: the config's.")
+@recipes_dir_option
+@click.option("-n", "--count", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="How many recipes to list, closest first.")
+@format_option
+@handle_errors
+def find(config: Path, optimizer: str | None, recipes_dirs: tuple[Path, ...], count: int, output_format: str) -> None:
+    """Report the recipes closest to CONFIG's model: same architecture and signature first, then the same
+    architecture name, then the nearest layer shapes."""
+    from kfac_tune.config import load_config
+
+    cfg = load_config(config, {"optimizer.name": optimizer} if optimizer else None)
+    from kfac_tune.recipes import find_recipes, recipe_directories
+    from kfac_tune.search.study import preflight_space
+
+    problem = preflight_space(cfg)
+    directories = recipe_directories(recipes_dirs)
+    matches = find_recipes(problem.architecture, problem.signature, cfg.optimizer.name, directories,
+                           cfg.data.callable or cfg.data.name)[:count]
+    rows = [{"path": str(m.path), "match": m.kind, "distance": round(m.distance, 3), "optimizer": m.recipe.optimizer,
+             "architecture": m.recipe.architecture, "dataset": m.recipe.training.dataset,
+             "metric": m.recipe.result.metric, "value": m.recipe.result.value, "trials": m.recipe.result.trials}
+            for m in matches]
+    if _print_data(rows, output_format):
+        return
+    if not rows:
+        _fail(f"no {cfg.optimizer.name} recipe in {', '.join(map(str, directories)) or '(no recipes directory)'}", 1)
+    from rich.console import Console
+
+    from kfac_tune.display import matches_table
+
+    Console().print(matches_table(rows, title=f"recipes for {problem.architecture} (signature "
+                                              f"{problem.signature['hash']}), {cfg.optimizer.name}"))
 
 
 @cli.command(epilog="""\b

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
@@ -145,3 +146,31 @@ def _pm(stat: dict[str, float] | None, pattern: str = "{:.4g}") -> str:
     if stat is None:
         return "—"
     return f"{pattern.format(stat['mean'])} ± {pattern.format(stat['spread'])}"
+
+
+def matches_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
+    """``kfac-tune recipe find``: the closest recipes first."""
+    table = Table(title=title, header_style="bold")
+    for name in ("path", "match", "distance", "architecture", "dataset", "value", "trials"):
+        table.add_column(name, overflow="fold" if name == "path" else "ellipsis")
+    for row in rows:
+        table.add_row(short_path(row["path"]), row["match"], fmt(row["distance"]), row["architecture"], row["dataset"],
+                      f"{row['metric']} {fmt(row['value'])}", str(row["trials"]))
+    return table
+
+
+def describe_match(match: Any) -> str:
+    """One line about a ``recipes.Match``: which file, how close, what it promised."""
+    closeness = {"exact": "same architecture and signature", "architecture": "same architecture, other shapes",
+                 "nearest": "nearest layer shapes"}[match.kind]
+    result = match.recipe.result
+    return (f"{short_path(match.path)} ({closeness}, distance {match.distance:.3g}; {result.metric} {fmt(result.value)} after "
+            f"{result.trials} trials on {match.recipe.training.dataset})")
+
+
+def short_path(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies below it (shipped recipes are found by absolute path)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
