@@ -306,7 +306,8 @@ def compare(config: Path, recipe_paths: tuple[Path, ...], seeds: int, output_dir
     """Train recipes with several seeds on one workload: final metric, steps and seconds to a common target."""
     from rich.console import Console
 
-    from kfac_tune.compare import compare as run_comparison, tracked_metrics, write_outputs
+    from kfac_tune.compare import compare as run_comparison
+    from kfac_tune.compare import tracked_metrics, write_outputs
     from kfac_tune.config import load_config
     from kfac_tune.display import comparison_table
 
@@ -320,16 +321,17 @@ def compare(config: Path, recipe_paths: tuple[Path, ...], seeds: int, output_dir
         from kfac_tune.tracking import log_comparison
 
         summary, curves = tracked_metrics(result)
+        experiment = cfg.tracking.experiment or cfg.stem
         run_id = log_comparison(
-            cfg.tracking.uri, cfg.tracking.experiment or cfg.stem, f"compare {' vs '.join(r.label for r in result.recipes)}",
+            cfg.tracking.uri, experiment, f"compare {' vs '.join(r.label for r in result.recipes)}",
             params={"recipes": " ".join(str(p) for p in recipe_paths), "seeds": str(seeds), "metric": result.metric,
                     "target": str(result.target)}, summary=summary, curves=curves, files=[png, table])
-        console.print(f"logged to MLflow run {run_id} in experiment {cfg.tracking.experiment or cfg.stem}")
+        console.print(f"logged to MLflow run {run_id} in experiment {experiment}")
     rows = result.rows()
     if not _print_data({"metric": result.metric, "target": result.target, "seeds": result.seeds, "recipes": rows},
                        output_format):
-        Console().print(comparison_table(rows, result.metric, result.target, title=f"{cfg.stem}: {len(result.seeds)} "
-                                         f"seeds, {result.metric}"))
+        Console().print(comparison_table(rows, result.metric, result.target, result.direction == "maximize",
+                                         title=f"{cfg.stem}: {len(result.seeds)} seeds, {result.metric}"))
     console.print(f"plot: {png}  table: {table}")
 
 

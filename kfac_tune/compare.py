@@ -124,8 +124,8 @@ def compare(config: Path, recipe_paths: Sequence[Path], seeds: int, *, ignore_ar
     bound = []
     for label, path in zip(labels(recipe_paths), recipe_paths):
         recipe = load_recipe(path)
-        bound.append((RecipeRuns(label, path, recipe), *bind_recipe(config, recipe, path,
-                                                                    ignore_architecture=ignore_architecture)[:2]))
+        cfg, hparams, _ = bind_recipe(config, recipe, path, ignore_architecture=ignore_architecture)
+        bound.append((RecipeRuns(label, path, recipe), cfg, hparams))
     first = bound[0][1]
     seed_list = [first.training.seed + i for i in range(seeds)]
     for entry, cfg, hparams in bound:

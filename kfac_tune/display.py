@@ -123,10 +123,11 @@ def best_line(study: optuna.Study, metric: str) -> Table:
     return grid
 
 
-def comparison_table(rows: Sequence[dict[str, Any]], metric: str, target: float | None, title: str) -> Table:
+def comparison_table(rows: Sequence[dict[str, Any]], metric: str, target: float | None, maximize: bool,
+                     title: str) -> Table:
     """``kfac-tune compare``: one row per recipe, every cell ``mean ± spread`` over the seeds."""
     table = Table(title=title, header_style="bold", caption=None if target is None else
-                  f"common target: {metric} {'≥' if metric == 'eval_accuracy' else '≤'} {fmt(target)} "
+                  f"common target: {metric} {'≥' if maximize else '≤'} {fmt(target)} "
                   "(the best value every run of every recipe reaches)")
     for name, justify in (("recipe", "left"), ("optimizer", "left"), (f"final {metric}", "right"),
                           ("steps to target", "right"), ("seconds to target", "right"), ("ms / step", "right"),
@@ -164,8 +165,8 @@ def describe_match(match: Any) -> str:
     closeness = {"exact": "same architecture and signature", "architecture": "same architecture, other shapes",
                  "nearest": "nearest layer shapes"}[match.kind]
     result = match.recipe.result
-    return (f"{short_path(match.path)} ({closeness}, distance {match.distance:.3g}; {result.metric} {fmt(result.value)} after "
-            f"{result.trials} trials on {match.recipe.training.dataset})")
+    return (f"{short_path(match.path)} ({closeness}, distance {match.distance:.3g}; {result.metric} "
+            f"{fmt(result.value)} after {result.trials} trials on {match.recipe.training.dataset})")
 
 
 def short_path(path: str | Path) -> str:

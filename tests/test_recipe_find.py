@@ -41,7 +41,7 @@ def test_signature_distance_counts_width_ratios() -> None:
 
 
 def test_find_ranks_exact_then_same_name_then_nearest(library: tuple[Path, Path]) -> None:
-    config, shelf = library
+    _, shelf = library
     exact = load_recipe(shelf / "exact.yaml")
     matches = find_recipes("mlp", exact.provenance.signature, "kfac", [shelf], dataset="digits")
     assert [(m.path.name, m.kind) for m in matches] == [
@@ -62,10 +62,10 @@ def test_recipe_find_cli(library: tuple[Path, Path]) -> None:
 
 def test_warm_start_enqueues_the_closest_recipe_first(library: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path: Path) -> None:
-    config, shelf = library
+    _, shelf = library
     monkeypatch.chdir(tmp_path)
-    config = write_config(tmp_path, search={"trials": 2, "space": {"damping": {"low": 1e-3, "high": 1e-2, "log": True}}},
-                          optimizer="kfac")
+    narrow = {"damping": {"low": 1e-3, "high": 1e-2, "log": True}}
+    config = write_config(tmp_path, search={"trials": 2, "space": narrow}, optimizer="kfac")
     result = CliRunner(env={"COLUMNS": "200"}).invoke(
         cli, ["search", str(config), "--warm-start", "--recipes-dir", str(shelf), "-o", str(tmp_path / "best.yaml")])
     assert result.exit_code == 0, result.output

@@ -27,9 +27,11 @@ def warm_start_match(cfg: Config, problem: Problem, directories: Sequence[str | 
         try:
             recipe = load_recipe(setting)
         except RecipeError as error:
-            raise cfg.problem("search.warm_start", "expected a readable recipe file (or true)", Phrase(str(error))) from None
+            raise cfg.problem("search.warm_start", "expected a readable recipe file (or true)",
+                              Phrase(str(error))) from None
         if recipe.optimizer != cfg.optimizer.name:
-            raise cfg.problem("search.warm_start", f"expected a recipe for {cfg.optimizer.name}, the optimizer searched",
+            raise cfg.problem("search.warm_start",
+                              f"expected a recipe for {cfg.optimizer.name}, the optimizer searched",
                               Phrase(f"a recipe for {recipe.optimizer}"))
         same = recipe.provenance.architecture == problem.architecture
         exact = same and recipe.provenance.signature.get("hash") == problem.signature.get("hash")
