@@ -41,6 +41,10 @@ tracking_uri_option = click.option(
          f"{DEFAULT_TRACKING_URI}.",
 )
 
+recipes_dir_option = click.option(
+    "--recipes-dir", "recipes_dirs", multiple=True, metavar="DIR",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Also look for recipes here (repeatable; searched before ./recipes and the shipped recipes/).")
 format_option = click.option("-f", "--format", "output_format", type=click.Choice(["table", "json", "yaml"]),
                              default="table", show_default=True, help="Output format (json/yaml for scripts).")
 
@@ -79,6 +83,26 @@ def handle_errors(command: F) -> F:
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+class _ManyOption(click.Option):
+    """An option taking every following value up to the next option (``--recipes a.yaml b.yaml c.yaml``).
+
+    Click's ``multiple=True`` alone wants ``--recipes a --recipes b``; the issue's spelling lists them after one
+    flag, so the parser hands this option the run of non-option arguments that follows it.
+    """
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        option = parser._long_opt.get(self.opts[0]) or parser._short_opt.get(self.opts[0])
+        original = option.process
+
+        def process(value: str, state: Any) -> None:
+            original(value, state)
+            while state.rargs and not state.rargs[0].startswith("-"):
+                original(state.rargs.pop(0), state)
+
+        option.process = process
 
 
 class StudyNotFound(LookupError):
@@ -120,18 +144,22 @@ Re-running the same command resumes the study until the budget is reached.""")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow (tracking.enabled: false).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
               help="Where to write the best recipe. Default: recipes/<architecture>.yaml.")
+@click.option("--warm-start", is_flag=True,
+              help="First try the closest recipe for this optimizer and network (see `kfac-tune recipe find`); "
+                   "same as search.warm_start: true.")
+@recipes_dir_option
 @handle_errors
 def search(config: Path, trials: int | None, timeout: float | None, study_name: str | None, storage: str | None,
            jobs: int, tracking_uri: str | None, optimizer: str | None, no_tracking: bool,
-           output: Path | None) -> None:
+           output: Path | None, warm_start: bool, recipes_dirs: tuple[Path, ...]) -> None:
     """Run (or resume) an Optuna study over the optimizer's hyperparameters."""
     from rich.console import Console
 
     from kfac_tune.config import load_config
-    from kfac_tune.display import SearchDisplay, trial_rows, trials_table
+    from kfac_tune.display import SearchDisplay, describe_match, trial_rows, trials_table
 
-    overrides = {key: value for key, value in {"optimizer.name": optimizer, "tracking.uri": tracking_uri}.items()
-                 if value is not None}
+    overrides = {key: value for key, value in {"optimizer.name": optimizer, "tracking.uri": tracking_uri,
+                                               "search.warm_start": warm_start or None}.items() if value is not None}
     cfg = load_config(config, overrides)
     from kfac_tune.search import prepare_search  # after validation: a bad file is reported before torch loads
     from kfac_tune.search.study import display_url
@@ -139,8 +167,12 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     name = study_name or cfg.stem
     storage_url = storage or cfg.storage
     prepared = prepare_search(cfg, trials=trials, timeout=timeout, study_name=name, storage=storage_url, jobs=jobs,
-                              tracking=False if no_tracking else None, recipe_path=output)
+                              tracking=False if no_tracking else None, recipe_path=output, recipe_dirs=recipes_dirs)
     console = Console(stderr=True)
+    if prepared.warm_start is not None:
+        console.print(f"warm start: {describe_match(prepared.warm_start)}")
+    elif cfg.search.warm_start:
+        console.print(f"[yellow]warm start[/]: no {cfg.optimizer.name} recipe found; starting cold")
     console.print(f"study [bold]{name}[/] in {display_url(storage_url)}  ({cfg.optimizer.name} on "
                   f"{cfg.model.architecture}, {cfg.training.metric}, {jobs} worker{'s' * (jobs > 1)})")
     with SearchDisplay(console, prepared.spec.budget, cfg.training.metric) as display:
@@ -218,20 +250,13 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_for
     from rich.console import Console
     from rich.table import Table
 
-    from kfac_tune.config import load_config
-    from kfac_tune.recipes import RecipeError, check_architecture, load_recipe
+    from kfac_tune.recipes import load_recipe
 
     recipe = load_recipe(recipe_path)
-    cfg = load_config(config, {"optimizer.name": recipe.optimizer})
-    from kfac_tune.training import preflight, train as train_once
+    from kfac_tune.compare import bind_recipe
+    from kfac_tune.training import train as train_once
 
-    hparams = {k: v for k, v in recipe.hyperparameters.items() if k != "loss"}
-    problem = preflight(cfg, hparams)
-    if not ignore_architecture:
-        check_architecture(recipe, problem.architecture, problem.signature)
-    if recipe.hyperparameters.get("loss", problem.loss) != problem.loss:
-        raise RecipeError(f"{recipe_path}: the recipe was tuned for loss {recipe.hyperparameters['loss']!r}, "
-                          f"but {config} trains with {problem.loss!r}")
+    cfg, hparams, problem = bind_recipe(config, recipe, recipe_path, ignore_architecture=ignore_architecture)
     console = Console(stderr=output_format != "table")
     tuned = recipe.training
     for what, theirs, ours in (("batch size", tuned.batch_size, cfg.data.batch_size), ("steps", tuned.steps,
@@ -254,6 +279,109 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_for
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+@cli.command(epilog="""\b
+Examples:
+  kfac-tune compare examples/digits_mlp.yaml --recipes recipes/digits_mlp-kfac.yaml recipes/digits_mlp-adam.yaml
+  kfac-tune compare model.yaml --recipes a.yaml b.yaml c.yaml --seeds 5 -o plots/
+  kfac-tune compare model.yaml --recipes a.yaml b.yaml --no-tracking -f json
+The common target is the best value every run of every recipe reaches (the worst of their bests).""")
+@config_argument
+@click.option("--recipes", "recipe_paths", required=True, multiple=True, metavar="PATH...",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path), cls=_ManyOption,
+              help="Recipe YAMLs (K-FAC, Adam or SGD; usually two or more), each trained on CONFIG's workload. "
+                   "Put CONFIG first: the list runs up to the next option.")
+@click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Seeds per recipe, starting at the config's training.seed (which reproduces the recipe's run).")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("compare"),
+              show_default=True, metavar="DIR", help="Where to write compare-<config stem>.png and .json.")
+@tracking_uri_option
+@click.option("--no-tracking", is_flag=True, help="Do not log the comparison to MLflow.")
+@click.option("--ignore-architecture", is_flag=True,
+              help="Use recipes even if they were tuned for a different network.")
+@format_option
+@handle_errors
+def compare(config: Path, recipe_paths: tuple[Path, ...], seeds: int, output_dir: Path, tracking_uri: str | None,
+            no_tracking: bool, ignore_architecture: bool, output_format: str) -> None:
+    """Train recipes with several seeds on one workload: final metric, steps and seconds to a common target."""
+    from rich.console import Console
+
+    from kfac_tune.compare import compare as run_comparison
+    from kfac_tune.compare import tracked_metrics, write_outputs
+    from kfac_tune.config import load_config
+    from kfac_tune.display import comparison_table
+
+    cfg = load_config(config, {"tracking.uri": tracking_uri} if tracking_uri else None)
+    console = Console(stderr=True)
+    with console.status("comparing") as status:
+        result = run_comparison(config, recipe_paths, seeds, ignore_architecture=ignore_architecture,
+                                on_run=lambda label, seed: status.update(f"training {label}, seed {seed}"))
+    png, table = write_outputs(result, output_dir, cfg.stem)
+    if not no_tracking and cfg.tracking.enabled:
+        from kfac_tune.tracking import log_comparison
+
+        summary, curves = tracked_metrics(result)
+        experiment = cfg.tracking.experiment or cfg.stem
+        run_id = log_comparison(
+            cfg.tracking.uri, experiment, f"compare {' vs '.join(r.label for r in result.recipes)}",
+            params={"recipes": " ".join(str(p) for p in recipe_paths), "seeds": str(seeds), "metric": result.metric,
+                    "target": str(result.target)}, summary=summary, curves=curves, files=[png, table])
+        console.print(f"logged to MLflow run {run_id} in experiment {experiment}")
+    rows = result.rows()
+    if not _print_data({"metric": result.metric, "target": result.target, "seeds": result.seeds, "recipes": rows},
+                       output_format):
+        Console().print(comparison_table(rows, result.metric, result.target, result.direction == "maximize",
+                                         title=f"{cfg.stem}: {len(result.seeds)} seeds, {result.metric}"))
+    console.print(f"plot: {png}  table: {table}")
+
+
+@cli.group()
+def recipe() -> None:
+    """Work with recipe files (recipes/ ships tuned K-FAC and Adam recipes for the examples)."""
+
+
+@recipe.command(epilog="""\b
+Examples:
+  kfac-tune recipe find examples/digits_mlp.yaml
+  kfac-tune recipe find model.yaml --optimizer adam -n 3
+  kfac-tune recipe find model.yaml --recipes-dir ~/my-recipes -f json
+Then warm-start a search with it: kfac-tune search model.yaml --warm-start""")
+@config_argument
+@click.option("--optimizer", type=click.Choice(["kfac", "adam", "sgd"]),
+              help="Recipes for this optimizer. Default: the config's.")
+@recipes_dir_option
+@click.option("-n", "--count", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="How many recipes to list, closest first.")
+@format_option
+@handle_errors
+def find(config: Path, optimizer: str | None, recipes_dirs: tuple[Path, ...], count: int, output_format: str) -> None:
+    """Report the recipes closest to CONFIG's model: same architecture and signature first, then the same
+    architecture name, then the nearest layer shapes."""
+    from kfac_tune.config import load_config
+
+    cfg = load_config(config, {"optimizer.name": optimizer} if optimizer else None)
+    from kfac_tune.recipes import find_recipes, recipe_directories
+    from kfac_tune.search.study import preflight_space
+
+    problem = preflight_space(cfg)
+    directories = recipe_directories(recipes_dirs)
+    matches = find_recipes(problem.architecture, problem.signature, cfg.optimizer.name, directories,
+                           cfg.data.callable or cfg.data.name)[:count]
+    rows = [{"path": str(m.path), "match": m.kind, "distance": round(m.distance, 3), "optimizer": m.recipe.optimizer,
+             "architecture": m.recipe.architecture, "dataset": m.recipe.training.dataset,
+             "metric": m.recipe.result.metric, "value": m.recipe.result.value, "trials": m.recipe.result.trials}
+            for m in matches]
+    if _print_data(rows, output_format):
+        return
+    if not rows:
+        _fail(f"no {cfg.optimizer.name} recipe in {', '.join(map(str, directories)) or '(no recipes directory)'}", 1)
+    from rich.console import Console
+
+    from kfac_tune.display import matches_table
+
+    Console().print(matches_table(rows, title=f"recipes for {problem.architecture} (signature "
+                                              f"{problem.signature['hash']}), {cfg.optimizer.name}"))
 
 
 @cli.command(epilog="""\b

@@ -275,6 +275,8 @@ class SearchConfig(_Section):
     space: dict[str, ParamSpec] = Field(default_factory=dict)
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     enqueue_defaults: bool = True
+    # true: first try the closest recipe found (recipes/, --recipes-dir); a path: that recipe
+    warm_start: bool | str = False
     heartbeat_interval: int = Field(60, ge=1, le=86400)
     grace_period: int | None = Field(None, ge=2, le=10 * 86400)
     max_retry: int = Field(2, ge=0, le=100)

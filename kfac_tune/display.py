@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
@@ -120,3 +121,57 @@ def best_line(study: optuna.Study, metric: str) -> Table:
     params = ", ".join(f"{k}={fmt(v)}" for k, v in best.params.items())
     grid.add_row(f"[bold green]best so far[/]: trial {best.number}  {metric} = {fmt(best.value)}  ({params})")
     return grid
+
+
+def comparison_table(rows: Sequence[dict[str, Any]], metric: str, target: float | None, maximize: bool,
+                     title: str) -> Table:
+    """``kfac-tune compare``: one row per recipe, every cell ``mean ± spread`` over the seeds."""
+    table = Table(title=title, header_style="bold", caption=None if target is None else
+                  f"common target: {metric} {'≥' if maximize else '≤'} {fmt(target)} "
+                  "(the best value every run of every recipe reaches)")
+    for name, justify in (("recipe", "left"), ("optimizer", "left"), (f"final {metric}", "right"),
+                          ("steps to target", "right"), ("seconds to target", "right"), ("ms / step", "right"),
+                          ("seeds", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for row in rows:
+        seeds = f"{row['seeds']}" + (f" [red]({row['diverged']} diverged)" if row["diverged"] else "")
+        if not row["seeds"]:
+            table.add_row(row["recipe"], row["optimizer"], "[red]diverged", "", "", "", seeds)
+            continue
+        table.add_row(row["recipe"], row["optimizer"], _pm(row["final"]), _pm(row["steps_to_target"], "{:.0f}"),
+                      _pm(row["seconds_to_target"], "{:.2f}"), _pm(row["step_time_ms"], "{:.2f}"), seeds)
+    return table
+
+
+def _pm(stat: dict[str, float] | None, pattern: str = "{:.4g}") -> str:
+    if stat is None:
+        return "—"
+    return f"{pattern.format(stat['mean'])} ± {pattern.format(stat['spread'])}"
+
+
+def matches_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
+    """``kfac-tune recipe find``: the closest recipes first."""
+    table = Table(title=title, header_style="bold")
+    for name in ("path", "match", "distance", "architecture", "dataset", "value", "trials"):
+        table.add_column(name, overflow="fold" if name == "path" else "ellipsis")
+    for row in rows:
+        table.add_row(short_path(row["path"]), row["match"], fmt(row["distance"]), row["architecture"], row["dataset"],
+                      f"{row['metric']} {fmt(row['value'])}", str(row["trials"]))
+    return table
+
+
+def describe_match(match: Any) -> str:
+    """One line about a ``recipes.Match``: which file, how close, what it promised."""
+    closeness = {"exact": "same architecture and signature", "architecture": "same architecture, other shapes",
+                 "nearest": "nearest layer shapes"}[match.kind]
+    result = match.recipe.result
+    return (f"{short_path(match.path)} ({closeness}, distance {match.distance:.3g}; {result.metric} "
+            f"{fmt(result.value)} after {result.trials} trials on {match.recipe.training.dataset})")
+
+
+def short_path(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies below it (shipped recipes are found by absolute path)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

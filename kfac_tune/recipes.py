@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import importlib.metadata
+import math
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 
 RECIPE_FORMAT = 1
 DEFAULT_DIRECTORY = Path("recipes")
+SHIPPED_DIRECTORY = Path(__file__).resolve().parents[1] / "recipes"  # the checkout's recipes/, when run from one
 
 
 class RecipeError(ValueError):
@@ -219,3 +223,79 @@ def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path
     recipe = recipe_from_trial(study, study.best_trial, cfg)
     target = Path(path) if path is not None else default_path(recipe.architecture)
     return recipe, save_recipe(recipe, target)
+
+
+# ------------------------------------------------------------------------------------------------ finding
+
+MatchKind = Literal["exact", "architecture", "nearest"]
+_KIND_RANK = {"exact": 0, "architecture": 1, "nearest": 2}
+TYPE_MISMATCH = 10.0  # distance of a layer of another type, or of a missing/extra layer
+
+
+@dataclass(frozen=True)
+class Match:
+    """A recipe on disk and how close its network is to the one asked about.
+
+    ``kind``: ``exact`` (same architecture name and signature hash), ``architecture`` (same name, other shapes),
+    ``nearest`` (another name; only the layer shapes are alike). ``distance`` is ``signature_distance``.
+    """
+
+    path: Path
+    recipe: Recipe
+    kind: MatchKind
+    distance: float
+
+
+def recipe_directories(extra: Iterable[str | Path] = ()) -> list[Path]:
+    """Where to look for recipes: ``extra`` first, then ``./recipes``, then the checkout's shipped ``recipes/``."""
+    found: list[Path] = []
+    for directory in (*map(Path, extra), DEFAULT_DIRECTORY, SHIPPED_DIRECTORY):
+        resolved = directory.resolve()
+        if resolved.is_dir() and resolved not in found:
+            found.append(resolved)
+    return found
+
+
+def signature_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """How far apart two networks are for K-FAC's purposes, 0 for identical layer lists.
+
+    Layers are compared in order: the same type costs the summed ``|log2|`` ratio of the weight dimensions (a
+    layer twice as wide costs 1), another type or a layer one network lacks costs ``TYPE_MISMATCH``. A heuristic
+    for "which recipe to start from", not a metric with a theory behind it: damping and learning rate scale with
+    layer widths, so widths are what it looks at.
+    """
+    layers_a, layers_b = a.get("layers", []), b.get("layers", [])
+    distance = TYPE_MISMATCH * abs(len(layers_a) - len(layers_b))
+    for x, y in zip(layers_a, layers_b):
+        shape_x, shape_y = x.get("weight_shape", []), y.get("weight_shape", [])
+        if x.get("type") != y.get("type") or len(shape_x) != len(shape_y):
+            distance += TYPE_MISMATCH
+            continue
+        distance += sum(abs(math.log2(max(p, 1) / max(q, 1))) for p, q in zip(shape_x, shape_y))
+    return distance
+
+
+def find_recipes(architecture: str, signature: dict[str, Any], optimizer: str,
+                 directories: Sequence[Path], dataset: str | None = None) -> list[Match]:
+    """Recipes for ``optimizer`` in ``directories`` (``*.yaml``), closest first.
+
+    Order: exact matches, then the same architecture name, then any other, each by ``signature_distance``; ties go
+    to a recipe tuned on ``dataset``, then by path. Files that are not valid recipes are skipped: a recipes
+    directory may hold other YAML, and one bad file must not hide the good ones.
+    """
+    matches = []
+    for directory in directories:
+        for path in sorted(directory.glob("*.yaml")):
+            try:
+                recipe = load_recipe(path)
+            except RecipeError:
+                continue
+            if recipe.optimizer != optimizer:
+                continue
+            theirs = recipe.provenance
+            same_name = theirs.architecture == architecture
+            kind: MatchKind = ("exact" if same_name and theirs.signature.get("hash") == signature.get("hash")
+                               else "architecture" if same_name else "nearest")
+            matches.append(Match(path, recipe, kind, signature_distance(theirs.signature, signature)))
+    return sorted(matches, key=lambda m: (_KIND_RANK[m.kind], m.distance, m.recipe.training.dataset != dataset,
+                                          str(m.path)))

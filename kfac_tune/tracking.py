@@ -45,6 +45,8 @@ __all__ = [
     "TrialRun",
     "check_reachable",
     "experiment_url",
+    "get_or_create_experiment",
+    "log_comparison",
     "prepare_store",
     "serve_ui",
 ]
@@ -434,21 +436,7 @@ class StudyTracker:
         return self._experiment_id
 
     def _get_or_create_experiment(self) -> str:
-        """Look the experiment up, create it if missing; a lost creation race falls back to the lookup."""
-        existing = self._client.get_experiment_by_name(self.experiment)
-        if existing is not None:
-            return existing.experiment_id
-        root = local_artifact_root(self.tracking_uri)
-        try:
-            # The kind tag makes the MLflow UI open the experiment as "Model training" (run tables, metrics),
-            # not as the GenAI overview where training runs are not listed.
-            return self._client.create_experiment(self.experiment, artifact_location=root and root.as_uri(),
-                                                  tags={"mlflow.experimentKind": "custom_model_development"})
-        except Exception:
-            existing = self._client.get_experiment_by_name(self.experiment)
-            if existing is None:
-                raise
-            return existing.experiment_id
+        return get_or_create_experiment(self._client, self.tracking_uri, self.experiment)
 
     def ensure_parent_run(self, study: optuna.Study, tags: dict[str, str], artifacts: dict[str, str]) -> str:
         """Return the study's parent run, creating it (with its artifacts) only if the study has none yet.
@@ -710,3 +698,52 @@ def _curves_pair(curves: Curves) -> _FigurePair | None:
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
     return plotly_fig, mpl_fig
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Experiments and comparisons
+# --------------------------------------------------------------------------------------------------------------
+
+
+def get_or_create_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:
+    """Look the experiment up, create it if missing (artifacts next to a local store); a lost creation race falls
+    back to the lookup."""
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    root = local_artifact_root(tracking_uri)
+    try:
+        # The kind tag makes the MLflow UI open the experiment as "Model training" (run tables, metrics), not as
+        # the GenAI overview where training runs are not listed.
+        return client.create_experiment(name, artifact_location=root and root.as_uri(),
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
+    except Exception:
+        existing = client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
+def log_comparison(tracking_uri: str, experiment: str, run_name: str, *, params: dict[str, str],
+                   summary: dict[str, float], curves: dict[str, list[tuple[int, float]]], files: list[Path]) -> str:
+    """One finished run holding a ``kfac-tune compare``: summary metrics, mean curves by step, the plot and table.
+
+    Not retried like trial logging: a comparison is logged once at its end, and the CLI reports a failure.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    prepare_store(tracking_uri)
+    client = _client(tracking_uri)
+    experiment_id = get_or_create_experiment(client, tracking_uri, experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags={"kfac_tune.kind": "compare"})
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, 0) for key, value in summary.items()]
+    metrics += [Metric(key, value, now, step) for key, points in curves.items() for step, value in points]
+    for start in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
+        client.log_batch(run.info.run_id, metrics=metrics[start : start + _MAX_METRICS_PER_BATCH])
+    client.log_batch(run.info.run_id, params=[Param(k, v[:_MAX_PARAM_CHARS]) for k, v in params.items()],
+                     tags=[RunTag("kfac_tune.recipes", params.get("recipes", ""))])
+    for path in files:
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

@@ -60,3 +60,23 @@ def load_study(storage: str, name: str) -> Any:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.load_study(study_name=name, storage=storage)
+
+
+def recipe_for(config: Path, optimizer: str, hyperparameters: dict[str, Any], path: Path, value: float = 1.0) -> Path:
+    """A valid recipe for ``config``'s model (real architecture signature) without running a search."""
+    from kfac_tune.config import load_config
+    from kfac_tune.recipes import Recipe, save_recipe
+    from kfac_tune.training import preflight
+
+    cfg = load_config(config, {"optimizer.name": optimizer, "optimizer.options": {}})
+    problem = preflight(cfg, hyperparameters)
+    recipe = Recipe.model_validate({
+        "architecture": problem.architecture, "optimizer": optimizer, "hyperparameters": hyperparameters,
+        "training": {"dataset": cfg.data.name, "batch_size": cfg.data.batch_size, "steps": problem.steps,
+                     "loss": problem.loss, "metric": cfg.training.metric, "seed": cfg.training.seed},
+        "result": {"metric": cfg.training.metric, "value": value, "direction": cfg.training.goal, "trials": 1},
+        "provenance": {"study": "test", "trial": 0, "config_hash": cfg.fingerprint(), "architecture":
+                       problem.architecture, "signature": problem.signature, "device": "cpu",
+                       "date": "2026-01-01T00:00:00+00:00", "versions": {}},
+    })
+    return save_recipe(recipe, path)

@@ -101,7 +101,7 @@ def warm_starts(cfg: Config, space: Mapping[str, ParamSpec]) -> list[dict[str, A
     points: list[dict[str, Any]] = []
     if cfg.search.enqueue_defaults:
         default = {k: v for k, v in DEFAULT_POINTS[cfg.optimizer.name].items() if k in sampled}
-        points.append({k: _clip(sampled[k], v) for k, v in default.items()})
+        points.append({k: clip(sampled[k], v) for k, v in default.items()})
     for i, point in enumerate(cfg.search.enqueue):
         for name, value in point.items():
             path = f"search.enqueue[{i}].{name}"
@@ -114,7 +114,8 @@ def warm_starts(cfg: Config, space: Mapping[str, ParamSpec]) -> list[dict[str, A
     return points
 
 
-def _clip(spec: ParamSpec, value: Any) -> Any:
+def clip(spec: ParamSpec, value: Any) -> Any:
+    """``value`` moved into the space: the nearest bound of a range, the first choice if not among the choices."""
     if spec.kind == "choices":
         return value if value in spec.choices else spec.choices[0]  # type: ignore[operator,index]
     clipped = min(max(value, spec.low), spec.high)  # type: ignore[type-var]

@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,10 @@ import optuna
 from optuna.trial import TrialState
 
 from kfac_tune.config import Config, ConfigError
-from kfac_tune.recipes import Recipe, export_best, versions
+from kfac_tune.recipes import Match, Recipe, export_best, versions
 from kfac_tune.search.objective import Objective, open_tracker, release_after_failure
 from kfac_tune.search.space import build_space, describe, suggest, warm_starts
+from kfac_tune.search.warm import recipe_point, warm_start_match
 from kfac_tune.training import Problem, preflight
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -197,10 +198,10 @@ def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem,
     return study
 
 
-def enqueue(study: optuna.Study, points: list[dict[str, Any]]) -> None:
-    """Enqueue warm-start points once (``skip_if_exists`` makes a resume a no-op)."""
+def enqueue(study: optuna.Study, points: list[dict[str, Any]], **attrs: Any) -> None:
+    """Enqueue warm-start points once (``skip_if_exists`` makes a resume a no-op); ``attrs`` go on the trials."""
     for point in points:
-        study.enqueue_trial(point, user_attrs={"warm_start": True}, skip_if_exists=True)
+        study.enqueue_trial(point, user_attrs={"warm_start": True, **attrs}, skip_if_exists=True)
 
 
 @dataclass
@@ -303,6 +304,7 @@ class PreparedSearch:
     spec: WorkerSpec
     jobs: int
     recipe_path: str | Path | None
+    warm_start: Match | None = None
 
     def run(self, on_progress: ProgressCallback | None = None) -> SearchOutcome:
         """Run the workers to the budget, then export the best trial and close the MLflow parent run.
@@ -333,21 +335,27 @@ def prepare_search(
     jobs: int = 1,
     tracking: bool | None = None,
     recipe_path: str | Path | None = None,
+    recipe_dirs: Sequence[str | Path] = (),
 ) -> PreparedSearch:
     """Check everything that does not need a trial (space, warm starts, data, model, optimizer options, sampler
     and pruner arguments, tracking store) before the storage is touched, then create or resume the study.
 
-    ``trials``/``timeout``/``storage``/``tracking`` default to the config. Raises ``ConfigError`` for bad input.
+    ``trials``/``timeout``/``storage``/``tracking`` default to the config. With ``search.warm_start``, the closest
+    recipe (searched in ``recipe_dirs`` first) is enqueued before everything else. Raises ``ConfigError`` for bad
+    input.
     """
     quiet()
     space = build_space(cfg)
     starts = warm_starts(cfg, space)
-    problem = preflight(cfg, suggest(_LowTrial(), space))  # pinned values and options checked too
+    problem = preflight_space(cfg, space)
     make_sampler(cfg, cfg.search.sampler.seed), make_pruner(cfg, problem.steps)  # argument errors, before storage
     name, storage_url = study_name or cfg.stem, storage or cfg.storage
     tracking = cfg.tracking.enabled if tracking is None else tracking
     tracker = open_tracker(cfg, name, tracking, prepare=True)
+    match = warm_start_match(cfg, problem, recipe_dirs)
     study = open_study(cfg, name, storage_url, problem, space)
+    if match is not None:
+        enqueue(study, [recipe_point(match.recipe.hyperparameters, space)], warm_start_recipe=str(match.path))
     enqueue(study, starts)
     tracker.ensure_parent_run(study, _tags(cfg, storage_url, problem, jobs), _artifacts(cfg, space, storage_url))
     timeout = timeout if timeout is not None else cfg.search.timeout
@@ -357,7 +365,7 @@ def prepare_search(
         trials_at_start=len(study.get_trials(deepcopy=False)), tracking=tracking,
         threads=cfg.training.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None),
     )
-    return PreparedSearch(cfg, study, tracker, spec, jobs, recipe_path)
+    return PreparedSearch(cfg, study, tracker, spec, jobs, recipe_path, match)
 
 
 def run_search(cfg: Config, *, on_progress: ProgressCallback | None = None, **options: Any) -> SearchOutcome:
@@ -365,6 +373,11 @@ def run_search(cfg: Config, *, on_progress: ProgressCallback | None = None, **op
     with ``jobs`` worker processes; the best trial is exported as a recipe (``recipes/<architecture>.yaml``
     unless ``recipe_path``)."""
     return prepare_search(cfg, **options).run(on_progress)
+
+
+def preflight_space(cfg: Config, space: dict[str, Any] | None = None) -> Problem:
+    """``preflight`` at the space's low corner: pinned values and fixed options are checked too, before any trial."""
+    return preflight(cfg, suggest(_LowTrial(), build_space(cfg) if space is None else space))
 
 
 class _LowTrial:

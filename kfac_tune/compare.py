@@ -1,0 +1,221 @@
+"""``kfac-tune compare``: train several recipes on one workload with several seeds and put them side by side.
+
+The question a user asks is "does the tuned K-FAC recipe beat the tuned Adam recipe on my model, in steps and in
+seconds?". Answering it fairly needs three things this module keeps:
+
+* **One workload.** Every recipe trains on the CONFIG's data, model and budget; each recipe brings only its
+  optimizer and hyperparameters (``bind_recipe``), and a recipe tuned for another network is refused.
+* **A common target.** "Steps to target" is measured against the best value *every* recipe reaches on *every*
+  seed (the worst of the per-run bests), never a recipe's own minimum: otherwise a recipe that plateaus early
+  would look fast.
+* **Seeds.** Seed ``s`` changes the initialisation, the batch order, K-FAC's sampled targets (and, for digits,
+  the train/test split); seed ``cfg.training.seed`` reproduces the recipe's own run. Spreads are the sample
+  standard deviation over seeds. A seed that diverges is counted and left out of the statistics.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kfac_tune.config import Config, load_config
+from kfac_tune.recipes import Recipe, RecipeError, check_architecture, load_recipe
+from kfac_tune.training import Diverged, Problem, TrainResult, preflight, train
+
+
+def bind_recipe(config: Path, recipe: Recipe, recipe_path: Path, *,
+                ignore_architecture: bool = False) -> tuple[Config, dict[str, Any], Problem]:
+    """The CONFIG's workload with the recipe's optimizer: (config, hyperparameters, problem).
+
+    The recipe's hyperparameters are complete constructor arguments (fixed options included), so the config's
+    ``optimizer.options`` are dropped rather than merged: options for K-FAC would break an Adam recipe. Raises
+    ``RecipeError`` for a recipe tuned for another architecture (unless ``ignore_architecture``) or another loss.
+    """
+    cfg = load_config(config, {"optimizer.name": recipe.optimizer, "optimizer.options": {}})
+    hparams = {k: v for k, v in recipe.hyperparameters.items() if k != "loss"}
+    problem = preflight(cfg, hparams)
+    if not ignore_architecture:
+        check_architecture(recipe, problem.architecture, problem.signature)
+    if recipe.hyperparameters.get("loss", problem.loss) != problem.loss:
+        raise RecipeError(f"{recipe_path}: the recipe was tuned for loss {recipe.hyperparameters['loss']!r}, "
+                          f"but {config} trains with {problem.loss!r}")
+    return cfg, hparams, problem
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class RecipeRuns:
+    """One recipe's runs over the seeds (diverged seeds counted, not kept)."""
+
+    label: str
+    path: Path
+    recipe: Recipe
+    runs: list[TrainResult] = field(default_factory=list)
+    diverged: int = 0
+
+    def best(self, maximize: bool) -> float:
+        """The worst per-seed best: a value every kept seed of this recipe reached."""
+        bests = [run.best for run in self.runs]
+        return min(bests) if maximize else max(bests)
+
+    def to_target(self, target: float, maximize: bool) -> list[tuple[int, float]]:
+        """(step, training seconds) of each seed's first evaluation at or beyond ``target``."""
+        reached = []
+        for run in self.runs:
+            point = next(p for p in run.curves if (p[run.metric] >= target if maximize else p[run.metric] <= target))
+            reached.append((int(point["step"]), point["train_seconds"]))
+        return reached
+
+
+@dataclass
+class Comparison:
+    metric: str
+    direction: str
+    target: float | None
+    seeds: list[int]
+    recipes: list[RecipeRuns]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One plain dict per recipe (mean and spread over seeds): the data behind the table, JSON and MLflow."""
+        maximize = self.direction == "maximize"
+        rows = []
+        for entry in self.recipes:
+            row: dict[str, Any] = {"recipe": entry.label, "path": str(entry.path), "optimizer": entry.recipe.optimizer,
+                                   "seeds": len(entry.runs), "diverged": entry.diverged}
+            if entry.runs:
+                reached = entry.to_target(self.target, maximize) if self.target is not None else []
+                row.update({
+                    "final": mean_spread([run.value for run in entry.runs]),
+                    "best": mean_spread([run.best for run in entry.runs]),
+                    "steps_to_target": mean_spread([step for step, _ in reached]) if reached else None,
+                    "seconds_to_target": mean_spread([s for _, s in reached]) if reached else None,
+                    "step_time_ms": mean_spread([run.step_time * 1e3 for run in entry.runs]),
+                    "steps": entry.runs[0].steps,
+                })
+            rows.append(row)
+        return rows
+
+
+def mean_spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return {"mean": statistics.fmean(values), "spread": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def common_target(recipes: Sequence[RecipeRuns], maximize: bool) -> float | None:
+    """The best value every kept run of every recipe reached: the worst of the recipes' bests."""
+    bests = [entry.best(maximize) for entry in recipes if entry.runs]
+    if not bests:
+        return None
+    return min(bests) if maximize else max(bests)
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def compare(config: Path, recipe_paths: Sequence[Path], seeds: int, *, ignore_architecture: bool = False,
+            on_run: Callable[[str, int], None] | None = None) -> Comparison:
+    """Train every recipe for ``seeds`` seeds on CONFIG's workload; ``on_run(label, seed)`` before each run."""
+    bound = []
+    for label, path in zip(labels(recipe_paths), recipe_paths):
+        recipe = load_recipe(path)
+        cfg, hparams, _ = bind_recipe(config, recipe, path, ignore_architecture=ignore_architecture)
+        bound.append((RecipeRuns(label, path, recipe), cfg, hparams))
+    first = bound[0][1]
+    seed_list = [first.training.seed + i for i in range(seeds)]
+    for entry, cfg, hparams in bound:
+        for seed in seed_list:
+            if on_run is not None:
+                on_run(entry.label, seed)
+            seeded = cfg.model_copy(update={"training": cfg.training.model_copy(update={"seed": seed})})
+            try:
+                entry.runs.append(train(seeded, hparams))
+            except Diverged:
+                entry.diverged += 1
+    entries = [entry for entry, _, _ in bound]
+    maximize = first.training.goal == "maximize"
+    return Comparison(first.training.metric, first.training.goal, common_target(entries, maximize), seed_list,
+                      entries)
+
+
+def labels(paths: Sequence[Path]) -> list[str]:
+    """File stems, or whole paths where two stems collide."""
+    stems = [path.stem for path in paths]
+    return [stem if stems.count(stem) == 1 else str(path) for stem, path in zip(stems, paths)]
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def mean_curves(entry: RecipeRuns) -> dict[str, list[float]]:
+    """Per evaluation step over the kept seeds: step, mean training seconds, metric mean and spread."""
+    if not entry.runs:
+        return {"step": [], "seconds": [], "mean": [], "spread": []}
+    metric = entry.runs[0].metric
+    length = min(len(run.curves) for run in entry.runs)
+    points = [[run.curves[i] for run in entry.runs] for i in range(length)]
+    stats = [mean_spread([p[metric] for p in at]) for at in points]
+    return {
+        "step": [at[0]["step"] for at in points],
+        "seconds": [statistics.fmean(p["train_seconds"] for p in at) for at in points],
+        "mean": [s["mean"] for s in stats],
+        "spread": [s["spread"] for s in stats],
+    }
+
+
+def plot(comparison: Comparison, path: Path, title: str) -> Path:
+    """Metric against steps and against training seconds: mean line, ±1 spread band, the target dashed."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4.5))
+    axes_steps, axes_seconds = figure.subplots(1, 2)
+    values = [v for entry in comparison.recipes for run in entry.runs for v in (p[run.metric] for p in run.curves)]
+    log_y = bool(values) and min(values) > 0 and comparison.metric != "eval_accuracy"
+    for entry in comparison.recipes:
+        curves = mean_curves(entry)
+        low = [m - s for m, s in zip(curves["mean"], curves["spread"])]
+        high = [m + s for m, s in zip(curves["mean"], curves["spread"])]
+        for axes, x in ((axes_steps, curves["step"]), (axes_seconds, curves["seconds"])):
+            (line,) = axes.plot(x, curves["mean"], marker=".", label=f"{entry.label} ({entry.recipe.optimizer})")
+            axes.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+    for axes, xlabel in ((axes_steps, "step"), (axes_seconds, "training seconds (evaluation excluded)")):
+        if comparison.target is not None:
+            axes.axhline(comparison.target, color="grey", linestyle="--", linewidth=1, label="common target")
+        axes.set(xlabel=xlabel, ylabel=comparison.metric, yscale="log" if log_y else "linear")
+        axes.grid(alpha=0.3)
+    axes_steps.legend()
+    figure.suptitle(f"{title}: mean ± std over {len(comparison.seeds)} seeds")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def write_outputs(comparison: Comparison, directory: Path, stem: str) -> tuple[Path, Path]:
+    """The plot (PNG) and the table (JSON) in ``directory``, named after the config."""
+    png = plot(comparison, directory / f"compare-{stem}.png", stem)
+    data = {"metric": comparison.metric, "direction": comparison.direction, "target": comparison.target,
+            "seeds": comparison.seeds, "recipes": comparison.rows()}
+    table = directory / f"compare-{stem}.json"
+    table.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return png, table
+
+
+def tracked_metrics(comparison: Comparison) -> tuple[dict[str, float], dict[str, list[tuple[int, float]]]]:
+    """Summary metrics (``<recipe>.final_mean`` ...) and mean curves (``<recipe>.<metric>`` by step) for MLflow."""
+    summary: dict[str, float] = {} if comparison.target is None else {"target": comparison.target}
+    for row in comparison.rows():
+        for key in ("final", "steps_to_target", "seconds_to_target", "step_time_ms"):
+            if row.get(key):
+                summary[f"{row['recipe']}.{key}_mean"] = row[key]["mean"]
+                summary[f"{row['recipe']}.{key}_spread"] = row[key]["spread"]
+    curves = {}
+    for entry in comparison.recipes:
+        mean = mean_curves(entry)
+        curves[f"{entry.label}.{comparison.metric}"] = [(int(s), m) for s, m in zip(mean["step"], mean["mean"])
+                                                        if math.isfinite(m)]
+    return summary, curves

@@ -1,0 +1,47 @@
+"""Warm starts from recipes: the first trial of a new study is the closest recipe's point.
+
+A recipe for the same network (or a similar one) is usually a far better first guess than the published
+defaults, and TPE builds its model from whatever has been evaluated, so one good early trial pulls the whole
+search towards its region. Only the sampled hyperparameters are taken, moved into the search space, since a
+recipe may come from a wider space or pin values this study searches.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kfac_tune.config import Config, ParamSpec, Phrase
+from kfac_tune.recipes import Match, RecipeError, find_recipes, load_recipe, recipe_directories, signature_distance
+from kfac_tune.search.space import clip, free
+from kfac_tune.training import Problem
+
+
+def warm_start_match(cfg: Config, problem: Problem, directories: Sequence[str | Path] = ()) -> Match | None:
+    """The recipe ``search.warm_start`` asks for: a path, or (``true``) the closest one for this optimizer and
+    network in ``directories``, ``./recipes`` and the shipped ``recipes/``. ``None`` when off or nothing fits."""
+    setting = cfg.search.warm_start
+    if setting is False:
+        return None
+    if isinstance(setting, str):
+        try:
+            recipe = load_recipe(setting)
+        except RecipeError as error:
+            raise cfg.problem("search.warm_start", "expected a readable recipe file (or true)",
+                              Phrase(str(error))) from None
+        if recipe.optimizer != cfg.optimizer.name:
+            raise cfg.problem("search.warm_start",
+                              f"expected a recipe for {cfg.optimizer.name}, the optimizer searched",
+                              Phrase(f"a recipe for {recipe.optimizer}"))
+        same = recipe.provenance.architecture == problem.architecture
+        exact = same and recipe.provenance.signature.get("hash") == problem.signature.get("hash")
+        kind = "exact" if exact else "architecture" if same else "nearest"
+        return Match(Path(setting), recipe, kind, signature_distance(recipe.provenance.signature, problem.signature))
+    matches = find_recipes(problem.architecture, problem.signature, cfg.optimizer.name,
+                           recipe_directories(directories), cfg.data.callable or cfg.data.name)
+    return matches[0] if matches else None
+
+
+def recipe_point(hyperparameters: Mapping[str, Any], space: Mapping[str, ParamSpec]) -> dict[str, Any]:
+    """The recipe's values of the sampled hyperparameters, each moved into this study's space."""
+    return {name: clip(spec, hyperparameters[name]) for name, spec in free(space).items() if name in hyperparameters}
