@@ -46,8 +46,8 @@ class PostgresServer:
 
     def create_database(self, name: str) -> str:
         """Create ``name`` (owned by the test user) and return its URL."""
-        _run(["createdb", "-h", self.host, "-p", str(self.port), "-U", self.user, name],
-             env={**os.environ, "PGPASSWORD": self.password})
+        _check([str(bin_dir() / "createdb"), "-h", self.host, "-p", str(self.port), "-U", self.user, name],
+               env={**os.environ, "PGPASSWORD": self.password})
         return self.url(name)
 
 
@@ -76,14 +76,6 @@ def _as_owner() -> list[str]:
     return [runuser, "-u", "postgres", "--"]
 
 
-def _run(command: list[str], env: dict[str, str] | None = None) -> None:
-    tools = bin_dir()
-    command = [str(tools / command[0]), *command[1:]]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -107,12 +99,11 @@ def postgres_server() -> Iterator[PostgresServer]:
     port = free_port()
     started = False
     try:
-        _owner_run(owner, [str(tools / "initdb"), "-D", str(data), "-U", USER, f"--pwfile={password_file}",
-                           "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync",
-                           "--no-instructions"])
+        _check([*owner, str(tools / "initdb"), "-D", str(data), "-U", USER, f"--pwfile={password_file}",
+                "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync", "--no-instructions"])
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {directory} -c max_connections=200"
-        _owner_run(owner, [str(tools / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w",
-                           "-t", str(START_TIMEOUT_S), "start"], log)
+        _check([*owner, str(tools / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w",
+                "-t", str(START_TIMEOUT_S), "start"], log=log)
         started = True
         server = PostgresServer("127.0.0.1", port, USER, PASSWORD, directory)
         server.create_database(USER)
@@ -120,13 +111,15 @@ def postgres_server() -> Iterator[PostgresServer]:
     finally:
         if started:
             subprocess.run([*owner, str(tools / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                           capture_output=True, timeout=START_TIMEOUT_S)
+                           check=False, capture_output=True, timeout=START_TIMEOUT_S)
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _owner_run(owner: list[str], command: list[str], log: Path | None = None) -> None:
-    done = subprocess.run([*owner, *command], capture_output=True, text=True, timeout=START_TIMEOUT_S,
-                          cwd=tempfile.gettempdir())
+def _check(command: list[str], log: Path | None = None, env: dict[str, str] | None = None) -> None:
+    """Run a server tool; on failure raise with its output and the server log's tail (why it did not start).
+    The working directory is /tmp because the ``postgres`` user may not be able to read ours."""
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=START_TIMEOUT_S,
+                          cwd=tempfile.gettempdir(), env=env)
     if done.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}{tail}")

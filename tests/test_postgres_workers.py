@@ -9,14 +9,16 @@ worker's second trial waits for the gate, so once three trials are RUNNING each 
 One is then killed with SIGKILL; after the heartbeat grace period (1 s heartbeat, 2 s grace, from the YAML) the
 gate opens, and the survivors' next trial start fails the zombie and re-enqueues it, so one of them retries it.
 
-The first worker starts alone and the others join once it has created the study and its MLflow parent run:
-creating the parent is check-then-create, so workers started at the very same moment on a fresh study could
-each make one (README "Scaling out").
+All workers start at the same moment on a fresh study, as a cluster's do (docker compose starts them together):
+setting the study up is check-then-create, so this also checks that ``setup_lock`` leaves one study and one MLflow
+parent run.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import IO
@@ -51,27 +53,12 @@ def test_workers_share_budget_survive_sigkill_and_log_to_one_parent(
             search={"trials": BUDGET, "heartbeat_interval": 1, "grace_period": GRACE_S},
             tracking={"enabled": True, "uri": tracking_uri},
         )
-        logs = [open(tmp_path / f"worker-{i}.log", "w+") for i in range(WORKERS)]
-        workers = [cli_popen("search", str(config), "--storage", storage, cwd=tmp_path, output=logs[0])]
-        try:
-            wait_for(lambda: load_study(storage, STUDY).user_attrs.get(PARENT_RUN_ATTR), "the study and its "
-                     "MLflow parent run", alive=workers[0])
-            workers += [cli_popen("search", str(config), "--storage", storage, cwd=tmp_path, output=log)
-                        for log in logs[1:]]
-            wait_for(lambda: _count(storage, "RUNNING") == WORKERS, "every worker mid-trial (at the gate)")
-            running_at_kill = {t.number for t in load_study(storage, STUDY).get_trials()
-                               if t.state.name == "RUNNING"}
-            victim = workers[1]
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(timeout=60)
-            time.sleep(GRACE_S + 1)  # the victim's last heartbeat is now older than the grace period
-            gate.touch()
-            for survivor in (workers[0], workers[2]):
-                survivor.wait(timeout=600)
-        finally:
-            for process in workers:
-                stop(process)
-        outputs = [_read(log) for log in logs]
+        with contextlib.ExitStack() as files:
+            logs = [files.enter_context(open(tmp_path / f"worker-{i}.log", "w+")) for i in range(WORKERS)]
+            workers = [cli_popen("search", str(config), "--storage", storage, cwd=tmp_path, output=log)
+                       for log in logs]
+            running_at_kill = _kill_one_mid_trial(workers, storage, gate)
+            outputs = [_read(log) for log in logs]
         assert [workers[0].returncode, workers[2].returncode] == [0, 0], "\n---\n".join(outputs)
         for output in outputs:
             assert not CONTENTION.search(output), output
@@ -80,6 +67,24 @@ def test_workers_share_budget_survive_sigkill_and_log_to_one_parent(
         _assert_budget(trials)
         _assert_zombie_retried(trials, running_at_kill)
         _assert_one_parent_run(tracking_uri, load_study(storage, STUDY), trials)
+
+
+def _kill_one_mid_trial(workers: list[subprocess.Popen[str]], storage: str, gate: Path) -> set[int]:
+    """Once every worker waits at the gate, SIGKILL worker 1, let its heartbeat go stale, open the gate and wait
+    for the survivors to finish the study. Returns the trials that were running at the kill."""
+    try:
+        wait_for(lambda: _count(storage, "RUNNING") == WORKERS, "every worker mid-trial (at the gate)")
+        running = {t.number for t in load_study(storage, STUDY).get_trials() if t.state.name == "RUNNING"}
+        workers[1].send_signal(signal.SIGKILL)
+        workers[1].wait(timeout=60)
+        time.sleep(GRACE_S + 1)  # the victim's last heartbeat is now older than the grace period
+        gate.touch()
+        for survivor in (workers[0], workers[2]):
+            survivor.wait(timeout=600)
+        return running
+    finally:
+        for process in workers:
+            stop(process)
 
 
 def _assert_budget(trials: list[optuna.trial.FrozenTrial]) -> None:
@@ -129,6 +134,32 @@ def _count(storage: str, state: str) -> int:
 def _read(log: IO[str]) -> str:
     log.flush()
     log.seek(0)
-    text = log.read()
-    log.close()
-    return text
+    return log.read()
+
+
+def test_setup_lock_serialises_study_setup(postgres: PostgresServer) -> None:  # noqa: F811
+    """Two processes setting the same study up at once take turns (the second enters after the first leaves);
+    another study is not held up. Threads stand for processes: each lock holds its own database session."""
+    import threading
+
+    from kfac_tune.search.study import setup_lock
+
+    events: list[str] = []
+    holding = threading.Event()
+
+    def first() -> None:
+        with setup_lock(postgres.url(), STUDY):
+            events.append("first in")
+            holding.set()
+            with setup_lock(postgres.url(), "another-study"):
+                events.append("other study in")
+            time.sleep(1.0)
+            events.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert holding.wait(timeout=60)
+    with setup_lock(postgres.url(), STUDY):
+        events.append("second in")
+    thread.join(timeout=60)
+    assert events == ["first in", "other study in", "first out", "second in"]
