@@ -158,7 +158,8 @@ def main() -> None:
                 print(f"  {label:<10} {workers} worker(s): {runs[-1].per_hour:>10,.0f} trials/h", flush=True)
 
     load = f", load1={os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    print(f"\n{os.cpu_count()} cores{load}; window {args.seconds:g} s per cell, objective sleep {args.objective_ms:g} ms")
+    print(f"\n{os.cpu_count()} cores{load}; window {args.seconds:g} s per cell, "
+          f"objective sleep {args.objective_ms:g} ms")
     print("| storage | workers | trials | trials/hour | per worker | errors |\n|---|---|---|---|---|---|")
     for run in runs:
         print(f"| {run.storage} | {run.workers} | {run.trials} | {run.per_hour:,.0f} | "
