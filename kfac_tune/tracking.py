@@ -443,7 +443,8 @@ class StudyTracker:
 
         A resumed study or another worker re-attaches to the run named in ``study.user_attrs`` and sets it
         RUNNING again; its tags are refreshed, its artifacts left as logged. Call it once in the launching
-        process before workers start: two processes that both find no parent would each create one.
+        process before workers start, or under ``setup_lock`` (kfac_tune.search.study): two processes that both
+        find no parent would each create one.
         """
         from mlflow.entities import RunTag
 

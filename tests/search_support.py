@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -49,10 +49,12 @@ def cli(*args: str, cwd: Path, timeout: float = 600, **popen: Any) -> subprocess
                           text=True, timeout=timeout, **popen)
 
 
-def cli_popen(*args: str, cwd: Path) -> subprocess.Popen[str]:
+def cli_popen(*args: str, cwd: Path, output: IO[str] | None = None) -> subprocess.Popen[str]:
+    """Start ``python cli.py ARGS``; stdout and stderr together go to a pipe, or to ``output`` (a file) for
+    processes that run alongside others and would fill an unread pipe."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE if output is None else output, stderr=subprocess.STDOUT)
 
 
 def load_study(storage: str, name: str) -> Any:

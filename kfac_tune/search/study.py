@@ -13,13 +13,14 @@ Rules this module keeps (docs/tuning-tools.md §0, §1.2, §1.6):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,42 @@ def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem,
     return study
 
 
+@contextlib.contextmanager
+def setup_lock(storage_url: str, study_name: str) -> Iterator[None]:
+    """Serialise setting a study up (create it, record its config, create its MLflow parent run) across
+    ``kfac-tune search`` processes that start at the same moment on a server database, as a cluster's workers do.
+
+    Each step is check-then-create, so two workers on a fresh study would otherwise each create an MLflow parent
+    run and split the trials between them. On PostgreSQL a session-level advisory lock keyed on the study name
+    does it (released on disconnect, so a worker that dies holding it blocks no one); SQLite needs nothing more,
+    since several machines cannot share it and ``--jobs`` workers are spawned after the setup.
+    """
+    import zlib
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    try:
+        postgres = make_url(storage_url).get_backend_name() == "postgresql"
+    except Exception:  # not an SQLAlchemy URL: RDBStorage will say so
+        postgres = False
+    if not postgres:
+        yield
+        return
+    key = zlib.crc32(f"kfac-tune setup {study_name}".encode())
+    engine = create_engine(storage_url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        engine.dispose()
+
+
 def enqueue(study: optuna.Study, points: list[dict[str, Any]], **attrs: Any) -> None:
     """Enqueue warm-start points once (``skip_if_exists`` makes a resume a no-op); ``attrs`` go on the trials."""
     for point in points:
@@ -353,11 +390,12 @@ def prepare_search(
     tracking = cfg.tracking.enabled if tracking is None else tracking
     tracker = open_tracker(cfg, name, tracking, prepare=True)
     match = warm_start_match(cfg, problem, recipe_dirs)
-    study = open_study(cfg, name, storage_url, problem, space)
-    if match is not None:
-        enqueue(study, [recipe_point(match.recipe.hyperparameters, space)], warm_start_recipe=str(match.path))
-    enqueue(study, starts)
-    tracker.ensure_parent_run(study, _tags(cfg, storage_url, problem, jobs), _artifacts(cfg, space, storage_url))
+    with setup_lock(storage_url, name):
+        study = open_study(cfg, name, storage_url, problem, space)
+        if match is not None:
+            enqueue(study, [recipe_point(match.recipe.hyperparameters, space)], warm_start_recipe=str(match.path))
+        enqueue(study, starts)
+        tracker.ensure_parent_run(study, _tags(cfg, storage_url, problem, jobs), _artifacts(cfg, space, storage_url))
     timeout = timeout if timeout is not None else cfg.search.timeout
     spec = WorkerSpec(
         cfg=cfg, study_name=name, storage_url=storage_url, budget=trials or cfg.search.trials,
