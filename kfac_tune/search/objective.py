@@ -48,6 +48,13 @@ class Objective:
         return KFAC.complete_arguments({**arguments, "loss": self.loss})
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:  # wherever Ctrl-C lands, also before training starts or after it ends
+            trial.set_user_attr("fail_reason", INTERRUPTED)
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
         hparams = suggest(trial, self.space)
         trial.set_user_attr("hyperparameters", self.constructor_arguments(hparams))
         with self.tracker.trial_run(trial, hparams) as run:

@@ -66,7 +66,10 @@ def test_ctrl_c_ends_the_trial_run_as_killed_and_says_how_to_resume(in_tmp: Path
     config = fault_config(in_tmp, trials=20, tracking=True, training={"steps": 400, "eval_every": 50})
     process = cli_popen("search", str(config), cwd=in_tmp)
     try:
-        wait_for(lambda: states_seen(in_tmp, "COMPLETE", "RUNNING"), "a running second trial", alive=process)
+        # Interrupt once the second trial is training: RUNNING in the study and its MLflow child run created.
+        wait_for(lambda: states_seen(in_tmp, "COMPLETE") and any(
+            t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials_of(in_tmp)),
+            "a running second trial", alive=process)
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=WAIT_S)
     finally:
