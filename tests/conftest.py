@@ -12,3 +12,13 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
     d = load_digits()
     return torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target, dtype=torch.long)
+
+
+@pytest.fixture
+def float64_default():
+    """Exactness is checked in float64; the default dtype is restored so other tests see float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+

@@ -9,24 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_tune import KFAC
+from tests.optim_support import exact_kfac
 from kfac_tune.optim import fisher
 from kfac_tune.optim.blocks import KroneckerBlock
 
 LOSS_FN = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "bce": F.binary_cross_entropy_with_logits}
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """Exactness is checked in float64; the default dtype is restored so other test files see float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def _kfac(model: nn.Module, **kw) -> KFAC:
-    base = dict(lr=1.0, momentum=0.0, factor_decay=0.5, inv_update_freq=1, factor_dtype=torch.float64)
-    return KFAC(model, **{**base, **kw})
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _one_step(model: nn.Module, opt: KFAC, x: torch.Tensor, target: torch.Tensor, loss: str) -> list[torch.Tensor]:
@@ -58,7 +48,7 @@ def test_linear_factors_equal_hand_computed_moments() -> None:
     z = layer(x).detach().requires_grad_(True)
     (dz,) = torch.autograd.grad(F.cross_entropy(z.reshape(-1, 3), y.reshape(-1)), [z])
     dz = dz.reshape(-1, 3)
-    opt = _kfac(model, fisher="empirical", loss="cross_entropy")
+    opt = exact_kfac(model, fisher="empirical", loss="cross_entropy")
     F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)).backward()
     opt.step()
     rows = torch.cat([x.reshape(-1, 4), torch.ones(10, 1)], dim=1)
@@ -77,7 +67,7 @@ def test_conv2d_factors_equal_explicit_patches(stride: int, padding: int, dilati
     target = torch.randn_like(model(x))
     s = conv(x).detach().requires_grad_(True)
     (ds,) = torch.autograd.grad(F.mse_loss(s.flatten(1), target), [s])
-    opt = _kfac(model, fisher="empirical", loss="mse")
+    opt = exact_kfac(model, fisher="empirical", loss="mse")
     opt.zero_grad()
     F.mse_loss(model(x), target).backward()
     opt.step()
@@ -122,7 +112,7 @@ def test_single_linear_layer_update_equals_exact_natural_gradient() -> None:
     x, y = torch.randn(6, 3), torch.randn(6, 2)
     damping = 1e-3
     ggn = _exact_ggn(model, x, y, "mse")
-    opt = _kfac(model, fisher="exact", loss="mse", damping=damping, damping_mode="exact")
+    opt = exact_kfac(model, fisher="exact", loss="mse", damping=damping, damping_mode="exact")
     model.zero_grad()
     F.mse_loss(model(x), y).backward()
     grad = model[0].weight.grad.reshape(-1).clone()
@@ -178,7 +168,7 @@ def test_true_fisher_factors_converge_to_the_exact_fisher() -> None:
     x, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
 
     def g_factor(fisher_type: str, seed: int) -> torch.Tensor:
-        opt = _kfac(model, fisher=fisher_type, seed=seed)
+        opt = exact_kfac(model, fisher=fisher_type, seed=seed)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -207,7 +197,7 @@ def test_sampling_pass_leaves_gradients_untouched() -> None:
     F.cross_entropy(model(x), y).backward()
     reference = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    opt = _kfac(model, fisher="true", seed=0)
+    opt = exact_kfac(model, fisher="true", seed=0)
     F.cross_entropy(model(x), y).backward()
     for p, r in zip(model.parameters(), reference):
         torch.testing.assert_close(p.grad, r)
@@ -221,7 +211,7 @@ def test_inplace_activations_give_the_same_factors(fisher_type: str) -> None:
     def factors(inplace: bool) -> list[torch.Tensor]:
         torch.manual_seed(7)
         model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=inplace), nn.Linear(5, 3))
-        opt = _kfac(model, fisher=fisher_type, seed=0)
+        opt = exact_kfac(model, fisher=fisher_type, seed=0)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -236,7 +226,7 @@ def test_adaptive_lr_takes_the_newton_step_on_least_squares() -> None:
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(4, 2))
     x, y = torch.randn(32, 4), torch.randn(32, 2)
-    opt = _kfac(model, fisher="exact", loss="mse", damping=1e-8, min_damping=1e-10, damping_mode="exact",
+    opt = exact_kfac(model, fisher="exact", loss="mse", damping=1e-8, min_damping=1e-10, damping_mode="exact",
                 adaptive_lr=True)
     _one_step(model, opt, x, y, "mse")
     X = torch.cat([x, torch.ones(32, 1)], dim=1)

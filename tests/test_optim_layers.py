@@ -7,20 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_tune import KFAC
+from tests.optim_support import exact_kfac
 from kfac_tune.optim.layers import DiagonalInputBlock, UnitwiseBlock
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def _kfac(model: nn.Module, **kw) -> KFAC:
-    base = dict(lr=1.0, momentum=0.0, factor_decay=0.5, inv_update_freq=1, factor_dtype=torch.float64)
-    return KFAC(model, **{**base, **kw})
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _exact_ggn(model: nn.Module, x: torch.Tensor, loss_fn) -> torch.Tensor:
@@ -65,7 +56,7 @@ def test_embedding_factors_are_token_frequencies_and_output_gradient_moments() -
     x, y = torch.randint(0, 6, (5, 2)), torch.randint(0, 4, (5, 2))
     s = emb(x).detach().requires_grad_(True)
     (ds,) = torch.autograd.grad(F.cross_entropy(model[1](s).reshape(-1, 4), y.reshape(-1)), [s])
-    opt = _kfac(model, fisher="empirical")
+    opt = exact_kfac(model, fisher="empirical")
     F.cross_entropy(model(x).reshape(-1, 4), y.reshape(-1)).backward()
     opt.step()
     onehot = F.one_hot(x.reshape(-1), 6).double()
@@ -82,7 +73,7 @@ def test_embedding_update_equals_exact_natural_gradient() -> None:
     x, y = torch.randint(0, 5, (9,)), torch.randn(9, 3)
     damping = 1e-3
     ggn = _exact_ggn(model, x, lambda z: F.mse_loss(z, y))
-    opt = _kfac(model, fisher="exact", loss="mse", damping=damping, damping_mode="exact")
+    opt = exact_kfac(model, fisher="exact", loss="mse", damping=damping, damping_mode="exact")
     opt.zero_grad()
     F.mse_loss(model(x), y).backward()
     grad = model[0].weight.grad.reshape(-1).clone()
@@ -125,7 +116,7 @@ def test_unitwise_blocks_equal_the_exact_ggn_blocks(kind: str) -> None:
     model, x, name = _norm_case(kind)
     y = torch.randint(0, 3, (x.shape[0],))
     ggn = _exact_ggn(model, x, lambda z: F.cross_entropy(z, y))
-    opt = _kfac(model, fisher="exact")
+    opt = exact_kfac(model, fisher="exact")
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
@@ -142,7 +133,7 @@ def test_unitwise_update_is_the_damped_block_solve() -> None:
     model, x, name = _norm_case("layernorm")
     y = torch.randint(0, 3, (x.shape[0],))
     damping = 0.01
-    opt = _kfac(model, fisher="exact", damping=damping)
+    opt = exact_kfac(model, fisher="exact", damping=damping)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     gw, gb = model[1].weight.grad.clone(), model[1].bias.grad.clone()
@@ -158,7 +149,7 @@ def test_checkpoint_round_trip_with_every_block_type(tmp_path) -> None:
     def build(seed: int) -> tuple[nn.Module, KFAC]:
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Embedding(7, 4), nn.LayerNorm(4), nn.Flatten(), nn.Linear(12, 3))
-        return model, _kfac(model, lr=0.1, seed=0, inv_update_freq=2)
+        return model, exact_kfac(model, lr=0.1, seed=0, inv_update_freq=2)
 
     x, y = torch.randint(0, 7, (8, 3)), torch.randint(0, 3, (8,))
 

@@ -7,17 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_tune import KFAC
+from tests.optim_support import exact_kfac
 from kfac_tune.nn import LSTM
 from kfac_tune.optim.blocks import KroneckerBlock
 from kfac_tune.optim.temporal import MAX_LENGTH, TemporalBlock, mark_time_shared
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class TinyRNN(nn.Module):
@@ -52,11 +48,6 @@ def _loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(z.reshape(-1, 5), y.reshape(-1))
 
 
-def _kfac(model: nn.Module, **kw) -> KFAC:
-    base = dict(lr=1.0, momentum=0.0, factor_decay=0.5, inv_update_freq=1, factor_dtype=torch.float64)
-    return KFAC(model, **{**base, **kw})
-
-
 def _ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(*x.shape[:-1], 1)], dim=-1)
 
@@ -86,7 +77,7 @@ def test_shared_weight_factors_equal_hand_computed_sums_over_time(last_only: boo
     a_ih, g_ih = _ones(x), xi.grad
 
     model.zero_grad()
-    opt = _kfac(model, fisher="empirical", temporal="option2")
+    opt = exact_kfac(model, fisher="empirical", temporal="option2")
     _loss(model(x), y).backward()
     opt.step()
     for name, a, g in (("hh", a_hh, g_hh), ("ih", a_ih, g_ih)):
@@ -102,7 +93,7 @@ def test_shared_weight_factors_equal_hand_computed_sums_over_time(last_only: boo
         expected_lengths[T - 1] = 1.0
         torch.testing.assert_close(avg["lengths"], expected_lengths)
 
-    independent = _kfac(TinyRNN(last_only), fisher="empirical")
+    independent = exact_kfac(TinyRNN(last_only), fisher="empirical")
     _loss(independent.model(x), y).backward()
     independent.step()
     block = independent.layers["hh"][1]
@@ -114,7 +105,7 @@ def test_shared_weight_factors_equal_hand_computed_sums_over_time(last_only: boo
 def test_variable_sequence_lengths_are_weighted_by_rows_and_counted() -> None:
     """Two passes of different lengths in one step: A is the row mean, P(T) the share of sequences."""
     model = TinyRNN()
-    opt = _kfac(model, fisher="empirical", temporal="option1")
+    opt = exact_kfac(model, fisher="empirical", temporal="option1")
     xs = [torch.randn(2, 2, 3), torch.randn(2, 5, 3)]
     for x in xs:
         _loss(model(x), torch.randint(0, 5, (x.shape[1], 2))).backward()
@@ -133,7 +124,7 @@ def test_sequence_length_one_equals_the_linear_block(mode: str) -> None:
 
     def step(temporal: str) -> list[torch.Tensor]:
         model = TinyRNN()
-        opt = _kfac(model, temporal=temporal, damping=0.1, seed=0)
+        opt = exact_kfac(model, temporal=temporal, damping=0.1, seed=0)
         for _ in range(2):
             opt.zero_grad()
             _loss(model(x), y).backward()
@@ -224,13 +215,13 @@ def test_option1_inverse_equals_the_dense_lggm_sum(damping: float) -> None:
 
 # ------------------------------------------------------------------------------------------------ behaviour
 def test_temporal_options_are_selected_per_layer_and_validated() -> None:
-    opt = _kfac(TinyRNN(), temporal={"hh": "option2"})
+    opt = exact_kfac(TinyRNN(), temporal={"hh": "option2"})
     assert isinstance(opt.layers["hh"][1], TemporalBlock) and opt.layers["hh"][1].mode == "option2"
     assert isinstance(opt.layers["ih"][1], KroneckerBlock) and isinstance(opt.layers["out"][1], KroneckerBlock)
     with pytest.raises(ValueError, match="temporal='option3'"):
-        _kfac(TinyRNN(), temporal="option3")
+        exact_kfac(TinyRNN(), temporal="option3")
     with pytest.raises(ValueError, match="damping_mode='exact' has no counterpart"):
-        _kfac(TinyRNN(), temporal="option1", damping_mode="exact")
+        exact_kfac(TinyRNN(), temporal="option1", damping_mode="exact")
 
 
 @pytest.mark.parametrize("mode", ["option1", "option2"])
