@@ -319,3 +319,17 @@ def test_subset_statistics_pass_equals_statistics_of_the_subset(digits) -> None:
     reference = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16))
     reference(x)
     torch.testing.assert_close(running, reference[1].running_mean)
+
+
+def test_levenberg_marquardt_never_writes_a_skipped_update_into_the_parameters(digits) -> None:
+    """A non-finite update is not applied; rejecting it on a damping-adaptation step must not subtract it either."""
+    x, y = digits[0][:128], digits[1][:128]
+    model = _mlp()
+    opt = KFAC(model, lr=0.05, adaptive_damping=True, damping_adaptation_interval=1)
+    opt.step(_closure(model, opt, x, y))
+    before = [p.detach().clone() for p in model.parameters()]
+    bad_x = x.clone()
+    bad_x[0, 0] = float("nan")
+    opt.step(_closure(model, opt, bad_x, y))
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)

@@ -391,17 +391,17 @@ class KFAC(torch.optim.Optimizer):
         """δ = α Δ + μ δ_prev with α, μ fixed (and KL-clipped) or from the quadratic model; then LM damping."""
         prev = [self.state[p].get("delta") for p in params]
         has_prev = all(d is not None for d in prev)
-        model = None
+        quad = None
         if self.adaptive_lr or self.adaptive_momentum:
-            model, coeffs = self._solve_step(group, params, grads, direction, prev if has_prev else None)
+            quad, coeffs = self._solve_step(group, params, grads, direction, prev if has_prev else None)
             alpha, mu = coeffs[0], (coeffs[1] if has_prev else 0.0)
         else:
             alpha = group["lr"] * self._kl_scale(group, grads, direction)
             mu = group["momentum"] if has_prev else 0.0
         update = [alpha * d + mu * p_ if mu else alpha * d for d, p_ in zip(direction, prev)]
-        self._apply(params, update)
+        applied = self._apply(params, update)
         if self.adaptive_damping and (self._steps + 1) % self.damping_adaptation_interval == 0:
-            self._adapt_damping(group, closure, loss, params, grads, update, model, (alpha, mu), has_prev)
+            self._adapt_damping(group, closure, loss, params, grads, applied, quad, (alpha, mu), has_prev)
 
     def _statistics_pass(self) -> None:
         """Forward the recorded first examples of the batch and run the sampled backward pass on them alone.
@@ -501,28 +501,34 @@ class KFAC(torch.optim.Optimizer):
         finally:
             self._hooks_enabled = True
 
-    def _apply(self, params: list[Tensor], update: list[Tensor]) -> None:
-        """Add the update unless any entry is non-finite (decided on the device, no synchronisation)."""
+    def _apply(self, params: list[Tensor], update: list[Tensor]) -> list[Tensor]:
+        """Add the update unless any entry is non-finite (decided on the device, no synchronisation); return what
+        was added, which is also the momentum for the next step."""
         total = sum((u.float() ** 2).sum() for u in update)
         finite = torch.isfinite(total)
         self._skipped += (~finite).long()
-        for p, u in zip(params, update):
-            safe = torch.where(finite, u, torch.zeros_like(u))
+        applied = [torch.where(finite, u, torch.zeros_like(u)) for u in update]
+        for p, safe in zip(params, applied):
             p.add_(safe)
             self.state[p]["delta"] = safe
+        return applied
 
     def _adapt_damping(self, group: dict[str, Any], closure: Optional[Callable[[], Tensor]],
                        loss: Optional[Tensor], params: list[Tensor], grads: list[Tensor], update: list[Tensor],
-                       model: Optional[quadratic.QuadraticModel], coeffs: tuple[Any, float], has_prev: bool) -> None:
-        """Levenberg–Marquardt: compare the loss change the update achieved with the one the model predicted."""
+                       quad: Optional[quadratic.QuadraticModel], coeffs: tuple[Any, float], has_prev: bool) -> None:
+        """Levenberg–Marquardt: compare the loss change the update achieved with the one the model predicted.
+
+        ``update`` is what ``_apply`` actually added (zeros for a skipped non-finite update), so undoing it can
+        never write a non-finite value into the parameters.
+        """
         if closure is None or loss is None:
             raise RuntimeError("KFAC(adaptive_damping=True) needs step(closure): the damping rule re-evaluates "
                                "the loss after the update")
-        if model is None:
-            model = self._quadratic_model(params, grads, [update], group["weight_decay"])
-            predicted = model.change([1.0])
+        if quad is None:
+            quad = self._quadratic_model(params, grads, [update], group["weight_decay"])
+            predicted = quad.change([1.0])
         else:
-            predicted = model.change([float(coeffs[0]), float(coeffs[1])] if has_prev else [float(coeffs[0])])
+            predicted = quad.change([float(coeffs[0]), float(coeffs[1])] if has_prev else [float(coeffs[0])])
         self._hooks_enabled = False
         try:
             with torch.enable_grad():
