@@ -118,12 +118,6 @@ class KroneckerBlock:
         self._inverse_cache = (damping, "pi", g_inv, a_inv)
         return g_inv, a_inv
 
-    def quadratic_form(self, v: Tensor) -> Tensor:
-        """``vec(v)ᵀ (A ⊗ G) vec(v)`` for a ``(g_dim, a_dim)`` matrix: the block's share of δᵀF̂δ."""
-        A, G = self.factors()
-        v = v.to(self.dtype)
-        return (v * (G @ v @ A)).sum()
-
     # -- checkpointing ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Optional[Tensor]]:
         return {k: getattr(self, k) for k in STATE_KEYS}

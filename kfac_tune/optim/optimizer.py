@@ -211,6 +211,7 @@ class KFAC(torch.optim.Optimizer):
     CONVENTIONS = (
         "loss",
         "fisher",
+        "temporal",
         "damping_mode",
         "adaptive_damping",
         "adaptive_lr",
