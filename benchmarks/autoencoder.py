@@ -457,6 +457,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/out/autoencoder")
+    p.add_argument("--mlflow", metavar="URI", default=None,
+                   help="also log the curves, tables and plots to this MLflow tracking URI (benchmarks/log_mlflow.py)")
     p.add_argument("--quick", action="store_true",
                    help="width ÷8, 2,000 train/test images, 1 seed, short budgets: a few minutes")
     args = p.parse_args(argv)
@@ -534,6 +536,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "curves": [[asdict(c) for c in cs] for cs in curves_by_seed], "summary": summary, "splits": splits,
     })
     log(f"wrote {out}/results.json and plots; {time.time() - start:.0f}s in all")
+    if args.mlflow:
+        from benchmarks.log_mlflow import log_results
+
+        log(f"logged to MLflow at {args.mlflow}: parent run {log_results(out, args.mlflow)}")
     return {"per_seed": per_seed, "summary": summary}
 
 

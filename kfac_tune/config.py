@@ -166,6 +166,9 @@ class TrainingConfig(_Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, le=4096)  # torch CPU threads; 1 is fastest for small nets on busy CPUs
+    # data-parallel processes per trial (one per GPU, or CPU processes with gloo); each takes an equal slice of
+    # every batch, so data.batch_size must be a multiple of it
+    processes: int = Field(1, ge=1, le=1024)
     loss: Literal["cross_entropy", "mse", "bce"] | None = None
     # a loss this many times the first step's loss counts as diverged (null: only NaN/inf do)
     divergence_factor: float | None = Field(1000.0, gt=1, le=1e30)
@@ -328,9 +331,10 @@ class Config(_Section):
 
     def fingerprint(self) -> str:
         """Hash of what defines the objective (model, data, training, optimizer, space): two configs with the
-        same hash may share a study; budgets, tracking and storage do not count."""
+        same hash may share a study; budgets, tracking, storage and how many processes train a trial do not count
+        (data-parallel training is the same computation on the same batches)."""
         keys = {"model", "data", "training", "optimizer"}
-        payload = self.model_dump(mode="json", include=keys)
+        payload = self.model_dump(mode="json", include=keys, exclude={"training": {"processes"}})
         payload["space"] = self.search.model_dump(mode="json", include={"space"}, by_alias=True)["space"]
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -7,20 +7,29 @@ measures the optimizer. A non-finite or exploded loss (``training.divergence_fac
 raises ``Diverged`` at the next evaluation; the search turns that into a pruned trial. Huge learning rates often
 leave the loss finite but astronomically large (ReLU units die, K-FAC skips non-finite updates), which is why
 "exploded" counts as diverged too.
+
+With ``training.processes: N`` a run is data-parallel: :func:`kfac_tune.launch.run_local` spawns N ranks, each
+training a DistributedDataParallel replica on an equal slice of every batch (the batches of one process, cut in N),
+so the run computes what one process would (up to float rounding, and the sampled Fisher's random targets).
+Evaluation is sharded and summed across ranks; rank 0 sends each evaluation to this process, where ``on_eval`` (the
+pruner, MLflow) runs as it does for one process, and its answer (go on or stop) goes back to every rank.
 """
 from __future__ import annotations
 
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from kfac_tune.config import Config, Phrase, import_callable
 from kfac_tune.optimizers import build_optimizer
@@ -45,6 +54,17 @@ class Diverged(RuntimeError):
         bound = f", above the divergence limit {limit:.4g}" if math.isfinite(value) else ""
         super().__init__(f"diverged: {metric} = {value:.6g} at step {step}{bound}{detail}")
         self.step, self.metric, self.value = step, metric, value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by message (a data-parallel rank sends its divergence to the parent)."""
+        return _restore_diverged, (str(self), self.step, self.metric, self.value)
+
+
+def _restore_diverged(message: str, step: int, metric: str, value: float) -> Diverged:
+    error = Diverged.__new__(Diverged)
+    RuntimeError.__init__(error, message)
+    error.step, error.metric, error.value = step, metric, value
+    return error
 
 
 @dataclass
@@ -164,6 +184,10 @@ def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
     task, loss = task_and_loss(cfg)
     if loss not in TASK_LOSSES[task]:
         raise cfg.problem("training.loss", f"expected a loss for {task} ({', '.join(TASK_LOSSES[task])})", loss)
+    batch = min(cfg.data.batch_size, len(data.train_x))
+    if batch % cfg.training.processes:
+        raise cfg.problem("training.processes", f"expected a divisor of the batch size {batch} (every process "
+                          "trains on an equal slice of each batch)", cfg.training.processes)
     try:
         torch.manual_seed(cfg.training.seed)
         model = make_model(cfg, data)
@@ -191,17 +215,71 @@ def train(
     """Train once for the config's budget with ``hparams``; ``optimizer`` defaults to ``cfg.optimizer.name``.
 
     ``on_eval(step, metrics)`` is called at every evaluation (``train_loss``, ``eval_loss``, ``eval_accuracy`` for
-    classifiers, ``step_time``) and may raise to stop the run (the search prunes that way).
+    classifiers, ``step_time``) and may raise to stop the run (the search prunes that way); with
+    ``training.processes > 1`` it is called here too, in the calling process, while the ranks wait for it.
     """
     started = time.perf_counter()
+    if cfg.training.processes > 1:
+        curves, steps, device = _train_data_parallel(cfg, hparams, optimizer, on_eval)
+    else:
+        curves, steps, device = _train_replica(cfg, hparams, optimizer, on_eval, _Replica())
+    metric = cfg.training.metric
+    values = [point[metric] for point in curves]
+    best = (min if cfg.training.goal == "minimize" else max)(values)
+    final = {k: v for k, v in curves[-1].items() if k not in ("step", "train_seconds")}
+    return TrainResult(metric, values[-1], best, curves, steps, time.perf_counter() - started,
+                       curves[-1]["train_seconds"], device, final)
+
+
+Curves = tuple[list[dict[str, float]], int, str]  # (one point per evaluation, steps, device)
+
+
+@dataclass(frozen=True)
+class _Replica:
+    """This process's place in a data-parallel run: rank ``rank`` of ``world`` takes an equal slice of each batch.
+    With ``world == 1`` every method is the identity, so one training loop serves both cases."""
+
+    rank: int = 0
+    world: int = 1
+
+    def part(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of ``rows`` (equal slices when the length divides)."""
+        return rows.tensor_split(self.world)[self.rank] if self.world > 1 else rows
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of ``value`` over all ranks (in place)."""
+        if self.world > 1:
+            dist.all_reduce(value)
+        return value
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        return self.total(value) / self.world
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag``, on every rank."""
+        if self.world == 1:
+            return flag
+        nccl = dist.get_backend() == "nccl"  # NCCL moves only GPU tensors
+        value = torch.tensor(int(flag), device=torch.device("cuda", torch.cuda.current_device()) if nccl else None)
+        dist.broadcast(value, src=0)
+        return bool(value)
+
+
+def _train_replica(
+    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None, replica: _Replica
+) -> Curves:
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     device = resolve_device(cfg.training.device)
+    if device.type == "cuda" and replica.world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())  # the launcher gave this rank its GPU
     data = load_data(cfg)
     task, loss_name = task_and_loss(cfg)
     loss_fn = LOSSES[loss_name] if task != "sequence" else functools.partial(_per_position, LOSSES[loss_name])
     torch.manual_seed(cfg.training.seed)
     model = make_model(cfg, data).to(device)
+    if replica.world > 1:  # averages the gradients; K-FAC takes the wrapper and averages its statistics itself
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = build_optimizer(optimizer or cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss_name)
 
     train_x, test_x = data.train_x.to(device), data.test_x.to(device)
@@ -213,30 +291,79 @@ def train(
     steps = total_steps(cfg, len(train_x))
 
     try:
-        curves = _loop(cfg, model, opt, loss_fn, task, batches, steps, on_eval, (train_x, train_t), (test_x, test_t))
+        curves = _loop(cfg, model, opt, loss_fn, task, batches, steps, on_eval, (train_x, train_t), (test_x, test_t),
+                       replica)
     finally:
         getattr(opt, "close", lambda: None)()  # K-FAC's hooks tie model and optimizer in a reference cycle
-    metric = cfg.training.metric
-    values = [point[metric] for point in curves]
-    best = (min if cfg.training.goal == "minimize" else max)(values)
-    final = {k: v for k, v in curves[-1].items() if k not in ("step", "train_seconds")}
-    return TrainResult(metric, values[-1], best, curves, steps, time.perf_counter() - started,
-                       curves[-1]["train_seconds"], str(device), final)
+    return curves, steps, str(device)
+
+
+# ------------------------------------------------------------------------------------------------ data parallel
+
+
+class _Stopped(Exception):
+    """The parent's ``on_eval`` raised: every rank leaves its loop at the same evaluation."""
+
+
+def _train_data_parallel(
+    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None
+) -> Curves:
+    """Train on ``training.processes`` local ranks; ``on_eval`` runs here and may stop them all."""
+    from kfac_tune.launch import run_local
+
+    raised: list[Exception] = []
+
+    def answer(question: tuple[int, dict[str, float]]) -> bool:
+        """Whether the ranks must stop after this evaluation."""
+        try:
+            if on_eval is not None:
+                on_eval(*question)
+        except Exception as error:  # the pruner's TrialPruned, a tracking error: re-raised once the ranks stop
+            raised.append(error)
+        return bool(raised)
+
+    outcome = run_local(_rank_train, cfg.training.processes, cfg, dict(hparams), optimizer, serve=answer)[0]
+    if raised:
+        raise raised[0]
+    if isinstance(outcome, Diverged):
+        raise outcome
+    return outcome
+
+
+def _rank_train(channel: Any, cfg: Config, hparams: dict[str, Any], optimizer: str | None) -> Curves | Diverged | None:
+    """One rank of a data-parallel run (spawned by ``run_local``); rank 0 returns the curves, or the divergence."""
+    replica = _Replica(dist.get_rank(), dist.get_world_size())
+    if not cfg.training.threads:  # share the cores instead of every rank taking all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // replica.world))
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        if replica.agree(channel.ask((step, metrics)) if replica.rank == 0 else False):
+            raise _Stopped
+
+    try:
+        curves = _train_replica(cfg, hparams, optimizer, report, replica)
+    except _Stopped:
+        return None
+    except Diverged as diverged:  # every rank sees the same (all-reduced) metrics, so all of them stop here
+        return diverged
+    return curves if replica.rank == 0 else None
 
 
 def _loop(
     cfg: Config, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[..., torch.Tensor], task: str,
     batches: _Batches, steps: int, on_eval: EvalCallback | None, train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor], replica: _Replica,
 ) -> list[dict[str, float]]:
-    """The steps and evaluations; returns the curve (one point per evaluation, with the cumulative step clock)."""
+    """The steps and evaluations; returns the curve (one point per evaluation, with the cumulative step clock).
+    Losses are averaged over the ranks before anything is judged on them, so every rank decides alike."""
     (train_x, train_t), (test_x, test_t) = train, test
+    network = model.module if isinstance(model, DistributedDataParallel) else model
     device = train_x.device
     curves: list[dict[str, float]] = []
     loss_sum, since_eval, train_seconds = torch.zeros((), device=device), 0, 0.0
     clock = _sync_time(device)
     for step in range(1, steps + 1):
-        index = batches.next()
+        index = replica.part(batches.next())
         xb, tb = train_x[index], train_t[index]
 
         def closure() -> torch.Tensor:
@@ -248,19 +375,19 @@ def _loop(
         try:
             loss = opt.step(closure).detach()
         except RuntimeError as error:  # e.g. Fisher sampling from NaN logits: name the divergence, not its symptom
-            if _finite_model(model, xb):
+            if _finite_model(network, xb):
                 raise
             raise Diverged(step, "train_loss", math.nan, cause=error) from error
         loss_sum += loss
         if step == 1:
-            limit = _divergence_limit(cfg, loss.item())
+            limit = _divergence_limit(cfg, replica.mean(loss.clone()).item())
         since_eval += 1
         if step % cfg.training.eval_every and step != steps:
             continue
         now = _sync_time(device)
         train_seconds += now - clock
-        metrics = {"train_loss": loss_sum.item() / since_eval, **_evaluate(model, loss_fn, test_x, test_t, task,
-                                                                            cfg.data.eval_batch_size)}
+        metrics = {"train_loss": replica.mean(loss_sum).item() / since_eval,
+                   **_evaluate(network, loss_fn, test_x, test_t, task, cfg.data.eval_batch_size, replica)}
         metrics["step_time"] = train_seconds / step
         for name in ("train_loss", "eval_loss"):
             if not metrics[name] <= limit:  # also catches NaN
@@ -304,21 +431,24 @@ class _Batches:
 @torch.no_grad()
 def _evaluate(
     model: nn.Module, loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, target: torch.Tensor, task: str,
-    batch_size: int,
+    batch_size: int, replica: _Replica,
 ) -> dict[str, float]:
+    """Test loss (and accuracy) over all of ``x``; each rank evaluates its slice and the sums are combined."""
     was_training = model.training
     model.eval()
-    total, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
-    for start in range(0, len(x), batch_size):
-        out = model(x[start : start + batch_size])
-        tb = target[start : start + batch_size]
-        total += loss_fn(out, tb, reduction="sum") / (1 if task == "classification" else tb[0].numel())
+    mine, my_target = replica.part(x), replica.part(target)
+    sums = torch.zeros(2, device=x.device)  # loss, correct
+    for start in range(0, len(mine), batch_size):
+        out = model(mine[start : start + batch_size])
+        tb = my_target[start : start + batch_size]
+        sums[0] += loss_fn(out, tb, reduction="sum") / (1 if task == "classification" else tb[0].numel())
         if task == "classification":
-            correct += (out.argmax(-1) == tb).sum()
+            sums[1] += (out.argmax(-1) == tb).sum()
     model.train(was_training)
-    metrics = {"eval_loss": total.item() / len(x)}
+    total, correct = replica.total(sums).tolist()
+    metrics = {"eval_loss": total / len(x)}
     if task == "classification":
-        metrics["eval_accuracy"] = correct.item() / len(x)
+        metrics["eval_accuracy"] = correct / len(x)
     return metrics
 
 

@@ -1,0 +1,59 @@
+"""The seed benchmark's pipeline end to end on a toy size: tuning, arms, matched targets, plots, MLflow.
+
+The numbers it produces at this size mean nothing; what is checked is that the script's outputs are consistent
+with each other (the matched target is reached by both arms of a pair, ratios follow from the recorded curves)
+and that what reaches MLflow is the recorded curve, stamped at training time.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import autoencoder
+from kfac_tune.zoo.data import DEBIAN_FASHION_MNIST
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="needs `apt-get install dataset-fashion-mnist` (.ci/bootstrap.sh installs it)")]
+
+
+def test_toy_run_logs_consistent_results_to_mlflow(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    autoencoder.main([
+        "--width-div", "16", "--train-size", "256", "--test-size", "256", "--seeds", "2",
+        "--arms", "adam,kfac-adaptive", "--trials", "2", "--adam-lr-range", "1e-3,1e-2",
+        "--adaptive-damping-grid", "1e-4,1e-3", "--tune-seconds", "0.5", "--arm-seconds", "1.5",
+        "--dense-until", "5", "--eval-every", "5", "--threads", "1", "--out", str(tmp_path / "out"), "--mlflow", uri,
+    ])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results["curves"]) == 2 and len(results["per_seed"]) == 2
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+        f"sigmoid_seed{s}_test_vs_{x}.png" for s in (0, 1) for x in ("seconds", "steps")]
+    for curves, compared in zip(results["curves"], results["per_seed"]):
+        by_arm = {c["arm"]: c for c in curves}
+        for name, row in compared["arms"].items():
+            curve = by_arm[name]
+            assert row["min"] == min(curve["test"])
+            if row["pair_step"] is not None:  # the arm's own clock at the first point at or below the target
+                i = curve["steps"].index(row["pair_step"])
+                assert curve["test"][i] <= row["pair_target"] and all(t > row["pair_target"] for t in curve["test"][:i])
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("kfac-tune-benchmarks")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 * len(results["arms"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.json", "log.txt"}
+    for child in children:
+        seed = int(child.data.tags["seed"])
+        curve = next(c for c in results["curves"][seed] if c["arm"] == child.data.tags["arm"])
+        history = client.get_metric_history(child.info.run_id, "test_loss")
+        assert [m.step for m in history] == curve["steps"]
+        assert [m.value for m in history] == pytest.approx(curve["test"])
+        elapsed = [(m.timestamp - history[0].timestamp) / 1000 for m in history]
+        assert elapsed == pytest.approx([s - curve["seconds"][0] for s in curve["seconds"]], abs=2e-3)
