@@ -100,3 +100,58 @@ def test_search_with_two_processes_per_trial(tmp_path: Path) -> None:
         history = client.get_metric_history(trial.user_attrs["mlflow_run_id"], "eval_loss")
         assert [m.step for m in history] == [10, 20, 30, 40]
         assert history[-1].value == pytest.approx(trial.value)
+
+
+def _rank_processes(parent: int) -> list[int]:
+    """Spawned multiprocessing children of ``parent`` (from /proc: the ranks, not the resource tracker)."""
+    ranks = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and "spawn_main" in cmdline:
+            ranks.append(int(entry.name))
+    return ranks
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_ranks_exit_when_the_search_process_is_killed(tmp_path: Path) -> None:
+    """A search worker killed with SIGKILL must not leave its trial's ranks running (holding cores or GPUs)."""
+    import signal
+    import time
+
+    from tests.search_support import cli_popen
+
+    config = write_config(tmp_path, model={"name": "convnet"}, optimizer="adam",
+                          training={"processes": 2, "steps": 100000, "eval_every": 20})
+    with (tmp_path / "search.log").open("w") as log:
+        search = cli_popen("search", str(config), "--no-tracking", cwd=tmp_path, output=log)
+        try:
+            deadline = time.monotonic() + 120
+            while len(ranks := _rank_processes(search.pid)) < 2:
+                assert search.poll() is None and time.monotonic() < deadline, (tmp_path / "search.log").read_text()
+                time.sleep(0.2)
+            time.sleep(3)  # let them get into training
+            assert all(_alive(pid) for pid in ranks)
+            search.send_signal(signal.SIGKILL)
+            search.wait()
+            deadline = time.monotonic() + 60  # a liveness bound, not a speed target: they should go in ~1 s
+            while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not any(_alive(pid) for pid in ranks), "orphaned ranks kept running"
+        finally:
+            if search.poll() is None:
+                search.kill()
