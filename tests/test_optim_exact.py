@@ -233,3 +233,33 @@ def test_adaptive_lr_takes_the_newton_step_on_least_squares() -> None:
     best = torch.linalg.lstsq(X, y).solution
     minimum = F.mse_loss(X @ best, y)
     assert float(F.mse_loss(model(x), y)) == pytest.approx(float(minimum), rel=1e-6)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_quadratic_model_curvature_is_the_ggn_of_the_first_examples(fraction: float, float64_default: None) -> None:
+    """``dᵢᵀ C dⱼ`` of the automatic modes equals the GGN of the mean loss over the batch's first
+    ``ceil(fraction · B)`` examples, built from the full Jacobian (autograd) and the softmax Hessian; ``gᵀdᵢ`` uses
+    the whole batch's gradient."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    opt = exact_kfac(model, loss="cross_entropy", adaptive_lr=True, adaptive_momentum=True, stat_fraction=fraction)
+    F.cross_entropy(model(x), y).backward()
+    params = list(model.parameters())
+    grads = [p.grad.clone() for p in params]
+    dirs = [[torch.randn_like(p) for p in params] for _ in range(2)]
+    qm = opt._quadratic_model(params, grads, dirs, weight_decay=0.0)
+
+    used = math.ceil(fraction * len(x))
+    names = [name for name, _ in model.named_parameters()]
+    out_of = lambda *ps: torch.func.functional_call(model, dict(zip(names, ps)), (x[:used],))  # noqa: E731
+    jacobians = torch.autograd.functional.jacobian(out_of, tuple(p.detach() for p in params))
+    jd = [sum((j.flatten(2) @ d.flatten()) for j, d in zip(jacobians, direction)) for direction in dirs]
+    probs = torch.softmax(model(x[:used]), dim=-1).detach()
+    hessians = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    for i in range(2):
+        for j in range(2):
+            exact = torch.einsum("nc,ncd,nd->", jd[i], hessians, jd[j]) / used
+            assert qm.curv[i][j] == pytest.approx(float(exact), rel=1e-6)  # the model's sums run in float32
+        assert qm.grad_dots[i] == pytest.approx(float(sum((g * d).sum() for g, d in zip(grads, dirs[i]))), rel=1e-6)
+    opt.close()

@@ -65,9 +65,11 @@ class KFAC(torch.optim.Optimizer):
         adaptive_damping: Levenberg–Marquardt adaptation of λ every ``damping_adaptation_interval`` steps; needs
             ``step(closure)``.  On those steps an update that increases the batch loss is rejected (undone).
         adaptive_lr, adaptive_momentum: choose α and/or μ each step by minimising the exact quadratic model.
-        stat_fraction: share of each batch (its first examples) used for the factor statistics.  With the true or
-            exact Fisher, a fraction < 1 runs the statistics as a separate forward and sampled backward pass over
-            those examples alone (Martens & Grosse use 1/8), so their cost shrinks with the fraction.
+        stat_fraction: share of each batch (its first examples) used for curvature estimates: the factor statistics
+            and, in the automatic modes, the quadratic model's exact curvature products.  With the true or exact
+            Fisher, a fraction < 1 runs the statistics as a separate forward and sampled backward pass over those
+            examples alone (Martens & Grosse use 1/8), so their cost shrinks with the fraction; so does the cost of
+            the quadratic model's Jacobian-vector products.
         exclude: module names (or prefixes), module instances or module types that get the first-order fallback.
         temporal: curvature model of Linear layers marked as shared over time steps (``kfac_tune.nn``'s LSTM and
             GRU mark theirs): ``"independent"``, ``"option1"`` or ``"option2"`` (Martens et al. 2018; see
@@ -192,7 +194,6 @@ class KFAC(torch.optim.Optimizer):
         self._passes = 0
         self._outputs: list[tuple[str, Tensor, int, int]] = []
         self._last_inputs: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
-        self._last_output: Optional[Tensor] = None
         self._model_output: Optional[Tensor] = None
         self._statistics_on_subset = stat_fraction < 1 and fisher != "empirical"
         self._subset_inputs: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
@@ -283,8 +284,6 @@ class KFAC(torch.optim.Optimizer):
                 f"KFAC needs the model's output to be the tensor the loss is computed from; got "
                 f"{type(output).__name__}. Wrap the model so that forward() returns that tensor."
             )
-        if not self._in_statistics_pass:
-            self._last_output = output.detach()
         if self._capturing and output.requires_grad:
             self._loss_count = fisher.loss_count(self.loss, output)
             # The output is held by the optimizer (not by its own hook, which would make a reference cycle that
@@ -491,13 +490,15 @@ class KFAC(torch.optim.Optimizer):
 
     def _quadratic_model(self, params: list[Tensor], grads: list[Tensor], dirs: list[list[Tensor]],
                          weight_decay: float) -> quadratic.QuadraticModel:
-        if self._last_inputs is None or self._last_output is None:
+        if self._last_inputs is None:
             raise RuntimeError("KFAC: the automatic step size and damping need a forward pass of the model "
                                "with gradients enabled before step()")
+        inputs = self._last_inputs
+        if self.stat_fraction < 1:
+            inputs = _first_examples(*inputs, self.stat_fraction)
         self._hooks_enabled = False
         try:
-            return quadratic.build(self.model, self._last_inputs, self._last_output, self.loss, params, grads,
-                                   dirs, weight_decay,
+            return quadratic.build(self.model, inputs, self.loss, params, grads, dirs, weight_decay,
                                    average=None if self.data_parallel is None else self.data_parallel.average)
         finally:
             self._hooks_enabled = True

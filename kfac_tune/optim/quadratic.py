@@ -65,7 +65,6 @@ class QuadraticModel:
 def build(
     model: nn.Module,
     inputs: tuple[tuple[Any, ...], dict[str, Any]],
-    output: Tensor,
     loss: str,
     params: list[nn.Parameter],
     grads: list[Tensor],
@@ -75,11 +74,14 @@ def build(
 ) -> QuadraticModel:
     """Evaluate ``gᵀd``, ``dᵀCd`` and ``dᵀd`` for each direction (one JVP per direction).
 
-    ``weight_decay`` η enters as the L2 term of the objective: ``C + η I``.  Under data parallelism ``average``
+    ``C`` is the GGN of the mean loss over ``inputs``, which may be the first examples of the batch only: an
+    unbiased estimate of the whole batch's ``C`` at a fraction of the cost (``gᵀd`` uses the whole batch's
+    gradient).  ``weight_decay`` η enters as the L2 term of the objective: ``C + η I``.  Under data parallelism ``average``
     (in place, over the ranks) turns this rank's ``dᵀCd`` into the combined batch's; ``gᵀd`` and ``dᵀd`` need
     nothing, the gradients and directions being the same on every rank already.
     """
-    jvps = [_jvp(model, inputs, params, d) for d in directions]
+    outputs, jvps = zip(*(_jvp(model, inputs, params, d) for d in directions))
+    output = outputs[0]
     n = len(directions)
     dot = lambda a, b: sum((x.float() * y.float()).sum() for x, y in zip(a, b))  # noqa: E731
     grad_dots = torch.stack([dot(grads, d) for d in directions])
@@ -99,8 +101,8 @@ def build(
 
 def _jvp(
     model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], params: list[nn.Parameter], tangent: list[Tensor]
-) -> Tensor:
-    """``J d``: the change of the model output along the parameter direction ``d``."""
+) -> tuple[Tensor, Tensor]:
+    """The model output and ``J d``, its change along the parameter direction ``d``."""
     names = {id(p): name for name, p in model.named_parameters()}
     primal = {names[id(p)]: p.detach() for p in params}
     tangents = {names[id(p)]: t.to(p.dtype) for p, t in zip(params, tangent)}
@@ -113,8 +115,8 @@ def _jvp(
         return out
 
     with torch.enable_grad():
-        _, out_tangent = jvp(f, (primal,), (tangents,))
-    return out_tangent.detach()
+        out, out_tangent = jvp(f, (primal,), (tangents,))
+    return out.detach(), out_tangent.detach()
 
 
 def new_damping(
