@@ -30,6 +30,7 @@ given the same training-time budget (``--tune-seconds``); a trial's score is its
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -426,6 +427,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--test-size", type=int, default=10000)
     p.add_argument("--arms", type=lambda s: s.split(","), default=["adam", "kfac-seed", "kfac-tuned", "kfac-adaptive", "adam-kfac"])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds run are first-seed … first-seed+seeds-1 (to split seeds across processes)")
     p.add_argument("--adam-steps", type=int, default=3000)
     p.add_argument("--kfac-steps", type=int, default=300)
     p.add_argument("--arm-seconds", type=float, default=600, help="training-time cap per arm and seed")
@@ -459,6 +462,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/out/autoencoder")
     p.add_argument("--mlflow", metavar="URI", default=None,
                    help="also log the curves, tables and plots to this MLflow tracking URI (benchmarks/log_mlflow.py)")
+    p.add_argument("--combine", nargs="+", metavar="DIR", default=None,
+                   help="no training: pool the seeds of earlier runs' results.json (same arms) into --out")
     p.add_argument("--quick", action="store_true",
                    help="width ÷8, 2,000 train/test images, 1 seed, short budgets: a few minutes")
     args = p.parse_args(argv)
@@ -473,8 +478,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def combine(dirs: Sequence[str], out: Path) -> dict[str, Any]:
+    """Pool the seeds of runs made in separate processes (``--first-seed``) into one summary and results.json."""
+    runs = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    names = [[a["name"] for a in r["arms"]] for r in runs]
+    if any(n != names[0] for n in names):
+        raise SystemExit(f"--combine: the runs have different arms: {names}")
+    per_seed = [s for r in runs for s in r["per_seed"]]
+    curves = [cs for r in runs for cs in r["curves"]]
+    baseline = runs[0]["baseline"]
+    summary = summarise(per_seed, baseline)
+    splits = split_table([[Curve(**c) for c in cs] for cs in curves])
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(str(out / "results.json"), {
+        **runs[0], "per_seed": per_seed, "curves": curves, "summary": summary, "splits": splits,
+        "seeds": [seed for r in runs for seed in r.get("seeds", range(len(r["per_seed"])))],
+        "combined_from": list(dirs), "machine": "; ".join(sorted({r["machine"] for r in runs})),
+    })
+    print(summary + "\n\n" + splits)
+    return {"per_seed": per_seed, "summary": summary}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.combine:
+        return combine(args.combine, Path(args.out))
     device = setup(args.device, args.threads)
     start = time.time()
     deadline = start + 60 * args.max_minutes
@@ -514,7 +542,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     baseline = next((a.name for a in arms if a.kind == "adam"), arms[0].name)
 
     per_seed, curves_by_seed = [], []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         log(f"seed {seed}: " + ", ".join(a.name for a in arms))
         curves = run(arms, seed, args.arm_seconds)
         cmp = compare(curves, baseline)
@@ -533,6 +561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     write_json(str(out / "results.json"), {
         "args": vars(args), "machine": machine_line(device), "widths": widths, "baseline": baseline,
         "arms": [asdict(a) for a in arms], "tuning": tuning, "per_seed": per_seed,
+        "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
         "curves": [[asdict(c) for c in cs] for cs in curves_by_seed], "summary": summary, "splits": splits,
     })
     log(f"wrote {out}/results.json and plots; {time.time() - start:.0f}s in all")

@@ -45,7 +45,8 @@ def log_results(out: Path, tracking_uri: str, experiment: str = "kfac-tune-bench
         if path.exists():
             client.log_artifact(parent_id, str(path))
     hparams = {arm["name"]: arm for arm in results["arms"]}
-    for seed, curves in enumerate(results["curves"]):
+    seeds = results.get("seeds", range(len(results["curves"])))
+    for seed, curves in zip(seeds, results["curves"]):
         for curve in curves:
             child = client.create_run(experiment_id, run_name=f"{curve['arm']} seed {seed}", tags={
                 "mlflow.parentRunId": parent_id, "seed": str(seed), "arm": curve["arm"],

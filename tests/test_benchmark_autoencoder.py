@@ -57,3 +57,20 @@ def test_toy_run_logs_consistent_results_to_mlflow(tmp_path: Path) -> None:
         assert [m.value for m in history] == pytest.approx(curve["test"])
         elapsed = [(m.timestamp - history[0].timestamp) / 1000 for m in history]
         assert elapsed == pytest.approx([s - curve["seconds"][0] for s in curve["seconds"]], abs=2e-3)
+
+
+def test_seeds_run_in_separate_processes_combine_into_one_summary(tmp_path: Path) -> None:
+    common = ["--width-div", "16", "--train-size", "128", "--test-size", "128", "--seeds", "1",
+              "--arms", "adam,kfac-adaptive", "--adam-lr", "3e-3", "--adaptive-damping-grid", "1e-4",
+              "--arm-seconds", "0.5", "--threads", "1"]
+    for seed in (0, 1):
+        autoencoder.main([*common, "--first-seed", str(seed), "--out", str(tmp_path / f"s{seed}")])
+    parts = [json.loads((tmp_path / f"s{seed}" / "results.json").read_text()) for seed in (0, 1)]
+    assert [p["seeds"] for p in parts] == [[0], [1]]
+    assert parts[0]["curves"][0][0]["test"][0] != parts[1]["curves"][0][0]["test"][0], "seeds differ"
+
+    autoencoder.main(["--combine", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "all")])
+    pooled = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert pooled["seeds"] == [0, 1]
+    assert pooled["per_seed"] == parts[0]["per_seed"] + parts[1]["per_seed"]
+    assert pooled["summary"].startswith("medians over 2 seed(s)")
