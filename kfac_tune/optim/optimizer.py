@@ -193,6 +193,7 @@ class KFAC(torch.optim.Optimizer):
         self._pending: dict[str, Statistics] = {}
         self._passes = 0
         self._outputs: list[tuple[str, Tensor, int, int]] = []
+        # the last batch's inputs, cut to its first stat_fraction: what the quadratic model's curvature sees
         self._last_inputs: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
         self._model_output: Optional[Tensor] = None
         self._statistics_on_subset = stat_fraction < 1 and fisher != "empirical"
@@ -265,12 +266,18 @@ class KFAC(torch.optim.Optimizer):
         statistics_step = self._steps % self.param_groups[0]["cov_update_freq"] == 0
         for stats in self._pending.values():
             stats.end_pass()
-        if (self.adaptive_lr or self.adaptive_momentum or self.adaptive_damping) and not self._in_statistics_pass:
-            self._last_inputs = (args, kwargs)
-        if statistics_step and self._statistics_on_subset and not self._in_statistics_pass:
+        for_quadratic_model = (self.adaptive_lr or self.adaptive_momentum or self.adaptive_damping
+                               ) and not self._in_statistics_pass
+        for_statistics_pass = statistics_step and self._statistics_on_subset and not self._in_statistics_pass
+        if for_quadratic_model or for_statistics_pass:
+            # Both curvature estimates use the batch's first examples: cut them once.
+            first = _first_examples(args, kwargs, self.stat_fraction) if self.stat_fraction < 1 else (args, kwargs)
+        if for_quadratic_model:
+            self._last_inputs = first
+        if for_statistics_pass:
             # The statistics come from a separate pass over the first examples (in step()), so that the
             # sampled backward pass costs a fraction of the batch rather than all of it.
-            self._subset_inputs = _first_examples(args, kwargs, self.stat_fraction)
+            self._subset_inputs = first
             self._capturing = False
         else:
             self._capturing = statistics_step
@@ -493,12 +500,9 @@ class KFAC(torch.optim.Optimizer):
         if self._last_inputs is None:
             raise RuntimeError("KFAC: the automatic step size and damping need a forward pass of the model "
                                "with gradients enabled before step()")
-        inputs = self._last_inputs
-        if self.stat_fraction < 1:
-            inputs = _first_examples(*inputs, self.stat_fraction)
         self._hooks_enabled = False
         try:
-            return quadratic.build(self.model, inputs, self.loss, params, grads, dirs, weight_decay,
+            return quadratic.build(self.model, self._last_inputs, self.loss, params, grads, dirs, weight_decay,
                                    average=None if self.data_parallel is None else self.data_parallel.average)
         finally:
             self._hooks_enabled = True
