@@ -8,11 +8,11 @@ CPU kernel otherwise) and the unrolled one, and their ratio: the price of lettin
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
 
+from benchmarks._common import Stopwatch, median
 from kfac_tune.nn import GRU, LSTM
 
 
@@ -26,14 +26,10 @@ def _time(module: nn.Module, x: torch.Tensor, reps: int) -> float:
         once()
     times = []
     for _ in range(reps):
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        once()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        with Stopwatch(x.device) as watch:
+            once()
+        times.append(watch.total)
+    return median(times)
 
 
 def main() -> None:
