@@ -57,6 +57,17 @@ def cli_popen(*args: str, cwd: Path, output: IO[str] | None = None) -> subproces
                             stdout=subprocess.PIPE if output is None else output, stderr=subprocess.STDOUT)
 
 
+def stop(process: subprocess.Popen[Any], timeout_s: float = 60) -> None:
+    """Terminate a process a test started (SIGTERM, then SIGKILL); no-op if it has exited."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout_s)
+
+
 def load_study(storage: str, name: str) -> Any:
     import optuna
 

@@ -133,7 +133,7 @@ def test_ranks_exit_when_the_search_process_is_killed(tmp_path: Path) -> None:
     import signal
     import time
 
-    from tests.search_support import cli_popen
+    from tests.search_support import cli_popen, stop
 
     config = write_config(tmp_path, model={"name": "convnet"}, optimizer="adam",
                           training={"processes": 2, "steps": 100000, "eval_every": 20})
@@ -153,5 +153,4 @@ def test_ranks_exit_when_the_search_process_is_killed(tmp_path: Path) -> None:
                 time.sleep(0.2)
             assert not any(_alive(pid) for pid in ranks), "orphaned ranks kept running"
         finally:
-            if search.poll() is None:
-                search.kill()
+            stop(search)

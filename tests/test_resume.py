@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.search_support import cli, cli_popen, load_study, write_config
+from tests.search_support import cli, cli_popen, load_study, stop, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 BUDGET = 4
@@ -29,8 +29,7 @@ def test_sigkill_mid_study_then_resume(tmp_path: Path) -> None:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
-        if process.poll() is None:
-            process.kill()
+        stop(process)
     before = {t.number: (t.state, t.value, t.params) for t in study.get_trials() if t.state.name == "COMPLETE"}
     killed = [t.number for t in study.get_trials() if t.state.name == "RUNNING"]
     assert before and len(killed) == 1

@@ -22,6 +22,7 @@ import pytest
 
 from kfac_tune import tracking
 from kfac_tune.tracking import StudyTracker, TrackingUnavailable
+from tests.search_support import stop
 
 sys.path.insert(0, str(Path(__file__).parent))
 from browser_support import chromium, free_port, has_chromium, visible_text  # noqa: E402
@@ -240,12 +241,6 @@ def running_ui(tracking_uri: str) -> Iterator[tuple[str, subprocess.Popen]]:
         yield f"http://127.0.0.1:{port}", process
     finally:
         stop(process)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_ui_shows_the_study_its_trials_and_their_params(tracked_study: TrackedStudy) -> None:

@@ -20,7 +20,7 @@ from click.testing import CliRunner, Result
 
 from kfac_tune.cli import cli
 from tests.faults import fault_models
-from tests.search_support import load_study, write_config
+from tests.search_support import load_study, stop, write_config
 
 T = TypeVar("T")
 FAULT_MODELS = "tests.faults.fault_models"
@@ -83,17 +83,6 @@ def states_seen(tmp_path: Path, *wanted: str) -> bool:
     """Whether the study holds trials in every state of ``wanted`` (e.g. COMPLETE and RUNNING)."""
     states = {t.state.name for t in trials_of(tmp_path)}
     return set(wanted) <= states
-
-
-def stop(process: subprocess.Popen[Any], timeout_s: float = 60) -> None:
-    """Terminate a process this suite started (SIGTERM, then SIGKILL); no-op if it has exited."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout_s)
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ from tests.faults.conftest import (
     WAIT_S, fault_config, free_port, invoke, listening_addresses, mlflow_server, mlflow_store_of, states_seen,
     storage_of, trials_of, wait_for,
 )
-from tests.search_support import cli_popen
+from tests.search_support import cli_popen, stop
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,7 @@ def test_server_dying_mid_study_costs_tracking_only(in_tmp: Path) -> None:
             gate.touch()
             output, _ = process.communicate(timeout=WAIT_S)
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=60)
+            stop(process)
     assert process.returncode == 0, output
     assert "Traceback" not in output
     assert "Warning: MLflow" in output, output
@@ -73,9 +71,7 @@ def test_ctrl_c_ends_the_trial_run_as_killed_and_says_how_to_resume(in_tmp: Path
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=WAIT_S)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=60)
+        stop(process)
     assert process.returncode == 130, output
     assert "Resume with: kfac-tune search" in output and "Traceback" not in output
     trials = trials_of(in_tmp)
