@@ -1,10 +1,12 @@
 """MLflow tracking for kfac-tune studies: one parent run per study, one child run per trial.
 
 Layout (design.md): the experiment holds a parent run named after the Optuna study, carrying the study's tags,
-its input files (resolved model YAML, search space), the plots and the exported recipe. Each trial is a child run
-``trial-<n>`` (tag ``mlflow.parentRunId``) with its hyperparameters as params and its evaluation curves as
-metrics. The link lives in Optuna user attributes (``mlflow_parent_run_id`` on the study, ``mlflow_run_id`` on
-each trial), so a resumed study and every worker process find the same parent.
+the resolved configuration, search space and budget as params, the trial counters as ``trials.<state>`` tags, its
+input files (model YAML, search space), the plots and the exported recipe. Each trial is a child run
+``trial-<n>`` (tag ``mlflow.parentRunId``; renamed ``trial-<n> (pruned)``/``(failed)`` when it did not complete)
+with the whole resolved configuration and its sampled hyperparameters as params, the data set as an input, and
+its evaluation curves as metrics. The link lives in Optuna user attributes (``mlflow_parent_run_id`` on the
+study, ``mlflow_run_id`` on each trial), so a resumed study and every worker process find the same parent.
 
 Everything talks to the store through :class:`mlflow.MlflowClient` rather than the fluent ``mlflow.start_run``:
 the client keeps no process-global "active run", so threads (``n_jobs > 1``) and worker processes cannot trip
@@ -16,6 +18,9 @@ turned into a logged warning.
 """
 from __future__ import annotations
 
+import hashlib
+import html
+import json
 import logging
 import math
 import os
@@ -31,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 if TYPE_CHECKING:
     import optuna
@@ -45,6 +50,7 @@ __all__ = [
     "TrialRun",
     "check_reachable",
     "experiment_url",
+    "flatten",
     "get_or_create_experiment",
     "log_comparison",
     "prepare_store",
@@ -62,6 +68,14 @@ OUTCOME_STATES = ("COMPLETE", "PRUNED", "FAIL")
 BEST_CURVES = 5
 CURVE_METRIC = "eval_loss"
 CONTOUR_PARAMS = ("lr", "damping")
+# The one page holding every interactive plot of a study: plotly.js (~4.6 MB) is inlined once for all of them.
+# Not one page per plot: each would carry its own copy (~19 MB a study). Not a shared plotly.min.js artifact
+# either: the MLflow UI shows an HTML artifact from a blob: URL in a sandboxed iframe, where a relative script
+# path does not resolve, and its server sends .js artifacts as text/plain with nosniff, which browsers refuse
+# to execute. A CDN link would leave the plots blank on machines without internet access.
+INTERACTIVE_PAGE = "interactive.html"
+# Name suffix of the run of a trial that did not complete, so the runs table tells them apart at a glance.
+RUN_NAME_SUFFIX = {"PRUNED": " (pruned)", "FAIL": " (failed)"}
 # PED-ANOVA (Optuna 5's default importance) contrasts the top 10 % of complete trials with the rest; below ten
 # trials that top set is empty or a single trial and Optuna reports all importances as equal.
 MIN_TRIALS_FOR_IMPORTANCE = 10
@@ -279,6 +293,10 @@ def _short(error: Exception, limit: int = 240) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# MLflow run status of each trial state: a pruned trial was stopped early, which MLflow calls KILLED.
+_RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
 @dataclass(frozen=True)
 class _Outcome:
     state: str
@@ -292,11 +310,13 @@ class TrialRun:
 
     ``log_eval`` only appends to a buffer; the buffer goes to the store in one ``log_batch`` per flush, and a
     flush happens at most every ``flush_interval_s`` (and always on exit). ``run_id`` is ``""`` when the run
-    could not be created: the trial then trains untracked.
+    could not be created: the trial then trains untracked. ``run_name`` gets the outcome's suffix on exit.
     """
 
-    def __init__(self, client: MlflowClient | None, run_id: str, flush_interval_s: float = 0.0) -> None:
+    def __init__(self, client: MlflowClient | None, run_id: str, flush_interval_s: float = 0.0,
+                 run_name: str = "") -> None:
         self.run_id = run_id
+        self.run_name = run_name
         self._client = client
         self._flush_interval_s = flush_interval_s
         self._metrics: list[Any] = []
@@ -325,8 +345,7 @@ class TrialRun:
         """Record how the trial ended; written as ``optuna.state``/``optuna.reason`` tags on exit."""
         if state not in OUTCOME_STATES:
             raise ValueError(f"state must be one of {OUTCOME_STATES}, got {state!r}")
-        run_status = "FAILED" if state == "FAIL" else "FINISHED"
-        self._outcome = _Outcome(state, value, reason, run_status)
+        self._outcome = _Outcome(state, value, reason, _RUN_STATUS[state])
 
     def __enter__(self) -> TrialRun:
         return self
@@ -344,6 +363,10 @@ class TrialRun:
             timestamp = int(time.time() * 1000)
             self._metrics.append(Metric(OUTCOME_METRIC, _as_float(outcome.value), timestamp, self._last_step))
         tags = {"optuna.state": outcome.state}
+        if self.run_name and outcome.state in RUN_NAME_SUFFIX:
+            from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+            tags[MLFLOW_RUN_NAME] = self.run_name + RUN_NAME_SUFFIX[outcome.state]
         if outcome.reason:
             tags["optuna.reason"] = outcome.reason[:_MAX_TAG_CHARS]
         self._resume_at = -math.inf  # the final write deserves one more round of retries
@@ -369,7 +392,7 @@ class TrialRun:
         if exc is None:
             return _Outcome("COMPLETE", None, None, "FINISHED")
         if not failed:
-            return _Outcome("PRUNED", None, str(exc) or "pruned", "FINISHED")
+            return _Outcome("PRUNED", None, str(exc) or "pruned", "KILLED")
         return _Outcome("FAIL", None, f"{type(exc).__name__}: {exc}", "FAILED")
 
     def _send(self, tags: dict[str, str]) -> None:
@@ -402,6 +425,58 @@ def _as_float(value: object) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Configurations and data sets
+# --------------------------------------------------------------------------------------------------------------
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested configuration as MLflow params: dotted keys (``data.batch_size``), scalars as JSON writes them
+    (``null``, ``true``), strings as they are, lists and empty sections as JSON; passwords in URLs masked.
+
+    Params are what the MLflow runs table can show as columns and compare, so every setting a run depends on
+    goes there, not only the sampled hyperparameters.
+    """
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, str):
+            flat[name] = _mask_password(value)
+        else:
+            flat[name] = json.dumps(value, default=str)
+    return flat
+
+
+def _mask_password(text: str) -> str:
+    """``scheme://user:***@host/...`` for a URL carrying a password (database and tracking URLs); else ``text``."""
+    if "://" not in text:
+        return text
+    try:
+        password = urllib.parse.urlsplit(text).password
+    except ValueError:
+        return text
+    return text.replace(f":{password}@", ":***@") if password else text
+
+
+def dataset_input(data: Mapping[str, Any], context: str) -> Any:
+    """An ``mlflow.entities.DatasetInput`` describing the config's ``data`` section, without uploading any data.
+
+    Name: the built-in data set or the callable's import path. Digest: a hash of the whole section, so runs on
+    the same data (same sizes, root, kwargs) share one data set in MLflow and a changed split shows as another.
+    The section itself is the profile. ``context`` (``train``, ``eval``) is MLflow's usual input tag.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    description = json.dumps(data, sort_keys=True, default=str)
+    name = str(data.get("callable") or data.get("name") or "data")
+    source = {"callable": name} if data.get("callable") else {"kfac_tune.zoo": name, "root": data.get("root")}
+    dataset = Dataset(name=name, digest=hashlib.sha256(description.encode()).hexdigest()[:10], source_type="code",
+                      source=json.dumps(source), profile=description)
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Studies
 # --------------------------------------------------------------------------------------------------------------
 
@@ -411,13 +486,17 @@ class StudyTracker:
 
     ``flush_interval_s`` bounds how often a trial's metric buffer goes to the store; 0 sends every
     evaluation at once (one ``log_batch`` per evaluation), which is cheap next to an evaluation.
+    ``run_config``: the resolved configuration as plain data (``Config.model_dump(mode="json")``); every run logs
+    it as flattened params (passwords in URLs masked) and its ``data`` section names the trials' input data set.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, study_name: str, flush_interval_s: float = 0.0) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, study_name: str, flush_interval_s: float = 0.0,
+                 run_config: Mapping[str, Any] | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.study_name = study_name
         self.flush_interval_s = flush_interval_s
+        self.run_config = dict(run_config or {})
         self._client_instance: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._parent_run_id: str | None = None
@@ -438,27 +517,47 @@ class StudyTracker:
     def _get_or_create_experiment(self) -> str:
         return get_or_create_experiment(self._client, self.tracking_uri, self.experiment)
 
-    def ensure_parent_run(self, study: optuna.Study, tags: dict[str, str], artifacts: dict[str, str]) -> str:
+    def ensure_parent_run(self, study: optuna.Study, tags: dict[str, str], artifacts: dict[str, str],
+                          params: Mapping[str, Any] | None = None) -> str:
         """Return the study's parent run, creating it (with its artifacts) only if the study has none yet.
 
         A resumed study or another worker re-attaches to the run named in ``study.user_attrs`` and sets it
         RUNNING again; its tags are refreshed, its artifacts left as logged. Call it once in the launching
         process before workers start, or under ``setup_lock`` (kfac_tune.search.study): two processes that both
         find no parent would each create one.
+        ``params`` (e.g. ``{"space": ..., "budget": ...}``) are logged flattened beside the configuration. MLflow
+        params are write-once: a resumed study adds the keys the run lacks and keeps the first values of the
+        others (a changed budget is then in the study's tags and the CLI's output, not here).
         """
         from mlflow.entities import RunTag
 
         all_tags = self._parent_tags(study, tags)
+        flat = flatten({**self.run_config, **(params or {})})
         run_id = self._existing_parent(study)
         if run_id is None:
             run_id = self._client.create_run(self.experiment_id, run_name=self.study_name, tags=all_tags).info.run_id
             for name, text in artifacts.items():
                 self._client.log_text(run_id, text, name)
+            self._log_params(run_id, flat)
             study.set_user_attr(PARENT_RUN_ATTR, run_id)
         else:
             self._client.log_batch(run_id, tags=[RunTag(key, value) for key, value in all_tags.items()])
+            logged = self._client.get_run(run_id).data.params
+            self._log_params(run_id, {key: value for key, value in flat.items() if key not in logged})
         self._parent_run_id = run_id
         return run_id
+
+    def _log_params(self, run_id: str, params: Mapping[str, str]) -> bool:
+        """Params in batches of the REST limit, each retried; ``False`` if any batch was given up on."""
+        from mlflow.entities import Param
+
+        param_list = [Param(key, value[:_MAX_PARAM_CHARS]) for key, value in params.items()]
+        sent = True
+        for start in range(0, len(param_list), _MAX_PARAMS_TAGS_PER_BATCH):
+            chunk = param_list[start : start + _MAX_PARAMS_TAGS_PER_BATCH]
+            logged, _ = _retrying(lambda: self._client.log_batch(run_id, params=chunk), f"logging params of {run_id}")
+            sent &= logged
+        return sent
 
     def _existing_parent(self, study: optuna.Study) -> str | None:
         """The parent run recorded on the study, reopened; ``None`` if absent or gone from the store."""
@@ -491,12 +590,12 @@ class StudyTracker:
         return run_id
 
     def trial_run(self, trial: optuna.Trial, params: dict[str, object]) -> TrialRun:
-        """Create the child run ``trial-<n>`` with its params; use the result as a context manager.
+        """Create the child run ``trial-<n>`` with the resolved configuration and the sampled ``params``, and the
+        data set as its input; use the result as a context manager.
 
         Every call makes a new run, so a retried trial (a new Optuna trial) never overwrites the run of the
         attempt that died. If the store cannot be reached the trial still runs, untracked (``run_id == ""``).
         """
-        from mlflow.entities import Param
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         tags = {
@@ -504,19 +603,21 @@ class StudyTracker:
             "optuna.study_name": self.study_name,
             "optuna.trial_number": str(trial.number),
         }
+        run_name = f"trial-{trial.number}"
         created, run = _retrying(
-            lambda: self._client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags),
+            lambda: self._client.create_run(self.experiment_id, run_name=run_name, tags=tags),
             f"creating the run of trial {trial.number}",
         )
         if not created:
             return TrialRun(None, "")
         run_id = run.info.run_id
-        param_list = [Param(key, str(value)[:_MAX_PARAM_CHARS]) for key, value in params.items()]
-        for start in range(0, len(param_list), _MAX_PARAMS_TAGS_PER_BATCH):
-            chunk = param_list[start : start + _MAX_PARAMS_TAGS_PER_BATCH]
-            _retrying(lambda: self._client.log_batch(run_id, params=chunk), f"logging params of run {run_id}")
+        self._log_params(run_id, {**flatten(self.run_config), **{key: str(value) for key, value in params.items()}})
+        data = self.run_config.get("data")
+        if isinstance(data, Mapping):
+            dataset = dataset_input(data, context="train")
+            _retrying(lambda: self._client.log_inputs(run_id, datasets=[dataset]), f"logging the data set of {run_id}")
         trial.set_user_attr(TRIAL_RUN_ATTR, run_id)
-        return TrialRun(self._client, run_id, self.flush_interval_s)
+        return TrialRun(self._client, run_id, self.flush_interval_s, run_name=run_name)
 
     def refresh_plots(self, study: optuna.Study) -> None:
         """Re-render the study plots and the best-so-far summary onto the parent run (same paths each time)."""
@@ -535,23 +636,23 @@ class StudyTracker:
         _retrying(lambda: self._client.set_terminated(run_id, "FINISHED"), f"ending parent run {run_id}")
 
     def _log_summary(self, run_id: str, study: optuna.Study) -> None:
-        """Trial counts and the best value as parent metrics, the best params as ``best.<name>`` tags.
+        """Trial counts as ``trials.<state>`` tags, the best params as ``best.<name>`` tags, the best value as the
+        ``best_value`` metric (stepped by the number of trials: the best-so-far curve).
 
-        Tags rather than params because MLflow params are write-once and the best trial changes.
+        Counts are tags, not metrics: a metric makes a chart per counter, of little use next to the table.
+        Tags rather than params because MLflow params are write-once and the counts and the best trial change.
         """
         from mlflow.entities import Metric, RunTag
         from optuna.trial import TrialState
 
         trials = study.get_trials(deepcopy=False)
-        now = int(time.time() * 1000)
-        step = len(trials)
         counts = {state: sum(t.state == state for t in trials) for state in TrialState}
-        metrics = [Metric(f"n_{state.name.lower()}", counts[state], now, step) for state in TrialState]
-        tags = []
+        tags = [RunTag(f"trials.{state.name.lower()}", str(counts[state])) for state in TrialState]
+        metrics = []
         best = _best_trial(study)
         if best is not None:
-            metrics.append(Metric("best_value", _as_float(best.value), now, step))
-            tags = [RunTag("best.trial", str(best.number))]
+            metrics.append(Metric("best_value", _as_float(best.value), int(time.time() * 1000), len(trials)))
+            tags += [RunTag("best.trial", str(best.number))]
             tags += [RunTag(f"best.{key}", str(value)[:_MAX_TAG_CHARS]) for key, value in best.params.items()]
         self._client.log_batch(run_id, metrics=metrics, tags=tags[:_MAX_PARAMS_TAGS_PER_BATCH])
 
@@ -572,14 +673,15 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def _render_plots(study: optuna.Study, client: MlflowClient, out_dir: Path) -> list[str]:
-    """Write ``<name>.html`` (interactive plotly) and ``<name>.png`` (matplotlib) for every plot that applies.
+    """Write ``<name>.png`` (matplotlib) for every plot that applies, and all of them as interactive plotly figures
+    on one page, ``INTERACTIVE_PAGE``, sharing a single inlined plotly.js.
 
     A plot that cannot be drawn yet (too few trials, a missing parameter) is skipped with a debug message:
     plots are a view on the study and must never stop it. Returns the names written.
     """
     import matplotlib.pyplot as plt
 
-    written = []
+    written, interactive = [], []
     for name, build in _plot_builders(study, client).items():
         with _isolated_plotting():
             try:
@@ -590,12 +692,16 @@ def _render_plots(study: optuna.Study, client: MlflowClient, out_dir: Path) -> l
             if pair is None:
                 continue
             plotly_fig, mpl_fig = pair
-            # Inline plotly.js (~4.8 MB a file): the MLflow UI shows HTML artifacts in a sandboxed iframe, and
-            # a CDN link would leave the plots blank on machines without internet access.
-            plotly_fig.write_html(out_dir / f"{name}.html", include_plotlyjs=True, full_html=True)
+            interactive.append(plotly_fig.to_html(include_plotlyjs=not interactive, full_html=False, div_id=name))
             mpl_fig.savefig(out_dir / f"{name}.png", dpi=100, bbox_inches="tight")
             plt.close(mpl_fig)
         written.append(name)
+    if interactive:
+        title = f"kfac-tune study {study.study_name}"
+        (out_dir / INTERACTIVE_PAGE).write_text(
+            f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>\n'
+            f"<body><h2>{html.escape(title)}</h2>\n" + "\n".join(interactive) + "\n</body></html>\n",
+            encoding="utf-8")
     return written
 
 

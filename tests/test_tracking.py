@@ -95,14 +95,18 @@ def test_parent_run_has_tags_artifacts_plots_and_is_finished(tracked_study: Trac
     assert parent.data.tags["kfac_tune.config_sha256"] == "abc123"
     assert parent.data.tags["optuna.study_name"] == "quadratic"
     assert parent.data.tags["best.trial"] == str(tracked_study.study.best_trial.number)
-    counts = {name: parent.data.metrics[f"n_{name.lower()}"] for name in ("COMPLETE", "PRUNED", "FAIL")}
-    assert counts == {"COMPLETE": 4, "PRUNED": 2, "FAIL": 1}  # trials 2 and 5 pruned, 3 failed
+    counts = {name: parent.data.tags[f"trials.{name}"] for name in ("complete", "pruned", "fail")}
+    assert counts == {"complete": "4", "pruned": "2", "fail": "1"}  # trials 2 and 5 pruned, 3 failed
+    assert not any(key.startswith("n_") for key in parent.data.metrics)  # counters are no one-point charts
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"model.yaml", "space.yaml", "recipe.yaml", "plots"} <= files
     plots = {a.path: a.file_size for a in client.list_artifacts(parent.info.run_id, "plots")}
-    expected = {f"plots/{name}.{ext}" for name in PLOTS for ext in ("html", "png")}
+    expected = {f"plots/{name}.png" for name in PLOTS} | {f"plots/{tracking.INTERACTIVE_PAGE}"}
     assert expected <= set(plots), sorted(expected - set(plots))
     assert all(plots[path] > 1000 for path in expected)
+    page = Path(client.download_artifacts(parent.info.run_id, f"plots/{tracking.INTERACTIVE_PAGE}")).read_text()
+    assert all(f'id="{name}"' in page for name in PLOTS)  # every interactive plot on the one page
+    assert page.count("* plotly.js v") == 1  # with one copy of plotly.js (its licence header)
     assert "plots/param_importances.png" not in plots  # 4 complete trials: too few for PED-ANOVA
     artifact_dir = Path(tracked_study.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
     assert parent.info.artifact_uri == f"{artifact_dir.as_uri()}/{parent.info.run_id}/artifacts"
@@ -114,9 +118,11 @@ def test_every_trial_is_a_child_run_with_params_curves_and_outcome(tracked_study
     client = MlflowClient(tracked_study.tracking_uri)
     runs = child_runs(tracked_study.tracking_uri, tracked_study.tracker.experiment_id, tracked_study.parent_id)
     by_name = {run.info.run_name: run for run in runs}
-    assert sorted(by_name) == [f"trial-{n}" for n in range(N_TRIALS)]
+    suffix = {"COMPLETE": "", "PRUNED": " (pruned)", "FAIL": " (failed)"}
+    names = {t.number: f"trial-{t.number}{suffix[t.state.name]}" for t in tracked_study.study.trials}
+    assert sorted(by_name) == sorted(names.values())
     for trial in tracked_study.study.trials:
-        run = by_name[f"trial-{trial.number}"]
+        run = by_name[names[trial.number]]
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
         assert run.data.tags["optuna.trial_number"] == str(trial.number)
         assert set(run.data.params) == {"lr", "damping"}
@@ -127,7 +133,7 @@ def test_every_trial_is_a_child_run_with_params_curves_and_outcome(tracked_study
             assert trial.number == FAILING_TRIAL and run.info.status == "FAILED"
             assert run.data.tags["optuna.reason"] == "RuntimeError: boom: diverged on purpose"
             continue
-        assert run.info.status == "FINISHED"
+        assert run.info.status == ("FINISHED" if state == "COMPLETE" else "KILLED")
         curve = client.get_metric_history(run.info.run_id, "eval_loss")
         steps = EVAL_STEPS if state == "COMPLETE" else PRUNE_STEP
         assert [m.step for m in sorted(curve, key=lambda m: m.step)] == list(range(1, steps + 1))
@@ -157,8 +163,8 @@ class Interrupted(KeyboardInterrupt):
     ("outcome", "error", "state", "reason", "status", "value"),
     [
         (None, None, "COMPLETE", None, "FINISHED", None),
-        (("PRUNED", 0.5, "median pruner"), optuna.TrialPruned("step 4"), "PRUNED", "median pruner", "FINISHED", 0.5),
-        (None, optuna.TrialPruned(), "PRUNED", "pruned", "FINISHED", None),
+        (("PRUNED", 0.5, "median pruner"), optuna.TrialPruned("step 4"), "PRUNED", "median pruner", "KILLED", 0.5),
+        (None, optuna.TrialPruned(), "PRUNED", "pruned", "KILLED", None),
         (("COMPLETE", 1.0, None), ValueError("late"), "FAIL", "ValueError: late", "FAILED", None),
         (("FAIL", None, "diverged"), None, "FAIL", "diverged", "FAILED", None),
         (None, Interrupted(), "FAIL", "Interrupted", "KILLED", None),
@@ -306,3 +312,59 @@ def test_trial_survives_the_server_dying_mid_trial(
     assert elapsed < 20, f"a dead server cost the trial {elapsed:.1f} s"
     history = MlflowClient(store_uri).get_metric_history(run.run_id, "eval_loss")
     assert [m.step for m in history] == [1]  # what was logged before the server died is kept
+
+
+# A study's artifacts: one interactive page inlining plotly.js once (4.8 MB for plotly.js 4.1), its figures' data
+# (tens of KB for a few trials), one PNG per plot (~20-80 KB each) and the YAML inputs. 6 MB leaves about 1 MB for
+# all but plotly.js; one more copy of it (the old page per plot: ~4.8 MB each, ~19 MB a study) breaks the bound.
+MAX_STUDY_ARTIFACT_BYTES = 6_000_000
+
+
+def test_real_search_logs_config_data_set_budget_and_stays_small(store_uri: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real 4-trial search (digits MLP, real training) tracked in a local SQLite MLflow store."""
+    from mlflow import MlflowClient
+
+    from kfac_tune.config import load_config
+    from kfac_tune.search import run_search
+    from tests.search_support import write_config
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, tracking={"enabled": True, "uri": store_uri, "experiment": "real-search"},
+                          search={"trials": 4})
+    study = run_search(load_config(config), recipe_path=tmp_path / "recipe.yaml").study
+
+    client = MlflowClient(store_uri)
+    experiment_id = client.get_experiment_by_name("real-search").experiment_id
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    params = parent.data.params
+    assert params["budget.trials"] == "4" and params["budget.timeout_s"] == "null"
+    assert set(study.best_trial.params) <= {key.removeprefix("space.") for key in params}
+    assert params["data.batch_size"] == "64" and params["training.steps"] == "60"
+    assert sum(int(parent.data.tags[f"trials.{state}"]) for state in ("complete", "pruned")) == 4
+
+    children = child_runs(store_uri, experiment_id, parent.info.run_id)
+    assert len(children) == len(study.trials) == 4
+    for run in children:
+        trial = study.trials[int(run.data.tags["optuna.trial_number"])]
+        logged = run.data.params
+        assert {key: logged[key] for key in ("data.name", "data.batch_size", "training.steps", "training.seed")} == {
+            "data.name": "digits", "data.batch_size": "64", "training.steps": "60", "training.seed": "0"}
+        assert logged["optimizer.name"] == study.user_attrs["optimizer"]
+        assert {key: float(logged[key]) for key in trial.params} == pytest.approx(trial.params)
+        (used,) = run.inputs.dataset_inputs
+        assert used.dataset.name == "digits" and {t.key: t.value for t in used.tags} == {"mlflow.data.context": "train"}
+
+    total = 0
+    for run in client.search_runs([experiment_id]):
+        root = Path(urllib.request.url2pathname(run.info.artifact_uri.removeprefix("file://")))
+        total += sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+    print(f"artifacts of the 4-trial study: {total / 1e6:.2f} MB")
+    assert 1_000_000 < total <= MAX_STUDY_ARTIFACT_BYTES, total
+
+
+def test_flattened_config_masks_passwords() -> None:
+    flat = tracking.flatten({"storage": "postgresql+psycopg2://tuner:s3cret@db/kfac", "tracking": {"uri": "x"},
+                             "data": {"kwargs": {}, "root": None, "sizes": [1, 2]}})
+    assert flat == {"storage": "postgresql+psycopg2://tuner:***@db/kfac", "tracking.uri": "x", "data.kwargs": "{}",
+                    "data.root": "null", "data.sizes": "[1, 2]"}

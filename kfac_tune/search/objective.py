@@ -144,13 +144,15 @@ def open_tracker(cfg: Config, study_name: str, enabled: bool, *, prepare: bool =
         tracking.prepare_store(cfg.tracking.uri)
         tracking.check_reachable(cfg.tracking.uri)
     return tracking.StudyTracker(cfg.tracking.uri, cfg.tracking.experiment or cfg.stem, study_name,
-                                 flush_interval_s=FLUSH_INTERVAL_S)
+                                 flush_interval_s=FLUSH_INTERVAL_S,
+                                 run_config=cfg.model_dump(mode="json", by_alias=True))
 
 
 class Untracked:
     """``StudyTracker``'s interface doing nothing: ``--no-tracking`` keeps one code path in the search."""
 
-    def ensure_parent_run(self, study: optuna.Study, tags: Mapping[str, str], artifacts: Mapping[str, str]) -> None:
+    def ensure_parent_run(self, study: optuna.Study, tags: Mapping[str, str], artifacts: Mapping[str, str],
+                          params: Mapping[str, Any] | None = None) -> None:
         return None
 
     @contextlib.contextmanager

@@ -395,8 +395,10 @@ def prepare_search(
         if match is not None:
             enqueue(study, [recipe_point(match.recipe.hyperparameters, space)], warm_start_recipe=str(match.path))
         enqueue(study, starts)
-        tracker.ensure_parent_run(study, _tags(cfg, storage_url, problem, jobs), _artifacts(cfg, space, storage_url))
-    timeout = timeout if timeout is not None else cfg.search.timeout
+        timeout = timeout if timeout is not None else cfg.search.timeout
+        budget = {"trials": trials or cfg.search.trials, "timeout_s": timeout, "jobs": jobs}
+        tracker.ensure_parent_run(study, _tags(cfg, storage_url, problem, jobs), _artifacts(cfg, space, storage_url),
+                                  params={"space": describe(space), "budget": budget})
     spec = WorkerSpec(
         cfg=cfg, study_name=name, storage_url=storage_url, budget=trials or cfg.search.trials,
         deadline=None if timeout is None else time.time() + timeout, worker=0,
