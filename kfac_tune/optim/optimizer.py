@@ -32,6 +32,7 @@ from kfac_tune.optim import blocks as blocks_mod
 from kfac_tune.optim import fisher, quadratic
 from kfac_tune.optim.distributed import DataParallel, resolve_group, unwrap
 from kfac_tune.optim.blocks import DAMPING_MODES
+from kfac_tune.optim.callsite import user_stacklevel
 from kfac_tune.optim.capture import LayerHelper
 from kfac_tune.optim.layers import make_helper
 from kfac_tune.optim.statistics import Statistics
@@ -456,7 +457,7 @@ class KFAC(torch.optim.Optimizer):
             new = min(group["damping"] * 10, self.max_damping)
             warnings.warn(
                 f"K-FAC skipped {skipped - self._skipped_seen} non-finite update(s); raising damping "
-                f"from {group['damping']:.3g} to {new:.3g}", RuntimeWarning, stacklevel=3)
+                f"from {group['damping']:.3g} to {new:.3g}", RuntimeWarning, stacklevel=user_stacklevel())
             group["damping"] = new
             self._skipped_seen = skipped
 
