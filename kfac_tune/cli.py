@@ -128,6 +128,7 @@ Examples:
   kfac-tune search model.yaml --trials 50 --jobs 2 --study mlp-v2
   kfac-tune search model.yaml --optimizer adam --no-tracking
   kfac-tune search model.yaml --storage postgresql+psycopg2://tuner@db/kfac   # several machines
+  kfac-tune search model.yaml -f json > result.json   # progress on stderr, the result as JSON on stdout
 Re-running the same command resumes the study until the budget is reached.""")
 @config_argument
 @click.option("--trials", type=click.IntRange(1, 1_000_000), metavar="N",
@@ -148,15 +149,16 @@ Re-running the same command resumes the study until the budget is reached.""")
               help="First try the closest recipe for this optimizer and network (see `kfac-tune recipe find`); "
                    "same as search.warm_start: true.")
 @recipes_dir_option
+@format_option
 @handle_errors
 def search(config: Path, trials: int | None, timeout: float | None, study_name: str | None, storage: str | None,
            jobs: int, tracking_uri: str | None, optimizer: str | None, no_tracking: bool,
-           output: Path | None, warm_start: bool, recipes_dirs: tuple[Path, ...]) -> None:
+           output: Path | None, warm_start: bool, recipes_dirs: tuple[Path, ...], output_format: str) -> None:
     """Run (or resume) an Optuna study over the optimizer's hyperparameters."""
     from rich.console import Console
 
     from kfac_tune.config import load_config
-    from kfac_tune.display import SearchDisplay, describe_match, trial_rows, trials_table
+    from kfac_tune.display import SearchDisplay, describe_match, output_console, trial_rows, trials_table
 
     overrides = {key: value for key, value in {"optimizer.name": optimizer, "tracking.uri": tracking_uri,
                                                "search.warm_start": warm_start or None}.items() if value is not None}
@@ -185,11 +187,15 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
               f"{display_url(storage_url)}. Resume with: {resume}", EXIT_INTERRUPTED)
     _warn_incomplete_tracking(cfg.tracking.uri if prepared.spec.tracking else None, name, storage_url)
     rows = trial_rows(outcome.study)
-    Console().print(trials_table(rows[:10], cfg.training.metric, title=f"study {name}: best trials"))
-    if outcome.recipe_path is None:
+    recipe_path = None if outcome.recipe_path is None else str(outcome.recipe_path)
+    if not _print_data({"study": name, "storage": display_url(storage_url), "recipe": recipe_path, "trials": rows},
+                       output_format):
+        output_console().print(trials_table(rows[:10], cfg.training.metric, title=f"study {name}: best trials"))
+    if recipe_path is None:
         _fail(f"no trial completed, so no recipe was written. Inspect failures with: kfac-tune show --study {name}"
               + (f" --storage {display_url(storage_url)}" if storage else ""), 1)
-    click.echo(f"best recipe written to {outcome.recipe_path}")
+    if output_format == "table":
+        click.echo(f"best recipe written to {recipe_path}")
 
 
 @cli.command(epilog="""\b
@@ -208,10 +214,10 @@ def show(study_name: str | None, storage: str | None, output_format: str) -> Non
     study = _load_study(study_name, storage)
     rows = trial_rows(study)
     if not _print_data(rows, output_format):
-        from rich.console import Console
+        from kfac_tune.display import output_console
 
         metric = study.user_attrs.get("metric", "value")
-        Console().print(trials_table(rows, metric, title=f"study {study.study_name}: {len(rows)} trials"))
+        output_console().print(trials_table(rows, metric, title=f"study {study.study_name}: {len(rows)} trials"))
 
 
 @cli.command(epilog="""\b
@@ -247,9 +253,9 @@ Examples:
 @handle_errors
 def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_format: str) -> None:
     """Train once with a recipe's hyperparameters and print the result."""
-    from rich.console import Console
     from rich.table import Table
 
+    from kfac_tune.display import output_console
     from kfac_tune.recipes import load_recipe
 
     recipe = load_recipe(recipe_path)
@@ -257,7 +263,7 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_for
     from kfac_tune.training import train as train_once
 
     cfg, hparams, problem = bind_recipe(config, recipe, recipe_path, ignore_architecture=ignore_architecture)
-    console = Console(stderr=output_format != "table")
+    console = output_console(stderr=output_format != "table")
     tuned = recipe.training
     for what, theirs, ours in (("batch size", tuned.batch_size, cfg.data.batch_size), ("steps", tuned.steps,
                                                                                          problem.steps)):
@@ -310,7 +316,7 @@ def compare(config: Path, recipe_paths: tuple[Path, ...], seeds: int, output_dir
     from kfac_tune.compare import compare as run_comparison
     from kfac_tune.compare import tracked_metrics, write_outputs
     from kfac_tune.config import load_config
-    from kfac_tune.display import comparison_table
+    from kfac_tune.display import comparison_table, output_console
 
     cfg = load_config(config, {"tracking.uri": tracking_uri} if tracking_uri else None)
     console = Console(stderr=True)
@@ -331,8 +337,8 @@ def compare(config: Path, recipe_paths: tuple[Path, ...], seeds: int, output_dir
     rows = result.rows()
     if not _print_data({"metric": result.metric, "target": result.target, "seeds": result.seeds, "recipes": rows},
                        output_format):
-        Console().print(comparison_table(rows, result.metric, result.target, result.direction == "maximize",
-                                         title=f"{cfg.stem}: {len(result.seeds)} seeds, {result.metric}"))
+        output_console().print(comparison_table(rows, result.metric, result.target, result.direction == "maximize",
+                                                title=f"{cfg.stem}: {len(result.seeds)} seeds, {result.metric}"))
     console.print(f"plot: {png}  table: {table}")
 
 
@@ -376,12 +382,10 @@ def find(config: Path, optimizer: str | None, recipes_dirs: tuple[Path, ...], co
         return
     if not rows:
         _fail(f"no {cfg.optimizer.name} recipe in {', '.join(map(str, directories)) or '(no recipes directory)'}", 1)
-    from rich.console import Console
+    from kfac_tune.display import matches_table, output_console
 
-    from kfac_tune.display import matches_table
-
-    Console().print(matches_table(rows, title=f"recipes for {problem.architecture} (signature "
-                                              f"{problem.signature['hash']}), {cfg.optimizer.name}"))
+    output_console().print(matches_table(rows, title=f"recipes for {problem.architecture} (signature "
+                                                     f"{problem.signature['hash']}), {cfg.optimizer.name}"))
 
 
 @cli.command(epilog="""\b

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,18 @@ if TYPE_CHECKING:
     import optuna
 
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
+# Width of a console whose stream is a pipe or a file: room for any table's natural width. Rich's own default
+# there is 80 columns, which folds and cuts cells ("diver") in output meant for logs, files and `less -S`.
+PIPED_WIDTH = 1000
+
+
+def output_console(stderr: bool = False) -> Console:
+    """The console a command prints its results with: the terminal's width on a terminal; when piped or
+    redirected, tables at their natural width (``COLUMNS``, if set, still wins). Scripts should use ``-f json``."""
+    stream = sys.stderr if stderr else sys.stdout
+    if os.environ.get("COLUMNS") or stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=PIPED_WIDTH)
 
 
 def fmt(value: Any) -> str:
@@ -97,7 +111,13 @@ class SearchDisplay:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Leave the last frame, then a blank line, so the next output (the table, ``Error:``) starts apart from it.
+
+        Rich ends a live display with a newline only on a terminal; piped, the frame's last line stays open."""
         self.live.__exit__(*exc)  # type: ignore[arg-type]
+        if not self.console.is_terminal:
+            self.console.line()
+        self.console.line()
 
     def update(self, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False)
