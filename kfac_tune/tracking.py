@@ -527,7 +527,7 @@ class StudyTracker:
         find no parent would each create one.
         ``params`` (e.g. ``{"space": ..., "budget": ...}``) are logged flattened beside the configuration. MLflow
         params are write-once: a resumed study adds the keys the run lacks and keeps the first values of the
-        others (a changed budget is then in the study's tags and the CLI's output, not here).
+        others (logging a changed value would be refused and stop the search).
         """
         from mlflow.entities import RunTag
 
@@ -547,17 +547,14 @@ class StudyTracker:
         self._parent_run_id = run_id
         return run_id
 
-    def _log_params(self, run_id: str, params: Mapping[str, str]) -> bool:
-        """Params in batches of the REST limit, each retried; ``False`` if any batch was given up on."""
+    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        """Params in batches of the REST limit, each retried (a batch given up on is logged by ``_retrying``)."""
         from mlflow.entities import Param
 
         param_list = [Param(key, value[:_MAX_PARAM_CHARS]) for key, value in params.items()]
-        sent = True
         for start in range(0, len(param_list), _MAX_PARAMS_TAGS_PER_BATCH):
             chunk = param_list[start : start + _MAX_PARAMS_TAGS_PER_BATCH]
-            logged, _ = _retrying(lambda: self._client.log_batch(run_id, params=chunk), f"logging params of {run_id}")
-            sent &= logged
-        return sent
+            _retrying(lambda: self._client.log_batch(run_id, params=chunk), f"logging params of run {run_id}")
 
     def _existing_parent(self, study: optuna.Study) -> str | None:
         """The parent run recorded on the study, reopened; ``None`` if absent or gone from the store."""

@@ -85,7 +85,7 @@ def tracked_study(store_uri: str, tmp_path_factory: pytest.TempPathFactory) -> T
     return TrackedStudy(store_uri, study, tracker, parent_id)
 
 
-def test_parent_run_has_tags_artifacts_plots_and_is_finished(tracked_study: TrackedStudy) -> None:
+def test_parent_run_has_tags_artifacts_plots_and_is_finished(tracked_study: TrackedStudy, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracked_study.tracking_uri)
@@ -104,7 +104,8 @@ def test_parent_run_has_tags_artifacts_plots_and_is_finished(tracked_study: Trac
     expected = {f"plots/{name}.png" for name in PLOTS} | {f"plots/{tracking.INTERACTIVE_PAGE}"}
     assert expected <= set(plots), sorted(expected - set(plots))
     assert all(plots[path] > 1000 for path in expected)
-    page = Path(client.download_artifacts(parent.info.run_id, f"plots/{tracking.INTERACTIVE_PAGE}")).read_text()
+    page = client.download_artifacts(parent.info.run_id, f"plots/{tracking.INTERACTIVE_PAGE}", str(tmp_path))
+    page = Path(page).read_text()
     assert all(f'id="{name}"' in page for name in PLOTS)  # every interactive plot on the one page
     assert page.count("* plotly.js v") == 1  # with one copy of plotly.js (its licence header)
     assert "plots/param_importances.png" not in plots  # 4 complete trials: too few for PED-ANOVA
