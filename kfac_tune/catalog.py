@@ -38,7 +38,7 @@ class OptimizerSpec:
 _ADAM_FAMILY = ("lr", "beta1", "beta2", "weight_decay", "eps")
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
-    # K-FAC's names are KFAC.HYPERPARAMETERS, written out so that reading them imports no torch (a test keeps them equal)
+    # K-FAC's are KFAC.HYPERPARAMETERS, written out so that reading them imports no torch (a test keeps them equal)
     OptimizerSpec("kfac", "kfac_tune.optimizers:build_kfac",
                   ("lr", "damping", "momentum", "factor_decay", "inv_update_freq", "cov_update_freq", "weight_decay",
                    "kl_clip"), "kfac_tune.optim.KFAC"),

@@ -291,7 +291,8 @@ The common target is the best value every run of every recipe reaches (the worst
 @config_argument
 @click.option("--recipes", "recipe_paths", required=True, multiple=True, metavar="PATH...",
               type=click.Path(exists=True, dir_okay=False, path_type=Path), cls=_ManyOption,
-              help="Recipe YAMLs (K-FAC, Adam or SGD; usually two or more), each trained on CONFIG's workload. "
+              help="Recipe YAMLs of any optimizers (K-FAC, Adam, SGD, AdamW, Muon, SOAP; usually two or more), "
+                   "each trained on CONFIG's workload. "
                    "Put CONFIG first: the list runs up to the next option.")
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Seeds per recipe, starting at the config's training.seed (which reproduces the recipe's run).")
