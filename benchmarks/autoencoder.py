@@ -140,6 +140,17 @@ def build_net(experiment: str, widths: Sequence[int], weight_norm: bool) -> nn.M
                        init="ufldl", weight_norm=weight_norm)
 
 
+def reconstruction_closure(opt: Any, model: nn.Module, x: Tensor) -> Callable[[], Tensor]:
+    """What every arm's ``step`` calls: zero the gradients, then the loss on ``x`` and its backward pass."""
+    def closure() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x), x)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 class Runner:
     """An arm in training: its model, optimizer, training clock and curve."""
 
@@ -163,13 +174,7 @@ class Runner:
             opt = build_optimizer(arm.kind, model, h, loss="mse")
 
             def first_order_step(x: Tensor) -> Tensor:
-                def closure() -> Tensor:
-                    opt.zero_grad(set_to_none=True)
-                    loss = F.mse_loss(model(x), x)
-                    loss.backward()
-                    return loss
-
-                return opt.step(closure).detach()
+                return opt.step(reconstruction_closure(opt, model, x)).detach()
 
             return first_order_step
 
@@ -182,12 +187,7 @@ class Runner:
         params = [p for p in model.parameters() if p.requires_grad]
 
         def kfac_step(x: Tensor) -> Tensor:
-            def closure() -> Tensor:
-                kfac.zero_grad(set_to_none=True)
-                loss = F.mse_loss(model(x), x)
-                loss.backward()
-                return loss
-
+            closure = reconstruction_closure(kfac, model, x)
             wrapped = self.split.timed(closure) if self.split is not None else closure
             if adam is None:
                 return kfac.step(wrapped).detach()

@@ -29,7 +29,6 @@ class OptimizerSpec:
     name: str
     builder: str
     hyperparameters: tuple[str, ...]
-    source: str  # where the algorithm's code comes from: said in the README and in errors
 
     def build(self, model: Any, arguments: Mapping[str, Any], *, loss: str | None) -> Any:
         return resolve(self.builder)(model, dict(arguments), loss=loss)
@@ -41,17 +40,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     # K-FAC's are KFAC.HYPERPARAMETERS, written out so that reading them imports no torch (a test keeps them equal)
     OptimizerSpec("kfac", "kfac_tune.optimizers:build_kfac",
                   ("lr", "damping", "momentum", "factor_decay", "inv_update_freq", "cov_update_freq", "weight_decay",
-                   "kl_clip"), "kfac_tune.optim.KFAC"),
-    OptimizerSpec("adam", "kfac_tune.optimizers:build_adam", _ADAM_FAMILY, "torch.optim.Adam"),
-    OptimizerSpec("sgd", "kfac_tune.optimizers:build_sgd", ("lr", "momentum", "weight_decay", "nesterov", "dampening"),
-                  "torch.optim.SGD"),
-    OptimizerSpec("adamw", "kfac_tune.optimizers:build_adamw", _ADAM_FAMILY, "torch.optim.AdamW"),
+                   "kl_clip")),
+    OptimizerSpec("adam", "kfac_tune.optimizers:build_adam", _ADAM_FAMILY),
+    OptimizerSpec("sgd", "kfac_tune.optimizers:build_sgd", ("lr", "momentum", "weight_decay", "nesterov", "dampening")),
+    OptimizerSpec("adamw", "kfac_tune.optimizers:build_adamw", _ADAM_FAMILY),
     OptimizerSpec("muon", "kfac_tune.muon:build_muon",
                   ("lr", "momentum", "weight_decay", "nesterov", "adamw_lr", "adamw_beta1", "adamw_beta2",
-                   "adamw_weight_decay"), "torch.optim.Muon (hidden matrices) + torch.optim.AdamW (the rest)"),
+                   "adamw_weight_decay")),
     OptimizerSpec("soap", "kfac_tune.optimizers:build_soap",
-                  ("lr", "beta1", "beta2", "shampoo_beta", "weight_decay", "eps", "precondition_frequency"),
-                  "heavyball.SOAP"),
+                  ("lr", "beta1", "beta2", "shampoo_beta", "weight_decay", "eps", "precondition_frequency")),
 )}
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 
