@@ -19,6 +19,12 @@ Arms (``--arms`` picks a subset):
               in the damping modes ``--seed-damping-modes`` (pi, exact)
   kfac-tuned  K-FAC tuned on an lr × damping grid with as many trials as Adam (or ``--kfac-lr/--kfac-damping``)
   adam-kfac   Adam fed K-FAC-preconditioned gradients (Bulatov's ``adam_kfac``; lr ``--adam-kfac-lr``)
+  muon        Muon on the hidden matrices, AdamW (lr ``--muon-adamw-lr``) on the output layer and biases
+              (kfac-tune's ``muon``), Muon's lr tuned on a log grid like Adam's; momentum 0.95
+  soap        SOAP (heavyball, kfac-tune's ``soap``; a Shampoo-family preconditioner), lr tuned on a log grid,
+              heavyball's other defaults
+The first-order arms (adam, muon, soap) run with the same batch size and step budget and no weight decay (the
+Adam arm has none), so they differ only in the update rule.
 
 Clocks: arms advance round-robin, always the one whose training clock is furthest behind, so background load
 hits them alike; only optimizer steps are timed, evaluation is not.  Tuning trials are arms of the same kind, each
@@ -56,6 +62,7 @@ from benchmarks._common import (
     write_json,
 )
 from kfac_tune.optim import KFAC
+from kfac_tune.optimizers import build_optimizer
 from kfac_tune.zoo import build_model
 
 PIXELS = 784
@@ -64,6 +71,7 @@ SEED_WIDTHS = (1024, 1024, 1024, 196)
 # this loss his damped block is (A + λI) ⊗ (G + λ/392·I): factored damping whose two terms multiply to λ²/392.
 # With damping_mode="pi" that is damping = λ²/392 (the split between the factors then follows the trace norm).
 SEED_DAMPING_RESCALED = float(f"{3e-3 ** 2 / (PIXELS / 2):.3g}")
+FIRST_ORDER = ("adam", "muon", "soap")
 
 
 def seed_metric(mse: float) -> float:
@@ -86,7 +94,7 @@ class Arm:
     """One training configuration: an optimizer kind, its hyperparameters and its budget."""
 
     name: str
-    kind: str  # "adam" | "kfac" | "adam-kfac"
+    kind: str  # "kfac" | "adam-kfac" | a first-order optimizer of kfac-tune's catalog: "adam", "muon", "soap"
     hparams: dict[str, Any]
     max_steps: int
     batch_size: Optional[int] = None  # None: the full training set every step
@@ -132,6 +140,17 @@ def build_net(experiment: str, widths: Sequence[int], weight_norm: bool) -> nn.M
                        init="ufldl", weight_norm=weight_norm)
 
 
+def reconstruction_closure(opt: Any, model: nn.Module, x: Tensor) -> Callable[[], Tensor]:
+    """What every arm's ``step`` calls: zero the gradients, then the loss on ``x`` and its backward pass."""
+    def closure() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x), x)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 class Runner:
     """An arm in training: its model, optimizer, training clock and curve."""
 
@@ -151,17 +170,13 @@ class Runner:
     # -- optimizers -------------------------------------------------------------------------------------------
     def _make_step(self, arm: Arm, seed: int, profile: bool) -> Callable[[Tensor], Tensor]:
         model, h = self.model, arm.hparams
-        if arm.kind == "adam":
-            adam = torch.optim.Adam(model.parameters(), lr=h["lr"])
+        if arm.kind in FIRST_ORDER:
+            opt = build_optimizer(arm.kind, model, h, loss="mse")
 
-            def adam_step(x: Tensor) -> Tensor:
-                adam.zero_grad(set_to_none=True)
-                loss = F.mse_loss(model(x), x)
-                loss.backward()
-                adam.step()
-                return loss.detach()
+            def first_order_step(x: Tensor) -> Tensor:
+                return opt.step(reconstruction_closure(opt, model, x)).detach()
 
-            return adam_step
+            return first_order_step
 
         kfac_kw = {k: v for k, v in h.items() if k not in ("adam_lr",)}
         if arm.kind == "adam-kfac":  # K-FAC only computes the direction: lr 1, no momentum, then Adam steps
@@ -172,12 +187,7 @@ class Runner:
         params = [p for p in model.parameters() if p.requires_grad]
 
         def kfac_step(x: Tensor) -> Tensor:
-            def closure() -> Tensor:
-                kfac.zero_grad(set_to_none=True)
-                loss = F.mse_loss(model(x), x)
-                loss.backward()
-                return loss
-
+            closure = reconstruction_closure(kfac, model, x)
             wrapped = self.split.timed(closure) if self.split is not None else closure
             if adam is None:
                 return kfac.step(wrapped).detach()
@@ -389,6 +399,11 @@ def build_arms(args: argparse.Namespace) -> dict[str, list[Arm]]:
     fams: dict[str, list[Arm]] = {}
     lrs = [args.adam_lr] if args.adam_lr else log_grid(*args.adam_lr_range, args.trials)
     fams["adam"] = [Arm(f"adam lr={lr:g}", "adam", {"lr": lr}, args.adam_steps, adam_bs, wn) for lr in lrs]
+    fams["muon"] = [Arm(f"muon lr={lr:g}", "muon", {"lr": lr, "momentum": 0.95, "weight_decay": 0.0,
+                                                    "adamw_lr": args.muon_adamw_lr, "adamw_weight_decay": 0.0},
+                        args.adam_steps, adam_bs, wn) for lr in log_grid(*args.muon_lr_range, args.trials)]
+    fams["soap"] = [Arm(f"soap lr={lr:g}", "soap", {"lr": lr, "weight_decay": 0.0}, args.adam_steps, adam_bs, wn)
+                    for lr in log_grid(*args.soap_lr_range, args.trials)]
     if args.experiment == "sigmoid":
         fams["kfac-seed"] = [
             Arm(f"kfac-seed ({mode}, λ={d:g})", "kfac",
@@ -425,7 +440,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--width-div", type=int, default=1, help="divide the hidden widths (4: C1's CPU network)")
     p.add_argument("--train-size", type=int, default=10000)
     p.add_argument("--test-size", type=int, default=10000)
-    p.add_argument("--arms", type=lambda s: s.split(","), default=["adam", "kfac-seed", "kfac-tuned", "kfac-adaptive", "adam-kfac"])
+    p.add_argument("--arms", type=lambda s: s.split(","),
+                   default=["adam", "kfac-seed", "kfac-tuned", "kfac-adaptive", "adam-kfac", "muon", "soap"])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0,
                    help="seeds run are first-seed … first-seed+seeds-1 (to split seeds across processes)")
@@ -440,6 +456,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tune-seconds", type=float, default=60, help="training seconds per trial")
     p.add_argument("--adam-lr", type=float, default=None, help="skip Adam's tuning, use this lr")
     p.add_argument("--adam-lr-range", type=floats, default=[1e-4, 1e-1])
+    p.add_argument("--muon-lr-range", type=floats, default=[2e-3, 0.2], help="Muon's lr grid (around its 0.02)")
+    p.add_argument("--muon-adamw-lr", type=float, default=1e-3,
+                   help="AdamW's lr for the parameters Muon does not take (the output layer, biases)")
+    p.add_argument("--soap-lr-range", type=floats, default=[3e-4, 3e-2], help="SOAP's lr grid (around its 3e-3)")
     p.add_argument("--kfac-lr", type=float, default=None)
     p.add_argument("--kfac-damping", type=float, default=None)
     p.add_argument("--kfac-lr-grid", type=floats, default=[0.05, 0.2, 0.5])

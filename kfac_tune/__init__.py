@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["KFAC", "load_recipe", "__version__"]
+__all__ = ["KFAC", "load_recipe", "optimizer_from_recipe", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from kfac_tune.recipes import load_recipe
 
         return load_recipe
+    if name == "optimizer_from_recipe":
+        from kfac_tune.optimizers import optimizer_from_recipe
+
+        return optimizer_from_recipe
     raise AttributeError(f"module 'kfac_tune' has no attribute {name!r}")

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from kfac_tune import __version__
+from kfac_tune.catalog import OPTIMIZER_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_STORAGE = "sqlite:///kfac_tune.db"
@@ -141,7 +142,7 @@ Re-running the same command resumes the study until the budget is reached.""")
 @click.option("--jobs", type=click.IntRange(1, 256), default=1, show_default=True, metavar="N",
               help="Worker processes on this machine, sharing the storage (each with its own sampler seed).")
 @tracking_uri_option
-@click.option("--optimizer", type=click.Choice(["kfac", "adam", "sgd"]), help="Override the config's optimizer.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZER_NAMES), help="Override the config's optimizer.")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow (tracking.enabled: false).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
               help="Where to write the best recipe. Default: recipes/<architecture>.yaml.")
@@ -296,7 +297,8 @@ The common target is the best value every run of every recipe reaches (the worst
 @config_argument
 @click.option("--recipes", "recipe_paths", required=True, multiple=True, metavar="PATH...",
               type=click.Path(exists=True, dir_okay=False, path_type=Path), cls=_ManyOption,
-              help="Recipe YAMLs (K-FAC, Adam or SGD; usually two or more), each trained on CONFIG's workload. "
+              help="Recipe YAMLs of any optimizers (K-FAC, Adam, SGD, AdamW, Muon, SOAP; usually two or more), "
+                   "each trained on CONFIG's workload. "
                    "Put CONFIG first: the list runs up to the next option.")
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Seeds per recipe, starting at the config's training.seed (which reproduces the recipe's run).")
@@ -354,7 +356,7 @@ Examples:
   kfac-tune recipe find model.yaml --recipes-dir ~/my-recipes -f json
 Then warm-start a search with it: kfac-tune search model.yaml --warm-start""")
 @config_argument
-@click.option("--optimizer", type=click.Choice(["kfac", "adam", "sgd"]),
+@click.option("--optimizer", type=click.Choice(OPTIMIZER_NAMES),
               help="Recipes for this optimizer. Default: the config's.")
 @recipes_dir_option
 @click.option("-n", "--count", type=click.IntRange(1, 1000), default=1, show_default=True,

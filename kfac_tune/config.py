@@ -30,6 +30,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from kfac_tune.catalog import LOSSES, OPTIMIZERS
+
 MAX_TRIALS = 1_000_000
 MAX_STEPS = 10**9
 MAX_NODES = 100_000  # scalars, lists and mappings after alias expansion; a real config has a few hundred
@@ -169,9 +171,14 @@ class TrainingConfig(_Section):
     # data-parallel processes per trial (one per GPU, or CPU processes with gloo); each takes an equal slice of
     # every batch, so data.batch_size must be a multiple of it
     processes: int = Field(1, ge=1, le=1024)
-    loss: Literal["cross_entropy", "mse", "bce"] | None = None
+    loss: str | None = None  # a name in kfac_tune.catalog.LOSSES
     # a loss this many times the first step's loss counts as diverged (null: only NaN/inf do)
     divergence_factor: float | None = Field(1000.0, gt=1, le=1e30)
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, name: str | None) -> str | None:
+        return None if name is None else _check_known("loss", name, LOSSES)
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainingConfig:
@@ -188,8 +195,13 @@ class TrainingConfig(_Section):
 class OptimizerConfig(_Named):
     """The optimizer whose hyperparameters are searched, plus options passed to it unchanged."""
 
-    name: Literal["kfac", "adam", "sgd"] = "kfac"
+    name: str = "kfac"
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        return _check_known("optimizer", name, OPTIMIZERS)
 
 
 class ParamSpec(_Section):

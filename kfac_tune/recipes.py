@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kfac_tune import catalog
 from kfac_tune.config import Config
 
 if TYPE_CHECKING:
@@ -76,11 +77,18 @@ class Recipe(_Strict):
 
     format: int = RECIPE_FORMAT
     architecture: str
-    optimizer: Literal["kfac", "adam", "sgd"]
+    optimizer: str  # a name in kfac_tune.catalog.OPTIMIZERS
     hyperparameters: dict[str, Any]
+    # how an optimizer made of several (muon: Muon + AdamW) split the model: its rule and each group's size
+    parameter_groups: dict[str, Any] | None = None
     training: TrainingSettings
     result: Result
     provenance: Provenance
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        return catalog.optimizer(name).name
 
 
 # --------------------------------------------------------------------------------------------- read / write
@@ -117,7 +125,7 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
 
 
 def _header(recipe: Recipe) -> str:
-    in_code = "KFAC.from_recipe(model, PATH)  or  " if recipe.optimizer == "kfac" else ""
+    in_code = "kfac_tune.optimizer_from_recipe(model, PATH)  or  "
     return (
         f"# kfac-tune recipe: {recipe.optimizer} for {recipe.architecture!r}, "
         f"{recipe.result.metric} = {recipe.result.value:.6g} after {recipe.result.trials} trials.\n"
@@ -198,6 +206,7 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
         architecture=attrs["architecture"],
         optimizer=attrs["optimizer"],
         hyperparameters=trial.user_attrs.get("hyperparameters", trial.params),
+        parameter_groups=attrs.get("parameter_groups"),
         training=TrainingSettings(
             dataset=cfg.data.callable or cfg.data.name, batch_size=cfg.data.batch_size, steps=attrs["steps"],
             loss=attrs["loss"], metric=cfg.training.metric, seed=cfg.training.seed,

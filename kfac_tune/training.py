@@ -27,21 +27,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kfac_tune.catalog import TASK_LOSSES, loss_function
 from kfac_tune.config import Config, Phrase, import_callable
 from kfac_tune.optimizers import build_optimizer
 from kfac_tune.zoo import ARCHITECTURES, DataBundle, DatasetNotFoundError, architecture_signature, build_model, load_dataset
 
 EvalCallback = Callable[[int, dict[str, float]], None]
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "cross_entropy": F.cross_entropy,
-    "mse": F.mse_loss,
-    "bce": F.binary_cross_entropy_with_logits,
-}
-TASK_LOSSES = {"classification": ("cross_entropy",), "reconstruction": ("mse", "bce"), "sequence": ("cross_entropy",)}
 
 
 class Diverged(RuntimeError):
@@ -101,6 +95,7 @@ class Problem:
     train_examples: int
     steps: int
     device: str
+    parameter_groups: dict[str, Any] | None = None  # how a multi-optimizer (muon) splits the model; see recipes
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -195,7 +190,7 @@ def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
         where = "model.callable" if cfg.model.callable else "model.kwargs"
         raise cfg.problem(where, "expected a buildable model", Phrase(f"{type(error).__name__}: {error}")) from None
     try:
-        build_optimizer(cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss)
+        opt = build_optimizer(cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss)
     except (TypeError, ValueError) as error:
         raise cfg.problem("optimizer.options", f"expected options accepted by {cfg.optimizer.name}",
                           Phrase(f"{type(error).__name__}: {error}")) from None
@@ -203,6 +198,7 @@ def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
         architecture=cfg.model.architecture, signature=architecture_signature(model), task=task, loss=loss,
         input_shape=tuple(data.input_shape), num_classes=data.num_classes, train_examples=len(data.train_x),
         steps=total_steps(cfg, len(data.train_x)), device=str(resolve_device(cfg.training.device)),
+        parameter_groups=getattr(opt, "parameter_groups", None),
     )
 
 
@@ -275,7 +271,8 @@ def _train_replica(
         device = torch.device("cuda", torch.cuda.current_device())  # the launcher gave this rank its GPU
     data = load_data(cfg)
     task, loss_name = task_and_loss(cfg)
-    loss_fn = LOSSES[loss_name] if task != "sequence" else functools.partial(_per_position, LOSSES[loss_name])
+    loss_fn = loss_function(loss_name)
+    loss_fn = loss_fn if task != "sequence" else functools.partial(_per_position, loss_fn)
     torch.manual_seed(cfg.training.seed)
     model = make_model(cfg, data).to(device)
     if replica.world > 1:  # averages the gradients; K-FAC takes the wrapper and averages its statistics itself

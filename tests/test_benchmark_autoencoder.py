@@ -74,3 +74,18 @@ def test_seeds_run_in_separate_processes_combine_into_one_summary(tmp_path: Path
     assert pooled["seeds"] == [0, 1]
     assert pooled["per_seed"] == parts[0]["per_seed"] + parts[1]["per_seed"]
     assert pooled["summary"].startswith("medians over 2 seed(s)")
+
+
+def test_muon_and_soap_arms_are_tuned_like_adam_and_train(tmp_path: Path) -> None:
+    autoencoder.main([
+        "--width-div", "16", "--train-size", "128", "--test-size", "128", "--seeds", "1", "--arms", "adam,muon,soap",
+        "--trials", "2", "--adam-lr-range", "1e-3,1e-2", "--muon-lr-range", "2e-3,2e-2", "--soap-lr-range",
+        "3e-4,3e-3", "--tune-seconds", "0.3", "--arm-seconds", "1", "--eval-every", "5", "--threads", "1",
+        "--out", str(tmp_path),
+    ])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [arm["kind"] for arm in results["arms"]] == ["adam", "muon", "soap"]
+    assert [len(results["tuning"][kind]) for kind in ("adam", "muon", "soap")] == [2, 2, 2], "same trial budget"
+    for curve in results["curves"][0]:
+        assert not curve["diverged"] and curve["total_steps"] > 0
+        assert min(curve["test"]) < curve["test"][0], f"{curve['arm']} lowers the test loss"

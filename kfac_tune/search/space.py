@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kfac_tune.config import Config, ParamSpec
-from kfac_tune.optimizers import hyperparameter_names
+from kfac_tune.catalog import hyperparameter_names
 
 
 def _range(low: float, high: float, *, log: bool = False, integer: bool = False) -> ParamSpec:
@@ -40,12 +40,39 @@ DEFAULT_SPACES: dict[str, dict[str, ParamSpec]] = {
         "lr": _range(1e-4, 1.0, log=True),
         "momentum": _range(0.0, 0.99),
     },
+    # the baselines (README "Baselines"): ranges around each package's published defaults, the DEFAULT_POINTS below
+    "adamw": {
+        "lr": _range(1e-5, 1e-1, log=True),
+        "beta1": _range(0.5, 0.99),
+        "beta2": _range(0.9, 0.9999),
+        "weight_decay": _range(1e-4, 1.0, log=True),
+    },
+    "muon": {
+        "lr": _range(2e-3, 0.2, log=True),
+        "momentum": _range(0.8, 0.99),
+        "weight_decay": _range(1e-3, 1.0, log=True),
+        "adamw_lr": _range(1e-5, 1e-2, log=True),
+    },
+    "soap": {
+        "lr": _range(1e-4, 1e-1, log=True),
+        "beta1": _range(0.5, 0.99),
+        "beta2": _range(0.9, 0.999),
+        "shampoo_beta": _range(0.8, 0.99),
+        "weight_decay": _range(1e-4, 1.0, log=True),
+        "precondition_frequency": _range(1, 32, log=True, integer=True),
+    },
 }
 
 DEFAULT_POINTS: dict[str, dict[str, Any]] = {
     "kfac": {"lr": 0.01, "damping": 1e-3, "momentum": 0.9, "factor_decay": 0.95, "inv_update_freq": 10},
     "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-8},
     "sgd": {"lr": 0.01, "momentum": 0.9},
+    "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01},  # torch.optim.AdamW's defaults
+    # torch.optim.Muon's documented example (lr 0.02, momentum 0.95, its default weight decay 0.1; AdamW lr 3e-4)
+    "muon": {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.1, "adamw_lr": 3e-4},
+    # heavyball.SOAP's defaults
+    "soap": {"lr": 3e-3, "beta1": 0.9, "beta2": 0.95, "shampoo_beta": 0.95, "weight_decay": 0.01,
+             "precondition_frequency": 2},
 }
 
 

@@ -37,7 +37,6 @@ from kfac_tune.zoo._args import (
 )
 
 Task = Literal["classification", "reconstruction", "sequence"]
-Loss = Literal["cross_entropy", "mse", "bce"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 # "linear" (and YAML null) mean no nonlinearity; accepted wherever a layer may be left linear.
@@ -51,7 +50,7 @@ class ArchSpec:
     name: str
     builder: Callable[..., nn.Module]
     task: Task
-    default_loss: Loss
+    default_loss: str  # a name in kfac_tune.catalog.LOSSES
     description: str
 
     def arguments(self) -> dict[str, Any]:
