@@ -35,7 +35,8 @@ def bind_recipe(config: Path, recipe: Recipe, recipe_path: Path, *,
     ``optimizer.options`` are dropped rather than merged: options for K-FAC would break an Adam recipe. Raises
     ``RecipeError`` for a recipe tuned for another architecture (unless ``ignore_architecture``) or another loss.
     """
-    cfg = load_config(config, {"optimizer.name": recipe.optimizer, "optimizer.options": {}})
+    searched = {"data.batch_size": recipe.training.batch_size} if "batch_size" in recipe.searched else {}
+    cfg = load_config(config, {"optimizer.name": recipe.optimizer, "optimizer.options": {}, **searched})
     hparams = {k: v for k, v in recipe.hyperparameters.items() if k != "loss"}
     problem = preflight(cfg, hparams)
     if not ignore_architecture:
