@@ -303,7 +303,8 @@ class SearchConfig(_Section):
     timeout: float | None = Field(None, gt=0, le=10**8)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
-    space: dict[str, ParamSpec] = Field(default_factory=dict)
+    # overrides of the default space; null removes an entry (the constructor default or optimizer.options apply)
+    space: dict[str, ParamSpec | None] = Field(default_factory=dict)
     # what the study optimises: null = training.metric alone; [eval_loss, train_seconds] = a Pareto search over
     # the metric and the training seconds a run uses (Optuna directions; pruning is off for several objectives)
     objectives: list[Literal["eval_loss", "eval_accuracy", "train_loss", "train_seconds"]] | None = Field(
@@ -400,7 +401,11 @@ class Config(_Section):
         same hash may share a study; budgets, tracking, storage and how many processes train a trial do not count
         (data-parallel training is the same computation on the same batches)."""
         keys = {"model", "data", "training", "optimizer"}
-        payload = self.model_dump(mode="json", include=keys, exclude={"training": {"processes"}})
+        # fields added later count only when they change the objective from what it was before them, so older
+        # studies and recipes keep their hash under the settings they were made with
+        unchanged = {"processes", *(("budget",) if self.training.budget is None else ())}
+        excluded: dict[str, Any] = {"training": unchanged, "data": {"validation"} if self.data.validation == 0 else set()}
+        payload = self.model_dump(mode="json", include=keys, exclude=excluded)
         payload["space"] = self.search.model_dump(mode="json", include={"space"}, by_alias=True)["space"]
         if self.search.objectives is not None:  # only when set, so single-objective studies keep their hash
             payload["objectives"] = self.search.objectives

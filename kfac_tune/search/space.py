@@ -88,7 +88,7 @@ def build_space(cfg: Config) -> dict[str, ParamSpec]:
     """The optimizer's default space with the YAML overrides applied.
 
     An override replaces the entry's range, choices or value; it keeps the default's ``when`` condition unless it
-    gives its own (``when: {}`` samples it in every mode). Raises ``ConfigError`` at ``search.space.<name>`` for a
+    gives its own (``when: {}`` samples it in every mode); ``null`` removes the entry. Raises ``ConfigError`` at ``search.space.<name>`` for a
     name the optimizer does not take, and at ``search.space.<name>.when`` for a condition on no entry.
     """
     optimizer = cfg.optimizer.name
@@ -104,6 +104,9 @@ def build_space(cfg: Config) -> dict[str, ParamSpec]:
             )
     space = dict(defaults)
     for name, spec in cfg.search.space.items():
+        if spec is None:  # removed: not searched, the constructor's default (or optimizer.options) applies
+            space.pop(name, None)
+            continue
         inherit = name in defaults and "when" not in spec.model_fields_set
         space[name] = spec.model_copy(update={"when": defaults[name].when}) if inherit else spec
     for name, spec in space.items():
@@ -188,6 +191,19 @@ def published_defaults(cfg: Config) -> dict[str, Any]:
     return {**point, "batch_size": cfg.data.batch_size}
 
 
+def point_in_space(values: Mapping[str, Any], space: Mapping[str, ParamSpec]) -> dict[str, Any]:
+    """``values`` as a point to enqueue: the sampled entries active in its mode (K-FAC's mode read from the
+    adaptation flags when ``values`` are constructor arguments), each moved into the space; entries ``values``
+    has no (or a ``None``) value for are left to the sampler."""
+    values = {**values, MODE: values.get(MODE) or mode_of(values)}
+
+    def given(name: str, spec: ParamSpec) -> Any:
+        value = values.get(name)
+        return _SKIP if value is None else clip(spec, value)
+
+    return {name: value for name, value in _walk(space, given).items() if space[name].kind != "fixed"}
+
+
 def warm_starts(cfg: Config, space: Mapping[str, ParamSpec]) -> list[dict[str, Any]]:
     """The points to enqueue: the published defaults (clipped to the space) then ``search.enqueue``.
 
@@ -199,13 +215,7 @@ def warm_starts(cfg: Config, space: Mapping[str, ParamSpec]) -> list[dict[str, A
     sampled = free(space)
     points: list[dict[str, Any]] = []
     if cfg.search.enqueue_defaults:
-        defaults = published_defaults(cfg)
-
-        def default(name: str, spec: ParamSpec) -> Any:
-            value = defaults.get(name)
-            return _SKIP if value is None else clip(spec, value)
-
-        points.append({k: v for k, v in _walk(space, default).items() if k in sampled})
+        points.append(point_in_space(published_defaults(cfg), space))
     for i, point in enumerate(cfg.search.enqueue):
         for name, value in point.items():
             path = f"search.enqueue[{i}].{name}"
