@@ -360,18 +360,25 @@ class Config(_Section):
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
-    def _objectives_fit_training(self) -> Config:
+    def _metric_from_objectives(self) -> Config:
+        """``search.objectives`` names the metric; ``training.metric`` follows it unless the file sets it."""
+        if self.search.objectives is not None and "metric" not in self.training.model_fields_set:
+            self.training.metric = next(n for n in self.search.objectives if n != TIME_OBJECTIVE)  # type: ignore[assignment]
+        return self
+
+    def check_objectives(self) -> None:
+        """What one section cannot check alone: the objectives against the training section (a ConfigError
+        naming ``search.objectives``)."""
         objectives = self.search.objectives
         if objectives is None:
-            return self
+            return
         if self.training.metric not in objectives:
-            raise ValueError(f"expected search.objectives to include training.metric ({self.training.metric}), "
-                             f"got {objectives}")
+            raise self.problem("search.objectives", f"expected a list naming training.metric "
+                               f"({self.training.metric}), the metric every trial reports", objectives)
         if TIME_OBJECTIVE in objectives and self.training.budget is not None:
-            raise ValueError(f"expected a steps or epochs budget with the {TIME_OBJECTIVE} objective: under "
-                             "training.budget.seconds every trial trains for the same seconds, so that objective "
-                             "would be a constant")
-        return self
+            raise self.problem("search.objectives", f"expected a steps or epochs budget with the {TIME_OBJECTIVE} "
+                               "objective (under training.budget.seconds every trial trains for the same seconds, "
+                               "so that objective would be a constant)", objectives)
 
     @property
     def objectives(self) -> list[str]:
@@ -470,6 +477,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     except ValidationError as error:
         raise _pydantic_problem(source, error, lines) from None
     config._source, config._lines = source, lines
+    config.check_objectives()
     return config
 
 
