@@ -163,15 +163,17 @@ def comparison_table(rows: Sequence[dict[str, Any]], metric: str, target: float 
                   f"common target: {metric} {'≥' if maximize else '≤'} {fmt(target)} "
                   "(the best value every run of every recipe reaches)")
     for name, justify in (("recipe", "left"), ("optimizer", "left"), (f"final {metric}", "right"),
+                          ("final test", "right"),
                           ("steps to target", "right"), ("seconds to target", "right"), ("ms / step", "right"),
                           ("seeds", "right")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
         seeds = f"{row['seeds']}" + (f" [red]({row['diverged']} diverged)" if row["diverged"] else "")
         if not row["seeds"]:
-            table.add_row(row["recipe"], row["optimizer"], "[red]diverged", "", "", "", seeds)
+            table.add_row(row["recipe"], row["optimizer"], "[red]diverged", "", "", "", "", seeds)
             continue
-        table.add_row(row["recipe"], row["optimizer"], _pm(row["final"]), _pm(row["steps_to_target"], "{:.0f}"),
+        table.add_row(row["recipe"], row["optimizer"], _pm(row["final"]), _pm(row.get("final_test")),
+                      _pm(row["steps_to_target"], "{:.0f}"),
                       _pm(row["seconds_to_target"], "{:.2f}"), _pm(row["step_time_ms"], "{:.2f}"), seeds)
     return table
 
