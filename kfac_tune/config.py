@@ -363,7 +363,8 @@ class Config(_Section):
     def _metric_from_objectives(self) -> Config:
         """``search.objectives`` names the metric; ``training.metric`` follows it unless the file sets it."""
         if self.search.objectives is not None and "metric" not in self.training.model_fields_set:
-            self.training.metric = next(n for n in self.search.objectives if n != TIME_OBJECTIVE)  # type: ignore[assignment]
+            metric = next(n for n in self.search.objectives if n != TIME_OBJECTIVE)
+            self.training.metric = metric  # type: ignore[assignment]
         return self
 
     def check_objectives(self) -> None:
@@ -411,7 +412,8 @@ class Config(_Section):
         # fields added later count only when they change the objective from what it was before them, so older
         # studies and recipes keep their hash under the settings they were made with
         unchanged = {"processes", *(("budget",) if self.training.budget is None else ())}
-        excluded: dict[str, Any] = {"training": unchanged, "data": {"validation"} if self.data.validation == 0 else set()}
+        excluded: dict[str, Any] = {"training": unchanged,
+                                    "data": {"validation"} if self.data.validation == 0 else set()}
         payload = self.model_dump(mode="json", include=keys, exclude=excluded)
         payload["space"] = self.search.model_dump(mode="json", include={"space"}, by_alias=True)["space"]
         if self.search.objectives is not None:  # only when set, so single-objective studies keep their hash

@@ -206,7 +206,7 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
     from kfac_tune.search import selection
 
     attrs = study.user_attrs
-    cfg = cfg or Config.model_validate(attrs["config"])
+    cfg = cfg or selection.study_config(study)
     finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     recorded = trial.user_attrs.get("result", {})
     steps = recorded.get("steps") if cfg.training.budget is not None else attrs["steps"]

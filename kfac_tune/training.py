@@ -379,8 +379,8 @@ def _rank_train(channel: Any, cfg: Config, hparams: dict[str, Any], optimizer: s
 
 def _loop(
     cfg: Config, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[..., torch.Tensor], task: str,
-    batches: _Batches, steps: int, on_eval: EvalCallback | None, splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-    replica: _Replica,
+    batches: _Batches, steps: int, on_eval: EvalCallback | None,
+    splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], replica: _Replica,
 ) -> tuple[list[dict[str, float]], float | None]:
     """The steps and evaluations; returns the curve (one point per evaluation, with the cumulative step clock) and,
     under a time budget, the longest step. Losses are averaged over the ranks before anything is judged on them,

@@ -114,7 +114,8 @@ def test_automatic_mode_and_batch_size_round_trip(tmp_path: Path, monkeypatch: p
     """search (mode pinned automatic, batch size searched) -> export -> train --recipe -> KFAC.from_recipe."""
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, optimizer="kfac", training={"steps": 30, "eval_every": 10}, search={
-        "trials": 2, "pruner": "none", "enqueue_defaults": False, "space": {"mode": "automatic", "batch_size": [32, 96]},
+        "trials": 2, "pruner": "none", "enqueue_defaults": False,
+        "space": {"mode": "automatic", "batch_size": [32, 96]},
         "enqueue": [{"damping": 100.0, "batch_size": 96}, {"damping": 30.0, "batch_size": 32}]})
     invoke("search", str(config), "--no-tracking", "-o", str(tmp_path / "unused.yaml"))
     storage = f"sqlite:///{tmp_path / 'study.db'}"

@@ -111,6 +111,15 @@ def choose(study: optuna.Study, pick: Pick) -> FrozenTrial:
 # ------------------------------------------------------------------------------------------------ test split
 
 
+def study_config(study: optuna.Study) -> Config:
+    """The config a study was searched with, as recorded. A study from before validation splits (no ``split``
+    attribute) selected on the test split: its config is read with ``data.validation: 0``, as it ran."""
+    raw = study.user_attrs["config"]
+    if "split" not in study.user_attrs:
+        raw = {**raw, "data": {**raw.get("data", {}), "validation": raw.get("data", {}).get("validation", 0)}}
+    return Config.model_validate(raw)
+
+
 def test_metrics(study: optuna.Study, trial: FrozenTrial, cfg: Config | None = None) -> dict[str, float]:
     """The trial's metrics on the test split, measured once (by training it again) and kept on the study.
 
@@ -122,7 +131,7 @@ def test_metrics(study: optuna.Study, trial: FrozenTrial, cfg: Config | None = N
         return dict(study.user_attrs[key])
     from kfac_tune.training import Diverged, train
 
-    cfg = cfg or Config.model_validate(study.user_attrs["config"])
+    cfg = cfg or study_config(study)
     rerun = with_training(cfg, trial.params)
     steps = trial.user_attrs.get("result", {}).get("steps")
     if cfg.training.budget is not None and steps:

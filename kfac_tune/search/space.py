@@ -88,8 +88,9 @@ def build_space(cfg: Config) -> dict[str, ParamSpec]:
     """The optimizer's default space with the YAML overrides applied.
 
     An override replaces the entry's range, choices or value; it keeps the default's ``when`` condition unless it
-    gives its own (``when: {}`` samples it in every mode); ``null`` removes the entry. Raises ``ConfigError`` at ``search.space.<name>`` for a
-    name the optimizer does not take, and at ``search.space.<name>.when`` for a condition on no entry.
+    gives its own (``when: {}`` samples it in every mode); ``null`` removes the entry. Raises ``ConfigError`` at
+    ``search.space.<name>`` for a name the optimizer does not take, and at ``search.space.<name>.when`` for a
+    condition on no entry.
     """
     optimizer = cfg.optimizer.name
     names = searchable_names(optimizer)

@@ -402,7 +402,8 @@ def prepare_search(
     with setup_lock(storage_url, name):
         study = open_study(cfg, name, storage_url, problem, space)
         if match is not None:
-            enqueue(study, [recipe_point({**match.recipe.hyperparameters, **match.recipe.searched}, space)], warm_start_recipe=str(match.path))
+            point = recipe_point({**match.recipe.hyperparameters, **match.recipe.searched}, space)
+            enqueue(study, [point], warm_start_recipe=str(match.path))
         enqueue(study, starts)
         tracker.ensure_parent_run(study, _tags(cfg, storage_url, problem, jobs), _artifacts(cfg, space, storage_url))
     timeout = timeout if timeout is not None else cfg.search.timeout
