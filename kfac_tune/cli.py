@@ -177,7 +177,10 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     elif cfg.search.warm_start:
         console.print(f"[yellow]warm start[/]: no {cfg.optimizer.name} recipe found; starting cold")
     console.print(f"study [bold]{name}[/] in {display_url(storage_url)}  ({cfg.optimizer.name} on "
-                  f"{cfg.model.architecture}, {cfg.training.metric}, {jobs} worker{'s' * (jobs > 1)})")
+                  f"{cfg.model.architecture}, {' and '.join(cfg.objectives)}, {jobs} worker{'s' * (jobs > 1)})")
+    if len(cfg.objectives) > 1 and cfg.search.pruner.name != "none":
+        console.print(f"[yellow]note[/]: the {cfg.search.pruner.name} pruner is off: Optuna prunes single-objective "
+                      "studies only (diverged trials are still pruned)")
     with SearchDisplay(console, prepared.spec.budget, cfg.training.metric) as display:
         display.update(prepared.study)
         outcome = prepared.run(on_progress=display.update)
@@ -209,35 +212,49 @@ Examples:
 @format_option
 @handle_errors
 def show(study_name: str | None, storage: str | None, output_format: str) -> None:
-    """List a study's trials, best first: state, value, parameters, duration, prune/fail reason."""
-    from kfac_tune.display import trial_rows, trials_table
+    """List a study's trials, best first: state, value, parameters, duration, prune/fail reason; for several
+    objectives, the Pareto front too."""
+    from kfac_tune.display import output_console, pareto_table, trial_rows, trials_table
 
     study = _load_study(study_name, storage)
     rows = trial_rows(study)
     if not _print_data(rows, output_format):
-        from kfac_tune.display import output_console
-
         metric = study.user_attrs.get("metric", "value")
         output_console().print(trials_table(rows, metric, title=f"study {study.study_name}: {len(rows)} trials"))
+        if len(study.directions) > 1:
+            output_console().print(pareto_table(rows, title=f"Pareto front ({' vs '.join(study.metric_names or [])}); "
+                                                            "export one with --pick"))
 
 
 @cli.command(epilog="""\b
 Examples:
   kfac-tune export
-  kfac-tune export --study digits_mlp -o recipes/digits-mlp-kfac.yaml""")
+  kfac-tune export --study digits_mlp -o recipes/digits-mlp-kfac.yaml
+  kfac-tune export --pick fastest-within=2%   # the fastest trial whose metric is within 2 % of the best
+The chosen trial is measured once on the test split (trained again unless the search already did).""")
 @study_option
 @storage_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
               help="Recipe file to write (atomically). Default: recipes/<architecture>.yaml.")
+@click.option("--pick", default="best", show_default=True, metavar="best|fastest-within=P%",
+              help="Which trial: the best metric, or the fewest training seconds within P % of the best metric "
+                   "(a point of the Pareto front of a (metric, train_seconds) study).")
 @handle_errors
-def export(study_name: str | None, storage: str | None, output: Path | None) -> None:
-    """Write the study's best trial as a recipe YAML."""
+def export(study_name: str | None, storage: str | None, output: Path | None, pick: str) -> None:
+    """Write a study's trial (the best by default) as a recipe YAML."""
     from kfac_tune.recipes import export_best
+    from kfac_tune.search.selection import parse_pick
 
+    try:
+        parse_pick(pick)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--pick'") from None
     study = _load_study(study_name, storage)
-    recipe, path = export_best(study, path=output)
-    click.echo(f"{path}: {recipe.optimizer} for {recipe.architecture}, {recipe.result.metric} = "
-               f"{recipe.result.value:.6g} (trial {recipe.provenance.trial} of {recipe.result.trials})")
+    recipe, path = export_best(study, path=output, pick=pick)
+    result = recipe.result
+    test = "" if result.test_value is None else f", test {result.test_value:.6g}"
+    click.echo(f"{path}: {recipe.optimizer} for {recipe.architecture}, {result.metric} = {result.value:.6g} on the "
+               f"{result.split} split{test} (trial {recipe.provenance.trial} of {result.trials}, pick {pick})")
 
 
 @cli.command(epilog="""\b
@@ -271,15 +288,17 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_for
         if theirs != ours:
             console.print(f"[yellow]note[/]: the recipe was tuned with {what} {theirs}, {config} uses {ours}")
     with console.status(f"training {problem.architecture} with {recipe.optimizer} for {problem.steps} steps"):
-        result = train_once(cfg, hparams)
+        result = train_once(cfg, hparams, test=True)
     summary = {"metric": result.metric, "value": result.value, "best": result.best, "recipe_value": recipe.result.value,
+               "test": result.test, "recipe_test_value": recipe.result.test_value,
                "final": result.final, "steps": result.steps, "step_time_s": result.step_time,
                "seconds": result.seconds, "device": result.device}
     if _print_data(summary, output_format):
         return
     table = Table(title=f"{recipe.optimizer} on {problem.architecture} ({recipe_path})", show_header=False)
     rows = [(f"final {result.metric}", f"{result.value:.6g}"), (f"best {result.metric}", f"{result.best:.6g}"),
-            (f"recipe {recipe.result.metric}", f"{recipe.result.value:.6g}"),
+            (f"recipe {recipe.result.metric} ({recipe.result.split})", f"{recipe.result.value:.6g}"),
+            *(() if recipe.result.test_value is None else (("recipe test value", f"{recipe.result.test_value:.6g}"),)),
             *((k, f"{v:.6g}") for k, v in result.final.items() if k not in ("step_time", result.metric)),
             ("steps", str(result.steps)), ("step time", f"{result.step_time * 1e3:.3f} ms"),
             ("wall time", f"{result.seconds:.1f} s"), ("device", result.device)]

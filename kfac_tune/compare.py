@@ -35,7 +35,8 @@ def bind_recipe(config: Path, recipe: Recipe, recipe_path: Path, *,
     ``optimizer.options`` are dropped rather than merged: options for K-FAC would break an Adam recipe. Raises
     ``RecipeError`` for a recipe tuned for another architecture (unless ``ignore_architecture``) or another loss.
     """
-    cfg = load_config(config, {"optimizer.name": recipe.optimizer, "optimizer.options": {}})
+    searched = {"data.batch_size": recipe.training.batch_size} if "batch_size" in recipe.searched else {}
+    cfg = load_config(config, {"optimizer.name": recipe.optimizer, "optimizer.options": {}, **searched})
     hparams = {k: v for k, v in recipe.hyperparameters.items() if k != "loss"}
     problem = preflight(cfg, hparams)
     if not ignore_architecture:
@@ -92,6 +93,7 @@ class Comparison:
                 reached = entry.to_target(self.target, maximize) if self.target is not None else []
                 row.update({
                     "final": mean_spread([run.value for run in entry.runs]),
+                    "final_test": final_test(entry.runs),
                     "best": mean_spread([run.best for run in entry.runs]),
                     "steps_to_target": mean_spread([step for step, _ in reached]) if reached else None,
                     "seconds_to_target": mean_spread([s for _, s in reached]) if reached else None,
@@ -100,6 +102,14 @@ class Comparison:
                 })
             rows.append(row)
         return rows
+
+
+def final_test(runs: Sequence[TrainResult]) -> dict[str, float] | None:
+    """The test split's counterpart of the metric at the end (``eval_loss`` -> ``test_loss``), over the seeds."""
+    from kfac_tune.search.selection import test_value
+
+    values = [test_value(run.metric, run.test) for run in runs]
+    return mean_spread([v for v in values if v is not None]) if all(v is not None for v in values) else None
 
 
 def mean_spread(values: Sequence[float]) -> dict[str, float]:
@@ -134,7 +144,7 @@ def compare(config: Path, recipe_paths: Sequence[Path], seeds: int, *, ignore_ar
                 on_run(entry.label, seed)
             seeded = cfg.model_copy(update={"training": cfg.training.model_copy(update={"seed": seed})})
             try:
-                entry.runs.append(train(seeded, hparams))
+                entry.runs.append(train(seeded, hparams, test=True))
             except Diverged:
                 entry.diverged += 1
     entries = [entry for entry, _, _ in bound]
@@ -209,7 +219,7 @@ def tracked_metrics(comparison: Comparison) -> tuple[dict[str, float], dict[str,
     """Summary metrics (``<recipe>.final_mean`` ...) and mean curves (``<recipe>.<metric>`` by step) for MLflow."""
     summary: dict[str, float] = {} if comparison.target is None else {"target": comparison.target}
     for row in comparison.rows():
-        for key in ("final", "steps_to_target", "seconds_to_target", "step_time_ms"):
+        for key in ("final", "final_test", "steps_to_target", "seconds_to_target", "step_time_ms"):
             if row.get(key):
                 summary[f"{row['recipe']}.{key}_mean"] = row[key]["mean"]
                 summary[f"{row['recipe']}.{key}_spread"] = row[key]["spread"]

@@ -145,6 +145,9 @@ class DataConfig(_Buildable):
     train_size: int | None = Field(None, ge=1, le=10**8)
     test_size: int | None = Field(None, ge=1, le=10**8)
     test_from_train: bool = False
+    # share of the training examples held out (seeded by training.seed) as the validation split the search selects
+    # on; 0 selects on the test split (the old protocol). A data callable that returns a validation set wins.
+    validation: float = Field(0.1, ge=0, lt=1)
     batch_size: int = Field(128, ge=1, le=10**7)
     eval_batch_size: int = Field(4096, ge=1, le=10**7)
     download: bool = False
@@ -157,11 +160,23 @@ class DataConfig(_Buildable):
         return _check_known("built-in dataset", name, DATASETS)
 
 
+class BudgetConfig(_Section):
+    """A wall-clock budget: every trial trains for the same ``seconds`` of training time (evaluation excluded)."""
+
+    seconds: float = Field(gt=0, le=10**7)
+
+
+METRICS = ("eval_loss", "eval_accuracy", "train_loss")
+TIME_OBJECTIVE = "train_seconds"
+
+
 class TrainingConfig(_Section):
     """The budget of one trial and what it is judged on."""
 
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     epochs: float | None = Field(None, gt=0, le=10**6)
+    # training seconds per run; steps/epochs, when also given, cap the steps
+    budget: BudgetConfig | None = None
     eval_every: int = Field(50, ge=1, le=MAX_STEPS)
     metric: Literal["eval_loss", "eval_accuracy", "train_loss"] = "eval_loss"
     direction: Literal["minimize", "maximize"] | None = None
@@ -217,6 +232,8 @@ class ParamSpec(_Section):
     high: float | None = Field(None, ge=-MAX_BOUND, le=MAX_BOUND)
     choices: list[Any] | None = Field(None, min_length=1)
     value: Any = None
+    # sampled only when every named entry of the space has (one of) the given value(s): ``when: {mode: fixed}``
+    when: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -234,6 +251,17 @@ class ParamSpec(_Section):
     @classmethod
     def _scalar_value(cls, value: Any) -> Any:
         return None if value is None else _scalar(value)
+
+    @field_validator("when")
+    @classmethod
+    def _scalar_conditions(cls, when: dict[str, Any]) -> dict[str, Any]:
+        return {name: [_scalar(v) for v in wanted] if isinstance(wanted, list) else _scalar(wanted)
+                for name, wanted in when.items()}
+
+    def active(self, point: Mapping[str, Any]) -> bool:
+        """Whether this entry is sampled given the values drawn so far (its ``when`` conditions hold)."""
+        return all(point.get(name) in (wanted if isinstance(wanted, list) else [wanted])
+                   for name, wanted in self.when.items())
 
     @field_validator("low")
     @classmethod
@@ -287,7 +315,12 @@ class SearchConfig(_Section):
     timeout: float | None = Field(None, gt=0, le=10**8)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
-    space: dict[str, ParamSpec] = Field(default_factory=dict)
+    # overrides of the default space; null removes an entry (the constructor default or optimizer.options apply)
+    space: dict[str, ParamSpec | None] = Field(default_factory=dict)
+    # what the study optimises: null = training.metric alone; [eval_loss, train_seconds] = a Pareto search over
+    # the metric and the training seconds a run uses (Optuna directions; pruning is off for several objectives)
+    objectives: list[Literal["eval_loss", "eval_accuracy", "train_loss", "train_seconds"]] | None = Field(
+        None, min_length=1, max_length=2)
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     enqueue_defaults: bool = True
     # true: first try the closest recipe found (recipes/, --recipes-dir); a path: that recipe
@@ -300,6 +333,16 @@ class SearchConfig(_Section):
     @classmethod
     def _scalar_points(cls, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{name: _scalar(v) for name, v in point.items()} for point in points]
+
+    @field_validator("objectives")
+    @classmethod
+    def _one_metric_and_time(cls, objectives: list[str] | None) -> list[str] | None:
+        if objectives is None:
+            return None
+        metrics = [name for name in objectives if name != TIME_OBJECTIVE]
+        if len(metrics) != 1 or len(set(objectives)) != len(objectives):
+            raise ValueError(f"expected one metric ({', '.join(METRICS)}), optionally followed by {TIME_OBJECTIVE}")
+        return objectives
 
     @model_validator(mode="after")
     def _grace_after_heartbeat(self) -> SearchConfig:
@@ -328,6 +371,38 @@ class Config(_Section):
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _metric_from_objectives(self) -> Config:
+        """``search.objectives`` names the metric; ``training.metric`` follows it unless the file sets it."""
+        if self.search.objectives is not None and "metric" not in self.training.model_fields_set:
+            metric = next(n for n in self.search.objectives if n != TIME_OBJECTIVE)
+            self.training.metric = metric  # type: ignore[assignment]
+        return self
+
+    def check_objectives(self) -> None:
+        """What one section cannot check alone: the objectives against the training section (a ConfigError
+        naming ``search.objectives``)."""
+        objectives = self.search.objectives
+        if objectives is None:
+            return
+        if self.training.metric not in objectives:
+            raise self.problem("search.objectives", f"expected a list naming training.metric "
+                               f"({self.training.metric}), the metric every trial reports", objectives)
+        if TIME_OBJECTIVE in objectives and self.training.budget is not None:
+            raise self.problem("search.objectives", f"expected a steps or epochs budget with the {TIME_OBJECTIVE} "
+                               "objective (under training.budget.seconds every trial trains for the same seconds, "
+                               "so that objective would be a constant)", objectives)
+
+    @property
+    def objectives(self) -> list[str]:
+        """What the study optimises, in order: ``search.objectives`` or ``[training.metric]``."""
+        return list(self.search.objectives or [self.training.metric])
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna's direction of each objective: the metric's goal; seconds are minimised."""
+        return ["minimize" if name == TIME_OBJECTIVE else self.training.goal for name in self.objectives]
+
     @property
     def source(self) -> str | None:
         return self._source
@@ -346,8 +421,15 @@ class Config(_Section):
         same hash may share a study; budgets, tracking, storage and how many processes train a trial do not count
         (data-parallel training is the same computation on the same batches)."""
         keys = {"model", "data", "training", "optimizer"}
-        payload = self.model_dump(mode="json", include=keys, exclude={"training": {"processes"}})
+        # fields added later count only when they change the objective from what it was before them, so older
+        # studies and recipes keep their hash under the settings they were made with
+        unchanged = {"processes", *(("budget",) if self.training.budget is None else ())}
+        excluded: dict[str, Any] = {"training": unchanged,
+                                    "data": {"validation"} if self.data.validation == 0 else set()}
+        payload = self.model_dump(mode="json", include=keys, exclude=excluded)
         payload["space"] = self.search.model_dump(mode="json", include={"space"}, by_alias=True)["space"]
+        if self.search.objectives is not None:  # only when set, so single-objective studies keep their hash
+            payload["objectives"] = self.search.objectives
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -409,6 +491,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     except ValidationError as error:
         raise _pydantic_problem(source, error, lines) from None
     config._source, config._lines = source, lines
+    config.check_objectives()
     return config
 
 

@@ -42,11 +42,13 @@ def fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def sort_trials(trials: Iterable[optuna.trial.FrozenTrial], maximize: bool) -> list[optuna.trial.FrozenTrial]:
-    """Best first: complete trials by value, then pruned ones by their last value, then the rest by number."""
+def sort_trials(trials: Iterable[optuna.trial.FrozenTrial], maximize: bool,
+                index: int = 0) -> list[optuna.trial.FrozenTrial]:
+    """Best first: complete trials by value (objective ``index``), then pruned ones by their last value, then the
+    rest by number."""
 
     def key(trial: optuna.trial.FrozenTrial) -> tuple[int, float, int]:
-        value = trial.value if trial.value is not None else _last_intermediate(trial)
+        value = trial.values[index] if trial.values is not None else _last_intermediate(trial)
         ranked = value if value is not None and math.isfinite(value) else math.inf
         return STATE_ORDER.get(trial.state.name, 5), (-ranked if maximize and ranked != math.inf else ranked), trial.number
 
@@ -59,20 +61,47 @@ def _last_intermediate(trial: optuna.trial.FrozenTrial) -> float | None:
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One plain dict per trial, best first: the data behind ``show`` in every format."""
-    maximize = study.direction.name == "MAXIMIZE"
+    """One plain dict per trial, best first: the data behind ``show`` in every format.
+
+    ``value`` is the metric; a study with several objectives adds ``values`` (per objective name) and ``pareto``
+    (the trial is on the Pareto front)."""
+    from kfac_tune.search.selection import metric_index, metric_names, pareto_front
+
+    index = metric_index(study)
+    names = metric_names(study)
+    several = len(study.directions) > 1
+    front = {t.number for t in pareto_front(study)} if several else set()
     rows = []
-    for trial in sort_trials(study.get_trials(deepcopy=False), maximize):
+    for trial in sort_trials(study.get_trials(deepcopy=False), study.directions[index].name == "MAXIMIZE", index):
         duration = trial.duration.total_seconds() if trial.duration else None
-        rows.append({
+        row = {
             "number": trial.number,
             "state": trial.state.name,
-            "value": trial.value,
+            "value": None if trial.values is None else trial.values[index],
             "params": dict(trial.params),
             "duration_s": None if duration is None else round(duration, 3),
             "reason": trial.user_attrs.get("prune_reason") or trial.user_attrs.get("fail_reason"),
-        })
+        }
+        if several:
+            row["values"] = None if trial.values is None else dict(zip(names, trial.values))
+            row["pareto"] = trial.number in front
+        rows.append(row)
     return rows
+
+
+def pareto_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
+    """The Pareto front of a study with several objectives: one row per non-dominated trial, best metric first."""
+    front = [row for row in rows if row.get("pareto")]
+    names = list(front[0]["values"]) if front else []
+    table = Table(title=title, header_style="bold")
+    table.add_column("#", justify="right", min_width=3)
+    for name in names:
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("params", overflow="fold", min_width=30, ratio=1)
+    for row in front:
+        params = " ".join(f"{name}={fmt(value)}" for name, value in row["params"].items())
+        table.add_row(str(row["number"]), *(fmt(row["values"][name]) for name in names), params)
+    return table
 
 
 def trials_table(rows: Sequence[dict[str, Any]], metric: str, title: str | None = None) -> Table:
@@ -132,14 +161,18 @@ class SearchDisplay:
 
 
 def best_line(study: optuna.Study, metric: str) -> Table:
+    from kfac_tune.search.selection import Pick, choose, metric_value, pareto_front
+
     grid = Table.grid(padding=(0, 1))
     try:
-        best = study.best_trial
+        best = choose(study, Pick())
     except ValueError:
         grid.add_row("[dim]best so far: no completed trial yet")
         return grid
     params = ", ".join(f"{k}={fmt(v)}" for k, v in best.params.items())
-    grid.add_row(f"[bold green]best so far[/]: trial {best.number}  {metric} = {fmt(best.value)}  ({params})")
+    front = f"  [dim]Pareto front: {len(pareto_front(study))} trials" if len(study.directions) > 1 else ""
+    grid.add_row(f"[bold green]best so far[/]: trial {best.number}  {metric} = {fmt(metric_value(study, best))}  "
+                 f"({params}){front}")
     return grid
 
 
@@ -150,15 +183,17 @@ def comparison_table(rows: Sequence[dict[str, Any]], metric: str, target: float 
                   f"common target: {metric} {'≥' if maximize else '≤'} {fmt(target)} "
                   "(the best value every run of every recipe reaches)")
     for name, justify in (("recipe", "left"), ("optimizer", "left"), (f"final {metric}", "right"),
+                          ("final test", "right"),
                           ("steps to target", "right"), ("seconds to target", "right"), ("ms / step", "right"),
                           ("seeds", "right")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
         seeds = f"{row['seeds']}" + (f" [red]({row['diverged']} diverged)" if row["diverged"] else "")
         if not row["seeds"]:
-            table.add_row(row["recipe"], row["optimizer"], "[red]diverged", "", "", "", seeds)
+            table.add_row(row["recipe"], row["optimizer"], "[red]diverged", "", "", "", "", seeds)
             continue
-        table.add_row(row["recipe"], row["optimizer"], _pm(row["final"]), _pm(row["steps_to_target"], "{:.0f}"),
+        table.add_row(row["recipe"], row["optimizer"], _pm(row["final"]), _pm(row.get("final_test")),
+                      _pm(row["steps_to_target"], "{:.0f}"),
                       _pm(row["seconds_to_target"], "{:.2f}"), _pm(row["step_time_ms"], "{:.2f}"), seeds)
     return table
 

@@ -53,10 +53,18 @@ class TrainingSettings(_Strict):
 
 
 class Result(_Strict):
+    """``value`` is the metric that selected the recipe, measured on ``split`` (recipes from before validation
+    splits were selected on the test split); ``test_value`` the same metric on the test split, measured once
+    after the search chose."""
+
     metric: str
     value: float
     direction: Literal["minimize", "maximize"]
     trials: int = Field(ge=1, description="finished trials (complete + pruned) when the recipe was exported")
+    split: Literal["validation", "test"] = "test"
+    test_value: float | None = None
+    train_seconds: float | None = Field(None, ge=0)
+    pick: str | None = None  # how it was chosen from the study: best | fastest-within=P%
 
 
 class Provenance(_Strict):
@@ -81,6 +89,8 @@ class Recipe(_Strict):
     hyperparameters: dict[str, Any]
     # how an optimizer made of several (muon: Muon + AdamW) split the model: its rule and each group's size
     parameter_groups: dict[str, Any] | None = None
+    # what the search sampled, in the space's vocabulary (K-FAC's mode, batch_size); train applies batch_size
+    searched: dict[str, Any] = Field(default_factory=dict)
     training: TrainingSettings
     result: Result
     provenance: Provenance
@@ -195,23 +205,34 @@ def versions() -> dict[str, str]:
     return found
 
 
-def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg: Config | None = None) -> Recipe:
-    """Build the recipe of ``trial``, using what the search stored on the study and the trial."""
+def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg: Config | None = None, *,
+                      pick: str | None = None, test: bool = True) -> Recipe:
+    """Build the recipe of ``trial``, using what the search stored on the study and the trial; ``test`` measures
+    it on the test split (once per trial, see ``search.selection.test_metrics``)."""
     from optuna.trial import TrialState
 
+    from kfac_tune.search import selection
+
     attrs = study.user_attrs
-    cfg = cfg or Config.model_validate(attrs["config"])
+    cfg = cfg or selection.study_config(study)
     finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    recorded = trial.user_attrs.get("result", {})
+    steps = recorded.get("steps") if cfg.training.budget is not None else attrs["steps"]
+    metric = cfg.training.metric
+    tested = selection.test_value(metric, selection.test_metrics(study, trial, cfg)) if test else None
     return Recipe(
         architecture=attrs["architecture"],
         optimizer=attrs["optimizer"],
         hyperparameters=trial.user_attrs.get("hyperparameters", trial.params),
         parameter_groups=attrs.get("parameter_groups"),
+        searched=dict(trial.params),
         training=TrainingSettings(
-            dataset=cfg.data.callable or cfg.data.name, batch_size=cfg.data.batch_size, steps=attrs["steps"],
-            loss=attrs["loss"], metric=cfg.training.metric, seed=cfg.training.seed,
+            dataset=cfg.data.callable or cfg.data.name, batch_size=recorded.get("batch_size", cfg.data.batch_size),
+            steps=steps or attrs["steps"], loss=attrs["loss"], metric=metric, seed=cfg.training.seed,
         ),
-        result=Result(metric=cfg.training.metric, value=trial.value, direction=cfg.training.goal, trials=finished),
+        result=Result(metric=metric, value=selection.metric_value(study, trial), direction=cfg.training.goal,
+                      trials=finished, split=attrs.get("split", "test"), test_value=tested,
+                      train_seconds=recorded.get("train_seconds"), pick=pick),
         provenance=Provenance(
             study=study.study_name, trial=trial.number, mlflow_run_id=trial.user_attrs.get("mlflow_run_id"),
             config_hash=attrs["config_hash"], architecture=attrs["architecture"], signature=attrs["signature"],
@@ -221,15 +242,23 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
     )
 
 
-def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path | None = None) -> tuple[Recipe, Path]:
-    """Write the study's best completed trial as a recipe (default ``recipes/<architecture>.yaml``)."""
+def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path | None = None,
+                pick: str = "best", *, test: bool = True) -> tuple[Recipe, Path]:
+    """Write the completed trial ``pick`` chooses (``best`` or ``fastest-within=P%``, see
+    ``search.selection``) as a recipe (default ``recipes/<architecture>.yaml``), measured on the test split."""
     from optuna.trial import TrialState
+
+    from kfac_tune.search import selection
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise RecipeError(f"study {study.study_name!r} has no completed trial yet: nothing to export")
     if "architecture" not in study.user_attrs:
         raise RecipeError(f"study {study.study_name!r} was not created by kfac-tune search: no recipe metadata")
-    recipe = recipe_from_trial(study, study.best_trial, cfg)
+    try:
+        chosen = selection.choose(study, selection.parse_pick(pick))
+    except ValueError as error:
+        raise RecipeError(f"cannot pick a trial of study {study.study_name!r}: {error}") from None
+    recipe = recipe_from_trial(study, chosen, cfg, pick=pick, test=test)
     target = Path(path) if path is not None else default_path(recipe.architecture)
     return recipe, save_recipe(recipe, target)
 

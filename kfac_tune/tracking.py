@@ -720,7 +720,7 @@ def _plot_builders(study: optuna.Study, client: MlflowClient) -> dict[str, Calla
     """The plots of a study, by stable artifact name.
 
     Importances only from ``MIN_TRIALS_FOR_IMPORTANCE`` complete trials on, the lr x damping contour only when
-    both are searched.
+    both are searched, the Pareto front only for several objectives.
     """
     from optuna.trial import TrialState
 
@@ -729,6 +729,9 @@ def _plot_builders(study: optuna.Study, client: MlflowClient) -> dict[str, Calla
         "intermediate_values": lambda: _optuna_pair("plot_intermediate_values", study),
         "best_loss_curves": lambda: _curves_pair(_best_curves(study, client)),
     }
+    if len(study.directions) > 1:  # (metric, train_seconds): the trade-off export --pick chooses from
+        builders["pareto_front"] = lambda: _optuna_pair("plot_pareto_front", study,
+                                                        target_names=study.metric_names or None)
     if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= MIN_TRIALS_FOR_IMPORTANCE:
         builders["param_importances"] = lambda: _optuna_pair("plot_param_importances", study)
     searched = {name for trial in study.get_trials(deepcopy=False) for name in trial.distributions}

@@ -31,9 +31,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kfac_tune.catalog import TASK_LOSSES, loss_function
-from kfac_tune.config import Config, Phrase, import_callable
+from kfac_tune.config import MAX_STEPS, Config, Phrase, import_callable
 from kfac_tune.optimizers import build_optimizer
 from kfac_tune.zoo import ARCHITECTURES, DataBundle, DatasetNotFoundError, architecture_signature, build_model, load_dataset
+from kfac_tune.zoo.data import hold_out
 
 EvalCallback = Callable[[int, dict[str, float]], None]
 
@@ -64,7 +65,9 @@ def _restore_diverged(message: str, step: int, metric: str, value: float) -> Div
 @dataclass
 class TrainResult:
     """What one run produced. ``value`` is the configured metric at the end of the budget (what a recipe
-    promises); ``best`` the best value seen at any evaluation."""
+    promises; ``eval_*`` metrics are on the validation split); ``best`` the best value seen at any evaluation.
+    ``steps`` are the steps reached (under a time budget, however many fitted); ``max_step_seconds`` the longest
+    single step, measured only under a time budget (the overshoot past the budget is at most one step)."""
 
     metric: str
     value: float
@@ -75,11 +78,17 @@ class TrainResult:
     train_seconds: float
     device: str
     final: dict[str, float] = field(default_factory=dict)
+    max_step_seconds: float | None = None
 
     @property
     def step_time(self) -> float:
         """Seconds per optimizer step, evaluation excluded."""
         return self.train_seconds / max(self.steps, 1)
+
+    @property
+    def test(self) -> dict[str, float]:
+        """The test split's metrics at the end (empty unless ``train(..., test=True)``)."""
+        return {k: v for k, v in self.final.items() if k.startswith("test_")}
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ class Problem:
     steps: int
     device: str
     parameter_groups: dict[str, Any] | None = None  # how a multi-optimizer (muon) splits the model; see recipes
+    split: str = "validation"  # where eval_* metrics (the objective) are measured: validation, or test
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -111,32 +121,40 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(cfg: Config) -> DataBundle:
-    """The dataset the config names (cached per process: every trial of a study uses the same one)."""
-    return _load_data(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), cfg.training.seed)
+    """The dataset the config names, with its validation split (cached per process: every trial of a study uses
+    the same one, whatever batch size it samples)."""
+    data_json = json.dumps(cfg.data.model_dump(mode="json", exclude={"batch_size", "eval_batch_size"}), sort_keys=True)
+    return _load_data(data_json, cfg.training.seed)
 
 
 @functools.lru_cache(maxsize=1)
 def _load_data(data_json: str, seed: int) -> DataBundle:
     data = json.loads(data_json)
     if data["callable"]:
-        return _user_data(import_callable(data["callable"])(**data["kwargs"]))
-    return load_dataset(
-        data["name"], root=data["root"], train_size=data["train_size"], test_size=data["test_size"],
-        test_from_train=data["test_from_train"], download=data["download"], seed=seed, **data["kwargs"],
-    )
+        bundle = _user_data(import_callable(data["callable"])(**data["kwargs"]))
+    else:
+        bundle = load_dataset(
+            data["name"], root=data["root"], train_size=data["train_size"], test_size=data["test_size"],
+            test_from_train=data["test_from_train"], download=data["download"], seed=seed, **data["kwargs"],
+        )
+    return hold_out(bundle, data["validation"], seed)
 
 
 def _user_data(result: Any) -> DataBundle:
-    """Accept a ``DataBundle`` or ``(train_x, train_y, test_x, test_y)`` from a user's data callable."""
+    """Accept a ``DataBundle``, ``(train_x, train_y, test_x, test_y)`` or ``(train_x, train_y, val_x, val_y,
+    test_x, test_y)`` from a user's data callable."""
     if isinstance(result, DataBundle):
         return result
-    if not (isinstance(result, (tuple, list)) and len(result) == 4 and all(isinstance(t, torch.Tensor) for t in result)):
-        raise TypeError("a data callable must return a DataBundle or a tuple (train_x, train_y, test_x, test_y) "
-                        f"of tensors, got {type(result).__name__}")
-    train_x, train_y, test_x, test_y = (t.detach().cpu() for t in result)
+    if not (isinstance(result, (tuple, list)) and len(result) in (4, 6)
+            and all(isinstance(t, torch.Tensor) for t in result)):
+        raise TypeError("a data callable must return a DataBundle, a tuple (train_x, train_y, test_x, test_y) or "
+                        f"(train_x, train_y, val_x, val_y, test_x, test_y) of tensors, got {type(result).__name__}")
+    tensors = [t.detach().cpu() for t in result]
+    train_x, train_y, test_x, test_y = tensors[:2] + tensors[-2:]
+    val_x, val_y = (tensors[2].float(), tensors[3]) if len(tensors) == 6 else (None, None)
     classes = int(train_y.max()) + 1 if not train_y.is_floating_point() else 0
     return DataBundle(train_x.float(), train_y, test_x.float(), test_y, tuple(train_x.shape[1:]), classes,
-                      "callable", "user callable")
+                      "callable", "user callable", val_x, val_y)
 
 
 def make_model(cfg: Config, data: DataBundle) -> nn.Module:
@@ -162,8 +180,9 @@ def task_and_loss(cfg: Config) -> tuple[str, str]:
 
 
 def total_steps(cfg: Config, train_examples: int) -> int:
+    """The step budget, or under ``training.budget.seconds`` the step cap (none given: effectively unlimited)."""
     if cfg.training.epochs is None:
-        return cfg.training.steps or 300
+        return cfg.training.steps or (MAX_STEPS if cfg.training.budget is not None else 300)
     per_epoch = max(train_examples // cfg.data.batch_size, 1)
     return max(math.ceil(cfg.training.epochs * per_epoch), 1)
 
@@ -199,6 +218,7 @@ def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
         input_shape=tuple(data.input_shape), num_classes=data.num_classes, train_examples=len(data.train_x),
         steps=total_steps(cfg, len(data.train_x)), device=str(resolve_device(cfg.training.device)),
         parameter_groups=getattr(opt, "parameter_groups", None),
+        split="validation" if data.val_x is not None else "test",
     )
 
 
@@ -206,28 +226,31 @@ def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
 
 
 def train(
-    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None, on_eval: EvalCallback | None = None
+    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None, on_eval: EvalCallback | None = None,
+    *, test: bool = False,
 ) -> TrainResult:
     """Train once for the config's budget with ``hparams``; ``optimizer`` defaults to ``cfg.optimizer.name``.
 
     ``on_eval(step, metrics)`` is called at every evaluation (``train_loss``, ``eval_loss``, ``eval_accuracy`` for
-    classifiers, ``step_time``) and may raise to stop the run (the search prunes that way); with
-    ``training.processes > 1`` it is called here too, in the calling process, while the ranks wait for it.
+    classifiers, on the validation split, ``step_time``) and may raise to stop the run (the search prunes that
+    way); with ``training.processes > 1`` it is called here too, in the calling process, while the ranks wait for
+    it. ``test`` also evaluates the test split (``test_loss``, ``test_accuracy``): the search's objective never
+    asks for it, ``train``/``compare`` and the end of a search do.
     """
     started = time.perf_counter()
     if cfg.training.processes > 1:
-        curves, steps, device = _train_data_parallel(cfg, hparams, optimizer, on_eval)
+        curves, longest, device = _train_data_parallel(cfg, hparams, optimizer, on_eval, test)
     else:
-        curves, steps, device = _train_replica(cfg, hparams, optimizer, on_eval, _Replica())
+        curves, longest, device = _train_replica(cfg, hparams, optimizer, on_eval, _Replica(), test)
     metric = cfg.training.metric
     values = [point[metric] for point in curves]
     best = (min if cfg.training.goal == "minimize" else max)(values)
     final = {k: v for k, v in curves[-1].items() if k not in ("step", "train_seconds")}
-    return TrainResult(metric, values[-1], best, curves, steps, time.perf_counter() - started,
-                       curves[-1]["train_seconds"], device, final)
+    return TrainResult(metric, values[-1], best, curves, int(curves[-1]["step"]), time.perf_counter() - started,
+                       curves[-1]["train_seconds"], device, final, longest)
 
 
-Curves = tuple[list[dict[str, float]], int, str]  # (one point per evaluation, steps, device)
+Curves = tuple[list[dict[str, float]], "float | None", str]  # (one point per evaluation, longest step, device)
 
 
 @dataclass(frozen=True)
@@ -262,7 +285,8 @@ class _Replica:
 
 
 def _train_replica(
-    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None, replica: _Replica
+    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None, replica: _Replica,
+    test: bool = False,
 ) -> Curves:
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
@@ -279,20 +303,23 @@ def _train_replica(
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = build_optimizer(optimizer or cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss_name)
 
-    train_x, test_x = data.train_x.to(device), data.test_x.to(device)
-    if task in ("classification", "sequence"):
-        train_t, test_t = data.train_y.to(device), data.test_y.to(device)
-    else:
-        train_t, test_t = train_x.flatten(1), test_x.flatten(1)
-    batches = _Batches(len(train_x), cfg.data.batch_size, cfg.training.seed, device)
-    steps = total_steps(cfg, len(train_x))
+    def split(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(device)
+        return x, (y.to(device) if task in ("classification", "sequence") else x.flatten(1))
+
+    # eval_* metrics: the validation split when there is one, else (data.validation: 0) the test split
+    splits = {"train": split(data.train_x, data.train_y), "eval": split(
+        *((data.val_x, data.val_y) if data.val_x is not None else (data.test_x, data.test_y)))}
+    if test:
+        splits["test"] = split(data.test_x, data.test_y)
+    batches = _Batches(len(data.train_x), cfg.data.batch_size, cfg.training.seed, device)
+    steps = total_steps(cfg, len(data.train_x))
 
     try:
-        curves = _loop(cfg, model, opt, loss_fn, task, batches, steps, on_eval, (train_x, train_t), (test_x, test_t),
-                       replica)
+        curves, longest = _loop(cfg, model, opt, loss_fn, task, batches, steps, on_eval, splits, replica)
     finally:
         getattr(opt, "close", lambda: None)()  # K-FAC's hooks tie model and optimizer in a reference cycle
-    return curves, steps, str(device)
+    return curves, longest, str(device)
 
 
 # ------------------------------------------------------------------------------------------------ data parallel
@@ -303,7 +330,7 @@ class _Stopped(Exception):
 
 
 def _train_data_parallel(
-    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None
+    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None, test: bool
 ) -> Curves:
     """Train on ``training.processes`` local ranks; ``on_eval`` runs here and may stop them all."""
     from kfac_tune.launch import run_local
@@ -319,7 +346,7 @@ def _train_data_parallel(
             raised.append(error)
         return bool(raised)
 
-    outcome = run_local(_rank_train, cfg.training.processes, cfg, dict(hparams), optimizer, serve=answer)[0]
+    outcome = run_local(_rank_train, cfg.training.processes, cfg, dict(hparams), optimizer, test, serve=answer)[0]
     if raised:
         raise raised[0]
     if isinstance(outcome, Diverged):
@@ -327,7 +354,8 @@ def _train_data_parallel(
     return outcome
 
 
-def _rank_train(channel: Any, cfg: Config, hparams: dict[str, Any], optimizer: str | None) -> Curves | Diverged | None:
+def _rank_train(channel: Any, cfg: Config, hparams: dict[str, Any], optimizer: str | None,
+                test: bool) -> Curves | Diverged | None:
     """One rank of a data-parallel run (spawned by ``run_local``); rank 0 returns the curves, or the divergence."""
     replica = _Replica(dist.get_rank(), dist.get_world_size())
     if not cfg.training.threads:  # share the cores instead of every rank taking all of them
@@ -338,7 +366,7 @@ def _rank_train(channel: Any, cfg: Config, hparams: dict[str, Any], optimizer: s
             raise _Stopped
 
     try:
-        curves = _train_replica(cfg, hparams, optimizer, report, replica)
+        curves = _train_replica(cfg, hparams, optimizer, report, replica, test)
     except _Stopped:
         return None
     except Diverged as diverged:  # every rank sees the same (all-reduced) metrics, so all of them stop here
@@ -348,17 +376,25 @@ def _rank_train(channel: Any, cfg: Config, hparams: dict[str, Any], optimizer: s
 
 def _loop(
     cfg: Config, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[..., torch.Tensor], task: str,
-    batches: _Batches, steps: int, on_eval: EvalCallback | None, train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor], replica: _Replica,
-) -> list[dict[str, float]]:
-    """The steps and evaluations; returns the curve (one point per evaluation, with the cumulative step clock).
-    Losses are averaged over the ranks before anything is judged on them, so every rank decides alike."""
-    (train_x, train_t), (test_x, test_t) = train, test
+    batches: _Batches, steps: int, on_eval: EvalCallback | None,
+    splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], replica: _Replica,
+) -> tuple[list[dict[str, float]], float | None]:
+    """The steps and evaluations; returns the curve (one point per evaluation, with the cumulative step clock) and,
+    under a time budget, the longest step. Losses are averaged over the ranks before anything is judged on them,
+    so every rank decides alike.
+
+    Under ``training.budget.seconds`` the clock is read after every step (on CUDA that synchronises each step) and
+    the run ends with the step that brings the training clock to the budget, so it trains at least the budget and
+    at most one step more; that last step is evaluated like the last step of a step budget. Evaluations stay every
+    ``eval_every`` steps, so the pruner compares trials at equal step counts."""
+    train_x, train_t = splits["train"]
     network = model.module if isinstance(model, DistributedDataParallel) else model
     device = train_x.device
+    budget = cfg.training.budget.seconds if cfg.training.budget is not None else None
     curves: list[dict[str, float]] = []
     loss_sum, since_eval, train_seconds = torch.zeros((), device=device), 0, 0.0
-    clock = _sync_time(device)
+    longest: float | None = None if budget is None else 0.0
+    clock = last = _sync_time(device)
     for step in range(1, steps + 1):
         index = replica.part(batches.next())
         xb, tb = train_x[index], train_t[index]
@@ -379,12 +415,18 @@ def _loop(
         if step == 1:
             limit = _divergence_limit(cfg, replica.mean(loss.clone()).item())
         since_eval += 1
-        if step % cfg.training.eval_every and step != steps:
+        last_step = step == steps
+        if budget is not None:  # the clock reads tile the training time exactly: S <= train_seconds < S + 1 step
+            now = _sync_time(device)
+            longest, last = max(longest or 0.0, now - last), now
+            last_step = replica.agree(last_step or train_seconds + (now - clock) >= budget)
+        if step % cfg.training.eval_every and not last_step:
             continue
-        now = _sync_time(device)
-        train_seconds += now - clock
-        metrics = {"train_loss": replica.mean(loss_sum).item() / since_eval,
-                   **_evaluate(network, loss_fn, test_x, test_t, task, cfg.data.eval_batch_size, replica)}
+        train_seconds += (now if budget is not None else _sync_time(device)) - clock
+        metrics = {"train_loss": replica.mean(loss_sum).item() / since_eval}
+        for prefix, (x, target) in splits.items():
+            if prefix != "train":
+                metrics.update(_evaluate(network, loss_fn, x, target, task, cfg.data.eval_batch_size, replica, prefix))
         metrics["step_time"] = train_seconds / step
         for name in ("train_loss", "eval_loss"):
             if not metrics[name] <= limit:  # also catches NaN
@@ -394,8 +436,10 @@ def _loop(
             on_eval(step, metrics)
         loss_sum.zero_()
         since_eval = 0
-        clock = _sync_time(device)
-    return curves
+        clock = last = _sync_time(device)
+        if last_step:
+            break
+    return curves, longest
 
 
 def _per_position(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, target: torch.Tensor,
@@ -428,9 +472,10 @@ class _Batches:
 @torch.no_grad()
 def _evaluate(
     model: nn.Module, loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, target: torch.Tensor, task: str,
-    batch_size: int, replica: _Replica,
+    batch_size: int, replica: _Replica, prefix: str = "eval",
 ) -> dict[str, float]:
-    """Test loss (and accuracy) over all of ``x``; each rank evaluates its slice and the sums are combined."""
+    """``<prefix>_loss`` (and ``_accuracy``) over all of ``x``; each rank evaluates its slice and the sums are
+    combined."""
     was_training = model.training
     model.eval()
     mine, my_target = replica.part(x), replica.part(target)
@@ -443,9 +488,9 @@ def _evaluate(
             sums[1] += (out.argmax(-1) == tb).sum()
     model.train(was_training)
     total, correct = replica.total(sums).tolist()
-    metrics = {"eval_loss": total / len(x)}
+    metrics = {f"{prefix}_loss": total / len(x)}
     if task == "classification":
-        metrics["eval_accuracy"] = correct / len(x)
+        metrics[f"{prefix}_accuracy"] = correct / len(x)
     return metrics
 
 

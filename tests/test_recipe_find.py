@@ -72,7 +72,9 @@ def test_warm_start_enqueues_the_closest_recipe_first(library: tuple[Path, Path]
     assert "warm start: shelf/exact.yaml (same architecture and signature" in result.output
     first, second = load_study(f"sqlite:///{tmp_path / 'study.db'}", "model").trials[:2]
     assert first.user_attrs["warm_start_recipe"] == str(shelf / "exact.yaml")
-    assert first.params == {**KFAC_POINT, "damping": 1e-2}  # the recipe's 2e-2 moved into this space
+    # the recipe's values (its 2e-2 damping moved into this space) in its mode; knobs it does not name are sampled
+    assert {k: first.params[k] for k in KFAC_POINT} == {**KFAC_POINT, "damping": 1e-2}
+    assert first.params["mode"] == "fixed"
     assert second.params["lr"] == 0.01  # then the published defaults, as in a cold search
 
 

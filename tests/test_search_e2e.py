@@ -58,7 +58,10 @@ def test_search_show_export_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     best = study.best_trial
     assert recipe.result.value == best.value and recipe.provenance.trial == best.number
     assert recipe.provenance.mlflow_run_id == best.user_attrs["mlflow_run_id"]
-    assert {k: v for k, v in recipe.hyperparameters.items() if k in best.params} == best.params
+    assert recipe.searched == best.params  # every sampled value, in the space's vocabulary (K-FAC's mode too)
+    assert {k: v for k, v in recipe.hyperparameters.items() if k in best.params} == {
+        k: v for k, v in best.params.items() if k != "mode"}
+    assert recipe.result.split == "validation" and recipe.result.test_value is not None
 
     result = json.loads(invoke("train", str(config), "--recipe", str(tmp_path / "best.yaml"), "-f", "json"))
     assert math.isclose(result["value"], recipe.result.value, rel_tol=1e-5), (result["value"], recipe.result.value)
@@ -68,7 +71,10 @@ def test_diverging_trials_are_pruned_and_best_recipe_is_valid(tmp_path: Path, mo
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, search={
         "trials": 3, "pruner": "none", "enqueue_defaults": False,
-        "space": {"lr": [0.05, 1.0e6]}, "enqueue": [{"lr": 1.0e6}, {"lr": 0.05}],
+        # K-FAC in its fixed mode, where lr is sampled (automatic mode chooses lr itself), without the KL-clip
+        # trust region that would tame lr = 1e6
+        "space": {"lr": [0.05, 1.0e6], **({"mode": "fixed", "kl_clip": None} if TEST_OPTIMIZER == "kfac" else {})},
+        "enqueue": [{"lr": 1.0e6}, {"lr": 0.05}],
     })
     invoke("search", str(config), "--no-tracking", "-o", str(tmp_path / "best.yaml"))
     study = load_study(f"sqlite:///{tmp_path / 'study.db'}", "model")

@@ -8,6 +8,11 @@ Outcomes, and why each is what it is (docs/tuning-tools.md §1.5–1.6):
 * Ctrl-C -> the trial is failed (Optuna does that), ``fail_reason`` says it was interrupted, and the interrupt
   propagates so the CLI can exit 130.
 
+The objective reads only the training and validation splits (``train`` is never asked for test metrics here): the
+test split is measured once, for the chosen trial, after the search (``evaluate_test``). With several objectives
+(``search.objectives``) the trial returns one value per objective; Optuna cannot prune such studies, so
+evaluations are logged but not reported, and only divergence prunes.
+
 Memory is released after every trial, whatever its outcome: a study of OOM-prone trials must not leak. After a
 failed or pruned trial that happens in a study callback (``release_after_failure``), once Optuna has let go of the
 exception that holds the trial's model.
@@ -22,8 +27,9 @@ from typing import Any
 import optuna
 
 from kfac_tune.config import Config, ParamSpec
-from kfac_tune.search.space import suggest
-from kfac_tune.training import Diverged, task_and_loss, train
+from kfac_tune.config import TIME_OBJECTIVE
+from kfac_tune.search.space import optimizer_arguments, suggest, with_training
+from kfac_tune.training import Diverged, TrainResult, task_and_loss, train
 
 INTERRUPTED = "interrupted (Ctrl-C); resume by running the same command"
 REASON_LIMIT = 2000  # characters kept of an exception message
@@ -47,19 +53,20 @@ class Objective:
 
         return KFAC.complete_arguments({**arguments, "loss": self.loss})
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         try:
             return self._run(trial)
         except KeyboardInterrupt:  # wherever Ctrl-C lands, also before training starts or after it ends
             trial.set_user_attr("fail_reason", INTERRUPTED)
             raise
 
-    def _run(self, trial: optuna.Trial) -> float:
-        hparams = suggest(trial, self.space)
+    def _run(self, trial: optuna.Trial) -> float | list[float]:
+        point = suggest(trial, self.space)
+        hparams, cfg = optimizer_arguments(point), with_training(self.cfg, point)
         trial.set_user_attr("hyperparameters", self.constructor_arguments(hparams))
-        with self.tracker.trial_run(trial, hparams) as run:
+        with self.tracker.trial_run(trial, point) as run:
             try:
-                result = train(self.cfg, hparams, on_eval=lambda step, metrics: self._report(trial, run, step, metrics))
+                result = train(cfg, hparams, on_eval=lambda step, metrics: self._report(trial, run, step, metrics))
             except Diverged as diverged:
                 self._prune(trial, run, str(diverged))
             except optuna.TrialPruned as pruned:
@@ -78,13 +85,18 @@ class Objective:
             trial.set_user_attr("result", {  # one storage write (each costs ~20 ms on SQLite)
                 "step_time": result.step_time, "train_seconds": result.train_seconds, "seconds": result.seconds,
                 "steps": result.steps, "device": result.device, "final": result.final, "best": result.best,
+                "max_step_seconds": result.max_step_seconds, "batch_size": cfg.data.batch_size,
             })
             run.set_outcome("COMPLETE", value=result.value)
-            return result.value
+            values = objective_values(self.cfg.objectives, result)
+            return values[0] if len(values) == 1 else values
 
     def _report(self, trial: optuna.Trial, run: Any, step: int, metrics: dict[str, float]) -> None:
-        """Log the curve point, feed the pruner once per evaluation interval, and prune if it says so."""
+        """Log the curve point, feed the pruner once per evaluation interval, and prune if it says so (single
+        objective only: Optuna has no pruning for several objectives)."""
         run.log_eval(step, metrics)
+        if len(self.cfg.objectives) > 1:
+            return
         value = metrics[self.cfg.training.metric]
         trial.report(value, step)
         if trial.should_prune():
@@ -96,6 +108,12 @@ class Objective:
         trial.set_user_attr("prune_reason", reason)
         run.set_outcome("PRUNED", reason=reason)
         raise optuna.TrialPruned(reason) from None
+
+
+def objective_values(objectives: list[str], result: TrainResult) -> list[float]:
+    """The trial's value of each objective: the metric at the end of the budget, or the training seconds used."""
+    return [result.train_seconds if name == TIME_OBJECTIVE else result.final.get(name, result.value)
+            for name in objectives]
 
 
 def release_memory(after_failure: bool) -> None:

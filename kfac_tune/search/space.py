@@ -1,34 +1,61 @@
 """The search space: defaults per optimizer, merged with the YAML's ``search.space`` overrides.
 
-Default K-FAC ranges are centred on the published defaults (lr 1e-2…1e-1, damping 1e-3, momentum 0.9, factor
-EMA 0.95, inverse every 10 steps; docs/kfac-implementations.md §2, §7) and wide enough to reach the outliers
-(full-batch autoencoders want damping near 10, ImageNet recipes invert every 100 steps). lr and damping are
-coupled (the step is roughly lr / damping along low-curvature directions), so they must be sampled jointly: the
-default sampler, Optuna 5's ``TPESampler``, is multivariate and models all parameters of a trial together.
+The space is declarative and conditional (define-by-run): an entry may carry ``when: {mode: fixed}`` and is then
+sampled only in trials where ``mode`` was drawn as ``fixed``. Optuna's multivariate TPE models such spaces when it
+groups parameters by the sets that occur together (``TPESampler(group=True)``, the default here): each group
+(fixed-mode trials, automatic-mode trials) gets its own joint model.
 
-The published default point is also enqueued as the study's first trial (``search.enqueue_defaults``), so a
-search never ends worse than the untuned optimizer.
+K-FAC's default space has two modes:
+
+* ``fixed``: lr, damping, momentum and kl_clip are sampled (a fixed step size, trust region by KL-clipping);
+* ``automatic``: Levenberg–Marquardt damping adaptation plus the quadratic model's lr and momentum
+  (Martens & Grosse §6.4-6.6; the constructor's ``adaptive_damping/adaptive_lr/adaptive_momentum``): only the
+  initial damping λ₀ is sampled, lr and momentum are chosen by the optimizer every step.
+
+Both modes share the statistics knobs (factor_decay, inv_update_freq) and the cost knobs (cov_update_freq,
+stat_fraction), which decide K-FAC's wall-clock. lr and damping are coupled (the step is roughly lr / damping along
+low-curvature directions), so they are sampled jointly by the multivariate sampler.
+
+``batch_size`` is a training setting every optimizer can search (``search.space.batch_size: [128, 256, 512]``);
+it is not in the default spaces because under a step budget a larger batch buys more data for free and would
+always win: search it with ``training.budget.seconds``.
+
+The published default point (K-FAC's constructor defaults, the config's batch size) is enqueued as the study's
+first trial (``search.enqueue_defaults``), so a search never ends worse than the untuned optimizer.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kfac_tune.config import Config, ParamSpec
 from kfac_tune.catalog import hyperparameter_names
 
+MODE = "mode"
+# how each K-FAC mode sets the constructor's adaptation flags; fixed leaves adaptive_damping to the constructor
+# default (or optimizer.options), so a damping schedule the optimizer applies by default stays on
+MODES: dict[str, dict[str, bool]] = {
+    "fixed": {"adaptive_lr": False, "adaptive_momentum": False},
+    "automatic": {"adaptive_damping": True, "adaptive_lr": True, "adaptive_momentum": True},
+}
+TRAINING_PARAMETERS = ("batch_size",)  # sampled entries that set the training run, not the optimizer
 
-def _range(low: float, high: float, *, log: bool = False, integer: bool = False) -> ParamSpec:
-    return ParamSpec.model_validate({"low": low, "high": high, "log": log, "int": integer})
+
+def _range(low: float, high: float, *, log: bool = False, integer: bool = False, **when: Any) -> ParamSpec:
+    return ParamSpec.model_validate({"low": low, "high": high, "log": log, "int": integer, "when": when})
 
 
 DEFAULT_SPACES: dict[str, dict[str, ParamSpec]] = {
     "kfac": {
-        "lr": _range(1e-4, 1.0, log=True),
-        "damping": _range(1e-5, 10.0, log=True),
-        "momentum": _range(0.0, 0.99),
+        MODE: ParamSpec.model_validate(list(MODES)),
+        "lr": _range(1e-4, 1.0, log=True, mode="fixed"),
+        "damping": _range(1e-5, 1e3, log=True),  # fixed: λ; automatic: λ₀, where LM adaptation starts
+        "momentum": _range(0.0, 0.99, mode="fixed"),
+        "kl_clip": _range(1e-5, 1.0, log=True, mode="fixed"),
         "factor_decay": _range(0.9, 0.999),
         "inv_update_freq": _range(1, 100, log=True, integer=True),
+        "cov_update_freq": _range(1, 20, log=True, integer=True),
+        "stat_fraction": _range(0.1, 1.0, log=True),
     },
     "adam": {
         "lr": _range(1e-5, 1e-1, log=True),
@@ -63,8 +90,9 @@ DEFAULT_SPACES: dict[str, dict[str, ParamSpec]] = {
     },
 }
 
+# the first-order optimizers' published defaults (torch's, weight decay at the range's floor); K-FAC's come from
+# its constructor (published_defaults), so a change of its defaults reaches the enqueued trial by itself
 DEFAULT_POINTS: dict[str, dict[str, Any]] = {
-    "kfac": {"lr": 0.01, "damping": 1e-3, "momentum": 0.9, "factor_decay": 0.95, "inv_update_freq": 10},
     "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-8},
     "sgd": {"lr": 0.01, "momentum": 0.9},
     "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01},  # torch.optim.AdamW's defaults
@@ -76,13 +104,24 @@ DEFAULT_POINTS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_space(cfg: Config) -> dict[str, ParamSpec]:
-    """The optimizer's default space with the YAML overrides applied (an override replaces the whole entry).
+def searchable_names(optimizer: str) -> tuple[str, ...]:
+    """What ``search.space`` may name: the optimizer's hyperparameters, its default space's entries (K-FAC's
+    ``mode``, ``stat_fraction``) and the training parameters."""
+    names = [*hyperparameter_names(optimizer), *DEFAULT_SPACES.get(optimizer, {}), *TRAINING_PARAMETERS]
+    return tuple(dict.fromkeys(names))
 
-    Raises ``ConfigError`` at ``search.space.<name>`` for a name the optimizer does not take.
+
+def build_space(cfg: Config) -> dict[str, ParamSpec]:
+    """The optimizer's default space with the YAML overrides applied.
+
+    An override replaces the entry's range, choices or value; it keeps the default's ``when`` condition unless it
+    gives its own (``when: {}`` samples it in every mode); ``null`` removes the entry. Raises ``ConfigError`` at
+    ``search.space.<name>`` for a name the optimizer does not take, and at ``search.space.<name>.when`` for a
+    condition on no entry.
     """
     optimizer = cfg.optimizer.name
-    names = hyperparameter_names(optimizer)
+    names = searchable_names(optimizer)
+    defaults = DEFAULT_SPACES[optimizer]
     for name in cfg.search.space:
         if name not in names:
             raise cfg.problem(
@@ -91,7 +130,20 @@ def build_space(cfg: Config) -> dict[str, ParamSpec]:
                 "(other constructor options go under optimizer.options)",
                 name,
             )
-    return {**DEFAULT_SPACES[optimizer], **cfg.search.space}
+    space = dict(defaults)
+    for name, spec in cfg.search.space.items():
+        if spec is None:  # removed: not searched, the constructor's default (or optimizer.options) applies
+            space.pop(name, None)
+            continue
+        inherit = name in defaults and "when" not in spec.model_fields_set
+        space[name] = spec.model_copy(update={"when": defaults[name].when}) if inherit else spec
+    for name, spec in space.items():
+        for condition in spec.when:
+            if condition not in space or space[condition].when:
+                raise cfg.problem(f"search.space.{name}.when",
+                                  "expected conditions on unconditioned entries of the space "
+                                  f"({', '.join(n for n, s in space.items() if not s.when)})", condition)
+    return space
 
 
 def free(space: Mapping[str, ParamSpec]) -> dict[str, ParamSpec]:
@@ -99,36 +151,99 @@ def free(space: Mapping[str, ParamSpec]) -> dict[str, ParamSpec]:
     return {name: spec for name, spec in space.items() if spec.kind != "fixed"}
 
 
+_SKIP = object()
+
+
+def _walk(space: Mapping[str, ParamSpec], draw: Callable[[str, ParamSpec], Any]) -> dict[str, Any]:
+    """Visit the entries active for the values drawn so far, unconditioned ones first (they decide the others);
+    ``draw(name, spec)`` gives a sampled entry's value, or ``_SKIP`` to leave it out."""
+    point: dict[str, Any] = {}
+    ordered = sorted(space.items(), key=lambda item: bool(item[1].when))
+    for name, spec in ordered:
+        if not spec.active(point):
+            continue
+        value = spec.value if spec.kind == "fixed" else draw(name, spec)
+        if value is not _SKIP:
+            point[name] = value
+    return point
+
+
 def suggest(trial: Any, space: Mapping[str, ParamSpec]) -> dict[str, Any]:
-    """Sample one point: ``{name: value}`` for every entry, fixed ones included.
+    """Sample one point: ``{name: value}`` for every active entry, fixed ones included; an entry whose ``when``
+    does not hold is neither sampled nor in the point.
 
     ``trial`` is an ``optuna.Trial`` (or ``FixedTrial``); Optuna is not imported here so the space stays testable
     without a study.
     """
-    point: dict[str, Any] = {}
-    for name, spec in space.items():
-        if spec.kind == "fixed":
-            point[name] = spec.value
-        elif spec.kind == "choices":
-            point[name] = trial.suggest_categorical(name, spec.choices)
-        elif spec.integer:
-            point[name] = trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log)  # type: ignore[arg-type]
-        else:
-            point[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
-    return point
+
+    def draw(name: str, spec: ParamSpec) -> Any:
+        if spec.kind == "choices":
+            return trial.suggest_categorical(name, spec.choices)
+        if spec.integer:
+            return trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log)  # type: ignore[arg-type]
+        return trial.suggest_float(name, spec.low, spec.high, log=spec.log)
+
+    return _walk(space, draw)
+
+
+def optimizer_arguments(point: Mapping[str, Any]) -> dict[str, Any]:
+    """The optimizer's constructor arguments of a point: training parameters dropped, ``mode`` turned into
+    K-FAC's adaptation flags."""
+    arguments = {k: v for k, v in point.items() if k not in TRAINING_PARAMETERS and k != MODE}
+    return {**arguments, **MODES[point[MODE]]} if MODE in point else arguments
+
+
+def with_training(cfg: Config, point: Mapping[str, Any]) -> Config:
+    """``cfg`` with the point's training parameters (``batch_size``) applied: the config one trial trains with."""
+    if "batch_size" not in point:
+        return cfg
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": int(point["batch_size"])})})
+
+
+def mode_of(arguments: Mapping[str, Any]) -> str:
+    """The K-FAC mode a set of constructor arguments runs in (adaptive lr and momentum: automatic)."""
+    return "automatic" if arguments.get("adaptive_lr") and arguments.get("adaptive_momentum") else "fixed"
+
+
+def published_defaults(cfg: Config) -> dict[str, Any]:
+    """The untuned optimizer as a point of the space's vocabulary: K-FAC's constructor defaults (and the mode they
+    run in), the first-order optimizers' published defaults, and the config's batch size."""
+    optimizer = cfg.optimizer.name
+    if optimizer == "kfac":
+        from kfac_tune.optim import KFAC
+
+        defaults = KFAC.complete_arguments(dict(cfg.optimizer.options))
+        point = {**defaults, MODE: mode_of(defaults)}
+    else:
+        point = dict(DEFAULT_POINTS.get(optimizer, {}))
+    return {**point, "batch_size": cfg.data.batch_size}
+
+
+def point_in_space(values: Mapping[str, Any], space: Mapping[str, ParamSpec]) -> dict[str, Any]:
+    """``values`` as a point to enqueue: the sampled entries active in its mode (K-FAC's mode read from the
+    adaptation flags when ``values`` are constructor arguments), each moved into the space; entries ``values``
+    has no (or a ``None``) value for are left to the sampler."""
+    values = {**values, MODE: values.get(MODE) or mode_of(values)}
+
+    def given(name: str, spec: ParamSpec) -> Any:
+        value = values.get(name)
+        return _SKIP if value is None else clip(spec, value)
+
+    return {name: value for name, value in _walk(space, given).items() if space[name].kind != "fixed"}
 
 
 def warm_starts(cfg: Config, space: Mapping[str, ParamSpec]) -> list[dict[str, Any]]:
     """The points to enqueue: the published defaults (clipped to the space) then ``search.enqueue``.
 
-    A warm-start point names only sampled parameters; a value outside a range or not among the choices is a
-    config error, because Optuna would otherwise silently run it anyway.
+    The defaults point names the entries active in the defaults' mode; a default the space cannot express (a
+    ``None`` such as kl_clip off) is left for the sampler. A warm-start point names only sampled parameters; a
+    value outside a range or not among the choices is a config error, because Optuna would otherwise silently run
+    it anyway.
     """
     sampled = free(space)
     points: list[dict[str, Any]] = []
     if cfg.search.enqueue_defaults:
-        default = {k: v for k, v in DEFAULT_POINTS[cfg.optimizer.name].items() if k in sampled}
-        points.append({k: clip(sampled[k], v) for k, v in default.items()})
+        points.append(point_in_space(published_defaults(cfg), space))
     for i, point in enumerate(cfg.search.enqueue):
         for name, value in point.items():
             path = f"search.enqueue[{i}].{name}"
@@ -167,4 +282,10 @@ def _describe_spec(spec: ParamSpec) -> str:
 
 def describe(space: Mapping[str, ParamSpec]) -> dict[str, str]:
     """One line per hyperparameter, for the CLI and the MLflow parent run."""
-    return {name: (f"fixed {spec.value!r}" if spec.kind == "fixed" else _describe_spec(spec)) for name, spec in space.items()}
+
+    def line(spec: ParamSpec) -> str:
+        text = f"fixed {spec.value!r}" if spec.kind == "fixed" else _describe_spec(spec)
+        condition = ", ".join(f"{k}={v}" for k, v in spec.when.items())
+        return f"{text} (when {condition})" if condition else text
+
+    return {name: line(spec) for name, spec in space.items()}

@@ -28,10 +28,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from kfac_tune.config import Config, ConfigError
+from kfac_tune.config import MAX_STEPS, Config, ConfigError
 from kfac_tune.recipes import Match, Recipe, export_best, versions
 from kfac_tune.search.objective import Objective, open_tracker, release_after_failure
-from kfac_tune.search.space import build_space, describe, suggest, warm_starts
+from kfac_tune.search.space import build_space, describe, optimizer_arguments, suggest, warm_starts, with_training
 from kfac_tune.search.warm import recipe_point, warm_start_match
 from kfac_tune.training import Problem, preflight
 
@@ -117,6 +117,9 @@ def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
     }
     if name == "qmc":
         args.setdefault("scramble", True)  # else every worker draws the same sequence
+    if name == "tpe":  # one joint model per set of parameters that occur together: the conditional space's modes
+        args.setdefault("multivariate", True)
+        args.setdefault("group", True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -130,13 +133,18 @@ def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(cfg: Config, steps: int) -> optuna.pruners.BasePruner:
-    """Median by default; Hyperband's resource is the training step, from one evaluation to the whole budget."""
+    """Median by default; Hyperband's resource is the training step, from one evaluation to the whole budget
+    (under a time budget without a step cap: Optuna's ``auto``). Optuna prunes single-objective studies only, so
+    with several ``search.objectives`` there is no pruner (diverged trials are still pruned by the objective)."""
     name, args = cfg.search.pruner.name, cfg.search.pruner.args
+    if len(cfg.objectives) > 1:
+        return optuna.pruners.NopPruner()
     try:
         if name == "median":
             return optuna.pruners.MedianPruner(**{"n_startup_trials": 5, **args})
         if name == "hyperband":
-            defaults = {"min_resource": min(cfg.training.eval_every, steps), "max_resource": steps}
+            defaults = {"min_resource": min(cfg.training.eval_every, steps),
+                        "max_resource": "auto" if steps >= MAX_STEPS else steps}
             return optuna.pruners.HyperbandPruner(**{**defaults, **args})
         if args:
             raise TypeError("pruner 'none' takes no arguments")
@@ -166,7 +174,7 @@ def count(study: optuna.Study, states: tuple[TrialState, ...] = FINISHED) -> int
 def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem, space: dict[str, Any]) -> optuna.Study:
     """Create or resume the study, refusing to resume one created from a different objective."""
     study = optuna.create_study(
-        study_name=study_name, storage=make_storage(storage_url, cfg), direction=cfg.training.goal,
+        study_name=study_name, storage=make_storage(storage_url, cfg), directions=cfg.directions,
         load_if_exists=True, sampler=make_sampler(cfg, cfg.search.sampler.seed),
         pruner=make_pruner(cfg, problem.steps),
     )
@@ -191,11 +199,12 @@ def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem,
             "task": problem.task,
             "steps": problem.steps,
             "metric": cfg.training.metric,
+            "split": problem.split,
             "space": describe(space),
         }
         for key, value in attrs.items():
             study.set_user_attr(key, value)
-        study.set_metric_names([cfg.training.metric])
+        study.set_metric_names(cfg.objectives)
     study.set_user_attr("versions", versions())
     return study
 
@@ -394,7 +403,8 @@ def prepare_search(
     with setup_lock(storage_url, name):
         study = open_study(cfg, name, storage_url, problem, space)
         if match is not None:
-            enqueue(study, [recipe_point(match.recipe.hyperparameters, space)], warm_start_recipe=str(match.path))
+            point = recipe_point({**match.recipe.hyperparameters, **match.recipe.searched}, space)
+            enqueue(study, [point], warm_start_recipe=str(match.path))
         enqueue(study, starts)
         timeout = timeout if timeout is not None else cfg.search.timeout
         budget = {"trials": trials or cfg.search.trials, "timeout_s": timeout, "jobs": jobs}
@@ -418,7 +428,8 @@ def run_search(cfg: Config, *, on_progress: ProgressCallback | None = None, **op
 
 def preflight_space(cfg: Config, space: dict[str, Any] | None = None) -> Problem:
     """``preflight`` at the space's low corner: pinned values and fixed options are checked too, before any trial."""
-    return preflight(cfg, suggest(_LowTrial(), build_space(cfg) if space is None else space))
+    point = suggest(_LowTrial(), build_space(cfg) if space is None else space)
+    return preflight(with_training(cfg, point), optimizer_arguments(point))
 
 
 class _LowTrial:

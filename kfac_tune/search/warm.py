@@ -13,7 +13,7 @@ from typing import Any
 
 from kfac_tune.config import Config, ParamSpec, Phrase
 from kfac_tune.recipes import Match, RecipeError, find_recipes, load_recipe, recipe_directories, signature_distance
-from kfac_tune.search.space import clip, free
+from kfac_tune.search.space import point_in_space
 from kfac_tune.training import Problem
 
 
@@ -43,5 +43,6 @@ def warm_start_match(cfg: Config, problem: Problem, directories: Sequence[str | 
 
 
 def recipe_point(hyperparameters: Mapping[str, Any], space: Mapping[str, ParamSpec]) -> dict[str, Any]:
-    """The recipe's values of the sampled hyperparameters, each moved into this study's space."""
-    return {name: clip(spec, hyperparameters[name]) for name, spec in free(space).items() if name in hyperparameters}
+    """The recipe's values of the sampled hyperparameters (active in its K-FAC mode), each moved into this
+    study's space."""
+    return point_in_space(hyperparameters, space)

@@ -14,6 +14,7 @@ where this module shuffles or generates: the digits train/test split and the syn
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
@@ -51,7 +52,8 @@ class DatasetNotFoundError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class DataBundle:
-    """A dataset in memory: float32 inputs in [0, 1] and int64 labels, train and test splits."""
+    """A dataset in memory: float32 inputs in [0, 1] and int64 labels, train and test splits, and optionally a
+    validation split (``val_x``/``val_y``: what a search selects hyperparameters on, see :func:`hold_out`)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -61,6 +63,31 @@ class DataBundle:
     num_classes: int
     name: str
     source: str
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+
+
+def hold_out(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
+    """``bundle`` with ``fraction`` of its training examples moved to a validation split.
+
+    Why: hyperparameters chosen on the test split make the test value an optimistic estimate; selecting on a
+    split held out of the training data keeps the test split for one honest measurement at the end. The examples
+    are drawn by a permutation seeded by ``seed`` (not stratified; at least one example on each side), and the
+    remaining training examples keep their order. A bundle that already has a validation split, or
+    ``fraction == 0``, is returned unchanged.
+    """
+    if bundle.val_x is not None or fraction <= 0:
+        return bundle
+    n = len(bundle.train_x)
+    n_val = min(max(round(fraction * n), 1), n - 1)
+    if n_val < 1:
+        raise ValueError(f"cannot hold out a validation split from {n} training example(s)")
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_val]
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[chosen] = False
+    val_index = chosen.sort().values
+    return dataclasses.replace(bundle, train_x=bundle.train_x[keep], train_y=bundle.train_y[keep],
+                               val_x=bundle.train_x[val_index], val_y=bundle.train_y[val_index])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,153 @@
+"""Choosing a trial from a finished study, and measuring it once on the test split.
+
+``kfac-tune export --pick`` and the end of a search choose the same way:
+
+* ``best``: the best value of the study's metric (ties: fewer training seconds, then the earlier trial);
+* ``fastest-within=P%``: the trial with the fewest training seconds among those whose metric is within ``P`` % of
+  the best (relative to ``|best|``); on a study with the objectives (metric, train_seconds) it is a point of the
+  Pareto front, the cheapest one that gives up at most ``P`` % of the metric.
+
+Training seconds are the ``train_seconds`` objective where the study has one, else the seconds the trial recorded
+(``result.train_seconds``), so a single-objective study can be picked from by time too.
+
+The test split is read only here, after the search chose: the chosen trial is trained again (same seed, same
+steps) with test evaluation, and the result is stored on the study (``test.<trial number>``) so it is measured
+once per trial however often it is exported.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from kfac_tune.config import TIME_OBJECTIVE, Config
+from kfac_tune.search.space import optimizer_arguments, with_training
+
+PICK_PATTERN = re.compile(r"^(best|fastest-within=(\d+(?:\.\d*)?)%)$")
+TEST_ATTR = "test."  # study user attribute prefix: test.<trial number> -> the trial's test-split metrics
+
+
+@dataclass(frozen=True)
+class Pick:
+    """How to choose: ``within`` is None for ``best``, else the relative tolerance (0.02 for 2 %)."""
+
+    within: float | None = None
+
+    def __str__(self) -> str:
+        return "best" if self.within is None else f"fastest-within={self.within * 100:g}%"
+
+
+def parse_pick(text: str) -> Pick:
+    """``best`` or ``fastest-within=P%``; a ValueError saying the expected form otherwise."""
+    match = PICK_PATTERN.match(text.strip())
+    if match is None:
+        raise ValueError(f"expected 'best' or 'fastest-within=P%' (e.g. fastest-within=2%), got {text!r}")
+    return Pick(None if match.group(2) is None else float(match.group(2)) / 100)
+
+
+def metric_names(study: optuna.Study) -> list[str]:
+    """The objectives' names, as the search set them (a study without names: its ``metric`` attribute)."""
+    names = study.metric_names
+    return list(names) if names else [study.user_attrs.get("metric", "value")]
+
+
+def metric_index(study: optuna.Study) -> int:
+    """Which objective is the quality metric (the one that is not ``train_seconds``)."""
+    names = metric_names(study)
+    return next((i for i, name in enumerate(names) if name != TIME_OBJECTIVE), 0)
+
+
+def metric_value(study: optuna.Study, trial: FrozenTrial) -> float:
+    return trial.values[metric_index(study)]
+
+
+def train_seconds(study: optuna.Study, trial: FrozenTrial) -> float:
+    """The trial's training seconds: its ``train_seconds`` objective, else what it recorded."""
+    names = metric_names(study)
+    if TIME_OBJECTIVE in names:
+        return trial.values[names.index(TIME_OBJECTIVE)]
+    return float(trial.user_attrs.get("result", {}).get("train_seconds", math.inf))
+
+
+def candidates(study: optuna.Study) -> list[FrozenTrial]:
+    """Complete trials with a finite metric."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values is not None and math.isfinite(metric_value(study, t))]
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """The non-dominated complete trials, best metric first (a single-objective study: its best trial)."""
+    index = metric_index(study)
+    maximize = study.directions[index] == optuna.study.StudyDirection.MAXIMIZE
+    if len(study.directions) == 1:
+        front = [choose(study, Pick())] if candidates(study) else []
+    else:
+        front = list(study.best_trials)
+    return sorted(front, key=lambda t: ((-1 if maximize else 1) * t.values[index], t.number))
+
+
+def choose(study: optuna.Study, pick: Pick) -> FrozenTrial:
+    """The trial ``pick`` selects; ValueError when no trial completed."""
+    trials = candidates(study)
+    if not trials:
+        raise ValueError(f"study {study.study_name!r} has no completed trial with a finite metric")
+    sign = -1.0 if study.directions[metric_index(study)] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+
+    def quality(trial: FrozenTrial) -> float:  # smaller is better
+        return sign * metric_value(study, trial)
+
+    best = min(quality(t) for t in trials)
+    if pick.within is None:
+        within = [t for t in trials if quality(t) == best]
+    else:
+        within = [t for t in trials if quality(t) <= best + pick.within * abs(best)]
+    return min(within, key=lambda t: (train_seconds(study, t), quality(t), t.number))
+
+
+# ------------------------------------------------------------------------------------------------ test split
+
+
+def study_config(study: optuna.Study) -> Config:
+    """The config a study was searched with, as recorded. A study from before validation splits (no ``split``
+    attribute) selected on the test split: its config is read with ``data.validation: 0``, as it ran."""
+    raw = study.user_attrs["config"]
+    if "split" not in study.user_attrs:
+        raw = {**raw, "data": {**raw.get("data", {}), "validation": raw.get("data", {}).get("validation", 0)}}
+    return Config.model_validate(raw)
+
+
+def test_metrics(study: optuna.Study, trial: FrozenTrial, cfg: Config | None = None) -> dict[str, float]:
+    """The trial's metrics on the test split, measured once (by training it again) and kept on the study.
+
+    The rerun repeats the trial: its sampled training parameters, its constructor arguments, the same seed and
+    the steps it reached (a time-budget trial is rerun for its step count, so the model is the one it selected).
+    """
+    key = f"{TEST_ATTR}{trial.number}"
+    if key in study.user_attrs:
+        return dict(study.user_attrs[key])
+    from kfac_tune.training import Diverged, train
+
+    cfg = cfg or study_config(study)
+    rerun = with_training(cfg, trial.params)
+    steps = trial.user_attrs.get("result", {}).get("steps")
+    if cfg.training.budget is not None and steps:
+        rerun = rerun.model_copy(update={"training": rerun.training.model_copy(
+            update={"budget": None, "steps": int(steps), "epochs": None})})
+    arguments = trial.user_attrs.get("hyperparameters") or optimizer_arguments(trial.params)
+    hparams = {k: v for k, v in arguments.items() if k != "loss"}
+    try:
+        result = train(rerun, hparams, optimizer=study.user_attrs.get("optimizer"), test=True)
+        metrics = {k: v for k, v in result.test.items() if math.isfinite(v)}
+    except Diverged:
+        metrics = {}
+    study.set_user_attr(key, metrics)
+    return metrics
+
+
+def test_value(metric: str, metrics: dict[str, Any]) -> float | None:
+    """The test split's counterpart of ``metric`` (``eval_loss`` -> ``test_loss``); None if it has none."""
+    return metrics.get(metric.replace("eval_", "test_", 1)) if metric.startswith("eval_") else None
