@@ -238,7 +238,8 @@ def _rank_main(rank: int, fn: Callable[..., Any], args: tuple[Any, ...], env: di
                 value = value.with_traceback(None)
             report = _Report(True, value, 0)
         except Exception as error:
-            error.add_note(f"(raised in rank {rank}:\n{''.join(traceback.format_exception(error)).rstrip()})")
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(f"(raised in rank {rank}:\n{''.join(traceback.format_exception(error)).rstrip()})")
             report = _Report(False, error.with_traceback(None), time.monotonic_ns())
             _write_report(Path(results), rank, report)
             sys.stdout.flush(), sys.stderr.flush()

@@ -98,7 +98,7 @@ def interrupt_on_signals() -> None:
 def start(command: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
     """Start an external ``command`` under the supervisor: in its own group, stopped with kfac-tune."""
     supervisor = [sys.executable, "-m", "kfac_tune.processes", str(os.getpid()), "--", *command]
-    return subprocess.Popen(supervisor, process_group=0, **popen)
+    return subprocess.Popen(supervisor, start_new_session=True, **popen)
 
 
 def signal_group(child: Child, signum: int) -> None:
