@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 from kfac_tune.processes import adopt, stop
 
 DEFAULT_TIMEOUT_S = 300.0
+_TEARDOWN_S = 30.0  # for ranks that reported to leave the group and exit, before they are stopped
 
 
 def default_backend(local_world_size: int) -> str:
@@ -160,9 +161,6 @@ def run_local(fn: Callable[..., Any], nprocs: int, *args: Any, backend: Optional
         finally:
             stop(ranks, signal.SIGTERM, grace_s=_TEARDOWN_S)
         return [report.value for report in reports]
-
-
-_TEARDOWN_S = 30.0
 
 
 def _await_reports(ranks: list[Any], results: Path, channel: Optional[Channel],

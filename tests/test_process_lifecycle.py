@@ -7,9 +7,11 @@ minute), never speed targets: on an idle machine everything is gone within a sec
 """
 from __future__ import annotations
 
+import http.server
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -94,15 +96,30 @@ def test_ui_and_its_server_stop_on_a_signal(tmp_path: Path, mark: str, signum: s
         stop(ui)
 
 
+class _AnotherServer(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with 200, as another MLflow server's ``/health`` would."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 def test_ui_on_a_port_in_use_says_so_in_one_line(tmp_path: Path, mark: str) -> None:
-    """Another server on the port: one line naming the port, exit 1, no links (they would open that server's
-    store), nothing left running."""
-    with socket.socket() as other:
-        other.bind(("127.0.0.1", 0))
-        other.listen()
-        port = other.getsockname()[1]
+    """Another server answers on the port: one line naming the port, exit 1, no links (they would open that
+    server's store), nothing left running."""
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnotherServer)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    port = other.server_address[1]
+    try:
         result = cli("ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port), cwd=tmp_path,
                      timeout=START_S)
+    finally:
+        other.shutdown()
+        other.server_close()
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
