@@ -22,6 +22,7 @@ stops the whole group when it is told to or when kfac-tune dies.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import FrameType
 from typing import Any, Protocol
 
@@ -48,25 +49,35 @@ class Child(Protocol):
 # ------------------------------------------------------------------------------------------------ child side
 
 
-def die_with_parent(parent: int, signum: int = signal.SIGTERM) -> None:
+def die_with_parent(parent: int, signum: int = signal.SIGTERM, grace_s: float = _STOP_GRACE_S) -> None:
     """In a child, first thing: receive ``signum`` as soon as ``parent`` dies, however it dies.
 
     The request is made after the child started, so the parent may already be gone (the child is then
-    re-parented): the pid is checked again after the request and the signal sent at once if so.
+    re-parented): the pid is checked again after the request and the signal sent at once if so. A signal the
+    child handles (SIGTERM as Ctrl-C: fail the running trial, then exit) could leave it stuck with no one left
+    to insist, so a watchdog thread also notices the parent's death and, ``grace_s`` later, SIGKILLs the
+    child's group (or the child alone); where ``prctl`` does not exist the watchdog sends ``signum`` as well.
     """
-    if sys.platform.startswith("linux"):
+    linux = sys.platform.startswith("linux")
+    if linux:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
-    else:
-        threading.Thread(target=_watch_parent, args=(parent, signum), name="kfac-tune-watchdog", daemon=True).start()
+    if signum != signal.SIGKILL or not linux:
+        threading.Thread(target=_watch_parent, args=(parent, signum, not linux, grace_s), daemon=True,
+                         name="kfac-tune-watchdog").start()
     if os.getppid() != parent:
         os.kill(os.getpid(), signum)
 
 
-def _watch_parent(parent: int, signum: int) -> None:
+def _watch_parent(parent: int, signum: int, send: bool, grace_s: float) -> None:
     while os.getppid() == parent:
         time.sleep(_WATCHDOG_POLL_S)
-    os.kill(os.getpid(), signum)
+    if send:
+        os.kill(os.getpid(), signum)
+    time.sleep(grace_s)
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def adopt(parent: int, signum: int = signal.SIGTERM, *, interrupt: bool = True) -> None:
@@ -137,17 +148,39 @@ def _wait(child: Child, timeout_s: float) -> bool:
 
 def stop(children: Iterable[Child], signum: int = signal.SIGTERM, grace_s: float = _STOP_GRACE_S) -> None:
     """Stop ``children`` and their groups: ``signum`` to every group at once, up to ``grace_s`` for them to exit
-    on their own (a worker fails its running trial), then SIGKILL for every group member still there."""
+    on their own (a worker fails its running trial), then SIGKILL for every group member still there.
+
+    A second Ctrl-C, SIGTERM or SIGHUP while this waits cuts the grace short instead of abandoning the stop
+    half-way (which would leave the groups running).
+    """
     children = [c for c in children if c.pid is not None]
-    for child in children:
-        if not _wait(child, 0):
-            signal_group(child, signum)
-    deadline = time.monotonic() + grace_s
-    for child in children:
-        if not _wait(child, max(deadline - time.monotonic(), 0)):
-            signal_group(child, signal.SIGKILL)
-            _wait(child, _STOP_GRACE_S)
-        _kill_group_remains(child)
+    with _hurry_on_signals() as hurry:
+        for child in children:
+            if not _wait(child, 0):
+                signal_group(child, signum)
+        deadline = time.monotonic() + grace_s
+        for child in children:
+            while not _wait(child, 0.2):
+                if hurry.is_set() or time.monotonic() >= deadline:
+                    signal_group(child, signal.SIGKILL)
+                    _wait(child, _STOP_GRACE_S)
+                    break
+            _kill_group_remains(child)
+
+
+@contextlib.contextmanager
+def _hurry_on_signals() -> Iterator[threading.Event]:
+    """While stopping children: the stop signals set an event instead of raising (main thread only)."""
+    hurry = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield hurry
+        return
+    previous = {signum: signal.signal(signum, lambda *_: hurry.set()) for signum in STOP_SIGNALS}
+    try:
+        yield hurry
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # ------------------------------------------------------------------------------------------------ supervisor

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAS_PROC, reason="reads t
 
 MARK = "KFAC_TUNE_TEST_MARK"
 SIGNALS = [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL]
-START_S = 240.0  # liveness bound for a CLI to start on a loaded 2-core machine
+START_S = 600.0  # liveness bound for a CLI to start or stop on a loaded 2-core machine
 
 
 @pytest.fixture
@@ -69,8 +69,8 @@ def _healthy(port: int) -> bool:
 
 
 def _assert_all_gone(value: str, process: subprocess.Popen) -> None:
-    process.wait(timeout=60)
-    left = wait_gone(lambda: _started(value))
+    process.wait(timeout=START_S)
+    left = wait_gone(lambda: _started(value), deadline_s=START_S)
     assert not left, "still running: " + "; ".join(f"{pid} {cmdline(pid)[:150]}" for pid in left)
 
 
