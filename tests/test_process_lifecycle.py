@@ -84,7 +84,9 @@ def test_ui_and_its_server_stop_on_a_signal(tmp_path: Path, mark: str, signum: s
         ui = cli_popen("ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port),
                        cwd=tmp_path, output=output)
     try:
-        _wait_for(lambda: _healthy(port), "healthy server", ui, log)
+        # ready when ui says so (it is serving then), not merely when the port answers: a signal before that
+        # interrupts the start-up, a different path (exit 130)
+        _wait_for(lambda: "MLflow UI for" in log.read_text() and _healthy(port), "the UI", ui, log)
         started = _started(mark)
         assert any("uvicorn" in cmdline(pid) for pid in started), [cmdline(pid) for pid in started]
         ui.send_signal(signum)
