@@ -419,22 +419,24 @@ Examples:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (local only by default).")
 @handle_errors
 def ui(tracking_uri: str | None, port: int, host: str) -> None:
-    """Serve the MLflow UI on a local tracking store and wait (Ctrl-C stops it)."""
+    """Serve the MLflow UI on a local tracking store and wait (Ctrl-C, SIGTERM or SIGHUP stops it)."""
+    from kfac_tune import processes
     from kfac_tune.tracking import experiment_url, serve_ui
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
     process = serve_ui(uri, host=host, port=port)
-    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    click.echo(f"MLflow UI for {uri} at {base}")
-    from mlflow import MlflowClient
-
-    for experiment in MlflowClient(uri).search_experiments():
-        click.echo(f"  {experiment.name}: {experiment_url(base, experiment.experiment_id)}")
     try:
+        base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        click.echo(f"MLflow UI for {uri} at {base}")
+        from mlflow import MlflowClient
+
+        for experiment in MlflowClient(uri).search_experiments():
+            click.echo(f"  {experiment.name}: {experiment_url(base, experiment.experiment_id)}")
         process.wait()
     except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=30)
+        pass
+    finally:
+        processes.stop([process])
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -488,7 +490,11 @@ def _load_study(study_name: str | None, storage: str | None) -> Any:
 
 
 def main() -> None:
-    """Console-script entry point (``kfac-tune``)."""
+    """Console-script entry point (``kfac-tune``). SIGTERM and SIGHUP stop a command as Ctrl-C does, so the
+    processes it started are stopped too (:mod:`kfac_tune.processes`)."""
+    from kfac_tune.processes import interrupt_on_signals
+
+    interrupt_on_signals()
     cli.main(prog_name="kfac-tune")
 
 

@@ -13,12 +13,19 @@ it with the other ranks itself, through the process group).
 """
 from __future__ import annotations
 
+import gc
+import multiprocessing.connection
 import os
 import pickle
 import queue
+import signal
 import socket
+import sys
 import tempfile
+import time
+import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -27,7 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kfac_tune.processes import adopt, stop
+
 DEFAULT_TIMEOUT_S = 300.0
+_TEARDOWN_S = 30.0  # for ranks that reported to leave the group and exit, before they are stopped
 
 
 def default_backend(local_world_size: int) -> str:
@@ -96,15 +106,38 @@ class Channel:
         return True
 
 
+class RankDied(RuntimeError):
+    """A rank exited (killed, crashed) without reporting a result or an exception."""
+
+
+@dataclass
+class _Report:
+    """What a rank hands back before it tears its process group down: its result or its exception.
+
+    Written to a file, renamed into place, before the rank leaves the group, so that what a rank raised always
+    reaches the parent, whatever happens to the rank afterwards (a crash while a native library shuts down, the
+    parent stopping it) and whatever order the ranks exit in. ``at_ns`` (the system-wide monotonic clock)
+    orders the exceptions of several ranks: the first one raised is the cause, the others its consequences (a
+    peer left a collective).
+    """
+
+    ok: bool
+    value: Any
+    at_ns: int
+
+
 def run_local(fn: Callable[..., Any], nprocs: int, *args: Any, backend: Optional[str] = None,
               timeout_s: float = DEFAULT_TIMEOUT_S, serve: Optional[Callable[[Any], Any]] = None) -> list[Any]:
     """Run ``fn(*args)`` as ranks ``0..nprocs-1`` of one process group on this machine; return their results.
 
     ``fn`` and ``args`` must be picklable (``fn`` defined at module level): the processes are spawned, not
-    forked, so that CUDA and the parent's threads are safe.  An exception in any rank stops the others and is
-    re-raised here (as ``torch.multiprocessing.ProcessRaisedException``); so does an exception in the parent
-    (Ctrl-C included), after the ranks are terminated.  Results travel through files, so that large ones cannot
-    block a pipe.
+    forked, so that CUDA and the parent's threads are safe.  An exception raised by ``fn`` in any rank is
+    re-raised here as itself (a rank's traceback is added to it as a note; an exception that cannot be
+    pickled arrives as a ``RuntimeError`` carrying its text); when several ranks raise, the first one raised
+    wins.  A rank that dies without a word raises :class:`RankDied`.  Either way, and on an exception in the
+    parent (Ctrl-C included), every rank is stopped before this returns.  Ranks live in their own process
+    group and die with this process (:mod:`kfac_tune.processes`).  Results travel through files, so that
+    large ones cannot block a pipe.
 
     With ``serve``, ``fn`` is called as ``fn(channel, *args)``: rank 0 gets a :class:`Channel` whose questions
     ``serve`` answers here, in the parent, while the ranks run; the other ranks get ``None``.
@@ -113,25 +146,103 @@ def run_local(fn: Callable[..., Any], nprocs: int, *args: Any, backend: Optional
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nprocs),
            "LOCAL_WORLD_SIZE": str(nprocs)}
-    channel = Channel(mp.get_context("spawn")) if serve is not None else None
+    context = mp.get_context("spawn")
+    channel = Channel(context) if serve is not None else None
     with tempfile.TemporaryDirectory(prefix="kfac-tune-launch-") as tmp:
-        ranks = mp.start_processes(_rank_main, args=(fn, args, env, backend, timeout_s, tmp, channel),
-                                   nprocs=nprocs, join=False, start_method="spawn")
+        ranks = [context.Process(target=_rank_main, name=f"kfac-tune-rank-{rank}",
+                                 args=(rank, fn, args, env, backend, timeout_s, tmp, channel, os.getpid()))
+                 for rank in range(nprocs)]
         try:
-            while not ranks.join(timeout=0 if channel else None):
-                if channel is not None and serve is not None:
-                    channel.serve_pending(serve, timeout_s=0.05)
+            for process in ranks:
+                process.start()
+            reports = _await_reports(ranks, Path(tmp), channel, serve)
+            for process in ranks:  # they reported; let them leave the group and exit on their own
+                process.join(_TEARDOWN_S)
         finally:
-            for process in ranks.processes:
-                if process.is_alive():
-                    process.terminate()
-                process.join()
-        return [pickle.loads((Path(tmp) / f"{rank}.pkl").read_bytes()) for rank in range(nprocs)]
+            stop(ranks, signal.SIGTERM, grace_s=_TEARDOWN_S)
+        return [report.value for report in reports]
+
+
+def _await_reports(ranks: list[Any], results: Path, channel: Optional[Channel],
+                   serve: Optional[Callable[[Any], Any]]) -> list[_Report]:
+    """Serve rank 0's questions until every rank reported a result; raise the first exception a rank raised,
+    or :class:`RankDied` for a rank that exited without reporting."""
+    while True:
+        if channel is not None and serve is not None:
+            channel.serve_pending(serve, timeout_s=0.05)
+        else:
+            multiprocessing.connection.wait([process.sentinel for process in ranks], timeout=1.0)
+        exited = [rank for rank, process in enumerate(ranks) if process.exitcode is not None]  # before reading
+        reports = [_read_report(results, rank) for rank in range(len(ranks))]
+        raised = sorted((r for r in reports if r is not None and not r.ok), key=lambda r: r.at_ns)
+        if raised:
+            raise raised[0].value
+        if all(r is not None for r in reports):
+            return reports  # type: ignore[return-value]
+        for rank in exited:
+            if reports[rank] is None:
+                raise RankDied(f"rank {rank} of {len(ranks)} {_describe_exit(ranks[rank].exitcode)} without "
+                               f"reporting a result")
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _report_path(results: Path, rank: int) -> Path:
+    return results / f"{rank}.pkl"
+
+
+def _read_report(results: Path, rank: int) -> Optional[_Report]:
+    try:
+        return pickle.loads(_report_path(results, rank).read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def _write_report(results: Path, rank: int, report: _Report) -> None:
+    try:
+        data = pickle.dumps(report)
+    except Exception as error:  # an unpicklable result or exception: its text still reaches the parent
+        data = pickle.dumps(_Report(False, RuntimeError(f"rank {rank}: {report.value!r} could not be sent to the "
+                                                        f"parent ({error})"), report.at_ns))
+    partial = results / f"{rank}.partial"
+    partial.write_bytes(data)
+    os.replace(partial, _report_path(results, rank))
 
 
 def _rank_main(rank: int, fn: Callable[..., Any], args: tuple[Any, ...], env: dict[str, str],
-               backend: Optional[str], timeout_s: float, results: str, channel: Optional[Channel]) -> None:
+               backend: Optional[str], timeout_s: float, results: str, channel: Optional[Channel],
+               parent: int) -> None:
+    """One rank: report ``fn``'s result or exception, then leave the group.
+
+    After a result every rank waits for the others (a barrier) and destroys the group, with nothing of the
+    run (a DistributedDataParallel reducer holding the group, its pending work) left alive: leaving that to
+    interpreter shutdown is what aborts a process in gloo's threads ("terminate called without an active
+    exception").  After an exception the others may be blocked in a collective this rank will never join, so
+    it leaves at once, without a barrier or Python's shutdown; the parent stops the others.
+    """
+    adopt(parent, signal.SIGKILL, interrupt=False)  # a rank has nothing to clean up
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     with process_group_from_env(backend, timeout_s):
-        result = fn(*((channel if rank == 0 else None,) if channel else ()), *args)
-    (Path(results) / f"{rank}.pkl").write_bytes(pickle.dumps(result))
+        try:
+            value = fn(*((channel if rank == 0 else None,) if channel else ()), *args)
+            if isinstance(value, BaseException):  # its traceback would keep the run (and the group) alive
+                value = value.with_traceback(None)
+            report = _Report(True, value, 0)
+        except Exception as error:
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(f"(raised in rank {rank}:\n{''.join(traceback.format_exception(error)).rstrip()})")
+            report = _Report(False, error.with_traceback(None), time.monotonic_ns())
+            _write_report(Path(results), rank, report)
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(1)
+        _write_report(Path(results), rank, report)
+        del report, value
+        gc.collect()
+        dist.barrier()

@@ -38,6 +38,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
+from kfac_tune.filelock import sqlite_file, sqlite_setup_lock
+
 if TYPE_CHECKING:
     import optuna
     from matplotlib.figure import Figure as MplFigure
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "StudyTracker",
+    "PortInUse",
     "TrackingUnavailable",
     "TrialRun",
     "check_reachable",
@@ -106,14 +109,6 @@ def _is_http(tracking_uri: str) -> bool:
     return urllib.parse.urlparse(tracking_uri).scheme in ("http", "https")
 
 
-def _sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (relative to the working directory, like SQLAlchemy)."""
-    parsed = urllib.parse.urlparse(tracking_uri)
-    if parsed.scheme != "sqlite" or parsed.path in ("", "/", "/:memory:"):
-        return None
-    return Path(parsed.path[1:]).resolve()
-
-
 def local_artifact_root(tracking_uri: str) -> Path | None:
     """Where runs of a local SQLite store keep their artifacts: ``<db dir>/mlartifacts``.
 
@@ -121,7 +116,7 @@ def local_artifact_root(tracking_uri: str) -> Path | None:
     to start in; pinning the root next to the database keeps the store self-contained and lets
     :func:`serve_ui` serve the same files. ``None`` for stores whose artifact location the server decides.
     """
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_file(tracking_uri)
     return db.parent / ARTIFACT_DIR_NAME if db is not None else None
 
 
@@ -149,17 +144,20 @@ def _client(tracking_uri: str) -> MlflowClient:
 def prepare_store(tracking_uri: str) -> None:
     """Create or migrate the tracking store once, before worker processes start.
 
-    Several processes migrating a fresh SQLite database at once crash (``duplicate column name: step``);
-    the first query through a client builds the schema, so doing it here, in the parent, leaves the workers
-    an up-to-date store. For an HTTP server it only checks that the server answers.
+    Several processes migrating a fresh SQLite database at once crash (``duplicate column name: step``,
+    ``table experiments already exists``); the first query through a client builds the schema, so doing it
+    here, in the parent, leaves the workers an up-to-date store, and a lock beside the database
+    (:mod:`kfac_tune.filelock`) keeps two ``search`` processes started together from both building it. For an
+    HTTP server it only checks that the server answers.
     """
     if _is_http(tracking_uri):
         check_reachable(tracking_uri)
         return
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_file(tracking_uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    _client(tracking_uri).search_experiments(max_results=1)
+    with sqlite_setup_lock(tracking_uri):  # two searches started together on a fresh store
+        _client(tracking_uri).search_experiments(max_results=1)
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 10) -> None:
@@ -186,6 +184,14 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10) -> None:
     )
 
 
+class PortInUse(TrackingUnavailable):
+    """The port ``kfac-tune ui`` was asked to serve on is taken (most likely by another server)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"port {port} on {host} is already in use (another MLflow UI?); stop that server or pass "
+                         f"--port with a free port")
+
+
 def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> subprocess.Popen:
     """Start ``mlflow server`` on a local store and return once ``/health`` answers.
 
@@ -196,7 +202,17 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, worke
     ``mlflow-server.log`` beside the store.
     MLflow's job runner (GenAI evaluation jobs) is off unless the environment asks for it: this UI only shows
     training runs, and the runner is one more process importing mlflow on a machine that is training.
+
+    The server and its uvicorn worker run in their own process group under kfac-tune's supervisor
+    (:mod:`kfac_tune.processes`): stop the returned process with ``processes.stop([process])`` and the whole
+    group goes; if this process dies, the group goes too. A port already in use raises :class:`PortInUse`
+    before anything starts: otherwise ``/health`` would be answered by the server already there, and the
+    links printed for this store would open that server's.
     """
+    from kfac_tune import processes
+
+    if not _port_free(host, port):
+        raise PortInUse(host, port)
     prepare_store(tracking_uri)
     artifact_root = local_artifact_root(tracking_uri) or Path.cwd() / ARTIFACT_DIR_NAME
     artifact_root.mkdir(parents=True, exist_ok=True)
@@ -209,9 +225,32 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, worke
     ]  # fmt: skip
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    _wait_until_healthy(process, f"http://{_url_host(host)}:{port}", log_path)
+        process = processes.start(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_until_healthy(process, f"http://{_url_host(host)}:{port}", log_path, host, port)
+    except BaseException:  # Ctrl-C, SIGTERM or a server that never came up: nothing of it may stay behind
+        processes.stop([process])
+        raise
     return process
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether a server could bind ``host:port`` now (as uvicorn binds: ``SO_REUSEADDR``, so a port left in
+    TIME_WAIT by a server that just stopped counts as free)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return True  # let the server report the bad host
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError:
+            return False
+    return True
 
 
 def _url_host(host: str) -> str:
@@ -219,10 +258,11 @@ def _url_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def _wait_until_healthy(process: subprocess.Popen, base_url: str, log_path: Path, timeout_s: float = 120) -> None:
-    """Poll ``/health``; stop the server and raise with its log tail if it exits or never comes up.
+def _wait_until_healthy(process: subprocess.Popen, base_url: str, log_path: Path, host: str, port: int,
+                        timeout_s: float = 120) -> None:
+    """Poll ``/health``; raise with the server's log tail if it exits or never comes up (the caller stops it).
 
-    SIGTERM to ``mlflow server`` also stops its uvicorn and job-runner children (SIGKILL would orphan them).
+    A server that exits because another one took the port in the meantime raises :class:`PortInUse`.
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -230,12 +270,15 @@ def _wait_until_healthy(process: subprocess.Popen, base_url: str, log_path: Path
             break
         try:
             check_reachable(base_url, timeout_s=2)
-            return
         except TrackingUnavailable:
             time.sleep(0.5)
-    process.terminate()
-    process.wait()
+            continue
+        if process.poll() is None:
+            return
+        break
     tail = log_path.read_text(errors="replace")[-2000:]
+    if "address already in use" in tail.lower():
+        raise PortInUse(host, port)
     raise TrackingUnavailable(f"mlflow server at {base_url} did not come up; its log ({log_path}) ends:\n{tail}")
 
 

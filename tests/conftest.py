@@ -1,8 +1,42 @@
-"""Shared fixtures: small real data sets and float64 helpers."""
+"""Shared fixtures: small real data sets, float64 helpers, and the check that no test leaves a process behind."""
 from __future__ import annotations
+
+import os
+import signal
+import uuid
 
 import pytest
 import torch
+
+from tests.process_support import HAS_PROC, SESSION_VARIABLE, cmdline, marked, parent_of, wait_gone
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_session():
+    """Fail the run if a process started by a test (a CLI, a server, a worker, a rank, a browser) is still
+    alive at the end: they all inherit a variable unique to this session, so orphans are found too.
+
+    The multiprocessing resource tracker of this pytest process is the one exception: it is the interpreter's
+    own helper (started by the first ``multiprocessing`` queue) and ends when pytest does.
+    """
+    token = uuid.uuid4().hex
+    os.environ[SESSION_VARIABLE] = token
+    yield
+    if not HAS_PROC:
+        return
+
+    def left() -> list[int]:
+        return [pid for pid in marked(SESSION_VARIABLE, token)
+                if not (parent_of(pid) == os.getpid() and "resource_tracker" in cmdline(pid))]
+
+    survivors = wait_gone(left, deadline_s=30)
+    described = [f"{pid}: {cmdline(pid)[:200]}" for pid in survivors]
+    for pid in survivors:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not survivors, "processes started by tests are still running:\n" + "\n".join(described)
 
 
 @pytest.fixture(scope="session")
@@ -21,4 +55,3 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
-

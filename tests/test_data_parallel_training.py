@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from kfac_tune.config import Config
 from kfac_tune.training import Diverged, train
+from tests.process_support import HAS_PROC, alive, children, cmdline, wait_gone
 from tests.search_support import cli, load_study, write_config
 
 pytestmark = [
@@ -103,31 +104,11 @@ def test_search_with_two_processes_per_trial(tmp_path: Path) -> None:
 
 
 def _rank_processes(parent: int) -> list[int]:
-    """Spawned multiprocessing children of ``parent`` (from /proc: the ranks, not the resource tracker)."""
-    ranks = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and "spawn_main" in cmdline:
-            ranks.append(int(entry.name))
-    return ranks
+    """Spawned multiprocessing children of ``parent`` (the ranks, not the resource tracker)."""
+    return [pid for pid in children(parent) if "spawn_main" in cmdline(pid)]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="reads the process table from /proc")
 def test_ranks_exit_when_the_search_process_is_killed(tmp_path: Path) -> None:
     """A search worker killed with SIGKILL must not leave its trial's ranks running (holding cores or GPUs)."""
     import signal
@@ -145,12 +126,73 @@ def test_ranks_exit_when_the_search_process_is_killed(tmp_path: Path) -> None:
                 assert search.poll() is None and time.monotonic() < deadline, (tmp_path / "search.log").read_text()
                 time.sleep(0.2)
             time.sleep(3)  # let them get into training
-            assert all(_alive(pid) for pid in ranks)
+            assert all(alive(pid) for pid in ranks)
             search.send_signal(signal.SIGKILL)
             search.wait()
-            deadline = time.monotonic() + 60  # a liveness bound, not a speed target: they should go in ~1 s
-            while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert not any(_alive(pid) for pid in ranks), "orphaned ranks kept running"
+            # a liveness bound, not a speed target: they should go in ~1 s
+            assert not wait_gone(lambda: [pid for pid in ranks if alive(pid)]), "orphaned ranks kept running"
         finally:
             stop(search)
+
+
+# ----------------------------------------------------------------- what a rank raises reaches the parent as itself
+# Ranks that misbehave on cue (module level, so that spawned ranks can import them).
+
+
+class RankError(ValueError):
+    """Raised by one rank on cue."""
+
+
+def _raise_in(rank_that_raises: int) -> str:
+    """One rank raises at once; the others block in a collective it never joins (they would wait for the group's
+    timeout): the parent must get the RankError, not the others' broken-connection errors nor an exit code."""
+    import torch
+
+    if dist.get_rank() == rank_that_raises:
+        raise RankError(f"rank {rank_that_raises} failed")
+    dist.all_reduce(torch.ones(1))
+    return "unreachable"
+
+
+def _report_then_crash_at_exit(crashing_rank: int) -> Diverged:
+    """Every rank returns a result (a divergence, as ``_rank_train`` does); one then dies with SIGABRT while the
+    interpreter shuts down, as gloo can ("terminate called without an active exception")."""
+    import atexit
+    import os
+
+    if dist.get_rank() == crashing_rank:
+        atexit.register(os.abort)
+    return Diverged(10, "train_loss", float("nan"))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_exception_in_one_rank_reaches_the_parent_as_itself(rank: int) -> None:
+    from kfac_tune.launch import run_local
+
+    with pytest.raises(RankError, match=f"rank {rank} failed") as raised:
+        run_local(_raise_in, 2, rank, timeout_s=120)
+    assert any(f"raised in rank {rank}" in note for note in raised.value.__notes__)  # with the rank's traceback
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_crashing_after_it_reported_does_not_hide_the_result(rank: int) -> None:
+    from kfac_tune.launch import run_local
+
+    results = run_local(_report_then_crash_at_exit, 2, rank)
+    assert all(isinstance(r, Diverged) and r.step == 10 for r in results), results
+
+
+def test_a_rank_dying_without_a_word_is_named() -> None:
+    from kfac_tune.launch import RankDied, run_local
+
+    with pytest.raises(RankDied, match="rank 1 of 2 was killed by SIGKILL"):
+        run_local(_killed_in, 2, 1)
+
+
+def _killed_in(rank_that_dies: int) -> None:
+    import os
+    import signal
+
+    if dist.get_rank() == rank_that_dies:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()

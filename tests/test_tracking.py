@@ -250,14 +250,14 @@ def running_ui(tracking_uri: str) -> Iterator[tuple[str, subprocess.Popen]]:
         stop(process)
 
 
-def test_ui_shows_the_study_its_trials_and_their_params(tracked_study: TrackedStudy) -> None:
+def test_ui_shows_the_study_its_trials_and_their_params(tracked_study: TrackedStudy, tmp_path: Path) -> None:
     """The runs table lists the parent; its page lists the trial-N children; a child page shows lr and damping."""
     if not has_chromium():
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     experiment_id = tracked_study.tracker.experiment_id
     best = tracked_study.study.best_trial
-    shots = REPO / "artifacts"
-    shots.mkdir(exist_ok=True)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
     with running_ui(tracked_study.tracking_uri) as (base_url, _):
         runs_page = tracking.experiment_url(base_url, experiment_id)
         pages = {

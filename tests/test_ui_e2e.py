@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser_support import chromium, free_port, has_chromium, visible_text
-from tests.search_support import REPO, cli, cli_popen, write_config
+from tests.search_support import cli, cli_popen, stop, write_config
 
 
 def _wait_healthy(base_url: str, process, seconds: float = 120) -> None:
@@ -45,8 +45,8 @@ def test_search_then_ui_shows_parent_trials_and_params(tmp_path: Path) -> None:
     port = free_port()
     server = cli_popen("ui", "--tracking-uri", tracking_uri, "--port", str(port), cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
-    shots = REPO / "artifacts"
-    shots.mkdir(exist_ok=True)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
     try:
         _wait_healthy(base, server)
         runs_page = f"{base}/#/experiments/{experiment.experiment_id}/runs"
@@ -55,8 +55,7 @@ def test_search_then_ui_shows_parent_trials_and_params(tmp_path: Path) -> None:
         child = children[0]
         child_page = visible_text(chromium(f"{runs_page}/{child.info.run_id}", shots / "ui-e2e-trial.png"))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)  # SIGTERM: kfac-tune ui stops its mlflow server and uvicorn worker too
     assert parent.info.run_name in table
     for run in children:
         assert run.info.run_name in parent_page, parent_page[:2000]

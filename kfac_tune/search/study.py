@@ -5,7 +5,8 @@ Rules this module keeps (docs/tuning-tools.md §0, §1.2, §1.6):
 * The study is created once, in the parent, with ``load_if_exists=True``; workers only load it (two processes
   creating a fresh SQLite database at once crash). Re-running the same command resumes.
 * Storage is ``RDBStorage`` with a heartbeat, so a killed worker's RUNNING trial is failed after the grace period
-  and re-enqueued by ``RetryHeartbeatStaleTrialCallback`` (same parameters, new trial number).
+  and re-enqueued by ``RetryHeartbeatStaleTrialCallback`` (same parameters, new trial number), by the next worker
+  to start a trial or, whatever the budget, by the next ``search`` to start or end.
 * The trial budget is global: ``MaxTrialsCallback`` counts COMPLETE and PRUNED trials of every worker and of every
   earlier run, so ``--trials 20`` means 20 finished trials in the study, however many times it was resumed.
 * Sampler state is not persisted, so each worker seeds its sampler from the configured seed, its index and the
@@ -28,7 +29,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from kfac_tune import processes
 from kfac_tune.config import MAX_STEPS, Config, ConfigError
+from kfac_tune.filelock import sqlite_setup_lock
 from kfac_tune.recipes import Match, Recipe, export_best, versions
 from kfac_tune.search.objective import Objective, open_tracker, release_after_failure
 from kfac_tune.search.space import build_space, describe, optimizer_arguments, suggest, warm_starts, with_training
@@ -211,13 +214,15 @@ def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem,
 
 @contextlib.contextmanager
 def setup_lock(storage_url: str, study_name: str) -> Iterator[None]:
-    """Serialise setting a study up (create it, record its config, create its MLflow parent run) across
-    ``kfac-tune search`` processes that start at the same moment on a server database, as a cluster's workers do.
+    """Serialise setting a study up (create the schema and the study, record its config, create its MLflow
+    parent run) across ``kfac-tune search`` processes that start at the same moment, as a cluster's workers or
+    two shells do.
 
-    Each step is check-then-create, so two workers on a fresh study would otherwise each create an MLflow parent
-    run and split the trials between them. On PostgreSQL a session-level advisory lock keyed on the study name
-    does it (released on disconnect, so a worker that dies holding it blocks no one); SQLite needs nothing more,
-    since several machines cannot share it and ``--jobs`` workers are spawned after the setup.
+    Each step is check-then-create, so two processes on a fresh study would otherwise both create the schema
+    (one fails: "table ... already exists") or each create an MLflow parent run and split the trials between
+    them. On PostgreSQL a session-level advisory lock keyed on the study name does it (released on
+    disconnect, so a worker that dies holding it blocks no one); on SQLite an exclusive lock on a file beside
+    the database (:mod:`kfac_tune.filelock`, released by the kernel if the holder dies).
     """
     import zlib
 
@@ -230,7 +235,8 @@ def setup_lock(storage_url: str, study_name: str) -> Iterator[None]:
     except Exception:  # not an SQLAlchemy URL: RDBStorage will say so
         postgres = False
     if not postgres:
-        yield
+        with sqlite_setup_lock(storage_url):
+            yield
         return
     key = zlib.crc32(f"kfac-tune setup {study_name}".encode())
     engine = create_engine(storage_url, poolclass=NullPool)
@@ -243,6 +249,14 @@ def setup_lock(storage_url: str, study_name: str) -> Iterator[None]:
                 connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
     finally:
         engine.dispose()
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the RUNNING trials whose heartbeat is older than the grace period (their worker died) and re-enqueue
+    them per ``search.max_retry``. Optuna does it only when a worker is about to start a trial, which never
+    happens once the budget is met, so a killed trial would stay RUNNING forever: every ``search`` does it when
+    it starts and when it ends, whatever the budget."""
+    optuna.storages.fail_stale_trials(study)
 
 
 def enqueue(study: optuna.Study, points: list[dict[str, Any]], **attrs: Any) -> None:
@@ -300,8 +314,10 @@ def study_steps(spec: WorkerSpec) -> int:
     return total_steps(spec.cfg, len(load_data(spec.cfg).train_x))
 
 
-def _worker_main(spec: WorkerSpec) -> None:
-    """Entry point of a spawned worker: Ctrl-C ends it quietly (the trial was already failed by Optuna)."""
+def _worker_main(spec: WorkerSpec, parent: int) -> None:
+    """Entry point of a spawned worker. It leads its own process group (its trial's ranks join it) and dies
+    with ``parent``; SIGINT, SIGTERM and SIGHUP end it quietly once Optuna failed the running trial."""
+    processes.adopt(parent)
     try:
         run_worker(spec)
     except KeyboardInterrupt:
@@ -367,6 +383,7 @@ class PreparedSearch:
                 _run_processes(self.spec, self.jobs, self.study, watch)
         except KeyboardInterrupt:
             return SearchOutcome(self.study, None, None, interrupted=True)
+        fail_stale_trials(self.study)
         recipe, path = _export(self.study, self.cfg, self.recipe_path)
         self.tracker.finish_study(self.study, str(path) if path else None)
         return SearchOutcome(self.study, recipe, path)
@@ -402,6 +419,7 @@ def prepare_search(
     match = warm_start_match(cfg, problem, recipe_dirs)
     with setup_lock(storage_url, name):
         study = open_study(cfg, name, storage_url, problem, space)
+        fail_stale_trials(study)
         if match is not None:
             point = recipe_point({**match.recipe.hyperparameters, **match.recipe.searched}, space)
             enqueue(study, [point], warm_start_recipe=str(match.path))
@@ -463,31 +481,30 @@ class _Watcher:
 
 
 def _run_processes(spec: WorkerSpec, jobs: int, study: optuna.Study, watch: ProgressCallback) -> None:
-    """``jobs`` spawned workers on the same storage; the parent only watches (and forwards Ctrl-C)."""
+    """``jobs`` spawned workers on the same storage; the parent only watches. On Ctrl-C (SIGTERM, SIGHUP: see
+    :mod:`kfac_tune.processes`) it interrupts every worker's group, so each fails its running trial, and kills
+    whatever is left after a grace period; workers die with the parent if it is killed outright."""
     import dataclasses
     import signal
 
     context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=_worker_main, args=(dataclasses.replace(spec, worker=i),), name=f"kfac-tune-worker-{i}")
+    workers = [
+        context.Process(target=_worker_main, args=(dataclasses.replace(spec, worker=i), os.getpid()),
+                        name=f"kfac-tune-worker-{i}")
         for i in range(jobs)
     ]
-    for process in processes:
-        process.start()
     try:
-        while any(p.is_alive() for p in processes):
+        for worker in workers:
+            worker.start()
+        while any(w.is_alive() for w in workers):
             time.sleep(1.0)
             watch(study)
     except KeyboardInterrupt:
-        for process in processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGINT)
-        for process in processes:
-            process.join(timeout=60)
-            if process.is_alive():
-                process.terminate()
+        processes.stop(workers, signal.SIGINT, grace_s=60)
         raise
-    failed = [f"worker {i} (exit code {p.exitcode})" for i, p in enumerate(processes) if p.exitcode not in (0, 130)]
+    finally:
+        processes.stop(workers)
+    failed = [f"worker {i} (exit code {w.exitcode})" for i, w in enumerate(workers) if w.exitcode not in (0, 130)]
     if failed:
         logging.getLogger("kfac_tune").warning("some workers crashed: %s", ", ".join(failed))
 
