@@ -60,7 +60,9 @@ class KFAC(torch.optim.Optimizer):
         fisher: ``"true"`` (targets sampled from the model, the default), ``"empirical"`` (the real gradients) or
             ``"exact"`` (one backward pass per output dimension; small outputs only).
         weight_decay: L2 coefficient η, added to the gradient, the damping and the quadratic model.
-        kl_clip: with a fixed ``lr``, scales the update so that ``α² Δᵀ F̂ Δ ≤ kl_clip`` (None: off).
+        kl_clip: trust region of the fixed-``lr`` step: the update is scaled so that ``α² Δᵀ (F̂ + λ) Δ ≤ kl_clip``
+            (KL-clipping, as tf-kfac's norm constraint and kfac-pytorch's ``kl_clip``; 1e-3 is their default).  The
+            automatic modes ignore it, as kfac-jax does: their quadratic model already sizes the step.  None: off.
         damping_mode: ``"pi"`` (factored Tikhonov) or ``"exact"`` (eigenbasis); see :mod:`kfac_tune.optim.blocks`.
         adaptive_damping: Levenberg–Marquardt adaptation of λ every ``damping_adaptation_interval`` steps; needs
             ``step(closure)``.  On those steps an update that increases the batch loss is rejected (undone).
@@ -110,8 +112,9 @@ class KFAC(torch.optim.Optimizer):
         loss: str = "cross_entropy",
         fisher: str = "true",
         weight_decay: float = 0.0,
-        kl_clip: Optional[float] = None,
+        kl_clip: Optional[float] = 1e-3,
         damping_mode: str = "pi",
+        damping_scale: str = "absolute",
         adaptive_damping: bool = False,
         adaptive_lr: bool = False,
         adaptive_momentum: bool = False,
@@ -119,6 +122,9 @@ class KFAC(torch.optim.Optimizer):
         damping_adaptation_decay: float = 0.95,
         min_damping: float = 1e-8,
         max_damping: float = 1e8,
+        damping_boost: Optional[float] = 10.0,
+        max_update_ratio: Optional[float] = 1.0,
+        rejection_ratio: Optional[float] = 4.0,
         stat_fraction: float = 1.0,
         exclude: Iterable[Exclude] = (),
         temporal: Union[str, Mapping[str, str]] = "independent",
@@ -142,6 +148,7 @@ class KFAC(torch.optim.Optimizer):
         _validate(defaults, min_damping=min_damping, max_damping=max_damping)
         fisher_check(loss, fisher, damping_mode, stat_fraction, damping_adaptation_interval,
                      damping_adaptation_decay)
+        _validate_safety(damping_scale, damping_boost, max_update_ratio, rejection_ratio)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("KFAC: the model has no trainable parameters")
@@ -155,6 +162,8 @@ class KFAC(torch.optim.Optimizer):
         self.damping_adaptation_interval = damping_adaptation_interval
         self.damping_adaptation_decay = damping_adaptation_decay
         self.min_damping, self.max_damping = min_damping, max_damping
+        self.damping_scale, self.damping_boost = damping_scale, damping_boost
+        self.max_update_ratio, self.rejection_ratio = max_update_ratio, rejection_ratio
         self.stat_fraction = stat_fraction
         self.factor_dtype = factor_dtype
 
@@ -183,6 +192,11 @@ class KFAC(torch.optim.Optimizer):
         device = params[0].device
         self._skipped = torch.zeros((), dtype=torch.long, device=device)
         self._skipped_seen = 0
+        self.rejected_steps = 0
+        self._loss_reference: Optional[float] = None  # running mean of accepted steps' losses (rejection_ratio)
+        self._scales: dict[str, float] = {}  # curvature scale of each block's decomposition (relative damping)
+        # every trainable parameter's share of ‖θ‖² that max_update_ratio counts at least: RMS 1e-2 per entry
+        self._weight_floor = 1e-4 * sum(p.numel() for p in params)
         self._generator: Optional[torch.Generator] = None
         if seed is not None:
             self._generator = torch.Generator(device=device)
@@ -207,6 +221,8 @@ class KFAC(torch.optim.Optimizer):
         ]
         for name, (helper, _) in self.layers.items():
             self._handles.append(helper.module.register_forward_hook(self._layer_hook(name)))
+        self._layer_of = {id(p): name for name, (helper, _) in self.layers.items() for p in helper.params
+                          if p is not None}
 
     # Everything that decides what a given ``damping`` or ``lr`` means: recipes store all of it, because values do
     # not transfer across conventions (damping mode, Fisher type, adaptation rules).
@@ -223,17 +239,46 @@ class KFAC(torch.optim.Optimizer):
         "min_damping",
         "max_damping",
         "stat_fraction",
+        "damping_scale",
+        "damping_boost",
+        "max_update_ratio",
+        "rejection_ratio",
     )
+
+    # What the conventions added after recipe format 1 was first written meant before they existed: arguments
+    # stored without them (a recipe, a trial) are completed with these, not with today's defaults, so that they
+    # still reproduce.  ``KFAC(model, **LEGACY)`` with kl_clip=None is the optimizer before the safe defaults.
+    LEGACY = {
+        "damping_scale": "absolute",
+        "damping_boost": None,
+        "max_update_ratio": None,
+        "rejection_ratio": None,
+    }
 
     # ------------------------------------------------------------------------------------------------ recipes
     @classmethod
     def complete_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
         """``arguments`` with every hyperparameter and convention filled in from the constructor's defaults."""
+        return {**cls.defaults(), **arguments}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every hyperparameter and convention with its default: the constructor's signature is the only truth."""
         import inspect
 
-        defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-                    if name in cls.HYPERPARAMETERS + cls.CONVENTIONS}
-        return {**defaults, **arguments}
+        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name in cls.HYPERPARAMETERS + cls.CONVENTIONS}
+
+    @classmethod
+    def stored_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor arguments read back from a store (a recipe): complete ones written before a convention in
+        :attr:`LEGACY` existed get its old meaning pinned, so that they reproduce what was run."""
+        arguments = dict(arguments)
+        # complete_arguments writes every hyperparameter; a store that has them all but none of the newer
+        # conventions was written before those existed
+        if set(cls.HYPERPARAMETERS) <= set(arguments) and not set(cls.LEGACY) & set(arguments):
+            arguments.update(cls.LEGACY)
+        return arguments
 
     @classmethod
     def from_recipe(cls, model: nn.Module, recipe: Any, **overrides: Any) -> "KFAC":
@@ -244,7 +289,7 @@ class KFAC(torch.optim.Optimizer):
             recipe = load_recipe(recipe)
         if recipe.optimizer != "kfac":
             raise ValueError(f"this recipe is for the {recipe.optimizer!r} optimizer, not K-FAC")
-        kwargs = {**recipe.hyperparameters, **overrides}
+        kwargs = {**cls.stored_arguments(recipe.hyperparameters), **overrides}
         return cls(model, **kwargs)
 
     def close(self) -> None:
@@ -255,7 +300,8 @@ class KFAC(torch.optim.Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Updates that were not applied because they were not finite (synchronises)."""
+        """Updates that were not applied because they were not finite or would have exploded the weights
+        (``max_update_ratio``); synchronises."""
         return int(self._skipped.item())
 
     # ----------------------------------------------------------------------------------------------- capture
@@ -376,6 +422,9 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
+        if loss is not None and self._reject_last_update(group, loss):
+            self._steps += 1
+            return loss
         with self.timer.phase("statistics"):
             self._statistics_pass()
             self._commit_statistics(group["factor_decay"])
@@ -387,7 +436,7 @@ class KFAC(torch.optim.Optimizer):
             wd = group["weight_decay"]
             grads = [p.grad + wd * p if wd else p.grad for p in params]
             with self.timer.phase("precondition"):
-                direction = self._natural_direction(params, grads, group["damping"] + wd)
+                direction = self._natural_direction(params, grads, group["damping"], wd)
             with self.timer.phase("update"):
                 self._update(group, params, grads, direction, closure, loss)
         self._steps += 1
@@ -451,25 +500,90 @@ class KFAC(torch.optim.Optimizer):
             blocks_mod.decompose(list(ready.values()))
         else:
             self.data_parallel.decompose(ready)
+        for name in ready:
+            self._scales.pop(name, None)
+        self._react_to_skips(group)
+
+    # ------------------------------------------------------------------------------------------------ safety
+    def _raise_damping(self, group: dict[str, Any], why: str) -> None:
+        """λ × ``damping_boost`` (×10 for the legacy rule), with a warning that says why."""
+        new = min(group["damping"] * (self.damping_boost or 10.0), self.max_damping)
+        warnings.warn(f"K-FAC {why}; raising damping from {group['damping']:.3g} to {new:.3g}", RuntimeWarning,
+                      stacklevel=4)
+        group["damping"] = new
+
+    def _react_to_skips(self, group: dict[str, Any]) -> None:
+        """Raise λ for the updates skipped since the last look (one host synchronisation)."""
         skipped = int(self._skipped.item())
         if skipped > self._skipped_seen:
-            new = min(group["damping"] * 10, self.max_damping)
-            warnings.warn(
-                f"K-FAC skipped {skipped - self._skipped_seen} non-finite update(s); raising damping "
-                f"from {group['damping']:.3g} to {new:.3g}", RuntimeWarning, stacklevel=3)
-            group["damping"] = new
+            self._raise_damping(group, f"skipped {skipped - self._skipped_seen} non-finite update(s) (or update(s) "
+                                       "that would have exploded the weights: max_update_ratio)")
             self._skipped_seen = skipped
 
-    def _natural_direction(self, params: list[Tensor], grads: list[Tensor], damping: float) -> list[Tensor]:
-        """Δ = −(F̂ + λI)⁻¹ g for K-FAC layers and −g for the fallback parameters."""
+    def _reject_last_update(self, group: dict[str, Any], loss: Tensor) -> bool:
+        """With a closure, look at the previous update as soon as the loss after it is known: True when it is
+        rejected (undone; this step's gradient, taken where it led, is then not used).
+
+        The loss is this batch's, the reference a running mean of the losses after accepted updates, so the bound
+        ``rejection_ratio ×`` reference is loose enough for the batch-to-batch noise and catches a step that
+        multiplied the loss.  A non-finite loss rejects nothing (bad data gives one too): its non-finite update is
+        skipped.  Skipped updates raise λ here rather than at the next inverse refresh.  The legacy rule
+        (``damping_boost`` and ``rejection_ratio`` None) looks only at refreshes and Levenberg–Marquardt steps.
+        """
+        if self.damping_boost is None and self.rejection_ratio is None:
+            return False
+        self._react_to_skips(group)
+        value = self._mean_over_ranks(loss)[0]
+        reference = self._loss_reference
+        deltas = [self.state[p].get("delta") for p in group["params"]]
+        if (self.rejection_ratio is not None and reference is not None and any(d is not None for d in deltas)
+                and math.isfinite(value) and value > self.rejection_ratio * reference):
+            for p, delta in zip(group["params"], deltas):
+                if delta is not None:
+                    p.sub_(delta)
+                    del self.state[p]["delta"]
+            self._pending, self._passes, self._outputs, self._subset_inputs = {}, 0, [], None
+            self.rejected_steps += 1
+            self._raise_damping(group, f"rejected an update that raised the loss to {value:.3g} (running mean "
+                                       f"{reference:.3g}, rejection_ratio {self.rejection_ratio})")
+            return True
+        if math.isfinite(value):
+            self._loss_reference = value if reference is None else 0.9 * reference + 0.1 * value
+        return False
+
+    def _curvature_scales(self) -> dict[str, float]:
+        """Each decomposed block's curvature scale (mean eigenvalue), computed once per decomposition."""
+        missing = [name for name, (_, b) in self.layers.items() if b.has_statistics and name not in self._scales]
+        if missing:
+            values = torch.stack([self.layers[n][1].curvature_scale().to(torch.float64) for n in missing]).tolist()
+            for name, value in zip(missing, values):
+                # a block whose curvature vanished is damped in absolute units
+                self._scales[name] = value if math.isfinite(value) and value > 0 else 1.0
+        return self._scales
+
+    def _damping_weights(self, params: list[Tensor]) -> Optional[list[float]]:
+        """The quadratic model's damping term per parameter: relative damping weighs each layer's ‖δ‖² by its
+        curvature scale (the fallback parameters by the mean scale); absolute damping is ``λ‖δ‖²`` (None)."""
+        if self.damping_scale != "relative":
+            return None
+        scales = self._curvature_scales()
+        default = sum(scales.values()) / len(scales) if scales else 1.0
+        return [scales.get(self._layer_of.get(id(p), ""), default) for p in params]
+
+    def _natural_direction(self, params: list[Tensor], grads: list[Tensor], damping: float,
+                           weight_decay: float) -> list[Tensor]:
+        """Δ = −(F̂ + λD + ηI)⁻¹ g for K-FAC layers and −g for the fallback parameters (D: each block's curvature
+        scale for relative damping, I for absolute)."""
         index = {id(p): i for i, p in enumerate(params)}
         direction = [-g for g in grads]
-        for helper, block in self.layers.values():
+        scales = self._curvature_scales() if self.damping_scale == "relative" else {}
+        for name, (helper, block) in self.layers.items():
             idx = [index.get(id(p)) for p in helper.params]
             if idx[0] is None or not block.has_statistics:
                 continue
             mat = helper.as_matrix([grads[i] if i is not None else None for i in idx])
-            pieces = helper.split(block.precondition(mat, damping, self.damping_mode))
+            block_damping = damping * scales.get(name, 1.0) + weight_decay
+            pieces = helper.split(block.precondition(mat, block_damping, self.damping_mode))
             for i, piece in zip(idx, pieces):
                 if i is not None:
                     direction[i] = -piece
@@ -503,15 +617,22 @@ class KFAC(torch.optim.Optimizer):
         self._hooks_enabled = False
         try:
             return quadratic.build(self.model, self._last_inputs, self.loss, params, grads, dirs, weight_decay,
-                                   average=None if self.data_parallel is None else self.data_parallel.average)
+                                   average=None if self.data_parallel is None else self.data_parallel.average,
+                                   damping_weights=self._damping_weights(params))
         finally:
             self._hooks_enabled = True
 
     def _apply(self, params: list[Tensor], update: list[Tensor]) -> list[Tensor]:
-        """Add the update unless any entry is non-finite (decided on the device, no synchronisation); return what
-        was added, which is also the momentum for the next step."""
-        total = sum((u.float() ** 2).sum() for u in update)
+        """Add the update unless any entry is non-finite or ‖δ‖ > ``max_update_ratio`` ‖θ‖ (decided on the device,
+        no synchronisation); return what was added, which is also the momentum for the next step.
+
+        ‖θ‖² counts every entry as at least 1e-2 in RMS, so that weights initialised at zero can move.
+        """
+        total = torch.stack(torch._foreach_norm(update)).to(torch.float64).square().sum()
         finite = torch.isfinite(total)
+        if self.max_update_ratio is not None:
+            weights = torch.stack(torch._foreach_norm(params)).to(torch.float64).square().sum()
+            finite &= total <= self.max_update_ratio ** 2 * (weights + self._weight_floor)
         self._skipped += (~finite).long()
         applied = [torch.where(finite, u, torch.zeros_like(u)) for u in update]
         for p, safe in zip(params, applied):
@@ -549,15 +670,17 @@ class KFAC(torch.optim.Optimizer):
                                 for p, u in zip(params, update))
         actual = new_loss - old_loss + l2
         rho = actual / predicted if predicted < 0 else float("nan")
-        if not math.isfinite(new_loss) or actual > 0:
+        rejected = not math.isfinite(new_loss) or actual > 0
+        if rejected:
             # The update made this batch's objective worse (or non-finite): reject it. Parameters go back,
-            # momentum restarts, and the damping grows below.
+            # momentum restarts, and the damping grows below (at once by damping_boost).
             for p, u in zip(params, update):
                 p.sub_(u)
                 self.state[p].pop("delta", None)
+            self.rejected_steps += 1
         group["damping"] = quadratic.new_damping(
             group["damping"], rho, self.damping_adaptation_decay, self.damping_adaptation_interval,
-            self.min_damping, self.max_damping)
+            self.min_damping, self.max_damping, boost=self.damping_boost if rejected else None)
         self.last_rho = rho
 
     def _mean_over_ranks(self, *values: Union[Tensor, float]) -> list[float]:
@@ -658,6 +781,20 @@ def _validate(h: dict[str, Any], *, min_damping: float, max_damping: float) -> N
     if not (min_damping <= h["damping"] <= max_damping):
         raise ValueError(f"KFAC: damping {h['damping']!r} is outside [min_damping, max_damping] = "
                          f"[{min_damping}, {max_damping}]")
+
+
+DAMPING_SCALES = ("relative", "absolute")
+
+
+def _validate_safety(damping_scale: str, boost: Optional[float], max_update_ratio: Optional[float],
+                     rejection_ratio: Optional[float]) -> None:
+    if damping_scale not in DAMPING_SCALES:
+        raise ValueError(f"KFAC: damping_scale={damping_scale!r}: expected one of {', '.join(DAMPING_SCALES)}")
+    for name, value, low in (("damping_boost", boost, 1), ("max_update_ratio", max_update_ratio, 0),
+                             ("rejection_ratio", rejection_ratio, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= low):
+            raise ValueError(f"KFAC: {name} must be None (off) or a finite number > {low}, got {value!r}")
 
 
 def fisher_check(loss: str, fisher_type: str, damping_mode: str, stat_fraction: float, interval: int,
