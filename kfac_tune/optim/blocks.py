@@ -148,8 +148,8 @@ def pi_factor(dA: Tensor, dG: Tensor) -> Tensor:
 def _ema(value: Tensor, weight: Tensor, new: Tensor, decay: float) -> tuple[Tensor, Tensor]:
     """One moving-average step that silently keeps the old value when the new statistic is not finite."""
     finite = torch.isfinite(new).all()
-    value = torch.where(finite, decay * value + (1 - decay) * new, value)
-    weight = torch.where(finite, decay * weight + (1 - decay), weight)
+    value = torch.where(finite, torch.lerp(value, new, 1 - decay), value)  # lerp: one fused op for the blend
+    weight = torch.where(finite, torch.lerp(weight, torch.ones_like(weight), 1 - decay), weight)
     return value, weight
 
 

@@ -194,6 +194,7 @@ class KFAC(torch.optim.Optimizer):
         self._skipped_seen = 0
         self.rejected_steps = 0
         self._loss_reference: Optional[float] = None  # running mean of accepted steps' losses (rejection_ratio)
+        self._loss_initial: Optional[float] = None  # the first loss seen: a loss above it means divergence
         self._scales: dict[str, float] = {}  # curvature scale of each block's decomposition (relative damping)
         # every trainable parameter's share of ‖θ‖² that max_update_ratio counts at least: RMS 1e-2 per entry
         self._weight_floor = 1e-4 * sum(p.numel() for p in params)
@@ -454,7 +455,10 @@ class KFAC(torch.optim.Optimizer):
         else:
             alpha = group["lr"] * self._kl_scale(group, grads, direction)
             mu = group["momentum"] if has_prev else 0.0
-        update = [alpha * d + mu * p_ if mu else alpha * d for d, p_ in zip(direction, prev)]
+        # one fused call per operation over all parameters rather than two tensor ops per parameter
+        update = torch._foreach_mul(direction, alpha)
+        if mu:
+            torch._foreach_add_(update, prev, alpha=float(mu))
         applied = self._apply(params, update)
         if self.adaptive_damping and (self._steps + 1) % self.damping_adaptation_interval == 0:
             self._adapt_damping(group, closure, loss, params, grads, applied, quad, (alpha, mu), has_prev)
@@ -524,9 +528,10 @@ class KFAC(torch.optim.Optimizer):
         """With a closure, look at the previous update as soon as the loss after it is known: True when it is
         rejected (undone; this step's gradient, taken where it led, is then not used).
 
-        The loss is this batch's, the reference a running mean of the losses after accepted updates, so the bound
-        ``rejection_ratio ×`` reference is loose enough for the batch-to-batch noise and catches a step that
-        multiplied the loss.  A non-finite loss rejects nothing (bad data gives one too): its non-finite update is
+        The loss is this batch's, the reference a running mean of the losses after accepted updates; the bound is
+        ``max(rejection_ratio × reference, first loss)``: a step that multiplied the loss *and* left the model worse
+        than where training started.  The second condition keeps late training, where a batch's loss can be
+        several times the running mean by noise alone, free of false rejections.  A non-finite loss rejects nothing (bad data gives one too): its non-finite update is
         skipped.  Skipped updates raise λ here rather than at the next inverse refresh.  The legacy rule
         (``damping_boost`` and ``rejection_ratio`` None) looks only at refreshes and Levenberg–Marquardt steps.
         """
@@ -537,7 +542,7 @@ class KFAC(torch.optim.Optimizer):
         reference = self._loss_reference
         deltas = [self.state[p].get("delta") for p in group["params"]]
         if (self.rejection_ratio is not None and reference is not None and any(d is not None for d in deltas)
-                and math.isfinite(value) and value > self.rejection_ratio * reference):
+                and math.isfinite(value) and value > max(self.rejection_ratio * reference, self._loss_initial)):
             for p, delta in zip(group["params"], deltas):
                 if delta is not None:
                     p.sub_(delta)
@@ -549,6 +554,8 @@ class KFAC(torch.optim.Optimizer):
             return True
         if math.isfinite(value):
             self._loss_reference = value if reference is None else 0.9 * reference + 0.1 * value
+            if self._loss_initial is None:
+                self._loss_initial = value
         return False
 
     def _curvature_scales(self) -> dict[str, float]:
@@ -593,7 +600,8 @@ class KFAC(torch.optim.Optimizer):
         """KL-clipping (norm constraint): a device scalar ≤ 1, or 1.0 when off."""
         if group["kl_clip"] is None:
             return 1.0
-        vg = -sum((d.float() * g.float()).sum() for d, g in zip(direction, grads)) * group["lr"] ** 2
+        products = torch._foreach_mul(direction, grads)
+        vg = -torch.stack([fisher.wide(t).sum() for t in products]).sum() * group["lr"] ** 2
         return torch.clamp(torch.sqrt(group["kl_clip"] / vg.abs().clamp_min(1e-30)), max=1.0)
 
     def _solve_step(
