@@ -6,7 +6,26 @@ statistics, and on ``step()`` replaces their gradient by the damped natural grad
 other trainable parameter (unsupported or excluded modules) takes the plain gradient in the same update, so it is
 trained by the same momentum/step-size rule: the documented first-order fallback.
 
-Hot path: with a fixed learning rate the step performs no host synchronisation: damping, π, KL-clip and the
+Safe by default (each default below is a constructor argument, recorded by recipes; ``kl_clip=None`` plus
+:attr:`KFAC.LEGACY` is the optimizer before these defaults, ``benchmarks/robustness.py`` compares the two):
+
+- a trust region: ``kl_clip=1e-3`` bounds the fixed-``lr`` step's ``α² Δᵀ(F̂+λ)Δ`` (tf-kfac's norm constraint,
+  kfac-pytorch's default);
+- an update-size guard: an update with ``‖δ‖ > max_update_ratio · ‖θ‖`` (1.0) is treated like a non-finite one:
+  not applied (decided on the device), and λ grows;
+- with ``step(closure)``, the loss after each update is looked at when the next closure returns it: above
+  ``max(rejection_ratio × running mean, first loss)`` the update is undone (Martens & Grosse §6.5 reject steps on
+  adaptation steps only; here any step, at no extra forward pass, one step late);
+- every skipped or rejected step multiplies λ by ``damping_boost`` (10) at once, and so does Levenberg–Marquardt
+  when ρ < 0, instead of 1/ω ≈ 1.29 per adaptation, which needed dozens of adaptations to recover from a λ₀ orders
+  of magnitude too small;
+- ``damping_scale="relative"`` (opt-in) expresses λ in units of each block's curvature scale (the mean eigenvalue
+  of A⊗G; π-damping then adds √λ·mean(A) and √λ·mean(G) to the factors), so one value means the same at any loss
+  scale.  The default stays ``"absolute"``: with the mean-reduced loss convention absolute damping already means the
+  same at any batch size, and relative damping shrinks with the curvature as a classifier grows confident, which
+  let the steps grow large in parameter space on the digits MLP (measured; see ``benchmarks/RESULTS.md``).
+
+Hot path: with a fixed learning rate and no closure the step performs no host synchronisation: damping, π, KL-clip and the
 non-finite guard all stay on the device.  Only inverse refreshes (every ``inv_update_freq`` steps), Levenberg–
 Marquardt adaptation and the automatic learning rate/momentum (which need scalars from the quadratic model)
 synchronise.
@@ -50,7 +69,7 @@ class KFAC(torch.optim.Optimizer):
             ``DistributedDataParallel`` model is unwrapped: layer names, ``exclude`` and checkpoints are those of
             its ``.module``.
         lr: step size α (ignored when ``adaptive_lr``; then it is chosen each step by the quadratic model).
-        damping: Tikhonov damping λ added to the curvature (see ``damping_mode``).
+        damping: Tikhonov damping λ added to the curvature (see ``damping_mode`` and ``damping_scale``).
         momentum: μ in ``δ = α Δ + μ δ_prev`` (ignored when ``adaptive_momentum``).
         factor_decay: EMA decay of the Kronecker factors, applied once per factor update.
         inv_update_freq: steps between eigendecompositions of the factors (amortised inverses).
@@ -67,6 +86,14 @@ class KFAC(torch.optim.Optimizer):
         adaptive_damping: Levenberg–Marquardt adaptation of λ every ``damping_adaptation_interval`` steps; needs
             ``step(closure)``.  On those steps an update that increases the batch loss is rejected (undone).
         adaptive_lr, adaptive_momentum: choose α and/or μ each step by minimising the exact quadratic model.
+        damping_scale: ``"absolute"`` (λ as given) or ``"relative"`` (λ times each block's mean eigenvalue of
+            A⊗G, in the preconditioner and in the quadratic model's damping term).
+        damping_boost: factor λ is multiplied by at once after a skipped or rejected update (None: the legacy rule,
+            ×10 at the next inverse refresh for non-finite updates, LM's 1/ω for rejected ones).
+        max_update_ratio: skip an update larger than this times the weights' norm (every entry counted as at
+            least 1e-2 in RMS); None: off.
+        rejection_ratio: with ``step(closure)``, undo the previous update when the loss after it exceeds this times
+            the running mean of accepted losses and the first loss; None: off (rejections on LM steps only).
         stat_fraction: share of each batch (its first examples) used for curvature estimates: the factor statistics
             and, in the automatic modes, the quadratic model's exact curvature products.  With the true or exact
             Fisher, a fraction < 1 runs the statistics as a separate forward and sampled backward pass over those
@@ -89,6 +116,8 @@ class KFAC(torch.optim.Optimizer):
             :class:`~kfac_tune.optim.distributed.WorkAssignment`.
     """
 
+    # The tunable hyperparameters; their defaults are the constructor's signature (``KFAC.defaults()``), the single
+    # truth that the search's default point and recipes read.
     HYPERPARAMETERS = (
         "lr",
         "damping",
@@ -298,6 +327,9 @@ class KFAC(torch.optim.Optimizer):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    # rejected_steps (an attribute): updates undone because the loss after them was too high (rejection_ratio, or
+    # Levenberg–Marquardt on its adaptation steps)
 
     @property
     def skipped_steps(self) -> int:
