@@ -455,12 +455,16 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        if loss is not None and self._reject_last_update(group, loss):
-            self._steps += 1
-            return loss
+        checked = loss is not None and not (self.damping_boost is None and self.rejection_ratio is None)
         with self.timer.phase("statistics"):
             self._statistics_pass()
-            self._commit_statistics(group["factor_decay"])
+            # the loss travels with the statistics (one all_reduce under data parallelism), before they are folded
+            new, mean_loss = self._shared_statistics(loss if checked else None)
+        if mean_loss is not None and self._reject_last_update(group, mean_loss):
+            self._steps += 1  # this step's statistics, taken where the rejected update led, are dropped
+            return loss
+        with self.timer.phase("statistics"):
+            self._fold_statistics(new, group["factor_decay"])
         with self.timer.phase("inverses"):
             self._refresh_inverses(group)
 
@@ -513,14 +517,22 @@ class KFAC(torch.optim.Optimizer):
         finally:
             self._in_statistics_pass = False
 
-    def _commit_statistics(self, decay: float) -> None:
-        """Fold the statistics of this step's passes into the moving averages (averaged over the ranks first)."""
+    def _shared_statistics(self, loss: Optional[Tensor]) -> tuple[dict[str, dict[str, Tensor]], Optional[float]]:
+        """This step's statistics and the closure's loss, averaged over the ranks in one call."""
         new = {name: stats.estimates(self._passes) for name, stats in self._pending.items()}
+        self._pending, self._passes, self._outputs = {}, 0, []
+        # in the factors' dtype, so that it shares their flat buffer (one all_reduce, not one per dtype)
+        mean = None if loss is None else loss.detach().to(self.factor_dtype).reshape(1).clone()
         if self.data_parallel is not None:
-            self.data_parallel.average([t for estimates in new.values() for t in estimates.values()])
+            tensors = [t for estimates in new.values() for t in estimates.values()]
+            if tensors or mean is not None:
+                self.data_parallel.average(tensors + ([mean] if mean is not None else []))
+        return new, None if mean is None else float(mean)
+
+    def _fold_statistics(self, new: dict[str, dict[str, Tensor]], decay: float) -> None:
+        """Fold this step's (averaged) statistics into the moving averages."""
         for name, estimates in new.items():
             self.layers[name][1].update(estimates, decay)
-        self._pending, self._passes, self._outputs = {}, 0, []
 
     def _refresh_inverses(self, group: dict[str, Any]) -> None:
         """Eigendecompose the factors every ``inv_update_freq`` steps, and as soon as a new layer has statistics."""
@@ -556,7 +568,7 @@ class KFAC(torch.optim.Optimizer):
                                        "that would have exploded the weights: max_update_ratio)")
             self._skipped_seen = skipped
 
-    def _reject_last_update(self, group: dict[str, Any], loss: Tensor) -> bool:
+    def _reject_last_update(self, group: dict[str, Any], value: float) -> bool:
         """With a closure, look at the previous update as soon as the loss after it is known: True when it is
         rejected (undone; this step's gradient, taken where it led, is then not used).
 
@@ -567,10 +579,7 @@ class KFAC(torch.optim.Optimizer):
         skipped.  Skipped updates raise λ here rather than at the next inverse refresh.  The legacy rule
         (``damping_boost`` and ``rejection_ratio`` None) looks only at refreshes and Levenberg–Marquardt steps.
         """
-        if self.damping_boost is None and self.rejection_ratio is None:
-            return False
         self._react_to_skips(group)
-        value = self._mean_over_ranks(loss)[0]
         reference = self._loss_reference
         deltas = [self.state[p].get("delta") for p in group["params"]]
         if (self.rejection_ratio is not None and reference is not None and any(d is not None for d in deltas)
@@ -579,7 +588,6 @@ class KFAC(torch.optim.Optimizer):
                 if delta is not None:
                     p.sub_(delta)
                     del self.state[p]["delta"]
-            self._pending, self._passes, self._outputs, self._subset_inputs = {}, 0, [], None
             self.rejected_steps += 1
             self._raise_damping(group, f"rejected an update that raised the loss to {value:.3g} (running mean "
                                        f"{reference:.3g}, rejection_ratio {self.rejection_ratio})")
