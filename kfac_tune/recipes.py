@@ -155,7 +155,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} is not a kfac-tune recipe: expected a mapping, found {type(raw).__name__}")
     try:
-        return Recipe.model_validate(raw)
+        return _pin_conventions(Recipe.model_validate(raw))
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(top level)"
@@ -163,6 +163,16 @@ def load_recipe(path: str | Path) -> Recipe:
             f"recipe {path} is incomplete or invalid (a partial write or a hand edit?): {where}: {first['msg']}"
             + (f" ({error.error_count() - 1} more)" if error.error_count() > 1 else "")
         ) from None
+
+
+def _pin_conventions(recipe: Recipe) -> Recipe:
+    """A K-FAC recipe written before a convention existed keeps the meaning it was tuned under
+    (``KFAC.stored_arguments``), so it reproduces; today's recipes record every convention already."""
+    if recipe.optimizer == "kfac":
+        from kfac_tune.optim import KFAC
+
+        recipe.hyperparameters = KFAC.stored_arguments(recipe.hyperparameters)
+    return recipe
 
 
 def _first_line(error: Exception) -> str:

@@ -176,12 +176,15 @@ def test_levenberg_marquardt_shrinks_damping_when_the_model_is_exact() -> None:
 def test_levenberg_marquardt_rejects_a_step_that_blows_up(digits) -> None:
     x, y = digits[0][:128], digits[1][:128]
     model = _mlp()
-    opt = KFAC(model, lr=1e6, momentum=0.0, adaptive_damping=True, damping_adaptation_interval=1)
+    # no trust region and no update-size guard: the blown-up step must reach Levenberg–Marquardt
+    opt = KFAC(model, lr=1e6, momentum=0.0, adaptive_damping=True, damping_adaptation_interval=1, kl_clip=None,
+               max_update_ratio=None)
     damping = opt.param_groups[0]["damping"]
     before = F.cross_entropy(model(x), y).item()
     opt.step(_closure(model, opt, x, y))
     after = F.cross_entropy(model(x), y).item()
-    assert opt.param_groups[0]["damping"] > damping
+    assert opt.param_groups[0]["damping"] == pytest.approx(damping * opt.damping_boost)  # at once, not × 1/ω
+    assert opt.rejected_steps == 1
     assert math.isfinite(after) and after < 10 * before + 10
 
 
@@ -224,7 +227,7 @@ def test_kl_clip_bounds_the_update(digits) -> None:
 
     def first_step_norm(kl_clip) -> float:
         model = _mlp()
-        opt = KFAC(model, lr=10.0, kl_clip=kl_clip, seed=0)
+        opt = KFAC(model, lr=10.0, kl_clip=kl_clip, seed=0, max_update_ratio=None)  # kl_clip alone
         before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
         opt.step(_closure(model, opt, x, y))
         return float((torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before).norm())

@@ -10,7 +10,7 @@ from torch import nn
 
 from kfac_tune import KFAC
 from tests.optim_support import exact_kfac
-from kfac_tune.optim import fisher
+from kfac_tune.optim import fisher, quadratic
 from kfac_tune.optim.blocks import KroneckerBlock
 
 LOSS_FN = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "bce": F.binary_cross_entropy_with_logits}
@@ -260,6 +260,82 @@ def test_quadratic_model_curvature_is_the_ggn_of_the_first_examples(fraction: fl
     for i in range(2):
         for j in range(2):
             exact = torch.einsum("nc,ncd,nd->", jd[i], hessians, jd[j]) / used
-            assert qm.curv[i][j] == pytest.approx(float(exact), rel=1e-6)  # the model's sums run in float32
-        assert qm.grad_dots[i] == pytest.approx(float(sum((g * d).sum() for g, d in zip(grads, dirs[i]))), rel=1e-6)
+            assert qm.curv[i][j] == pytest.approx(float(exact), rel=1e-10)  # float64 model: float64 end to end
+        assert qm.grad_dots[i] == pytest.approx(float(sum((g * d).sum() for g, d in zip(grads, dirs[i]))),
+                                                rel=1e-10)
+    opt.close()
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
+def test_float64_output_curvature_matches_autograd_to_1e10(loss: str) -> None:
+    """A float64 output gets float64 curvature: the exact columns' ``Σ u uᵀ`` and the quadratic form equal the
+    loss Hessian by autograd to ~1e-10, and the sampled vectors are float64 (float32 would stop at ~1e-7)."""
+    torch.manual_seed(12)
+    z = torch.randn(5, 4)
+    target = torch.randint(0, 4, (5,)) if loss == "cross_entropy" else torch.rand(5, 4)
+    H = torch.autograd.functional.hessian(lambda out: LOSS_FN[loss](out, target), z).reshape(20, 20)
+    cols = fisher.exact_columns(loss, z)
+    assert all(c.dtype == torch.float64 for c in cols)
+    n = fisher.loss_count(loss, z)
+    # the columns are on the scale of h (Σ_c u_c u_cᵀ = H_n / N²) and serve every row at once: keep the
+    # within-row blocks, H being block-diagonal over the rows
+    from_columns = n * sum(c.reshape(-1, 1) @ c.reshape(1, -1) for c in cols)
+    from_columns = from_columns * torch.block_diag(*[torch.ones(4, 4)] * 5)
+    torch.testing.assert_close(from_columns, H, rtol=1e-10, atol=1e-12)
+    v1, v2 = torch.randn(5, 4), torch.randn(5, 4)
+    expected = v1.reshape(-1) @ H @ v2.reshape(-1)
+    assert float(fisher.quadratic_form(loss, z, v1, v2)) == pytest.approx(float(expected), rel=1e-10)
+    assert fisher.sample(loss, z, torch.Generator().manual_seed(0)).dtype == torch.float64
+
+
+def test_float64_exact_fisher_step_matches_autograd_to_1e10() -> None:
+    """Cross-entropy (an output Hessian that depends on the softmax), exact Fisher, exact damping, float64 factors,
+    one example (so that ``A ⊗ G`` is the GGN itself): the step is −(GGN + λI)⁻¹ ∇h by autograd to ~1e-10."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False))
+    x, y = torch.randn(1, 3), torch.randint(0, 4, (1,))
+    damping = 1e-3
+    ggn = _exact_ggn(model, x, y, "cross_entropy")
+    opt = exact_kfac(model, fisher="exact", loss="cross_entropy", damping=damping, damping_mode="exact")
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grad = model[0].weight.grad.reshape(-1).clone()
+    (delta,) = _one_step(model, opt, x, y, "cross_entropy")
+    expected = -torch.linalg.solve(ggn + damping * torch.eye(ggn.shape[0]), grad)
+    torch.testing.assert_close(delta.reshape(-1), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_relative_damping_damps_each_block_by_its_mean_eigenvalue() -> None:
+    """``damping_scale="relative"``: the step is −(A⊗G + λ·s·I)⁻¹ g with s = tr A tr G / (dim A dim G) computed by
+    hand from the factors (exact damping, checked by solve), and the quadratic model's damping term is
+    ``Σ_layers s_l ‖d_l‖²``."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    damping = 0.05
+    opt = exact_kfac(model, fisher="exact", loss="mse", damping=damping, damping_mode="exact",
+                     damping_scale="relative")
+    model.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    deltas = dict(zip([n for n, _ in model.named_parameters()], _one_step(model, opt, x, y, "mse")))
+    scales = {}
+    for name in ("0", "2"):
+        A, G = _block(opt, name).factors()
+        scale = float(A.trace() / A.shape[0] * G.trace() / G.shape[0])
+        scales[name] = scale
+        g = torch.cat([grads[f"{name}.weight"], grads[f"{name}.bias"][:, None]], dim=1)  # (g_dim, a_dim)
+        vec = g.T.reshape(-1)
+        solved = torch.linalg.solve(torch.kron(A, G) + damping * scale * torch.eye(vec.numel()), vec)
+        expected = -solved.reshape(A.shape[0], G.shape[0]).T
+        got = torch.cat([deltas[f"{name}.weight"], deltas[f"{name}.bias"][:, None]], dim=1)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    params = list(model.parameters())
+    dirs = [[torch.randn_like(p) for p in params]]
+    weights = opt._damping_weights(params)
+    qm = quadratic.build(model, ((x,), {}), "mse", params, [torch.zeros_like(p) for p in params], dirs, 0.0,
+                         damping_weights=weights)
+    weighted = sum(scales[n.split(".")[0]] * float((d * d).sum()) for (n, _), d in zip(model.named_parameters(),
+                                                                                        dirs[0]))
+    assert qm.sq[0][0] == pytest.approx(weighted, rel=1e-10)
     opt.close()

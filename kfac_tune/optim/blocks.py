@@ -14,7 +14,8 @@ Damping modes (recipes record which one their ``damping`` means):
 
 Every block type (this one, :mod:`kfac_tune.optim.layers`' and :mod:`kfac_tune.optim.temporal`'s) offers the same
 surface to the optimizer: ``update(estimates, decay)``, ``ready`` (a device boolean: every factor has statistics),
-``has_statistics`` (a decomposition exists), ``precondition(grad_matrix, damping, mode)``, ``decomposition()`` /
+``has_statistics`` (a decomposition exists), ``precondition(grad_matrix, damping, mode)``, ``curvature_scale()``
+(a device scalar: the mean eigenvalue of the block's curvature, the unit of the optimizer's relative damping), ``decomposition()`` /
 ``decomposition_shapes()`` / ``set_decomposition(*tensors)`` (what data parallelism broadcasts),
 ``decomposition_cost`` and ``state_dict`` / ``load_state_dict``.  :func:`decompose` batches the eigendecompositions
 of Kronecker blocks; other blocks decompose themselves.
@@ -95,6 +96,11 @@ class KroneckerBlock:
         self._inverse_cache = None
 
     # -- preconditioning --------------------------------------------------------------------------------------
+    def curvature_scale(self) -> Tensor:
+        """Mean eigenvalue of ``A ⊗ G`` (``tr A tr G / (dim A dim G)``): the unit of relative damping."""
+        assert self.dA is not None and self.dG is not None
+        return self.dA.mean() * self.dG.mean()
+
     def precondition(self, grad: Tensor, damping: float, mode: str) -> Tensor:
         """``(damped A ⊗ G)⁻¹`` applied to a ``(g_dim, a_dim)`` gradient matrix."""
         assert self.QA is not None and self.QG is not None and self.dA is not None and self.dG is not None
@@ -144,8 +150,8 @@ def pi_factor(dA: Tensor, dG: Tensor) -> Tensor:
 def _ema(value: Tensor, weight: Tensor, new: Tensor, decay: float) -> tuple[Tensor, Tensor]:
     """One moving-average step that silently keeps the old value when the new statistic is not finite."""
     finite = torch.isfinite(new).all()
-    value = torch.where(finite, decay * value + (1 - decay) * new, value)
-    weight = torch.where(finite, decay * weight + (1 - decay), weight)
+    value = torch.where(finite, torch.lerp(value, new, 1 - decay), value)  # lerp: one fused op for the blend
+    weight = torch.where(finite, torch.lerp(weight, torch.ones_like(weight), 1 - decay), weight)
     return value, weight
 
 

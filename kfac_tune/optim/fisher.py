@@ -11,6 +11,9 @@ that ``E[G] ⊗ A`` is K-FAC's approximation of the Fisher/GGN of ``h`` itself.
 - ``exact_columns``: a square-root factorisation of ``H_n`` (``Σ_c u_c u_cᵀ = H_n``): the exact (type-2) Fisher,
   one backward pass per column; for small output dimensions and for tests.
 - ``quadratic_form``: ``(1/N) Σ_n v1_nᵀ H_n v2_n``, for the quadratic model of automatic step sizes.
+
+Precision: everything is computed in float32 or the output's dtype when it is wider (:func:`wide`), so a float64
+model with ``factor_dtype=torch.float64`` is float64 end to end, and half-precision outputs are not.
 """
 from __future__ import annotations
 
@@ -32,6 +35,11 @@ def check_loss(loss: str) -> None:
         )
 
 
+def wide(x: Tensor) -> Tensor:
+    """``x`` in float32, or in its own dtype when that is wider (float64): the output-side curvature's precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def loss_count(loss: str, z: Tensor) -> int:
     """``N``: how many terms the mean-reduced loss averages over."""
     if loss == "cross_entropy":
@@ -44,7 +52,7 @@ def sample(loss: str, z: Tensor, generator: Optional[torch.Generator] = None) ->
     z = z.detach()
     n = loss_count(loss, z)
     if loss == "cross_entropy":
-        p = torch.softmax(z.float(), dim=-1)
+        p = torch.softmax(wide(z), dim=-1)
         flat = p.reshape(-1, p.shape[-1])
         drawn = torch.multinomial(_drawable(flat), 1, generator=generator).squeeze(1)
         u = flat.clone()
@@ -52,9 +60,9 @@ def sample(loss: str, z: Tensor, generator: Optional[torch.Generator] = None) ->
         u = u.reshape(p.shape)
     elif loss == "mse":
         # F.mse_loss is the NLL of a Gaussian with variance 1/2 per element: Fisher 2, so u ~ N(0, 2).
-        u = torch.randn(z.shape, device=z.device, dtype=torch.float32, generator=generator) * math.sqrt(2.0)
+        u = torch.randn(z.shape, device=z.device, dtype=wide(z).dtype, generator=generator) * math.sqrt(2.0)
     else:
-        p = torch.sigmoid(z.float())
+        p = torch.sigmoid(wide(z))
         u = p - torch.bernoulli(_drawable(p), generator=generator)
     return (u / n).to(z.dtype)
 
@@ -72,22 +80,22 @@ def exact_columns(loss: str, z: Tensor) -> list[Tensor]:
     z = z.detach()
     n = loss_count(loss, z)
     width = z.shape[-1]
-    eye = torch.eye(width, device=z.device, dtype=torch.float32)
+    eye = torch.eye(width, device=z.device, dtype=wide(z).dtype)
     if loss == "cross_entropy":
         # H = diag(p) - p pᵀ = M Mᵀ with M = diag(√p) - p √pᵀ, column c: √p_c (e_c - p).
-        p = torch.softmax(z.float(), dim=-1)
+        p = torch.softmax(wide(z), dim=-1)
         cols = [p[..., c : c + 1].sqrt() * (eye[c] - p) for c in range(width)]
     elif loss == "mse":
-        cols = [math.sqrt(2.0) * eye[c].expand_as(z).float() for c in range(width)]
+        cols = [math.sqrt(2.0) * eye[c].expand(z.shape) for c in range(width)]
     else:
-        p = torch.sigmoid(z.float())
+        p = torch.sigmoid(wide(z))
         cols = [(p * (1 - p)).sqrt() * eye[c] for c in range(width)]
     return [(c / n).to(z.dtype) for c in cols]
 
 
 def quadratic_form(loss: str, z: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
     """``(1/N) Σ_n v1_nᵀ H_n v2_n`` for output-space directions ``v1``, ``v2`` (e.g. ``J δ``)."""
-    z, v1, v2 = z.detach().float(), v1.float(), v2.float()
+    z, v1, v2 = wide(z.detach()), wide(v1), wide(v2)
     n = loss_count(loss, z)
     if loss == "cross_entropy":
         p = torch.softmax(z, dim=-1)

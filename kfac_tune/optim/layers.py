@@ -78,6 +78,10 @@ class DiagonalInputBlock(FactorBlock):
             return None
         return [A.clamp_min(0), eig[1], eig[0].clamp_min(0)]
 
+    def curvature_scale(self) -> Tensor:
+        dA, _, dG = self.decomposition()
+        return dA.mean() * dG.mean()
+
     def precondition(self, grad: Tensor, damping: float, mode: str) -> Tensor:
         dA, QG, dG = self.decomposition()
         m = grad.to(self.dtype)
@@ -176,6 +180,9 @@ class UnitwiseBlock(FactorBlock):
     def _decompose(self) -> Optional[list[Tensor]]:
         eig = eigh_or_warn(self.averages["F"])
         return None if eig is None else [eig[1], eig[0].clamp_min(0)]
+
+    def curvature_scale(self) -> Tensor:
+        return self.decomposition()[1].mean()
 
     def precondition(self, grad: Tensor, damping: float, mode: str) -> Tensor:
         Q, d = self.decomposition()

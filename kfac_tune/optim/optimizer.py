@@ -6,7 +6,26 @@ statistics, and on ``step()`` replaces their gradient by the damped natural grad
 other trainable parameter (unsupported or excluded modules) takes the plain gradient in the same update, so it is
 trained by the same momentum/step-size rule: the documented first-order fallback.
 
-Hot path: with a fixed learning rate the step performs no host synchronisation: damping, π, KL-clip and the
+Safe by default (each default below is a constructor argument, recorded by recipes; ``kl_clip=None`` plus
+:attr:`KFAC.LEGACY` is the optimizer before these defaults, ``benchmarks/robustness.py`` compares the two):
+
+- a trust region: ``kl_clip=1e-3`` bounds the fixed-``lr`` step's ``α² Δᵀ(F̂+λ)Δ`` (tf-kfac's norm constraint,
+  kfac-pytorch's default);
+- an update-size guard: an update with ``‖δ‖ > max_update_ratio · ‖θ‖`` (1.0) is treated like a non-finite one:
+  not applied (decided on the device), and λ grows;
+- with ``step(closure)``, the loss after each update is looked at when the next closure returns it: above
+  ``max(rejection_ratio × running mean, first loss)`` the update is undone (Martens & Grosse §6.5 reject steps on
+  adaptation steps only; here any step, at no extra forward pass, one step late);
+- every skipped or rejected step multiplies λ by ``damping_boost`` (10) at once, and so does Levenberg–Marquardt
+  when ρ < 0, instead of 1/ω ≈ 1.29 per adaptation, which needed dozens of adaptations to recover from a λ₀ orders
+  of magnitude too small;
+- ``damping_scale="relative"`` (opt-in) expresses λ in units of each block's curvature scale (the mean eigenvalue
+  of A⊗G; π-damping then adds √λ·mean(A) and √λ·mean(G) to the factors), so one value means the same at any loss
+  scale.  The default stays ``"absolute"``: with the mean-reduced loss convention absolute damping already means the
+  same at any batch size, and relative damping shrinks with the curvature as a classifier grows confident, which
+  let the steps grow large in parameter space on the digits MLP (measured; see ``benchmarks/RESULTS.md``).
+
+Hot path: with a fixed learning rate and no closure the step performs no host synchronisation: damping, π, KL-clip and the
 non-finite guard all stay on the device.  Only inverse refreshes (every ``inv_update_freq`` steps), Levenberg–
 Marquardt adaptation and the automatic learning rate/momentum (which need scalars from the quadratic model)
 synchronise.
@@ -51,7 +70,7 @@ class KFAC(torch.optim.Optimizer):
             ``DistributedDataParallel`` model is unwrapped: layer names, ``exclude`` and checkpoints are those of
             its ``.module``.
         lr: step size α (ignored when ``adaptive_lr``; then it is chosen each step by the quadratic model).
-        damping: Tikhonov damping λ added to the curvature (see ``damping_mode``).
+        damping: Tikhonov damping λ added to the curvature (see ``damping_mode`` and ``damping_scale``).
         momentum: μ in ``δ = α Δ + μ δ_prev`` (ignored when ``adaptive_momentum``).
         factor_decay: EMA decay of the Kronecker factors, applied once per factor update.
         inv_update_freq: steps between eigendecompositions of the factors (amortised inverses).
@@ -61,11 +80,21 @@ class KFAC(torch.optim.Optimizer):
         fisher: ``"true"`` (targets sampled from the model, the default), ``"empirical"`` (the real gradients) or
             ``"exact"`` (one backward pass per output dimension; small outputs only).
         weight_decay: L2 coefficient η, added to the gradient, the damping and the quadratic model.
-        kl_clip: with a fixed ``lr``, scales the update so that ``α² Δᵀ F̂ Δ ≤ kl_clip`` (None: off).
+        kl_clip: trust region of the fixed-``lr`` step: the update is scaled so that ``α² Δᵀ (F̂ + λ) Δ ≤ kl_clip``
+            (KL-clipping, as tf-kfac's norm constraint and kfac-pytorch's ``kl_clip``; 1e-3 is their default).  The
+            automatic modes ignore it, as kfac-jax does: their quadratic model already sizes the step.  None: off.
         damping_mode: ``"pi"`` (factored Tikhonov) or ``"exact"`` (eigenbasis); see :mod:`kfac_tune.optim.blocks`.
         adaptive_damping: Levenberg–Marquardt adaptation of λ every ``damping_adaptation_interval`` steps; needs
             ``step(closure)``.  On those steps an update that increases the batch loss is rejected (undone).
         adaptive_lr, adaptive_momentum: choose α and/or μ each step by minimising the exact quadratic model.
+        damping_scale: ``"absolute"`` (λ as given) or ``"relative"`` (λ times each block's mean eigenvalue of
+            A⊗G, in the preconditioner and in the quadratic model's damping term).
+        damping_boost: factor λ is multiplied by at once after a skipped or rejected update (None: the legacy rule,
+            ×10 at the next inverse refresh for non-finite updates, LM's 1/ω for rejected ones).
+        max_update_ratio: skip an update larger than this times the weights' norm (every entry counted as at
+            least 1e-2 in RMS); None: off.
+        rejection_ratio: with ``step(closure)``, undo the previous update when the loss after it exceeds this times
+            the running mean of accepted losses and the first loss; None: off (rejections on LM steps only).
         stat_fraction: share of each batch (its first examples) used for curvature estimates: the factor statistics
             and, in the automatic modes, the quadratic model's exact curvature products.  With the true or exact
             Fisher, a fraction < 1 runs the statistics as a separate forward and sampled backward pass over those
@@ -88,6 +117,8 @@ class KFAC(torch.optim.Optimizer):
             :class:`~kfac_tune.optim.distributed.WorkAssignment`.
     """
 
+    # The tunable hyperparameters; their defaults are the constructor's signature (``KFAC.defaults()``), the single
+    # truth that the search's default point and recipes read.
     HYPERPARAMETERS = (
         "lr",
         "damping",
@@ -111,8 +142,9 @@ class KFAC(torch.optim.Optimizer):
         loss: str = "cross_entropy",
         fisher: str = "true",
         weight_decay: float = 0.0,
-        kl_clip: Optional[float] = None,
+        kl_clip: Optional[float] = 1e-3,
         damping_mode: str = "pi",
+        damping_scale: str = "absolute",
         adaptive_damping: bool = False,
         adaptive_lr: bool = False,
         adaptive_momentum: bool = False,
@@ -120,6 +152,9 @@ class KFAC(torch.optim.Optimizer):
         damping_adaptation_decay: float = 0.95,
         min_damping: float = 1e-8,
         max_damping: float = 1e8,
+        damping_boost: Optional[float] = 10.0,
+        max_update_ratio: Optional[float] = 1.0,
+        rejection_ratio: Optional[float] = 4.0,
         stat_fraction: float = 1.0,
         exclude: Iterable[Exclude] = (),
         temporal: Union[str, Mapping[str, str]] = "independent",
@@ -143,6 +178,7 @@ class KFAC(torch.optim.Optimizer):
         _validate(defaults, min_damping=min_damping, max_damping=max_damping)
         fisher_check(loss, fisher, damping_mode, stat_fraction, damping_adaptation_interval,
                      damping_adaptation_decay)
+        _validate_safety(damping_scale, damping_boost, max_update_ratio, rejection_ratio)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("KFAC: the model has no trainable parameters")
@@ -156,6 +192,8 @@ class KFAC(torch.optim.Optimizer):
         self.damping_adaptation_interval = damping_adaptation_interval
         self.damping_adaptation_decay = damping_adaptation_decay
         self.min_damping, self.max_damping = min_damping, max_damping
+        self.damping_scale, self.damping_boost = damping_scale, damping_boost
+        self.max_update_ratio, self.rejection_ratio = max_update_ratio, rejection_ratio
         self.stat_fraction = stat_fraction
         self.factor_dtype = factor_dtype
 
@@ -184,6 +222,12 @@ class KFAC(torch.optim.Optimizer):
         device = params[0].device
         self._skipped = torch.zeros((), dtype=torch.long, device=device)
         self._skipped_seen = 0
+        self.rejected_steps = 0
+        self._loss_reference: Optional[float] = None  # running mean of accepted steps' losses (rejection_ratio)
+        self._loss_initial: Optional[float] = None  # the first loss seen: a loss above it means divergence
+        self._scales: dict[str, float] = {}  # curvature scale of each block's decomposition (relative damping)
+        # every trainable parameter's share of ‖θ‖² that max_update_ratio counts at least: RMS 1e-2 per entry
+        self._weight_floor = 1e-4 * sum(p.numel() for p in params)
         self._generator: Optional[torch.Generator] = None
         if seed is not None:
             self._generator = torch.Generator(device=device)
@@ -208,6 +252,8 @@ class KFAC(torch.optim.Optimizer):
         ]
         for name, (helper, _) in self.layers.items():
             self._handles.append(helper.module.register_forward_hook(self._layer_hook(name)))
+        self._layer_of = {id(p): name for name, (helper, _) in self.layers.items() for p in helper.params
+                          if p is not None}
 
     # Everything that decides what a given ``damping`` or ``lr`` means: recipes store all of it, because values do
     # not transfer across conventions (damping mode, Fisher type, adaptation rules).
@@ -224,17 +270,46 @@ class KFAC(torch.optim.Optimizer):
         "min_damping",
         "max_damping",
         "stat_fraction",
+        "damping_scale",
+        "damping_boost",
+        "max_update_ratio",
+        "rejection_ratio",
     )
+
+    # What the conventions added after recipe format 1 was first written meant before they existed: arguments
+    # stored without them (a recipe, a trial) are completed with these, not with today's defaults, so that they
+    # still reproduce.  ``KFAC(model, **LEGACY)`` with kl_clip=None is the optimizer before the safe defaults.
+    LEGACY = {
+        "damping_scale": "absolute",
+        "damping_boost": None,
+        "max_update_ratio": None,
+        "rejection_ratio": None,
+    }
 
     # ------------------------------------------------------------------------------------------------ recipes
     @classmethod
     def complete_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
         """``arguments`` with every hyperparameter and convention filled in from the constructor's defaults."""
+        return {**cls.defaults(), **arguments}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every hyperparameter and convention with its default: the constructor's signature is the only truth."""
         import inspect
 
-        defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-                    if name in cls.HYPERPARAMETERS + cls.CONVENTIONS}
-        return {**defaults, **arguments}
+        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name in cls.HYPERPARAMETERS + cls.CONVENTIONS}
+
+    @classmethod
+    def stored_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor arguments read back from a store (a recipe): complete ones written before a convention in
+        :attr:`LEGACY` existed get its old meaning pinned, so that they reproduce what was run."""
+        arguments = dict(arguments)
+        # complete_arguments writes every hyperparameter; a store that has them all but none of the newer
+        # conventions was written before those existed
+        if set(cls.HYPERPARAMETERS) <= set(arguments) and not set(cls.LEGACY) & set(arguments):
+            arguments.update(cls.LEGACY)
+        return arguments
 
     @classmethod
     def from_recipe(cls, model: nn.Module, recipe: Any, **overrides: Any) -> "KFAC":
@@ -245,7 +320,7 @@ class KFAC(torch.optim.Optimizer):
             recipe = load_recipe(recipe)
         if recipe.optimizer != "kfac":
             raise ValueError(f"this recipe is for the {recipe.optimizer!r} optimizer, not K-FAC")
-        kwargs = {**recipe.hyperparameters, **overrides}
+        kwargs = {**cls.stored_arguments(recipe.hyperparameters), **overrides}
         return cls(model, **kwargs)
 
     def close(self) -> None:
@@ -254,9 +329,13 @@ class KFAC(torch.optim.Optimizer):
             handle.remove()
         self._handles.clear()
 
+    # rejected_steps (an attribute): updates undone because the loss after them was too high (rejection_ratio, or
+    # Levenberg–Marquardt on its adaptation steps)
+
     @property
     def skipped_steps(self) -> int:
-        """Updates that were not applied because they were not finite (synchronises)."""
+        """Updates that were not applied because they were not finite or would have exploded the weights
+        (``max_update_ratio``); synchronises."""
         return int(self._skipped.item())
 
     # ----------------------------------------------------------------------------------------------- capture
@@ -377,9 +456,16 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
+        checked = loss is not None and not (self.damping_boost is None and self.rejection_ratio is None)
         with self.timer.phase("statistics"):
             self._statistics_pass()
-            self._commit_statistics(group["factor_decay"])
+            # the loss travels with the statistics (one all_reduce under data parallelism), before they are folded
+            new, mean_loss = self._shared_statistics(loss if checked else None)
+        if mean_loss is not None and self._reject_last_update(group, mean_loss):
+            self._steps += 1  # this step's statistics, taken where the rejected update led, are dropped
+            return loss
+        with self.timer.phase("statistics"):
+            self._fold_statistics(new, group["factor_decay"])
         with self.timer.phase("inverses"):
             self._refresh_inverses(group)
 
@@ -388,7 +474,7 @@ class KFAC(torch.optim.Optimizer):
             wd = group["weight_decay"]
             grads = [p.grad + wd * p if wd else p.grad for p in params]
             with self.timer.phase("precondition"):
-                direction = self._natural_direction(params, grads, group["damping"] + wd)
+                direction = self._natural_direction(params, grads, group["damping"], wd)
             with self.timer.phase("update"):
                 self._update(group, params, grads, direction, closure, loss)
         self._steps += 1
@@ -406,7 +492,10 @@ class KFAC(torch.optim.Optimizer):
         else:
             alpha = group["lr"] * self._kl_scale(group, grads, direction)
             mu = group["momentum"] if has_prev else 0.0
-        update = [alpha * d + mu * p_ if mu else alpha * d for d, p_ in zip(direction, prev)]
+        # one fused call per operation over all parameters rather than two tensor ops per parameter
+        update = torch._foreach_mul(direction, alpha)
+        if mu:
+            torch._foreach_add_(update, prev, alpha=float(mu))
         applied = self._apply(params, update)
         if self.adaptive_damping and (self._steps + 1) % self.damping_adaptation_interval == 0:
             self._adapt_damping(group, closure, loss, params, grads, applied, quad, (alpha, mu), has_prev)
@@ -429,14 +518,22 @@ class KFAC(torch.optim.Optimizer):
         finally:
             self._in_statistics_pass = False
 
-    def _commit_statistics(self, decay: float) -> None:
-        """Fold the statistics of this step's passes into the moving averages (averaged over the ranks first)."""
+    def _shared_statistics(self, loss: Optional[Tensor]) -> tuple[dict[str, dict[str, Tensor]], Optional[float]]:
+        """This step's statistics and the closure's loss, averaged over the ranks in one call."""
         new = {name: stats.estimates(self._passes) for name, stats in self._pending.items()}
+        self._pending, self._passes, self._outputs = {}, 0, []
+        # in the factors' dtype, so that it shares their flat buffer (one all_reduce, not one per dtype)
+        mean = None if loss is None else loss.detach().to(self.factor_dtype).reshape(1).clone()
         if self.data_parallel is not None:
-            self.data_parallel.average([t for estimates in new.values() for t in estimates.values()])
+            tensors = [t for estimates in new.values() for t in estimates.values()]
+            if tensors or mean is not None:
+                self.data_parallel.average(tensors + ([mean] if mean is not None else []))
+        return new, None if mean is None else float(mean)
+
+    def _fold_statistics(self, new: dict[str, dict[str, Tensor]], decay: float) -> None:
+        """Fold this step's (averaged) statistics into the moving averages."""
         for name, estimates in new.items():
             self.layers[name][1].update(estimates, decay)
-        self._pending, self._passes, self._outputs = {}, 0, []
 
     def _refresh_inverses(self, group: dict[str, Any]) -> None:
         """Eigendecompose the factors every ``inv_update_freq`` steps, and as soon as a new layer has statistics."""
@@ -452,25 +549,89 @@ class KFAC(torch.optim.Optimizer):
             blocks_mod.decompose(list(ready.values()))
         else:
             self.data_parallel.decompose(ready)
+        for name in ready:
+            self._scales.pop(name, None)
+        self._react_to_skips(group)
+
+    # ------------------------------------------------------------------------------------------------ safety
+    def _raise_damping(self, group: dict[str, Any], why: str) -> None:
+        """λ × ``damping_boost`` (×10 for the legacy rule), with a warning that says why."""
+        new = min(group["damping"] * (self.damping_boost or 10.0), self.max_damping)
+        warnings.warn(f"K-FAC {why}; raising damping from {group['damping']:.3g} to {new:.3g}", RuntimeWarning,
+                      stacklevel=user_stacklevel())
+        group["damping"] = new
+
+    def _react_to_skips(self, group: dict[str, Any]) -> None:
+        """Raise λ for the updates skipped since the last look (one host synchronisation)."""
         skipped = int(self._skipped.item())
         if skipped > self._skipped_seen:
-            new = min(group["damping"] * 10, self.max_damping)
-            warnings.warn(
-                f"K-FAC skipped {skipped - self._skipped_seen} non-finite update(s); raising damping "
-                f"from {group['damping']:.3g} to {new:.3g}", RuntimeWarning, stacklevel=user_stacklevel())
-            group["damping"] = new
+            self._raise_damping(group, f"skipped {skipped - self._skipped_seen} non-finite update(s) (or update(s) "
+                                       "that would have exploded the weights: max_update_ratio)")
             self._skipped_seen = skipped
 
-    def _natural_direction(self, params: list[Tensor], grads: list[Tensor], damping: float) -> list[Tensor]:
-        """Δ = −(F̂ + λI)⁻¹ g for K-FAC layers and −g for the fallback parameters."""
+    def _reject_last_update(self, group: dict[str, Any], value: float) -> bool:
+        """With a closure, look at the previous update as soon as the loss after it is known: True when it is
+        rejected (undone; this step's gradient, taken where it led, is then not used).
+
+        The loss is this batch's, the reference a running mean of the losses after accepted updates; the bound is
+        ``max(rejection_ratio × reference, first loss)``: a step that multiplied the loss *and* left the model worse
+        than where training started.  The second condition keeps late training, where a batch's loss can be
+        several times the running mean by noise alone, free of false rejections.  A non-finite loss rejects nothing (bad data gives one too): its non-finite update is
+        skipped.  Skipped updates raise λ here rather than at the next inverse refresh.  The legacy rule
+        (``damping_boost`` and ``rejection_ratio`` None) looks only at refreshes and Levenberg–Marquardt steps.
+        """
+        self._react_to_skips(group)
+        reference = self._loss_reference
+        deltas = [self.state[p].get("delta") for p in group["params"]]
+        if (self.rejection_ratio is not None and reference is not None and any(d is not None for d in deltas)
+                and math.isfinite(value) and value > max(self.rejection_ratio * reference, self._loss_initial)):
+            for p, delta in zip(group["params"], deltas):
+                if delta is not None:
+                    p.sub_(delta)
+                    del self.state[p]["delta"]
+            self.rejected_steps += 1
+            self._raise_damping(group, f"rejected an update that raised the loss to {value:.3g} (running mean "
+                                       f"{reference:.3g}, rejection_ratio {self.rejection_ratio})")
+            return True
+        if math.isfinite(value):
+            self._loss_reference = value if reference is None else 0.9 * reference + 0.1 * value
+            if self._loss_initial is None:
+                self._loss_initial = value
+        return False
+
+    def _curvature_scales(self) -> dict[str, float]:
+        """Each decomposed block's curvature scale (mean eigenvalue), computed once per decomposition."""
+        missing = [name for name, (_, b) in self.layers.items() if b.has_statistics and name not in self._scales]
+        if missing:
+            values = torch.stack([self.layers[n][1].curvature_scale().to(torch.float64) for n in missing]).tolist()
+            for name, value in zip(missing, values):
+                # a block whose curvature vanished is damped in absolute units
+                self._scales[name] = value if math.isfinite(value) and value > 0 else 1.0
+        return self._scales
+
+    def _damping_weights(self, params: list[Tensor]) -> Optional[list[float]]:
+        """The quadratic model's damping term per parameter: relative damping weighs each layer's ‖δ‖² by its
+        curvature scale (the fallback parameters by the mean scale); absolute damping is ``λ‖δ‖²`` (None)."""
+        if self.damping_scale != "relative":
+            return None
+        scales = self._curvature_scales()
+        default = sum(scales.values()) / len(scales) if scales else 1.0
+        return [scales.get(self._layer_of.get(id(p), ""), default) for p in params]
+
+    def _natural_direction(self, params: list[Tensor], grads: list[Tensor], damping: float,
+                           weight_decay: float) -> list[Tensor]:
+        """Δ = −(F̂ + λD + ηI)⁻¹ g for K-FAC layers and −g for the fallback parameters (D: each block's curvature
+        scale for relative damping, I for absolute)."""
         index = {id(p): i for i, p in enumerate(params)}
         direction = [-g for g in grads]
-        for helper, block in self.layers.values():
+        scales = self._curvature_scales() if self.damping_scale == "relative" else {}
+        for name, (helper, block) in self.layers.items():
             idx = [index.get(id(p)) for p in helper.params]
             if idx[0] is None or not block.has_statistics:
                 continue
             mat = helper.as_matrix([grads[i] if i is not None else None for i in idx])
-            pieces = helper.split(block.precondition(mat, damping, self.damping_mode))
+            block_damping = damping * scales.get(name, 1.0) + weight_decay
+            pieces = helper.split(block.precondition(mat, block_damping, self.damping_mode))
             for i, piece in zip(idx, pieces):
                 if i is not None:
                     direction[i] = -piece
@@ -480,7 +641,8 @@ class KFAC(torch.optim.Optimizer):
         """KL-clipping (norm constraint): a device scalar ≤ 1, or 1.0 when off."""
         if group["kl_clip"] is None:
             return 1.0
-        vg = -sum((d.float() * g.float()).sum() for d, g in zip(direction, grads)) * group["lr"] ** 2
+        products = torch._foreach_mul(direction, grads)
+        vg = -torch.stack([fisher.wide(t).sum() for t in products]).sum() * group["lr"] ** 2
         return torch.clamp(torch.sqrt(group["kl_clip"] / vg.abs().clamp_min(1e-30)), max=1.0)
 
     def _solve_step(
@@ -504,15 +666,22 @@ class KFAC(torch.optim.Optimizer):
         self._hooks_enabled = False
         try:
             return quadratic.build(self.model, self._last_inputs, self.loss, params, grads, dirs, weight_decay,
-                                   average=None if self.data_parallel is None else self.data_parallel.average)
+                                   average=None if self.data_parallel is None else self.data_parallel.average,
+                                   damping_weights=self._damping_weights(params))
         finally:
             self._hooks_enabled = True
 
     def _apply(self, params: list[Tensor], update: list[Tensor]) -> list[Tensor]:
-        """Add the update unless any entry is non-finite (decided on the device, no synchronisation); return what
-        was added, which is also the momentum for the next step."""
-        total = sum((u.float() ** 2).sum() for u in update)
+        """Add the update unless any entry is non-finite or ‖δ‖ > ``max_update_ratio`` ‖θ‖ (decided on the device,
+        no synchronisation); return what was added, which is also the momentum for the next step.
+
+        ‖θ‖² counts every entry as at least 1e-2 in RMS, so that weights initialised at zero can move.
+        """
+        total = torch.stack(torch._foreach_norm(update)).to(torch.float64).square().sum()
         finite = torch.isfinite(total)
+        if self.max_update_ratio is not None:
+            weights = torch.stack(torch._foreach_norm(params)).to(torch.float64).square().sum()
+            finite &= total <= self.max_update_ratio ** 2 * (weights + self._weight_floor)
         self._skipped += (~finite).long()
         applied = [torch.where(finite, u, torch.zeros_like(u)) for u in update]
         for p, safe in zip(params, applied):
@@ -550,15 +719,17 @@ class KFAC(torch.optim.Optimizer):
                                 for p, u in zip(params, update))
         actual = new_loss - old_loss + l2
         rho = actual / predicted if predicted < 0 else float("nan")
-        if not math.isfinite(new_loss) or actual > 0:
+        rejected = not math.isfinite(new_loss) or actual > 0
+        if rejected:
             # The update made this batch's objective worse (or non-finite): reject it. Parameters go back,
-            # momentum restarts, and the damping grows below.
+            # momentum restarts, and the damping grows below (at once by damping_boost).
             for p, u in zip(params, update):
                 p.sub_(u)
                 self.state[p].pop("delta", None)
+            self.rejected_steps += 1
         group["damping"] = quadratic.new_damping(
             group["damping"], rho, self.damping_adaptation_decay, self.damping_adaptation_interval,
-            self.min_damping, self.max_damping)
+            self.min_damping, self.max_damping, boost=self.damping_boost if rejected else None)
         self.last_rho = rho
 
     def _mean_over_ranks(self, *values: Union[Tensor, float]) -> list[float]:
@@ -659,6 +830,20 @@ def _validate(h: dict[str, Any], *, min_damping: float, max_damping: float) -> N
     if not (min_damping <= h["damping"] <= max_damping):
         raise ValueError(f"KFAC: damping {h['damping']!r} is outside [min_damping, max_damping] = "
                          f"[{min_damping}, {max_damping}]")
+
+
+DAMPING_SCALES = ("relative", "absolute")
+
+
+def _validate_safety(damping_scale: str, boost: Optional[float], max_update_ratio: Optional[float],
+                     rejection_ratio: Optional[float]) -> None:
+    if damping_scale not in DAMPING_SCALES:
+        raise ValueError(f"KFAC: damping_scale={damping_scale!r}: expected one of {', '.join(DAMPING_SCALES)}")
+    for name, value, low in (("damping_boost", boost, 1), ("max_update_ratio", max_update_ratio, 0),
+                             ("rejection_ratio", rejection_ratio, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= low):
+            raise ValueError(f"KFAC: {name} must be None (off) or a finite number > {low}, got {value!r}")
 
 
 def fisher_check(loss: str, fisher_type: str, damping_mode: str, stat_fraction: float, interval: int,

@@ -25,7 +25,7 @@ class QuadraticModel:
 
     grad_dots: list[float]  # gᵀ d_i
     curv: list[list[float]]  # d_iᵀ C d_j
-    sq: list[list[float]]  # d_iᵀ d_j (for the damping term)
+    sq: list[list[float]]  # d_iᵀ D d_j (the damping term; D = I for absolute damping)
 
     def solve(self, damping: float, fixed: dict[int, float]) -> list[float]:
         """Coefficients minimising ``M`` over the span of the directions; ``fixed`` pins some of them."""
@@ -71,19 +71,22 @@ def build(
     directions: list[list[Tensor]],
     weight_decay: float,
     average: Optional[Callable[[list[Tensor]], None]] = None,
+    damping_weights: Optional[list[float]] = None,
 ) -> QuadraticModel:
-    """Evaluate ``gᵀd``, ``dᵀCd`` and ``dᵀd`` for each direction (one JVP per direction).
+    """Evaluate ``gᵀd``, ``dᵀCd`` and ``dᵀDd`` for each direction (one JVP per direction).
 
     ``C`` is the GGN of the mean loss over ``inputs``, which may be the first examples of the batch only: an
     unbiased estimate of the whole batch's ``C`` at a fraction of the cost (``gᵀd`` uses the whole batch's
     gradient).  ``weight_decay`` η enters as the L2 term of the objective: ``C + η I``.  Under data parallelism ``average``
     (in place, over the ranks) turns this rank's ``dᵀCd`` into the combined batch's; ``gᵀd`` and ``dᵀd`` need
-    nothing, the gradients and directions being the same on every rank already.
+    nothing, the gradients and directions being the same on every rank already.  ``damping_weights`` (one per
+    parameter) make the damping term ``λ dᵀDd`` with ``D`` diagonal: relative damping damps each layer in units of
+    its own curvature scale; None is ``D = I``.
     """
     outputs, jvps = zip(*(_jvp(model, inputs, params, d) for d in directions))
     output = outputs[0]
     n = len(directions)
-    dot = lambda a, b: sum((x.float() * y.float()).sum() for x, y in zip(a, b))  # noqa: E731
+    dot = lambda a, b: sum((fisher.wide(x) * fisher.wide(y)).sum() for x, y in zip(a, b))  # noqa: E731
     grad_dots = torch.stack([dot(grads, d) for d in directions])
     sq = torch.stack([torch.stack([dot(directions[i], directions[j]) for j in range(n)]) for i in range(n)])
     curv = torch.stack(
@@ -92,6 +95,10 @@ def build(
     if average is not None:
         average([curv])
     curv = curv + weight_decay * sq
+    if damping_weights is not None:
+        weighted = lambda a, b: sum(w * (x.to(curv.dtype) * y.to(curv.dtype)).sum()  # noqa: E731
+                                    for w, x, y in zip(damping_weights, a, b))
+        sq = torch.stack([torch.stack([weighted(directions[i], directions[j]) for j in range(n)]) for i in range(n)])
     values = torch.cat([grad_dots, curv.flatten(), sq.flatten()]).double().cpu().tolist()  # one host sync
     grad_list = values[:n]
     curv_list = [values[n + i * n : n + (i + 1) * n] for i in range(n)]
@@ -106,12 +113,14 @@ def _jvp(
     names = {id(p): name for name, p in model.named_parameters()}
     primal = {names[id(p)]: p.detach() for p in params}
     tangents = {names[id(p)]: t.to(p.dtype) for p, t in zip(params, tangent)}
-    # Buffers are cloned so that batch-norm running statistics are not updated twice.
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    buffers = dict(model.named_buffers())
     args, kwargs = inputs
 
     def f(p: dict[str, Tensor]) -> Tensor:
-        out = functional_call(model, {**p, **buffers}, args, kwargs, strict=False)
+        # Buffers are cloned inside the transform, so that batch-norm's running statistics (and its in-place
+        # counter, which jvp refuses on a captured tensor) are not updated twice.
+        copies = {name: b.clone() for name, b in buffers.items()}
+        out = functional_call(model, {**p, **copies}, args, kwargs, strict=False)
         return out
 
     with torch.enable_grad():
@@ -120,11 +129,19 @@ def _jvp(
 
 
 def new_damping(
-    damping: float, rho: float, decay: float, interval: int, lower: float, upper: float
+    damping: float, rho: float, decay: float, interval: int, lower: float, upper: float,
+    boost: Optional[float] = None,
 ) -> float:
-    """Levenberg–Marquardt rule: shrink λ by ω = decay^interval when ρ > 3/4, grow it when ρ < 1/4."""
+    """Levenberg–Marquardt rule: shrink λ by ω = decay^interval when ρ > 3/4, grow it by 1/ω when ρ < 1/4.
+
+    With ``boost``, a step that made the objective worse (ρ < 0, or not finite) multiplies λ by ``boost`` at once:
+    the quadratic model was not trusted even in sign, and growing λ by 1/ω ≈ 1.3 per adaptation would take
+    dozens of adaptations to reach a λ that is orders of magnitude larger (M&G §6.5 start at λ = 150).
+    """
     omega = decay**interval
-    if not math.isfinite(rho) or rho < 0.25:
+    if boost is not None and (not math.isfinite(rho) or rho < 0):
+        damping = damping * boost
+    elif not math.isfinite(rho) or rho < 0.25:
         damping = damping / omega
     elif rho > 0.75:
         damping = damping * omega

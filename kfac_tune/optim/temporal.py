@@ -197,6 +197,11 @@ class TemporalBlock(FactorBlock):
             return None
         return [a[1], a[0].clamp_min(0), g[1], g[0].clamp_min(0), *lag]
 
+    def curvature_scale(self) -> Tensor:
+        """Mean eigenvalue of ``V₀ = A ⊗ G``: relative damping is relative to the same factors it damps."""
+        _, dA, _, dG, *_ = self.decomposition()
+        return dA.mean() * dG.mean()
+
     def precondition(self, grad: Tensor, damping: float, mode: str) -> Tensor:
         apply = self._cached(damping, self._operator)
         return apply(grad.to(self.dtype)).to(grad.dtype)
