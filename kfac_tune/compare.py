@@ -14,6 +14,7 @@ seconds?". Answering it fairly needs three things this module keeps:
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import statistics
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kfac_tune.config import Config, load_config
+from kfac_tune.files import write_atomic
 from kfac_tune.recipes import Recipe, RecipeError, check_architecture, load_recipe
 from kfac_tune.training import Diverged, Problem, TrainResult, preflight, train
 
@@ -190,9 +192,9 @@ def plot(comparison: Comparison, path: Path, title: str) -> Path:
         axes.grid(alpha=0.3)
     axes_steps.legend()
     figure.suptitle(f"{title}: mean ± std over {len(comparison.seeds)} seeds")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100, bbox_inches="tight")
+    return write_atomic(path, image.getvalue())
 
 
 def write_outputs(comparison: Comparison, directory: Path, stem: str) -> tuple[Path, Path]:
@@ -200,8 +202,7 @@ def write_outputs(comparison: Comparison, directory: Path, stem: str) -> tuple[P
     png = plot(comparison, directory / f"compare-{stem}.png", stem)
     data = {"metric": comparison.metric, "direction": comparison.direction, "target": comparison.target,
             "seeds": comparison.seeds, "recipes": comparison.rows()}
-    table = directory / f"compare-{stem}.json"
-    table.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    table = write_atomic(directory / f"compare-{stem}.json", json.dumps(data, indent=2) + "\n")
     return png, table
 
 

@@ -51,21 +51,32 @@ def test_read_only_directory_keeps_old_file(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
-def test_target_that_cannot_be_replaced_keeps_old_file(tmp_path: Path) -> None:
-    """os.replace onto a directory fails after the temp file was written: the temp file must go, the rest stay."""
-    target = tmp_path / "mlp.yaml"
-    target.mkdir()
-    (target / "keep").write_text("x")
-    with pytest.raises(RecipeError, match="unchanged"):
-        save_recipe(make_recipe(), target)
-    assert (target / "keep").read_text() == "x"
+@pytest.mark.parametrize("interruption", [OSError(18, "Invalid cross-device link"), KeyboardInterrupt()],
+                         ids=["rename fails", "ctrl-c at rename"])
+def test_target_that_cannot_be_replaced_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       interruption: BaseException) -> None:
+    """The rename fails (or Ctrl-C lands) after the temp file was written: the temp file must go, the old file
+    stay. The fault is injected at ``os.replace``, the one call between a complete temp file and the new name."""
+    import kfac_tune.files
+
+    path = save_recipe(make_recipe(0.5), tmp_path / "mlp.yaml")
+    before = path.read_bytes()
+
+    def blocked(*args: object) -> None:
+        raise interruption
+
+    monkeypatch.setattr(kfac_tune.files.os, "replace", blocked)
+    with pytest.raises(RecipeError if isinstance(interruption, OSError) else KeyboardInterrupt):
+        save_recipe(make_recipe(0.1), path)
+    assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.yaml"]
 
 
 def test_unserialisable_recipe_never_touches_the_file(tmp_path: Path) -> None:
     path = save_recipe(make_recipe(0.5), tmp_path / "mlp.yaml")
     before = path.read_bytes()
-    broken = make_recipe(0.1, fisher=object())  # pydantic accepts Any; YAML cannot represent it
+    recipe = make_recipe(0.1)  # validation refuses such a value; model_copy does not validate, YAML cannot dump it
+    broken = recipe.model_copy(update={"hyperparameters": {**recipe.hyperparameters, "fisher": object()}})
     with pytest.raises(RecipeError, match="cannot serialise"):
         save_recipe(broken, path)
     assert path.read_bytes() == before
@@ -73,10 +84,10 @@ def test_unserialisable_recipe_never_touches_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text, match", [
     ("", "expected a mapping"),
-    ("architecture: mlp\noptimizer: kfac\nhyperparameters: {lr: 0.1", "not valid YAML"),
+    ("architecture: mlp\noptimizer: kfac\nhyperparameters: {lr: 0.1", "valid YAML"),
     ("architecture: mlp\noptimizer: kfac\n", "incomplete"),
     ("- 1\n- 2\n", "expected a mapping"),
-    ("\x00\x01binary", "not valid YAML"),
+    ("\x00\x01binary", "valid YAML"),
 ])
 def test_corrupt_or_partial_file(tmp_path: Path, text: str, match: str) -> None:
     path = tmp_path / "bad.yaml"
