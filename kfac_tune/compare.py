@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kfac_tune.config import Config, load_config
+from kfac_tune.config import Config, ConfigError, load_config
 from kfac_tune.files import write_atomic
 from kfac_tune.recipes import Recipe, RecipeError, check_architecture, load_recipe
 from kfac_tune.training import Diverged, Problem, TrainResult, preflight, train
@@ -39,7 +39,16 @@ def bind_recipe(config: Path, recipe: Recipe, recipe_path: Path, *,
     """
     cfg = load_config(config, {"optimizer.name": recipe.optimizer, "optimizer.options": {}})
     hparams = {k: v for k, v in recipe.hyperparameters.items() if k != "loss"}
-    problem = preflight(cfg, hparams)
+    try:
+        problem = preflight(cfg, hparams)
+    except ConfigError as error:
+        # the config's optimizer.options were emptied above: what the optimizer refused is the recipe's
+        marker = ": optimizer.options: "
+        if marker not in str(error):
+            raise
+        found = str(error).split("; found ", 1)[-1].rstrip(".")
+        raise RecipeError(f"recipe {recipe_path}: hyperparameters: expected arguments accepted by "
+                          f"{recipe.optimizer}; found {found}") from None
     if not ignore_architecture:
         check_architecture(recipe, problem.architecture, problem.signature)
     if recipe.hyperparameters.get("loss", problem.loss) != problem.loss:

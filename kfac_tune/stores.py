@@ -27,12 +27,12 @@ def check_storage_url(url: str) -> None:
     try:
         parsed = make_url(url)
         dialect = parsed.get_dialect()
+    except NoSuchModuleError:  # before ArgumentError, its base class
+        raise StoreError(f"storage {shown}: unknown database kind {parsed.drivername!r}; expected e.g. "
+                         f"sqlite:///PATH or postgresql+psycopg2://USER@HOST/DB") from None
     except (ArgumentError, ValueError) as error:
         raise StoreError(f"storage {shown!r} is not a database URL ({error}); expected e.g. sqlite:///PATH or "
                          f"postgresql+psycopg2://USER@HOST/DB") from None
-    except NoSuchModuleError:
-        raise StoreError(f"storage {shown}: unknown database kind {parsed.drivername!r}; expected e.g. "
-                         f"sqlite:///PATH or postgresql+psycopg2://USER@HOST/DB") from None
     try:
         dialect.import_dbapi()
     except ImportError as error:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kfac_tune.search.study import display_url
+from kfac_tune.secrets import display_url
 from tests.faults.conftest import fault_config, fill, invoke, mlflow_store_of, remount_read_only, small_tmpfs, storage_of
 from tests.search_support import load_study
 
@@ -125,11 +125,3 @@ def test_the_ui_binds_loopback_unless_asked() -> None:
 
     assert next(p for p in ui.params if p.name == "host").default == "127.0.0.1"
     assert inspect.signature(serve_ui).parameters["host"].default == "127.0.0.1"
-
-
-def test_redact_masks_every_form_of_the_password() -> None:
-    from kfac_tune.search.study import redact, url_secrets
-
-    secrets = url_secrets("postgresql://u:p%40ss@db/x", "http://me:t0k3n@mlflow:5000", "sqlite:///a.db")
-    assert redact("storage: postgresql://u:p%40ss@db/x  # p@ss, token t0k3n", secrets) == \
-        "storage: postgresql://u:***@db/x  # ***, token ***"
