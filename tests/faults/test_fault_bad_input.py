@@ -63,12 +63,10 @@ def test_train_reports_recipe_errors_against_the_recipe(tmp_path: Path, edit: di
     assert "optimizer.options" not in result.output
 
 
-@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
-def test_train_and_recipe_find_refuse_special_recipe_files(tmp_path: Path, special: str) -> None:
-    if special == "fifo":
-        os.mkfifo(tmp_path / "pipe.yaml")
-        special = str(tmp_path / "pipe.yaml")
-    result = invoke("train", str(EXAMPLE), "--recipe", special)
+def test_train_and_recipe_find_refuse_special_recipe_files(tmp_path: Path) -> None:
+    """A FIFO (endless devices are read in a memory-limited child by tests/test_recipes.py)."""
+    os.mkfifo(tmp_path / "pipe.yaml")
+    result = invoke("train", str(EXAMPLE), "--recipe", str(tmp_path / "pipe.yaml"))
     assert result.exit_code == 2, result.output
     assert "not a regular file" in result.output
     assert_one_paragraph(result.output)
