@@ -7,9 +7,12 @@ unreachable), 2 bad input (the model YAML, a recipe, a study name; printed as on
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Callable
+import math
+import shlex
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,8 +54,25 @@ format_option = click.option("-f", "--format", "output_format", type=click.Choic
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"Error: {message}", err=True)
+    """The one way a command ends in error: the message with every credential masked, then exit ``code``."""
+    from kfac_tune.secrets import mask
+
+    click.echo(f"Error: {mask(message)}", err=True)
     raise SystemExit(code)
+
+
+def _command(*words: object) -> str:
+    """A command line to print for the user to paste: every word shell-quoted (a config named ``a; rm x`` is one
+    argument, not two commands), credentials masked."""
+    from kfac_tune.secrets import mask
+
+    return " ".join(shlex.quote(mask(str(word))) for word in words)
+
+
+def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"expected a finite number of seconds > 0, found {value}")
+    return value
 
 
 def handle_errors(command: F) -> F:
@@ -61,11 +81,13 @@ def handle_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from kfac_tune.config import ConfigError
+        from kfac_tune.files import FileError
         from kfac_tune.recipes import RecipeError
+        from kfac_tune.stores import StoreError
 
         try:
             return command(*args, **kwargs)
-        except (ConfigError, RecipeError, StudyNotFound) as error:
+        except (ConfigError, RecipeError, StudyNotFound, FileError, StoreError) as error:
             _fail(str(error), EXIT_BAD_INPUT)
         except KeyboardInterrupt:
             _fail("interrupted.", EXIT_INTERRUPTED)
@@ -135,7 +157,7 @@ Re-running the same command resumes the study until the budget is reached.""")
 @click.option("--trials", type=click.IntRange(1, 1_000_000), metavar="N",
               help="Finished trials (complete + pruned) the study should reach, counting earlier runs and all "
                    "workers. Default: the config's search.trials.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+@click.option("--timeout", type=float, callback=_finite_seconds, metavar="S",
               help="Start no new trial after S seconds. Default: the config's search.timeout (none).")
 @study_option
 @storage_option
@@ -164,11 +186,15 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     overrides = {key: value for key, value in {"optimizer.name": optimizer, "tracking.uri": tracking_uri,
                                                "search.warm_start": warm_start or None}.items() if value is not None}
     cfg = load_config(config, overrides)
-    from kfac_tune.search import prepare_search  # after validation: a bad file is reported before torch loads
-    from kfac_tune.search.study import display_url
+    from kfac_tune.secrets import display_url
+    from kfac_tune.stores import check_distinct_stores, check_storage_url
 
     name = study_name or cfg.stem
     storage_url = storage or cfg.storage
+    check_storage_url(storage_url)
+    check_distinct_stores(storage_url, cfg.tracking.uri if cfg.tracking.enabled and not no_tracking else None)
+    from kfac_tune.search import prepare_search  # after validation: a bad file is reported before torch loads
+
     prepared = prepare_search(cfg, trials=trials, timeout=timeout, study_name=name, storage=storage_url, jobs=jobs,
                               tracking=False if no_tracking else None, recipe_path=output, recipe_dirs=recipes_dirs)
     console = Console(stderr=True)
@@ -181,11 +207,12 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     if len(cfg.objectives) > 1 and cfg.search.pruner.name != "none":
         console.print(f"[yellow]note[/]: the {cfg.search.pruner.name} pruner is off: Optuna prunes single-objective "
                       "studies only (diverged trials are still pruned)")
-    with SearchDisplay(console, prepared.spec.budget, cfg.training.metric) as display:
+    with _second_interrupt_ignored(), SearchDisplay(console, prepared.spec.budget, cfg.training.metric) as display:
         display.update(prepared.study)
         outcome = prepared.run(on_progress=display.update)
         display.update(outcome.study)
-    resume = f"kfac-tune search {config} --study {name}" + (f" --storage {display_url(storage_url)}" if storage else "")
+    storage_words = ("--storage", storage_url) if storage else ()
+    resume = _command("kfac-tune", "search", config, "--study", name, *storage_words)
     if outcome.interrupted:
         _fail(f"interrupted: the running trial was marked failed; completed trials are kept in "
               f"{display_url(storage_url)}. Resume with: {resume}", EXIT_INTERRUPTED)
@@ -196,8 +223,8 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
                        output_format):
         output_console().print(trials_table(rows[:10], cfg.training.metric, title=f"study {name}: best trials"))
     if recipe_path is None:
-        _fail(f"no trial completed, so no recipe was written. Inspect failures with: kfac-tune show --study {name}"
-              + (f" --storage {display_url(storage_url)}" if storage else ""), 1)
+        _fail(f"no trial completed, so no recipe was written. Inspect failures with: "
+              f"{_command('kfac-tune', 'show', '--study', name, *storage_words)}", 1)
     if output_format == "table":
         click.echo(f"best recipe written to {recipe_path}")
 
@@ -274,7 +301,7 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_for
     from rich.table import Table
 
     from kfac_tune.display import output_console
-    from kfac_tune.recipes import load_recipe
+    from kfac_tune.recipes import RecipeError, load_recipe
 
     recipe = load_recipe(recipe_path)
     from kfac_tune.compare import bind_recipe
@@ -287,8 +314,16 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_for
                                                                                          problem.steps)):
         if theirs != ours:
             console.print(f"[yellow]note[/]: the recipe was tuned with {what} {theirs}, {config} uses {ours}")
+    from kfac_tune.training import Diverged
+
     with console.status(f"training {problem.architecture} with {recipe.optimizer} for {problem.steps} steps"):
-        result = train_once(cfg, hparams, test=True)
+        try:
+            result = train_once(cfg, hparams, test=True)
+        except Diverged as error:
+            raise RecipeError(f"recipe {recipe_path} does not train {config}'s workload: {error}. Its "
+                              f"hyperparameters were tuned for batch size {tuned.batch_size} and {tuned.steps} "
+                              f"steps on {tuned.dataset}; tune them for this workload (kfac-tune search "
+                              f"{shlex.quote(str(config))} --warm-start)") from None
     summary = {"metric": result.metric, "value": result.value, "best": result.best, "recipe_value": recipe.result.value,
                "test": result.test, "recipe_test_value": recipe.result.test_value,
                "final": result.final, "steps": result.steps, "step_time_s": result.step_time,
@@ -339,7 +374,12 @@ def compare(config: Path, recipe_paths: tuple[Path, ...], seeds: int, output_dir
     from kfac_tune.config import load_config
     from kfac_tune.display import comparison_table, output_console
 
+    from kfac_tune.files import check_writable_directory, writable_target
+
     cfg = load_config(config, {"tracking.uri": tracking_uri} if tracking_uri else None)
+    check_writable_directory(output_dir)  # before the training, not after it
+    for suffix in (".png", ".json"):
+        writable_target(output_dir / f"compare-{cfg.stem}{suffix}")
     console = Console(stderr=True)
     with console.status("comparing") as status:
         result = run_comparison(config, recipe_paths, seeds, ignore_architecture=ignore_architecture,
@@ -447,14 +487,42 @@ def _warn_incomplete_tracking(tracking_uri: str | None, study_name: str, storage
     study is complete, its MLflow record is not, and the user should know which is which."""
     if tracking_uri is None:
         return
-    from kfac_tune.search.study import display_url
+    from kfac_tune.secrets import display_url
     from kfac_tune.tracking import given_up
 
     failed = given_up()
     if failed:
         click.echo(f"Warning: MLflow tracking at {display_url(tracking_uri)} failed for {len(failed)} call(s) "
                    f"(first: {failed[0]}); the runs of study {study_name} are incomplete in MLflow, but every "
-                   f"trial is kept in {display_url(storage_url)} (kfac-tune show --study {study_name}).", err=True)
+                   f"trial is kept in {display_url(storage_url)} ({_command('kfac-tune', 'show', '--study', study_name)}).",
+                   err=True)
+
+
+@contextlib.contextmanager
+def _second_interrupt_ignored() -> Iterator[None]:
+    """Let the first Ctrl-C interrupt the search and ignore the ones after it.
+
+    The first one makes Optuna fail the running trial and the command print how to resume; a second one a moment
+    later would land inside that clean-up (Optuna's ``tell``, the storage's commit) and end the command with
+    Optuna's traceback, or skip the resume message. Once interrupted, SIGINT stays ignored until the process
+    exits.
+    """
+    import signal
+
+    interrupted = False
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # in the kernel: holds through interpreter shutdown too
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        if not interrupted:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _print_data(data: Any, output_format: str) -> bool:
@@ -472,12 +540,15 @@ def _load_study(study_name: str | None, storage: str | None) -> Any:
     """Load ``study_name`` (or the storage's only study) without touching heartbeats or samplers."""
     import optuna
 
-    from kfac_tune.search.study import display_url, quiet
+    from kfac_tune.search.study import quiet
+    from kfac_tune.secrets import display_url
+    from kfac_tune.stores import check_storage_url
 
     quiet()
     url = storage or DEFAULT_STORAGE
+    check_storage_url(url)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        raise StudyNotFound(f"no storage at {url}: run `kfac-tune search CONFIG` first, or pass --storage")
+        raise StudyNotFound(f"no storage at {display_url(url)}: run `kfac-tune search CONFIG` first, or pass --storage")
     names = optuna.get_all_study_names(storage=url)
     if study_name is None:
         if len(names) != 1:

@@ -14,6 +14,7 @@ seconds?". Answering it fairly needs three things this module keeps:
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import statistics
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kfac_tune.config import Config, load_config
+from kfac_tune.config import Config, ConfigError, load_config
+from kfac_tune.files import write_atomic
 from kfac_tune.recipes import Recipe, RecipeError, check_architecture, load_recipe
 from kfac_tune.training import Diverged, Problem, TrainResult, preflight, train
 
@@ -38,7 +40,16 @@ def bind_recipe(config: Path, recipe: Recipe, recipe_path: Path, *,
     searched = {"data.batch_size": recipe.training.batch_size} if "batch_size" in recipe.searched else {}
     cfg = load_config(config, {"optimizer.name": recipe.optimizer, "optimizer.options": {}, **searched})
     hparams = {k: v for k, v in recipe.hyperparameters.items() if k != "loss"}
-    problem = preflight(cfg, hparams)
+    try:
+        problem = preflight(cfg, hparams)
+    except ConfigError as error:
+        # the config's optimizer.options were emptied above: what the optimizer refused is the recipe's
+        marker = ": optimizer.options: "
+        if marker not in str(error):
+            raise
+        found = str(error).split("; found ", 1)[-1].rstrip(".")
+        raise RecipeError(f"recipe {recipe_path}: hyperparameters: expected arguments accepted by "
+                          f"{recipe.optimizer}; found {found}") from None
     if not ignore_architecture:
         check_architecture(recipe, problem.architecture, problem.signature)
     if recipe.hyperparameters.get("loss", problem.loss) != problem.loss:
@@ -200,9 +211,9 @@ def plot(comparison: Comparison, path: Path, title: str) -> Path:
         axes.grid(alpha=0.3)
     axes_steps.legend()
     figure.suptitle(f"{title}: mean ± std over {len(comparison.seeds)} seeds")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100, bbox_inches="tight")
+    return write_atomic(path, image.getvalue())
 
 
 def write_outputs(comparison: Comparison, directory: Path, stem: str) -> tuple[Path, Path]:
@@ -210,8 +221,7 @@ def write_outputs(comparison: Comparison, directory: Path, stem: str) -> tuple[P
     png = plot(comparison, directory / f"compare-{stem}.png", stem)
     data = {"metric": comparison.metric, "direction": comparison.direction, "target": comparison.target,
             "seeds": comparison.seeds, "recipes": comparison.rows()}
-    table = directory / f"compare-{stem}.json"
-    table.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    table = write_atomic(directory / f"compare-{stem}.json", json.dumps(data, indent=2) + "\n")
     return png, table
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from kfac_tune.catalog import LOSSES, OPTIMIZERS
 
@@ -37,6 +38,8 @@ MAX_STEPS = 10**9
 MAX_NODES = 100_000  # scalars, lists and mappings after alias expansion; a real config has a few hundred
 MAX_BOUND = 1e15  # a search-space bound beyond this is a typo, not a hyperparameter
 CALLABLE_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+STORED = "stored"  # validation context key: the config comes from a storage, so its callables are not imported
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
 
 
 class ConfigError(ValueError):
@@ -79,6 +82,15 @@ def import_callable(reference: str) -> Any:
     return target
 
 
+def check_tracking_uri(uri: str) -> None:
+    """Raise ``ValueError`` unless ``uri`` is an MLflow store kfac-tune supports (see ``TRACKING_SCHEMES``)."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES or (scheme == "sqlite" and not uri.startswith("sqlite:///")):
+        raise ValueError("expected an MLflow tracking URI: sqlite:///PATH (a local store), http(s)://HOST:PORT (a "
+                         "server, e.g. `kfac-tune ui`) or a database URL such as postgresql://USER@HOST/DB; plain "
+                         "paths and file:// stores are not supported")
+
+
 def _check_known(kind: str, name: str, known: Mapping[str, Any]) -> str:
     if name not in known:
         hint = difflib.get_close_matches(name, list(known), n=1)
@@ -101,8 +113,13 @@ class _Buildable(_Named):
 
     @field_validator("callable")
     @classmethod
-    def _importable(cls, reference: str | None) -> str | None:
-        if reference is not None:
+    def _importable(cls, reference: str | None, info: ValidationInfo) -> str | None:
+        if reference is None:
+            return None
+        if (info.context or {}).get(STORED):  # data read back from a storage: checked, never imported
+            if not CALLABLE_PATTERN.match(reference):
+                raise ValueError("expected 'package.module:function' (a module path, a colon, a function name)")
+        else:
             import_callable(reference)
         return reference
 
@@ -356,6 +373,14 @@ class TrackingConfig(_Section):
     uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None
 
+    @field_validator("uri")
+    @classmethod
+    def _known_store(cls, uri: str) -> str:
+        """Only stores the CLI can create, serve and check: a plain path or ``file://`` would make MLflow's
+        deprecated file store, an unknown scheme a plugin lookup failing deep inside MLflow."""
+        check_tracking_uri(uri)
+        return uri
+
 
 class Config(_Section):
     """A whole model YAML. ``source`` is the file it came from (``None`` when built in code)."""
@@ -460,22 +485,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     applied before validation, so a bad override is reported like a bad file entry."""
     path = Path(path)
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{source}: cannot read the file ({type(error).__name__}: {error}).") from None
-    try:
-        node = yaml.compose(text, Loader=_Loader)
-        nodes = _expanded_size(node, {})
-        if nodes > MAX_NODES:
-            raise ConfigError(f"{source}: expected a config of at most {MAX_NODES:,} values once YAML aliases are "
-                              f"expanded; found {nodes:,} (an alias bomb?).")
-        raw = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as error:
-        raise ConfigError(_yaml_problem(source, error)) from None
-    except (ValueError, OverflowError, RecursionError) as error:  # e.g. a timestamp PyYAML cannot represent
-        raise ConfigError(f"{source}: the YAML could not be read ({type(error).__name__}: {error}).") from None
-    lines = _line_map(node)
+    raw, lines = read_yaml(path)
     if raw is None:
         raise ConfigError(f"{source}: the file is empty; expected a mapping with sections such as model, data, "
                           "training, search (see examples/digits_mlp.yaml).")
@@ -493,6 +503,69 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     config._source, config._lines = source, lines
     config.check_objectives()
     return config
+
+
+def stored_config(data: Any, where: str) -> Config:
+    """A config read back from a storage (a study's ``config`` attribute): validated as data, its callables
+    checked for form but never imported, since whoever can write to a shared study could name any module."""
+    try:
+        return Config.model_validate(data, context={STORED: True})
+    except ValidationError as error:
+        raise _pydantic_problem(where, error, {}) from None
+
+
+def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
+    """The document in the YAML file ``path`` and its field -> line map, read safely.
+
+    Refuses (``ConfigError``, one paragraph naming the file) what cannot be a config or recipe: a special file or
+    one over ``files.MAX_YAML_BYTES``, binary content, a syntax error, a key given twice in one mapping (YAML
+    would silently keep the second ``training:`` section), an alias bomb.
+    """
+    from kfac_tune.files import FileError, read_text
+
+    source = str(path)
+    try:
+        text = read_text(path)
+    except FileError as error:
+        raise ConfigError(f"{error}.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{source}: cannot read the file ({type(error).__name__}: {error}).") from None
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        nodes = _expanded_size(node, {})
+        if nodes > MAX_NODES:
+            raise ConfigError(f"{source}: expected a config of at most {MAX_NODES:,} values once YAML aliases are "
+                              f"expanded; found {nodes:,} (an alias bomb?).")
+        _check_unique_keys(source, node, set())
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_problem(source, error)) from None
+    except (ValueError, OverflowError, RecursionError) as error:  # e.g. a timestamp PyYAML cannot represent
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"{source}: the YAML could not be read ({type(error).__name__}: {error}).") from None
+    return raw, _line_map(node)
+
+
+def _check_unique_keys(source: str, node: yaml.Node | None, seen: set[int]) -> None:
+    """Refuse a mapping that names a key twice, with both lines (merge keys ``<<`` excepted)."""
+    if node is None or id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if key.value in first:
+                    raise ConfigError(f"{source} line {line}: key {key.value!r} is given twice (first on line "
+                                      f"{first[key.value]}); expected each key once (YAML would silently keep only "
+                                      f"the second).")
+                first[key.value] = line
+            _check_unique_keys(source, value, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(source, item, seen)
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -12,8 +12,7 @@ import contextlib
 import datetime as dt
 import importlib.metadata
 import math
-import os
-import tempfile
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kfac_tune import catalog
-from kfac_tune.config import Config
+from kfac_tune.config import Config, ConfigError, read_yaml, stored_config
+from kfac_tune.files import FileError, write_atomic
 
 if TYPE_CHECKING:
     import optuna
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 RECIPE_FORMAT = 1
 DEFAULT_DIRECTORY = Path("recipes")
 SHIPPED_DIRECTORY = Path(__file__).resolve().parents[1] / "recipes"  # the checkout's recipes/, when run from one
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 
 
 class RecipeError(ValueError):
@@ -100,38 +101,139 @@ class Recipe(_Strict):
     def _known_optimizer(cls, name: str) -> str:
         return catalog.optimizer(name).name
 
+    @field_validator("format")
+    @classmethod
+    def _readable_format(cls, version: int) -> int:
+        if version != RECIPE_FORMAT:
+            newer = " (written by a newer kfac-tune?)" if version > RECIPE_FORMAT else ""
+            raise ValueError(f"expected format {RECIPE_FORMAT}, the recipe format this kfac-tune reads; found "
+                             f"{version}{newer}")
+        return version
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _usable_hyperparameters(cls, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+        check_hyperparameters(hyperparameters)
+        return hyperparameters
+
+
+# What a recipe's numbers must be, whatever the optimizer: name -> (kind, low, high, low inclusive, high inclusive).
+# Names not listed must still be finite scalars (or lists/mappings of them); the optimizer's constructor judges
+# the rest when the recipe is used.
+_NUMBER, _INTEGER, _FLAG, _TEXT = "a number", "an integer", "true or false", "a string"
+_RULES: dict[str, tuple[str, float, float, bool, bool]] = {
+    "lr": (_NUMBER, 0, math.inf, False, False),
+    "damping": (_NUMBER, 0, math.inf, False, False),
+    "min_damping": (_NUMBER, 0, math.inf, False, False),
+    "max_damping": (_NUMBER, 0, math.inf, False, False),
+    "momentum": (_NUMBER, 0, 1, True, True),
+    "factor_decay": (_NUMBER, 0, 1, False, True),
+    "damping_adaptation_decay": (_NUMBER, 0, 1, False, True),
+    "stat_fraction": (_NUMBER, 0, 1, False, True),
+    "weight_decay": (_NUMBER, 0, math.inf, True, False),
+    "kl_clip": (_NUMBER, 0, math.inf, False, False),
+    "beta1": (_NUMBER, 0, 1, True, False),
+    "beta2": (_NUMBER, 0, 1, True, False),
+    "eps": (_NUMBER, 0, math.inf, False, False),
+    "dampening": (_NUMBER, 0, 1, True, True),
+    "inv_update_freq": (_INTEGER, 1, math.inf, True, False),
+    "cov_update_freq": (_INTEGER, 1, math.inf, True, False),
+    "damping_adaptation_interval": (_INTEGER, 1, math.inf, True, False),
+    "nesterov": (_FLAG, 0, 0, True, True),
+    "adaptive_damping": (_FLAG, 0, 0, True, True),
+    "adaptive_lr": (_FLAG, 0, 0, True, True),
+    "adaptive_momentum": (_FLAG, 0, 0, True, True),
+    "loss": (_TEXT, 0, 0, True, True),
+    "fisher": (_TEXT, 0, 0, True, True),
+    "damping_mode": (_TEXT, 0, 0, True, True),
+}
+_OPTIONAL = {"kl_clip"}  # null means "off"
+
+
+def check_hyperparameters(hyperparameters: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first hyperparameter that no optimizer could use: a recipe must never rank
+    first in ``recipe find`` or seed a warm start with a NaN, a negative learning rate or ``lr: true``."""
+    if "lr" not in hyperparameters:
+        raise ValueError("expected the optimizer's hyperparameters, at least lr (the learning rate)")
+    for name, value in hyperparameters.items():
+        try:
+            _check_value(name, value)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+
+
+def _check_value(name: str, value: Any) -> None:
+    if value is None and name in _OPTIONAL:
+        return
+    rule = _RULES.get(name)
+    if rule is None:
+        _check_finite(value)
+        return
+    kind, low, high, low_in, high_in = rule
+    if kind == _FLAG:
+        ok = isinstance(value, bool)
+    elif kind == _TEXT:
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            (kind == _NUMBER or float(value).is_integer())
+    if not ok:
+        raise ValueError(f"expected {kind}, found {value!r}")
+    if kind in (_NUMBER, _INTEGER):
+        below = value < low or (value == low and not low_in)
+        above = value > high or (value == high and not high_in)
+        if not math.isfinite(value) or below or above:
+            interval = ("[" if low_in else "(") + f"{low:g}, {high:g}" + ("]" if high_in else ")")
+            raise ValueError(f"expected a finite number in {interval}, found {value!r}")
+
+
+def _check_finite(value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, found {value!r}")
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_finite(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_finite(item)
+    elif not isinstance(value, (bool, int, float, str, dict, list)) and value is not None:
+        raise ValueError(f"expected a number, a string or true/false, found {value!r}")
+
 
 # --------------------------------------------------------------------------------------------- read / write
 
 
-def default_path(architecture: str, directory: Path = DEFAULT_DIRECTORY) -> Path:
-    return directory / f"{architecture}.yaml"
+def default_path(name: str, directory: Path = DEFAULT_DIRECTORY) -> Path:
+    """``<directory>/<name>.yaml``; ``name`` (read from a study, which anyone with access to a shared storage may
+    have written) must be a plain name, so the file lands in ``directory`` and nowhere else."""
+    check_name(name, "architecture")
+    return directory / f"{name}.yaml"
+
+
+def check_name(name: str, what: str) -> str:
+    """Refuse a ``name`` that would leave the directory it is joined to (separators, ``..``, a leading dot)."""
+    if not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
+        raise RecipeError(f"the study's {what} {name!r} cannot name a recipe file: expected letters, digits, '_', "
+                          f"'-' and '.', starting with a letter, digit or '_' (at most 128 characters); pass -o PATH")
+    return name
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:
-    """Write ``recipe`` to ``path`` atomically: on any failure the previous file, if any, is left untouched."""
+    """Write ``recipe`` to ``path`` atomically (``files.write_atomic``): on any failure the previous file, if any,
+    is left untouched. Returns the path written (a symlink's target)."""
     path = Path(path)
     try:
         text = _header(recipe) + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     except (yaml.YAMLError, ValueError, TypeError) as error:
         raise RecipeError(f"cannot serialise the recipe for {recipe.architecture!r}: {error}") from None
-    temp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        return write_atomic(path, text)
+    except FileError as error:
+        raise RecipeError(f"cannot write recipe: {error}; nothing was written") from None
     except OSError as error:
-        if temp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
         raise RecipeError(
             f"cannot write recipe {path} ({error.strerror or error}); any previous file there is unchanged"
         ) from None
-    return path
 
 
 def _header(recipe: Recipe) -> str:
@@ -144,14 +246,13 @@ def _header(recipe: Recipe) -> str:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe; a missing, corrupt, truncated or foreign file raises ``RecipeError`` naming the problem."""
+    """Read a recipe; a missing, corrupt, truncated, special or foreign file raises ``RecipeError`` naming the
+    problem (the field, for a bad value)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise RecipeError(f"cannot read recipe {path}: {error.strerror or error}") from None
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise RecipeError(f"recipe {path} is not valid YAML (corrupt or truncated?): {_first_line(error)}") from None
+        raw, _ = read_yaml(path)
+    except ConfigError as error:
+        raise RecipeError(f"recipe {error}") from None  # the message starts with the path
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} is not a kfac-tune recipe: expected a mapping, found {type(raw).__name__}")
     try:
@@ -159,8 +260,12 @@ def load_recipe(path: str | Path) -> Recipe:
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "value_error" and where == "hyperparameters" and ":" in message:
+            name, message = message.split(": ", 1)
+            where = f"hyperparameters.{name}"
         raise RecipeError(
-            f"recipe {path} is incomplete or invalid (a partial write or a hand edit?): {where}: {first['msg']}"
+            f"recipe {path} is incomplete or invalid (a partial write or a hand edit?): {where}: {message}"
             + (f" ({error.error_count() - 1} more)" if error.error_count() > 1 else "")
         ) from None
 
@@ -173,10 +278,6 @@ def _pin_conventions(recipe: Recipe) -> Recipe:
 
         recipe.hyperparameters = KFAC.stored_arguments(recipe.hyperparameters)
     return recipe
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def check_architecture(recipe: Recipe, architecture: str, signature: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ turned into a logged warning.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
 import json
@@ -168,9 +169,15 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10) -> None:
     """
     if not _is_http(tracking_uri):
         return
-    url = tracking_uri.rstrip("/") + "/health"
+    from kfac_tune.secrets import display_url, url_credentials
+
+    base, credentials = url_credentials(tracking_uri)  # urllib cannot take user:pw@ in the URL; MLflow's client
+    request = urllib.request.Request(base.rstrip("/") + "/health")  # sends it as basic auth, and so do we
+    if credentials is not None:
+        token = base64.b64encode(":".join(credentials).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             if response.status == 200:
                 return
             problem = f"HTTP {response.status}"
@@ -179,7 +186,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10) -> None:
     except (urllib.error.URLError, OSError) as err:
         problem = str(getattr(err, "reason", err))
     raise TrackingUnavailable(
-        f"MLflow tracking server {tracking_uri} is not reachable ({problem}); start it "
+        f"MLflow tracking server {display_url(tracking_uri)} is not reachable ({problem}); start it "
         f"(kfac-tune ui / mlflow server) or pass a sqlite:/// tracking URI."
     )
 

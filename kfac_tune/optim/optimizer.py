@@ -754,13 +754,11 @@ class KFAC(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("kfac", None)
+        if extra is not None:  # check before loading anything: a half-loaded optimizer fails only at its next step
+            _check_same_layers(self.layers, extra["blocks"])
         super().load_state_dict(state_dict)
         if extra is None:
             return
-        missing = set(self.layers) - set(extra["blocks"])
-        if missing:
-            raise ValueError(f"KFAC state has no factors for layers {sorted(missing)}: it was saved for "
-                             "another model")
         self._steps = extra["steps"]
         self._skipped = extra["skipped"].to(self._skipped.device)
         self._skipped_seen = extra["skipped_seen"]
@@ -768,6 +766,32 @@ class KFAC(torch.optim.Optimizer):
             self._generator.set_state(extra["generator"])
         for name, (_, block) in self.layers.items():
             block.load_state_dict(extra["blocks"][name])
+
+
+def _check_same_layers(layers: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``saved`` (a state dict's blocks) holds the same layers with the same factor
+    shapes as ``layers``: a state saved for another architecture must fail at load, naming the difference."""
+    if set(layers) != set(saved):
+        missing, extra = sorted(set(layers) - set(saved)), sorted(set(saved) - set(layers))
+        raise ValueError(f"KFAC state was saved for another model: layers missing from it {missing}, layers the "
+                         f"model lacks {extra}")
+    for name, (_, block) in layers.items():
+        ours, theirs = _tensor_shapes(block.state_dict()), _tensor_shapes(saved[name])
+        for key in ours.keys() & theirs.keys():
+            if ours[key] != theirs[key]:
+                raise ValueError(f"KFAC state was saved for another model: layer {name!r} factor {key} has shape "
+                                 f"{list(theirs[key])} in the state, {list(ours[key])} in this model")
+
+
+def _tensor_shapes(state: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """``path -> shape`` of every tensor in a nested block state (dicts, lists, tensors, None)."""
+    if isinstance(state, Tensor):
+        return {prefix or "(tensor)": tuple(state.shape)}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, value in items:
+        shapes.update(_tensor_shapes(value, f"{prefix}.{key}" if prefix else str(key)))
+    return shapes
 
 
 def _first_examples(args: tuple[Any, ...], kwargs: dict[str, Any], fraction: float

@@ -24,7 +24,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kfac_tune.config import TIME_OBJECTIVE, Config
+from kfac_tune.config import TIME_OBJECTIVE, Config, stored_config
 from kfac_tune.search.space import optimizer_arguments, with_training
 
 PICK_PATTERN = re.compile(r"^(best|fastest-within=(\d+(?:\.\d*)?)%)$")
@@ -113,11 +113,12 @@ def choose(study: optuna.Study, pick: Pick) -> FrozenTrial:
 
 def study_config(study: optuna.Study) -> Config:
     """The config a study was searched with, as recorded. A study from before validation splits (no ``split``
-    attribute) selected on the test split: its config is read with ``data.validation: 0``, as it ran."""
+    attribute) selected on the test split: its config is read with ``data.validation: 0``, as it ran. Read as
+    data: its callables are never imported (``config.stored_config``)."""
     raw = study.user_attrs["config"]
     if "split" not in study.user_attrs:
         raw = {**raw, "data": {**raw.get("data", {}), "validation": raw.get("data", {}).get("validation", 0)}}
-    return Config.model_validate(raw)
+    return stored_config(raw, f"the config stored with study {study.study_name!r}")
 
 
 def test_metrics(study: optuna.Study, trial: FrozenTrial, cfg: Config | None = None) -> dict[str, float]:

@@ -15,7 +15,6 @@ Rules this module keeps (docs/tuning-tools.md §0, §1.2, §1.6):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -36,6 +35,7 @@ from kfac_tune.recipes import Match, Recipe, export_best, versions
 from kfac_tune.search.objective import Objective, open_tracker, release_after_failure
 from kfac_tune.search.space import build_space, describe, optimizer_arguments, suggest, warm_starts, with_training
 from kfac_tune.search.warm import recipe_point, warm_start_match
+from kfac_tune.secrets import display_url, mask, mask_data
 from kfac_tune.training import Problem, preflight
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -53,41 +53,6 @@ class SearchOutcome:
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-
-
-def display_url(url: str) -> str:
-    """The storage URL with any password masked: for messages, tags and logs."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL: show it as given (it cannot hold a password we could parse)
-        return url
-
-
-def url_secrets(*urls: str) -> list[str]:
-    """The passwords in ``urls`` (as written, and percent-encoded as a URL would carry them)."""
-    import urllib.parse
-
-    from sqlalchemy.engine import make_url
-
-    found: set[str] = set()
-    for url in urls:
-        try:
-            password = make_url(url).password
-        except Exception:  # not an SQLAlchemy URL (an MLflow http://user:pw@host URI, say)
-            password = urllib.parse.urlsplit(url).password if "://" in url else None
-        if password:
-            found.update({str(password), urllib.parse.quote(str(password), safe="")})
-    return sorted(found, key=len, reverse=True)
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    """``text`` with every secret replaced by ``***``: for what the study records about its config (the storage
-    holds the user attributes, MLflow the YAML), which may name a database URL with its password."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 def make_storage(url: str, cfg: Config) -> optuna.storages.RDBStorage:
@@ -190,9 +155,9 @@ def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem,
             f"original file."
         )
     if recorded is None:
-        secrets = url_secrets(storage_url, cfg.storage, cfg.tracking.uri)
         attrs = {
-            "config": json.loads(redact(json.dumps(cfg.model_dump(mode="json", by_alias=True)), secrets)),
+            "config": mask_data(cfg.model_dump(mode="json", by_alias=True), storage_url, cfg.storage,
+                                cfg.tracking.uri),
             "config_hash": cfg.fingerprint(),
             "optimizer": cfg.optimizer.name,
             "architecture": problem.architecture,
@@ -538,6 +503,6 @@ def _artifacts(cfg: Config, space: dict[str, Any], storage_url: str) -> dict[str
     config_text = Path(cfg.source).read_text(encoding="utf-8") if cfg.source else ""
     config_text = config_text or yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
     return {
-        "model.yaml": redact(config_text, url_secrets(storage_url, cfg.storage, cfg.tracking.uri)),
+        "model.yaml": mask(config_text, storage_url, cfg.storage, cfg.tracking.uri),
         "space.yaml": yaml.safe_dump(describe(space), sort_keys=False),
     }

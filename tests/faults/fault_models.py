@@ -83,6 +83,17 @@ def gated_mlp(input_shape: tuple[int, ...], num_classes: int, gate: str = "", wa
     return _make(input_shape, num_classes, lambda model, h: h)
 
 
+def failing_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Every trial's model (build 1 on) raises on its first forward: a study in which no trial completes."""
+
+    def fault(model: _FaultyMLP, h: torch.Tensor) -> torch.Tensor:
+        if model.build >= 1:
+            raise RuntimeError("injected failure")
+        return h
+
+    return _make(input_shape, num_classes, fault)
+
+
 def reset() -> None:
     """Forget earlier builds (each in-process scenario starts counting at the preflight)."""
     global _builds
@@ -92,4 +103,4 @@ def reset() -> None:
     NON_FINITE_PARAMETERS_SEEN.clear()
 
 
-__all__ = ["oom_mlp", "overflow_mlp", "gated_mlp", "reset"]
+__all__ = ["oom_mlp", "overflow_mlp", "gated_mlp", "failing_mlp", "reset"]

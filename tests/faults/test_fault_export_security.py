@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kfac_tune.search.study import display_url
+from kfac_tune.secrets import display_url
 from tests.faults.conftest import fault_config, fill, invoke, mlflow_store_of, remount_read_only, small_tmpfs, storage_of
 from tests.search_support import load_study
+from tests.test_recipes import private_device
 
 pytestmark = pytest.mark.slow
 PASSWORD = "s3cr3t-pw"
@@ -127,9 +128,102 @@ def test_the_ui_binds_loopback_unless_asked() -> None:
     assert inspect.signature(serve_ui).parameters["host"].default == "127.0.0.1"
 
 
-def test_redact_masks_every_form_of_the_password() -> None:
-    from kfac_tune.search.study import redact, url_secrets
+# ------------------------------------------------------------------------------------------------ export targets
 
-    secrets = url_secrets("postgresql://u:p%40ss@db/x", "http://me:t0k3n@mlflow:5000", "sqlite:///a.db")
-    assert redact("storage: postgresql://u:p%40ss@db/x  # p@ss, token t0k3n", secrets) == \
-        "storage: postgresql://u:***@db/x  # ***, token ***"
+
+def _special_target(kind: str, directory: Path) -> Path:
+    import socket
+
+    path = directory / "mlp.yaml"
+    if kind == "device":
+        return private_device(path, "null")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "link to device":
+        path.symlink_to(private_device(directory / "null", "null"))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "socket", "directory", "link to device"])
+def test_export_refuses_special_files(study: Study, tmp_path: Path, kind: str) -> None:
+    """``-o /dev/null`` as root used to turn /dev/null into a regular 0600 file (a private node stands in for it,
+    so that a regression cannot break the machine's /dev/null)."""
+    import stat
+
+    target = _special_target(kind, tmp_path)
+    before = target.lstat().st_mode, os.stat(target).st_mode
+    code, output = _export(study, target)
+    assert code == 2, output
+    assert ("not a regular file" in output or "is a directory" in output) and "Traceback" not in output
+    assert (target.lstat().st_mode, os.stat(target).st_mode) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a temp file was left"
+    assert stat.S_ISCHR(os.stat(target).st_mode) or kind != "device"
+
+
+def test_export_writes_through_a_symlink_and_keeps_the_mode(study: Study, tmp_path: Path) -> None:
+    (tmp_path / "v1.yaml").write_text("old\n")
+    (tmp_path / "v1.yaml").chmod(0o644)
+    link = tmp_path / "cur.yaml"
+    link.symlink_to("v1.yaml")
+    result = invoke("export", "--storage", study.storage, "-o", str(link))
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and "writing through to" in result.output
+    assert (tmp_path / "v1.yaml").read_text().startswith("# kfac-tune recipe")
+    assert (tmp_path / "v1.yaml").stat().st_mode & 0o777 == 0o644
+
+
+def _tampered_copy(study: Study, tmp_path: Path, **attrs: object) -> str:
+    """A copy of the study's storage whose study attributes were rewritten, as anyone with write access to a
+    shared storage could."""
+    import shutil
+
+    copy = tmp_path / "shared.db"
+    shutil.copy(study.storage.removeprefix("sqlite:///"), copy)
+    storage = f"sqlite:///{copy}"
+    tampered = load_study(storage, "model")
+    for key, value in attrs.items():
+        tampered.set_user_attr(key, value)
+    return storage
+
+
+@pytest.mark.parametrize("architecture", ["../../outside/x", "/tmp/kfac-absolute-x", "a/b", ".hidden", ".."])
+def test_export_never_writes_where_the_storage_says(study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    architecture: str) -> None:
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    storage = _tampered_copy(study, tmp_path, architecture=architecture)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = invoke("export", "--storage", storage)
+    assert result.exit_code == 2, result.output
+    assert "cannot name a recipe file" in result.output and "Traceback" not in result.output
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before, "a file or directory was created"
+    assert not Path("/tmp/kfac-absolute-x.yaml").exists()
+
+
+def test_export_never_imports_what_the_storage_names(study: Study, tmp_path: Path) -> None:
+    """The stored config is data: a callable named there is checked for form, never imported."""
+    marker = tmp_path / "imported"
+    module = tmp_path / "planted_module.py"
+    module.write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\ndef make(**kw): pass\n")
+    recorded = load_study(study.storage, "model").user_attrs["config"]
+    config = {**recorded, "model": {"callable": "planted_module:make", "kwargs": {}}}
+    storage = _tampered_copy(study, tmp_path, config=config)
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        result = invoke("export", "--storage", storage, "-o", str(tmp_path / "out.yaml"))
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert not marker.exists(), "the stored config's callable was imported"
+    bad = _tampered_copy(study, tmp_path, config={**recorded, "model": {"callable": "not a reference"}})
+    result = invoke("export", "--storage", bad, "-o", str(tmp_path / "out2.yaml"))
+    assert result.exit_code == 2, result.output
+    assert "model.callable" in result.output and "Traceback" not in result.output
