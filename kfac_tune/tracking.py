@@ -40,6 +40,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 from kfac_tune.filelock import sqlite_file, sqlite_setup_lock
+from kfac_tune.secrets import mask
 
 if TYPE_CHECKING:
     import optuna
@@ -481,7 +482,7 @@ def _as_float(value: object) -> float:
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """A nested configuration as MLflow params: dotted keys (``data.batch_size``), scalars as JSON writes them
-    (``null``, ``true``), strings as they are, lists and empty sections as JSON; passwords in URLs masked.
+    (``null``, ``true``), strings as they are, lists and empty sections as JSON; credentials masked (``secrets.mask``).
 
     Params are what the MLflow runs table can show as columns and compare, so every setting a run depends on
     goes there, not only the sampled hyperparameters.
@@ -492,21 +493,10 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping) and value:
             flat.update(flatten(value, f"{name}."))
         elif isinstance(value, str):
-            flat[name] = _mask_password(value)
+            flat[name] = mask(value)
         else:
             flat[name] = json.dumps(value, default=str)
     return flat
-
-
-def _mask_password(text: str) -> str:
-    """``scheme://user:***@host/...`` for a URL carrying a password (database and tracking URLs); else ``text``."""
-    if "://" not in text:
-        return text
-    try:
-        password = urllib.parse.urlsplit(text).password
-    except ValueError:
-        return text
-    return text.replace(f":{password}@", ":***@") if password else text
 
 
 def dataset_input(data: Mapping[str, Any], context: str) -> Any:
