@@ -17,7 +17,6 @@ pruner, MLflow) runs as it does for one process, and its answer (go on or stop) 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
@@ -30,11 +29,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kfac_tune.catalog import TASK_LOSSES, loss_function
-from kfac_tune.config import MAX_STEPS, Config, Phrase, import_callable
+from kfac_tune.catalog import loss_function
+from kfac_tune.config import Config
 from kfac_tune.optimizers import build_optimizer
-from kfac_tune.zoo import ARCHITECTURES, DataBundle, DatasetNotFoundError, architecture_signature, build_model, load_dataset
-from kfac_tune.zoo.data import hold_out
+from kfac_tune.problem import load_data, make_model, resolve_device, task_and_loss, total_steps
 
 EvalCallback = Callable[[int, dict[str, float]], None]
 
@@ -89,137 +87,6 @@ class TrainResult:
     def test(self) -> dict[str, float]:
         """The test split's metrics at the end (empty unless ``train(..., test=True)``)."""
         return {k: v for k, v in self.final.items() if k.startswith("test_")}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """The fixed part of every trial of a config: what is trained, on what, judged by which loss."""
-
-    architecture: str
-    signature: dict[str, Any]
-    task: str
-    loss: str
-    input_shape: tuple[int, ...]
-    num_classes: int
-    train_examples: int
-    steps: int
-    device: str
-    parameter_groups: dict[str, Any] | None = None  # how a multi-optimizer (muon) splits the model; see recipes
-    split: str = "validation"  # where eval_* metrics (the objective) are measured: validation, or test
-
-
-# ------------------------------------------------------------------------------------------------ building
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when one is visible; asking for ``cuda`` without one is an error, not a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device is 'cuda' but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def load_data(cfg: Config) -> DataBundle:
-    """The dataset the config names, with its validation split (cached per process: every trial of a study uses
-    the same one, whatever batch size it samples)."""
-    data_json = json.dumps(cfg.data.model_dump(mode="json", exclude={"batch_size", "eval_batch_size"}), sort_keys=True)
-    return _load_data(data_json, cfg.training.seed)
-
-
-@functools.lru_cache(maxsize=1)
-def _load_data(data_json: str, seed: int) -> DataBundle:
-    data = json.loads(data_json)
-    if data["callable"]:
-        bundle = _user_data(import_callable(data["callable"])(**data["kwargs"]))
-    else:
-        bundle = load_dataset(
-            data["name"], root=data["root"], train_size=data["train_size"], test_size=data["test_size"],
-            test_from_train=data["test_from_train"], download=data["download"], seed=seed, **data["kwargs"],
-        )
-    return hold_out(bundle, data["validation"], seed)
-
-
-def _user_data(result: Any) -> DataBundle:
-    """Accept a ``DataBundle``, ``(train_x, train_y, test_x, test_y)`` or ``(train_x, train_y, val_x, val_y,
-    test_x, test_y)`` from a user's data callable."""
-    if isinstance(result, DataBundle):
-        return result
-    if not (isinstance(result, (tuple, list)) and len(result) in (4, 6)
-            and all(isinstance(t, torch.Tensor) for t in result)):
-        raise TypeError("a data callable must return a DataBundle, a tuple (train_x, train_y, test_x, test_y) or "
-                        f"(train_x, train_y, val_x, val_y, test_x, test_y) of tensors, got {type(result).__name__}")
-    tensors = [t.detach().cpu() for t in result]
-    train_x, train_y, test_x, test_y = tensors[:2] + tensors[-2:]
-    val_x, val_y = (tensors[2].float(), tensors[3]) if len(tensors) == 6 else (None, None)
-    classes = int(train_y.max()) + 1 if not train_y.is_floating_point() else 0
-    return DataBundle(train_x.float(), train_y, test_x.float(), test_y, tuple(train_x.shape[1:]), classes,
-                      "callable", "user callable", val_x, val_y)
-
-
-def make_model(cfg: Config, data: DataBundle) -> nn.Module:
-    if cfg.model.callable:
-        model = import_callable(cfg.model.callable)(
-            input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.kwargs
-        )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model.callable returned a {type(model).__name__}, not a torch.nn.Module")
-        return model
-    return build_model(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.kwargs)
-
-
-def task_and_loss(cfg: Config) -> tuple[str, str]:
-    """The task (built-ins know theirs; callables say it or are classifiers) and the loss (override or default)."""
-    if cfg.model.callable:
-        task = cfg.model.task or "classification"
-        default_loss = TASK_LOSSES[task][0]
-    else:
-        spec = ARCHITECTURES[cfg.model.name]
-        task, default_loss = spec.task, spec.default_loss
-    return task, cfg.training.loss or default_loss
-
-
-def total_steps(cfg: Config, train_examples: int) -> int:
-    """The step budget, or under ``training.budget.seconds`` the step cap (none given: effectively unlimited)."""
-    if cfg.training.epochs is None:
-        return cfg.training.steps or (MAX_STEPS if cfg.training.budget is not None else 300)
-    per_epoch = max(train_examples // cfg.data.batch_size, 1)
-    return max(math.ceil(cfg.training.epochs * per_epoch), 1)
-
-
-def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
-    """Build data, model and optimizer once, before any trial, so a bad argument is a config error (exit 2)
-    rather than a study full of failed trials. Returns what the study and recipes record about the problem."""
-    try:
-        data = load_data(cfg)
-    except (DatasetNotFoundError, ValueError, TypeError) as error:
-        field = "data.callable" if cfg.data.callable else "data.kwargs" if "argument" in str(error) else "data.name"
-        raise cfg.problem(field, "expected a loadable dataset", Phrase(f"{type(error).__name__}: {error}")) from None
-    task, loss = task_and_loss(cfg)
-    if loss not in TASK_LOSSES[task]:
-        raise cfg.problem("training.loss", f"expected a loss for {task} ({', '.join(TASK_LOSSES[task])})", loss)
-    batch = min(cfg.data.batch_size, len(data.train_x))
-    if batch % cfg.training.processes:
-        raise cfg.problem("training.processes", f"expected a divisor of the batch size {batch} (every process "
-                          "trains on an equal slice of each batch)", cfg.training.processes)
-    try:
-        torch.manual_seed(cfg.training.seed)
-        model = make_model(cfg, data)
-    except Exception as error:  # a user callable may raise anything
-        where = "model.callable" if cfg.model.callable else "model.kwargs"
-        raise cfg.problem(where, "expected a buildable model", Phrase(f"{type(error).__name__}: {error}")) from None
-    try:
-        opt = build_optimizer(cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss)
-    except (TypeError, ValueError) as error:
-        raise cfg.problem("optimizer.options", f"expected options accepted by {cfg.optimizer.name}",
-                          Phrase(f"{type(error).__name__}: {error}")) from None
-    return Problem(
-        architecture=cfg.model.architecture, signature=architecture_signature(model), task=task, loss=loss,
-        input_shape=tuple(data.input_shape), num_classes=data.num_classes, train_examples=len(data.train_x),
-        steps=total_steps(cfg, len(data.train_x)), device=str(resolve_device(cfg.training.device)),
-        parameter_groups=getattr(opt, "parameter_groups", None),
-        split="validation" if data.val_x is not None else "test",
-    )
 
 
 # ------------------------------------------------------------------------------------------------ training

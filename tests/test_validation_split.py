@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from kfac_tune.cli import cli
 from kfac_tune.config import load_config
 from kfac_tune.recipes import load_recipe
-from kfac_tune.training import load_data, preflight
+from kfac_tune.problem import load_data, preflight
 from kfac_tune.zoo import load_dataset
 from kfac_tune.zoo.data import hold_out
 from tests.search_support import load_study, tiny_config, write_config
