@@ -136,9 +136,31 @@ class ModelConfig(_Buildable):
         return self.callable.split(":")[1] if self.callable else self.name
 
 
+class AugmentConfig(_Section):
+    """Per-example augmentation of the training split only (validation and test examples are left as they are).
+
+    ``random_crop: P`` pads each image by P zero pixels and crops it back to its size at a random offset;
+    ``horizontal_flip: true`` mirrors half the images; ``callable: pkg.module:fn`` is the user's own transform, a
+    function (or a transform object such as a ``torchvision.transforms.v2.Compose``) from one example tensor to a
+    tensor of the same shape, applied after the built-ins. Checked on a real example at preflight.
+    """
+
+    random_crop: int | None = Field(None, ge=1, le=4096)
+    horizontal_flip: bool = False
+    callable: str | None = None
+
+    @field_validator("callable")
+    @classmethod
+    def _importable(cls, reference: str | None) -> str | None:
+        if reference is not None:
+            import_callable(reference)
+        return reference
+
+
 class DataConfig(_Buildable):
-    """A built-in dataset or ``callable: pkg.module:fn`` returning a ``DataBundle`` or
-    ``(train_x, train_y, test_x, test_y)`` tensors."""
+    """A built-in dataset or ``callable: pkg.module:fn`` returning a ``DataBundle``, ``(train_x, train_y, test_x,
+    test_y)`` tensors or ``(train, test)`` Datasets (with a validation split in the middle, optionally). The
+    callable is given the settings below that its signature names (see :mod:`kfac_tune.userdata`)."""
 
     name: str = "digits"
     root: str | None = None
@@ -151,6 +173,10 @@ class DataConfig(_Buildable):
     batch_size: int = Field(128, ge=1, le=10**7)
     eval_batch_size: int = Field(4096, ge=1, le=10**7)
     download: bool = False
+    # DataLoader worker processes for Dataset data (a data callable's Datasets, or augmented data); 0 loads in the
+    # training process. In-memory tensors without augmentation are sliced on the device and ignore it.
+    workers: int = Field(0, ge=0, le=256)
+    augment: AugmentConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -424,8 +450,9 @@ class Config(_Section):
         # fields added later count only when they change the objective from what it was before them, so older
         # studies and recipes keep their hash under the settings they were made with
         unchanged = {"processes", *(("budget",) if self.training.budget is None else ())}
-        excluded: dict[str, Any] = {"training": unchanged,
-                                    "data": {"validation"} if self.data.validation == 0 else set()}
+        data = {"workers", *(("validation",) if self.data.validation == 0 else ()),
+                *(("augment",) if self.data.augment is None else ())}
+        excluded: dict[str, Any] = {"training": unchanged, "data": data}
         payload = self.model_dump(mode="json", include=keys, exclude=excluded)
         payload["space"] = self.search.model_dump(mode="json", include={"space"}, by_alias=True)["space"]
         if self.search.objectives is not None:  # only when set, so single-objective studies keep their hash

@@ -6,6 +6,7 @@ loop (:mod:`kfac_tune.training`) builds the same data and model through these fu
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -17,8 +18,10 @@ import torch
 from torch import nn
 
 from kfac_tune.catalog import TASK_LOSSES
-from kfac_tune.config import MAX_STEPS, Config, Phrase, import_callable
+from kfac_tune.augment import Augmented, training_transform
+from kfac_tune.config import MAX_STEPS, AugmentConfig, Config, DataConfig, Phrase, import_callable
 from kfac_tune.optimizers import build_optimizer
+from kfac_tune.userdata import Data, DataProblem, as_datasets, call_data, hold_out_datasets
 from kfac_tune.zoo import ARCHITECTURES, DataBundle, DatasetNotFoundError, architecture_signature, build_model, load_dataset
 from kfac_tune.zoo.data import hold_out
 
@@ -51,44 +54,39 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_data(cfg: Config) -> DataBundle:
-    """The dataset the config names, with its validation split (cached per process: every trial of a study uses
-    the same one, whatever batch size it samples)."""
-    data_json = json.dumps(cfg.data.model_dump(mode="json", exclude={"batch_size", "eval_batch_size"}), sort_keys=True)
+def load_data(cfg: Config) -> Data:
+    """The dataset the config names, with its validation split and training augmentation (cached per process:
+    every trial of a study uses the same one, whatever batch size it samples). Tensors (a ``DataBundle``) unless
+    the data callable returned Datasets or ``data.augment`` is set. Raises ``DataProblem`` for a setting that
+    cannot be honoured."""
+    exclude = {"batch_size", "eval_batch_size", "workers"}
+    data_json = json.dumps(cfg.data.model_dump(mode="json", exclude=exclude), sort_keys=True)
     return _load_data(data_json, cfg.training.seed)
 
 
 @functools.lru_cache(maxsize=1)
-def _load_data(data_json: str, seed: int) -> DataBundle:
+def _load_data(data_json: str, seed: int) -> Data:
     data = json.loads(data_json)
     if data["callable"]:
-        bundle = _user_data(import_callable(data["callable"])(**data["kwargs"]))
+        defaults = {key: field.default for key, field in DataConfig.model_fields.items()}
+        loaded = call_data(import_callable(data["callable"]), data["callable"], data, defaults, data["kwargs"], seed)
     else:
-        bundle = load_dataset(
+        loaded = load_dataset(
             data["name"], root=data["root"], train_size=data["train_size"], test_size=data["test_size"],
             test_from_train=data["test_from_train"], download=data["download"], seed=seed, **data["kwargs"],
         )
-    return hold_out(bundle, data["validation"], seed)
+    if isinstance(loaded, DataBundle):
+        loaded = hold_out(loaded, data["validation"], seed)
+    else:
+        loaded = hold_out_datasets(loaded, data["validation"], seed)
+    if data["augment"] is None:
+        return loaded
+    datasets = as_datasets(loaded)
+    transform = training_transform(AugmentConfig.model_validate(data["augment"]), datasets.train[0][0])
+    return dataclasses.replace(datasets, train=Augmented(datasets.train, transform))
 
 
-def _user_data(result: Any) -> DataBundle:
-    """Accept a ``DataBundle``, ``(train_x, train_y, test_x, test_y)`` or ``(train_x, train_y, val_x, val_y,
-    test_x, test_y)`` from a user's data callable."""
-    if isinstance(result, DataBundle):
-        return result
-    if not (isinstance(result, (tuple, list)) and len(result) in (4, 6)
-            and all(isinstance(t, torch.Tensor) for t in result)):
-        raise TypeError("a data callable must return a DataBundle, a tuple (train_x, train_y, test_x, test_y) or "
-                        f"(train_x, train_y, val_x, val_y, test_x, test_y) of tensors, got {type(result).__name__}")
-    tensors = [t.detach().cpu() for t in result]
-    train_x, train_y, test_x, test_y = tensors[:2] + tensors[-2:]
-    val_x, val_y = (tensors[2].float(), tensors[3]) if len(tensors) == 6 else (None, None)
-    classes = int(train_y.max()) + 1 if not train_y.is_floating_point() else 0
-    return DataBundle(train_x.float(), train_y, test_x.float(), test_y, tuple(train_x.shape[1:]), classes,
-                      "callable", "user callable", val_x, val_y)
-
-
-def make_model(cfg: Config, data: DataBundle) -> nn.Module:
+def make_model(cfg: Config, data: Data) -> nn.Module:
     if cfg.model.callable:
         model = import_callable(cfg.model.callable)(
             input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.kwargs
@@ -123,13 +121,15 @@ def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
     rather than a study full of failed trials. Returns what the study and recipes record about the problem."""
     try:
         data = load_data(cfg)
+    except DataProblem as problem:
+        raise cfg.problem(problem.field, f"expected {problem.expected}", Phrase(problem.found)) from None
     except (DatasetNotFoundError, ValueError, TypeError) as error:
         field = "data.callable" if cfg.data.callable else "data.kwargs" if "argument" in str(error) else "data.name"
         raise cfg.problem(field, "expected a loadable dataset", Phrase(f"{type(error).__name__}: {error}")) from None
     task, loss = task_and_loss(cfg)
     if loss not in TASK_LOSSES[task]:
         raise cfg.problem("training.loss", f"expected a loss for {task} ({', '.join(TASK_LOSSES[task])})", loss)
-    batch = min(cfg.data.batch_size, len(data.train_x))
+    batch = min(cfg.data.batch_size, data.train_examples)
     if batch % cfg.training.processes:
         raise cfg.problem("training.processes", f"expected a divisor of the batch size {batch} (every process "
                           "trains on an equal slice of each batch)", cfg.training.processes)
@@ -146,8 +146,8 @@ def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
                           Phrase(f"{type(error).__name__}: {error}")) from None
     return Problem(
         architecture=cfg.model.architecture, signature=architecture_signature(model), task=task, loss=loss,
-        input_shape=tuple(data.input_shape), num_classes=data.num_classes, train_examples=len(data.train_x),
-        steps=total_steps(cfg, len(data.train_x)), device=str(resolve_device(cfg.training.device)),
+        input_shape=tuple(data.input_shape), num_classes=data.num_classes, train_examples=data.train_examples,
+        steps=total_steps(cfg, data.train_examples), device=str(resolve_device(cfg.training.device)),
         parameter_groups=getattr(opt, "parameter_groups", None),
-        split="validation" if data.val_x is not None else "test",
+        split="validation" if data.has_validation else "test",
     )

@@ -1,7 +1,8 @@
 """One training run from a validated config and a point of hyperparameters.
 
-This is the inner loop of every trial, so it is written for overhead as much as for clarity: the data go to the
-device once, batches are index slices of a seeded permutation, losses stay on the device between evaluations
+This is the inner loop of every trial, so it is written for overhead as much as for clarity: in-memory data go to
+the device once, batches are index slices of a seeded permutation (Datasets are read by a ``DataLoader`` on the
+same batches, see :mod:`kfac_tune.batches`), losses stay on the device between evaluations
 (one ``.item()`` per evaluation, not per step), and evaluation is excluded from the step clock so ``step_time``
 measures the optimizer. A non-finite or exploded loss (``training.divergence_factor`` x the first step's loss)
 raises ``Diverged`` at the next evaluation; the search turns that into a pruned trial. Huge learning rates often
@@ -29,10 +30,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kfac_tune.batches import Split, split
 from kfac_tune.catalog import loss_function
 from kfac_tune.config import Config
 from kfac_tune.optimizers import build_optimizer
 from kfac_tune.problem import load_data, make_model, resolve_device, task_and_loss, total_steps
+from kfac_tune.zoo import DataBundle
 
 EvalCallback = Callable[[int, dict[str, float]], None]
 
@@ -170,20 +173,18 @@ def _train_replica(
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = build_optimizer(optimizer or cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss_name)
 
-    def split(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(device)
-        return x, (y.to(device) if task in ("classification", "sequence") else x.flatten(1))
-
     # eval_* metrics: the validation split when there is one, else (data.validation: 0) the test split
-    splits = {"train": split(data.train_x, data.train_y), "eval": split(
-        *((data.val_x, data.val_y) if data.val_x is not None else (data.test_x, data.test_y)))}
-    if test:
-        splits["test"] = split(data.test_x, data.test_y)
-    batches = _Batches(len(data.train_x), cfg.data.batch_size, cfg.training.seed, device)
-    steps = total_steps(cfg, len(data.train_x))
+    if isinstance(data, DataBundle):
+        parts = {"train": (data.train_x, data.train_y), "test": (data.test_x, data.test_y),
+                 "eval": (data.val_x, data.val_y) if data.val_x is not None else (data.test_x, data.test_y)}
+    else:
+        parts = {"train": data.train, "test": data.test, "eval": data.validation or data.test}
+    splits = {prefix: split(parts[prefix], device, cfg.data.workers)
+              for prefix in ("train", "eval", *(("test",) if test else ()))}
+    steps = total_steps(cfg, data.train_examples)
 
     try:
-        curves, longest = _loop(cfg, model, opt, loss_fn, task, batches, steps, on_eval, splits, replica)
+        curves, longest = _loop(cfg, model, opt, loss_fn, task, steps, on_eval, splits, replica, device)
     finally:
         getattr(opt, "close", lambda: None)()  # K-FAC's hooks tie model and optimizer in a reference cycle
     return curves, longest, str(device)
@@ -243,8 +244,7 @@ def _rank_train(channel: Any, cfg: Config, hparams: dict[str, Any], optimizer: s
 
 def _loop(
     cfg: Config, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[..., torch.Tensor], task: str,
-    batches: _Batches, steps: int, on_eval: EvalCallback | None,
-    splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], replica: _Replica,
+    steps: int, on_eval: EvalCallback | None, splits: Mapping[str, Split], replica: _Replica, device: torch.device,
 ) -> tuple[list[dict[str, float]], float | None]:
     """The steps and evaluations; returns the curve (one point per evaluation, with the cumulative step clock) and,
     under a time budget, the longest step. Losses are averaged over the ranks before anything is judged on them,
@@ -254,17 +254,17 @@ def _loop(
     the run ends with the step that brings the training clock to the budget, so it trains at least the budget and
     at most one step more; that last step is evaluated like the last step of a step budget. Evaluations stay every
     ``eval_every`` steps, so the pruner compares trials at equal step counts."""
-    train_x, train_t = splits["train"]
+    target = _target(task)
+    train = splits["train"].training(cfg.data.batch_size, cfg.training.seed, replica.part)
     network = model.module if isinstance(model, DistributedDataParallel) else model
-    device = train_x.device
     budget = cfg.training.budget.seconds if cfg.training.budget is not None else None
     curves: list[dict[str, float]] = []
     loss_sum, since_eval, train_seconds = torch.zeros((), device=device), 0, 0.0
     longest: float | None = None if budget is None else 0.0
     clock = last = _sync_time(device)
     for step in range(1, steps + 1):
-        index = replica.part(batches.next())
-        xb, tb = train_x[index], train_t[index]
+        xb, yb = next(train)
+        tb = target(xb, yb)
 
         def closure() -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
@@ -291,9 +291,9 @@ def _loop(
             continue
         train_seconds += (now if budget is not None else _sync_time(device)) - clock
         metrics = {"train_loss": replica.mean(loss_sum).item() / since_eval}
-        for prefix, (x, target) in splits.items():
+        for prefix, source in splits.items():
             if prefix != "train":
-                metrics.update(_evaluate(network, loss_fn, x, target, task, cfg.data.eval_batch_size, replica, prefix))
+                metrics.update(_evaluate(network, loss_fn, source, task, cfg.data.eval_batch_size, replica, prefix))
         metrics["step_time"] = train_seconds / step
         for name in ("train_loss", "eval_loss"):
             if not metrics[name] <= limit:  # also catches NaN
@@ -316,49 +316,36 @@ def _per_position(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, targe
     return loss_fn(out.flatten(0, -2), target.flatten(), **kwargs)
 
 
-class _Batches:
-    """Index batches of a seeded permutation, reshuffled each epoch; the last incomplete batch is dropped so
-    every K-FAC statistic comes from the same batch size."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device) -> None:
-        self.n, self.size, self.device = n, min(batch_size, n), device
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order, self.position = self._shuffle(), 0
-
-    def _shuffle(self) -> torch.Tensor:
-        return torch.randperm(self.n, generator=self.generator).to(self.device)
-
-    def next(self) -> torch.Tensor:
-        if self.position + self.size > self.n:
-            self.order, self.position = self._shuffle(), 0
-        index = self.order[self.position : self.position + self.size]
-        self.position += self.size
-        return index
-
-
 @torch.no_grad()
 def _evaluate(
-    model: nn.Module, loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, target: torch.Tensor, task: str,
-    batch_size: int, replica: _Replica, prefix: str = "eval",
+    model: nn.Module, loss_fn: Callable[..., torch.Tensor], source: Split, task: str, batch_size: int,
+    replica: _Replica, prefix: str = "eval",
 ) -> dict[str, float]:
-    """``<prefix>_loss`` (and ``_accuracy``) over all of ``x``; each rank evaluates its slice and the sums are
+    """``<prefix>_loss`` (and ``_accuracy``) over all of ``source``; each rank evaluates its slice and the sums are
     combined."""
     was_training = model.training
     model.eval()
-    mine, my_target = replica.part(x), replica.part(target)
-    sums = torch.zeros(2, device=x.device)  # loss, correct
-    for start in range(0, len(mine), batch_size):
-        out = model(mine[start : start + batch_size])
-        tb = my_target[start : start + batch_size]
+    target = _target(task)
+    sums = torch.zeros(2, device=source.device)  # loss, correct
+    for xb, yb in source.chunks(batch_size, replica.part):
+        out = model(xb)
+        tb = target(xb, yb)
         sums[0] += loss_fn(out, tb, reduction="sum") / (1 if task == "classification" else tb[0].numel())
         if task == "classification":
             sums[1] += (out.argmax(-1) == tb).sum()
     model.train(was_training)
     total, correct = replica.total(sums).tolist()
-    metrics = {f"{prefix}_loss": total / len(x)}
+    metrics = {f"{prefix}_loss": total / len(source)}
     if task == "classification":
-        metrics[f"{prefix}_accuracy"] = correct / len(x)
+        metrics[f"{prefix}_accuracy"] = correct / len(source)
     return metrics
+
+
+def _target(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What a batch's output is compared with: its labels, or for reconstruction its own (flattened) input."""
+    if task in ("classification", "sequence"):
+        return lambda x, y: y
+    return lambda x, y: x.flatten(1)
 
 
 def _divergence_limit(cfg: Config, first_loss: float) -> float:
