@@ -297,7 +297,7 @@ def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()
 def study_steps(spec: WorkerSpec) -> int:
     from kfac_tune.problem import load_data, total_steps
 
-    return total_steps(spec.cfg, len(load_data(spec.cfg).train_x))
+    return total_steps(spec.cfg, load_data(spec.cfg).train_examples)
 
 
 def _worker_main(spec: WorkerSpec) -> None:
