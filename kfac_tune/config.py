@@ -93,11 +93,10 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-class _Buildable(_Named):
-    """What model and data share: a built-in ``name`` with ``kwargs``, or a ``callable`` of the user's."""
+class _Callable(_Section):
+    """A section with a ``callable: pkg.module:fn`` of the user's, imported while validating."""
 
     callable: str | None = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("callable")
     @classmethod
@@ -105,6 +104,12 @@ class _Buildable(_Named):
         if reference is not None:
             import_callable(reference)
         return reference
+
+
+class _Buildable(_Named, _Callable):
+    """What model and data share: a built-in ``name`` with ``kwargs``, or a ``callable`` of the user's."""
+
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_source(self) -> _Buildable:
@@ -136,7 +141,7 @@ class ModelConfig(_Buildable):
         return self.callable.split(":")[1] if self.callable else self.name
 
 
-class AugmentConfig(_Section):
+class AugmentConfig(_Callable):
     """Per-example augmentation of the training split only (validation and test examples are left as they are).
 
     ``random_crop: P`` pads each image by P zero pixels and crops it back to its size at a random offset;
@@ -147,14 +152,6 @@ class AugmentConfig(_Section):
 
     random_crop: int | None = Field(None, ge=1, le=4096)
     horizontal_flip: bool = False
-    callable: str | None = None
-
-    @field_validator("callable")
-    @classmethod
-    def _importable(cls, reference: str | None) -> str | None:
-        if reference is not None:
-            import_callable(reference)
-        return reference
 
 
 class DataConfig(_Buildable):
