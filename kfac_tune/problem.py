@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from kfac_tune.catalog import TASK_LOSSES
 from kfac_tune.augment import Augmented, training_transform
+from kfac_tune.catalog import TASK_LOSSES
 from kfac_tune.config import MAX_STEPS, AugmentConfig, Config, DataConfig, Phrase, import_callable
 from kfac_tune.optimizers import build_optimizer
 from kfac_tune.userdata import Data, DataProblem, as_datasets, call_data, hold_out_datasets
 from kfac_tune.zoo import ARCHITECTURES, DataBundle, DatasetNotFoundError, architecture_signature, build_model, load_dataset
 from kfac_tune.zoo.data import hold_out
+
 
 @dataclass(frozen=True)
 class Problem:

@@ -178,7 +178,8 @@ def _train_replica(
         parts = {"train": (data.train_x, data.train_y), "test": (data.test_x, data.test_y),
                  "eval": (data.val_x, data.val_y) if data.val_x is not None else (data.test_x, data.test_y)}
     else:
-        parts = {"train": data.train, "test": data.test, "eval": data.validation or data.test}
+        parts = {"train": data.train, "test": data.test,
+                 "eval": data.validation if data.validation is not None else data.test}
     splits = {prefix: split(parts[prefix], device, cfg.data.workers)
               for prefix in ("train", "eval", *(("test",) if test else ()))}
     steps = total_steps(cfg, data.train_examples)
