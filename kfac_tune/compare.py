@@ -26,7 +26,8 @@ from typing import Any
 from kfac_tune.config import Config, ConfigError, load_config
 from kfac_tune.files import write_atomic
 from kfac_tune.recipes import Recipe, RecipeError, check_architecture, load_recipe
-from kfac_tune.training import Diverged, Problem, TrainResult, preflight, train
+from kfac_tune.problem import Problem, preflight
+from kfac_tune.training import Diverged, TrainResult, train
 
 
 def bind_recipe(config: Path, recipe: Recipe, recipe_path: Path, *,

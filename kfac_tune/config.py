@@ -105,11 +105,10 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-class _Buildable(_Named):
-    """What model and data share: a built-in ``name`` with ``kwargs``, or a ``callable`` of the user's."""
+class _Callable(_Section):
+    """A section with a ``callable: pkg.module:fn`` of the user's, imported while validating."""
 
     callable: str | None = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("callable")
     @classmethod
@@ -122,6 +121,12 @@ class _Buildable(_Named):
         else:
             import_callable(reference)
         return reference
+
+
+class _Buildable(_Named, _Callable):
+    """What model and data share: a built-in ``name`` with ``kwargs``, or a ``callable`` of the user's."""
+
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_source(self) -> _Buildable:
@@ -153,9 +158,23 @@ class ModelConfig(_Buildable):
         return self.callable.split(":")[1] if self.callable else self.name
 
 
+class AugmentConfig(_Callable):
+    """Per-example augmentation of the training split only (validation and test examples are left as they are).
+
+    ``random_crop: P`` pads each image by P zero pixels and crops it back to its size at a random offset;
+    ``horizontal_flip: true`` mirrors half the images; ``callable: pkg.module:fn`` is the user's own transform, a
+    function (or a transform object such as a ``torchvision.transforms.v2.Compose``) from one example tensor to a
+    tensor of the same shape, applied after the built-ins. Checked on a real example at preflight.
+    """
+
+    random_crop: int | None = Field(None, ge=1, le=4096)
+    horizontal_flip: bool = False
+
+
 class DataConfig(_Buildable):
-    """A built-in dataset or ``callable: pkg.module:fn`` returning a ``DataBundle`` or
-    ``(train_x, train_y, test_x, test_y)`` tensors."""
+    """A built-in dataset or ``callable: pkg.module:fn`` returning a ``DataBundle``, ``(train_x, train_y, test_x,
+    test_y)`` tensors or ``(train, test)`` Datasets (with a validation split in the middle, optionally). The
+    callable is given the settings below that its signature names (see :mod:`kfac_tune.userdata`)."""
 
     name: str = "digits"
     root: str | None = None
@@ -168,6 +187,10 @@ class DataConfig(_Buildable):
     batch_size: int = Field(128, ge=1, le=10**7)
     eval_batch_size: int = Field(4096, ge=1, le=10**7)
     download: bool = False
+    # DataLoader worker processes for Dataset data (a data callable's Datasets, or augmented data); 0 loads in the
+    # training process. In-memory tensors without augmentation are sliced on the device and ignore it.
+    workers: int = Field(0, ge=0, le=256)
+    augment: AugmentConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -449,8 +472,9 @@ class Config(_Section):
         # fields added later count only when they change the objective from what it was before them, so older
         # studies and recipes keep their hash under the settings they were made with
         unchanged = {"processes", *(("budget",) if self.training.budget is None else ())}
-        excluded: dict[str, Any] = {"training": unchanged,
-                                    "data": {"validation"} if self.data.validation == 0 else set()}
+        data = {"workers", *(("validation",) if self.data.validation == 0 else ()),
+                *(("augment",) if self.data.augment is None else ())}
+        excluded: dict[str, Any] = {"training": unchanged, "data": data}
         payload = self.model_dump(mode="json", include=keys, exclude=excluded)
         payload["space"] = self.search.model_dump(mode="json", include={"space"}, by_alias=True)["space"]
         if self.search.objectives is not None:  # only when set, so single-objective studies keep their hash

@@ -8,7 +8,6 @@ names unchanged. Muon's builder, which also splits the model's parameters, lives
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,16 +26,16 @@ def build_optimizer(name: str, model: nn.Module, hparams: Mapping[str, Any], *, 
     return catalog.optimizer(name).build(model, hparams, loss=loss)
 
 
-def optimizer_from_recipe(model: nn.Module, recipe: Any, **overrides: Any) -> Any:
+def optimizer_from_recipe(model: nn.Module, recipe: Any, *, strict: bool = True, **overrides: Any) -> Any:
     """The optimizer a recipe (a path or a loaded ``Recipe``) describes, over ``model``; ``overrides`` win.
 
     Works for every optimizer in the catalog (``KFAC.from_recipe`` is the K-FAC-only spelling). The recipe's
-    hyperparameters are complete constructor arguments, so this builds exactly what the search ran.
+    hyperparameters are complete constructor arguments, so this builds exactly what the search ran. A recipe
+    tuned for another network raises ``RecipeError`` naming both, unless ``strict=False``.
     """
-    from kfac_tune.recipes import load_recipe
+    from kfac_tune.recipes import recipe_for_model
 
-    if isinstance(recipe, (str, Path)):
-        recipe = load_recipe(recipe)
+    recipe = recipe_for_model(recipe, model, strict=strict)
     arguments = {**recipe.hyperparameters, **overrides}
     return build_optimizer(recipe.optimizer, model, arguments, loss=arguments.pop("loss", recipe.training.loss))
 

@@ -295,6 +295,30 @@ def check_architecture(recipe: Recipe, architecture: str, signature: dict[str, A
         )
 
 
+def recipe_for_model(recipe: Recipe | str | os.PathLike[str], model: Any, *, strict: bool = True) -> Recipe:
+    """``recipe`` (a path or a loaded recipe), checked against ``model``: what ``KFAC.from_recipe`` and
+    ``optimizer_from_recipe`` build from.
+
+    Why: a recipe's damping and learning rate are tuned to its network's layer shapes, and a Python caller has no
+    ``--ignore-architecture`` prompt to make them think twice, so a recipe whose architecture signature differs
+    from ``model``'s raises ``RecipeError`` naming both networks. ``strict=False`` skips the check. A model object
+    has no architecture name, so the signature hash alone decides.
+    """
+    from kfac_tune.zoo.models import architecture_signature  # torch: only when a model is at hand anyway
+
+    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if not strict:
+        return loaded
+    theirs, ours = loaded.provenance.signature, architecture_signature(model)
+    if theirs.get("hash") != ours.get("hash"):
+        raise RecipeError(
+            f"the recipe was tuned for {loaded.provenance.architecture!r} with layers {_layers(theirs)} (signature "
+            f"{theirs.get('hash')}), but this model, {type(model).__name__}, has layers {_layers(ours)} (signature "
+            f"{ours.get('hash')}); its hyperparameters may not suit it. Pass strict=False to use it anyway"
+        )
+    return loaded
+
+
 def _layers(signature: dict[str, Any]) -> str:
     shapes = ["x".join(str(d) for d in layer.get("weight_shape", [])) for layer in signature.get("layers", [])]
     return "[" + ", ".join(shapes[:6]) + (", ..." if len(shapes) > 6 else "") + "]"

@@ -1,7 +1,8 @@
 """One training run from a validated config and a point of hyperparameters.
 
-This is the inner loop of every trial, so it is written for overhead as much as for clarity: the data go to the
-device once, batches are index slices of a seeded permutation, losses stay on the device between evaluations
+This is the inner loop of every trial, so it is written for overhead as much as for clarity: in-memory data go to
+the device once, batches are index slices of a seeded permutation (Datasets are read by a ``DataLoader`` on the
+same batches, see :mod:`kfac_tune.batches`), losses stay on the device between evaluations
 (one ``.item()`` per evaluation, not per step), and evaluation is excluded from the step clock so ``step_time``
 measures the optimizer. A non-finite or exploded loss (``training.divergence_factor`` x the first step's loss)
 raises ``Diverged`` at the next evaluation; the search turns that into a pruned trial. Huge learning rates often
@@ -17,7 +18,6 @@ pruner, MLflow) runs as it does for one process, and its answer (go on or stop) 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
@@ -30,11 +30,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kfac_tune.catalog import TASK_LOSSES, loss_function
-from kfac_tune.config import MAX_STEPS, Config, Phrase, import_callable
+from kfac_tune.batches import Split, split
+from kfac_tune.catalog import loss_function
+from kfac_tune.config import Config
 from kfac_tune.optimizers import build_optimizer
-from kfac_tune.zoo import ARCHITECTURES, DataBundle, DatasetNotFoundError, architecture_signature, build_model, load_dataset
-from kfac_tune.zoo.data import hold_out
+from kfac_tune.problem import load_data, make_model, resolve_device, task_and_loss, total_steps
+from kfac_tune.zoo import DataBundle
 
 EvalCallback = Callable[[int, dict[str, float]], None]
 
@@ -89,137 +90,6 @@ class TrainResult:
     def test(self) -> dict[str, float]:
         """The test split's metrics at the end (empty unless ``train(..., test=True)``)."""
         return {k: v for k, v in self.final.items() if k.startswith("test_")}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """The fixed part of every trial of a config: what is trained, on what, judged by which loss."""
-
-    architecture: str
-    signature: dict[str, Any]
-    task: str
-    loss: str
-    input_shape: tuple[int, ...]
-    num_classes: int
-    train_examples: int
-    steps: int
-    device: str
-    parameter_groups: dict[str, Any] | None = None  # how a multi-optimizer (muon) splits the model; see recipes
-    split: str = "validation"  # where eval_* metrics (the objective) are measured: validation, or test
-
-
-# ------------------------------------------------------------------------------------------------ building
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when one is visible; asking for ``cuda`` without one is an error, not a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device is 'cuda' but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def load_data(cfg: Config) -> DataBundle:
-    """The dataset the config names, with its validation split (cached per process: every trial of a study uses
-    the same one, whatever batch size it samples)."""
-    data_json = json.dumps(cfg.data.model_dump(mode="json", exclude={"batch_size", "eval_batch_size"}), sort_keys=True)
-    return _load_data(data_json, cfg.training.seed)
-
-
-@functools.lru_cache(maxsize=1)
-def _load_data(data_json: str, seed: int) -> DataBundle:
-    data = json.loads(data_json)
-    if data["callable"]:
-        bundle = _user_data(import_callable(data["callable"])(**data["kwargs"]))
-    else:
-        bundle = load_dataset(
-            data["name"], root=data["root"], train_size=data["train_size"], test_size=data["test_size"],
-            test_from_train=data["test_from_train"], download=data["download"], seed=seed, **data["kwargs"],
-        )
-    return hold_out(bundle, data["validation"], seed)
-
-
-def _user_data(result: Any) -> DataBundle:
-    """Accept a ``DataBundle``, ``(train_x, train_y, test_x, test_y)`` or ``(train_x, train_y, val_x, val_y,
-    test_x, test_y)`` from a user's data callable."""
-    if isinstance(result, DataBundle):
-        return result
-    if not (isinstance(result, (tuple, list)) and len(result) in (4, 6)
-            and all(isinstance(t, torch.Tensor) for t in result)):
-        raise TypeError("a data callable must return a DataBundle, a tuple (train_x, train_y, test_x, test_y) or "
-                        f"(train_x, train_y, val_x, val_y, test_x, test_y) of tensors, got {type(result).__name__}")
-    tensors = [t.detach().cpu() for t in result]
-    train_x, train_y, test_x, test_y = tensors[:2] + tensors[-2:]
-    val_x, val_y = (tensors[2].float(), tensors[3]) if len(tensors) == 6 else (None, None)
-    classes = int(train_y.max()) + 1 if not train_y.is_floating_point() else 0
-    return DataBundle(train_x.float(), train_y, test_x.float(), test_y, tuple(train_x.shape[1:]), classes,
-                      "callable", "user callable", val_x, val_y)
-
-
-def make_model(cfg: Config, data: DataBundle) -> nn.Module:
-    if cfg.model.callable:
-        model = import_callable(cfg.model.callable)(
-            input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.kwargs
-        )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model.callable returned a {type(model).__name__}, not a torch.nn.Module")
-        return model
-    return build_model(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.kwargs)
-
-
-def task_and_loss(cfg: Config) -> tuple[str, str]:
-    """The task (built-ins know theirs; callables say it or are classifiers) and the loss (override or default)."""
-    if cfg.model.callable:
-        task = cfg.model.task or "classification"
-        default_loss = TASK_LOSSES[task][0]
-    else:
-        spec = ARCHITECTURES[cfg.model.name]
-        task, default_loss = spec.task, spec.default_loss
-    return task, cfg.training.loss or default_loss
-
-
-def total_steps(cfg: Config, train_examples: int) -> int:
-    """The step budget, or under ``training.budget.seconds`` the step cap (none given: effectively unlimited)."""
-    if cfg.training.epochs is None:
-        return cfg.training.steps or (MAX_STEPS if cfg.training.budget is not None else 300)
-    per_epoch = max(train_examples // cfg.data.batch_size, 1)
-    return max(math.ceil(cfg.training.epochs * per_epoch), 1)
-
-
-def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
-    """Build data, model and optimizer once, before any trial, so a bad argument is a config error (exit 2)
-    rather than a study full of failed trials. Returns what the study and recipes record about the problem."""
-    try:
-        data = load_data(cfg)
-    except (DatasetNotFoundError, ValueError, TypeError) as error:
-        field = "data.callable" if cfg.data.callable else "data.kwargs" if "argument" in str(error) else "data.name"
-        raise cfg.problem(field, "expected a loadable dataset", Phrase(f"{type(error).__name__}: {error}")) from None
-    task, loss = task_and_loss(cfg)
-    if loss not in TASK_LOSSES[task]:
-        raise cfg.problem("training.loss", f"expected a loss for {task} ({', '.join(TASK_LOSSES[task])})", loss)
-    batch = min(cfg.data.batch_size, len(data.train_x))
-    if batch % cfg.training.processes:
-        raise cfg.problem("training.processes", f"expected a divisor of the batch size {batch} (every process "
-                          "trains on an equal slice of each batch)", cfg.training.processes)
-    try:
-        torch.manual_seed(cfg.training.seed)
-        model = make_model(cfg, data)
-    except Exception as error:  # a user callable may raise anything
-        where = "model.callable" if cfg.model.callable else "model.kwargs"
-        raise cfg.problem(where, "expected a buildable model", Phrase(f"{type(error).__name__}: {error}")) from None
-    try:
-        opt = build_optimizer(cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss)
-    except (TypeError, ValueError) as error:
-        raise cfg.problem("optimizer.options", f"expected options accepted by {cfg.optimizer.name}",
-                          Phrase(f"{type(error).__name__}: {error}")) from None
-    return Problem(
-        architecture=cfg.model.architecture, signature=architecture_signature(model), task=task, loss=loss,
-        input_shape=tuple(data.input_shape), num_classes=data.num_classes, train_examples=len(data.train_x),
-        steps=total_steps(cfg, len(data.train_x)), device=str(resolve_device(cfg.training.device)),
-        parameter_groups=getattr(opt, "parameter_groups", None),
-        split="validation" if data.val_x is not None else "test",
-    )
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -303,20 +173,19 @@ def _train_replica(
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = build_optimizer(optimizer or cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss_name)
 
-    def split(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(device)
-        return x, (y.to(device) if task in ("classification", "sequence") else x.flatten(1))
-
     # eval_* metrics: the validation split when there is one, else (data.validation: 0) the test split
-    splits = {"train": split(data.train_x, data.train_y), "eval": split(
-        *((data.val_x, data.val_y) if data.val_x is not None else (data.test_x, data.test_y)))}
-    if test:
-        splits["test"] = split(data.test_x, data.test_y)
-    batches = _Batches(len(data.train_x), cfg.data.batch_size, cfg.training.seed, device)
-    steps = total_steps(cfg, len(data.train_x))
+    if isinstance(data, DataBundle):
+        parts = {"train": (data.train_x, data.train_y), "test": (data.test_x, data.test_y),
+                 "eval": (data.val_x, data.val_y) if data.val_x is not None else (data.test_x, data.test_y)}
+    else:
+        parts = {"train": data.train, "test": data.test,
+                 "eval": data.validation if data.validation is not None else data.test}
+    splits = {prefix: split(parts[prefix], device, cfg.data.workers)
+              for prefix in ("train", "eval", *(("test",) if test else ()))}
+    steps = total_steps(cfg, data.train_examples)
 
     try:
-        curves, longest = _loop(cfg, model, opt, loss_fn, task, batches, steps, on_eval, splits, replica)
+        curves, longest = _loop(cfg, model, opt, loss_fn, task, steps, on_eval, splits, replica, device)
     finally:
         getattr(opt, "close", lambda: None)()  # K-FAC's hooks tie model and optimizer in a reference cycle
     return curves, longest, str(device)
@@ -376,8 +245,7 @@ def _rank_train(channel: Any, cfg: Config, hparams: dict[str, Any], optimizer: s
 
 def _loop(
     cfg: Config, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[..., torch.Tensor], task: str,
-    batches: _Batches, steps: int, on_eval: EvalCallback | None,
-    splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], replica: _Replica,
+    steps: int, on_eval: EvalCallback | None, splits: Mapping[str, Split], replica: _Replica, device: torch.device,
 ) -> tuple[list[dict[str, float]], float | None]:
     """The steps and evaluations; returns the curve (one point per evaluation, with the cumulative step clock) and,
     under a time budget, the longest step. Losses are averaged over the ranks before anything is judged on them,
@@ -387,17 +255,17 @@ def _loop(
     the run ends with the step that brings the training clock to the budget, so it trains at least the budget and
     at most one step more; that last step is evaluated like the last step of a step budget. Evaluations stay every
     ``eval_every`` steps, so the pruner compares trials at equal step counts."""
-    train_x, train_t = splits["train"]
+    target = _target(task)
+    train = splits["train"].training(cfg.data.batch_size, cfg.training.seed, replica.part)
     network = model.module if isinstance(model, DistributedDataParallel) else model
-    device = train_x.device
     budget = cfg.training.budget.seconds if cfg.training.budget is not None else None
     curves: list[dict[str, float]] = []
     loss_sum, since_eval, train_seconds = torch.zeros((), device=device), 0, 0.0
     longest: float | None = None if budget is None else 0.0
     clock = last = _sync_time(device)
     for step in range(1, steps + 1):
-        index = replica.part(batches.next())
-        xb, tb = train_x[index], train_t[index]
+        xb, yb = next(train)
+        tb = target(xb, yb)
 
         def closure() -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
@@ -424,9 +292,9 @@ def _loop(
             continue
         train_seconds += (now if budget is not None else _sync_time(device)) - clock
         metrics = {"train_loss": replica.mean(loss_sum).item() / since_eval}
-        for prefix, (x, target) in splits.items():
+        for prefix, source in splits.items():
             if prefix != "train":
-                metrics.update(_evaluate(network, loss_fn, x, target, task, cfg.data.eval_batch_size, replica, prefix))
+                metrics.update(_evaluate(network, loss_fn, source, task, cfg.data.eval_batch_size, replica, prefix))
         metrics["step_time"] = train_seconds / step
         for name in ("train_loss", "eval_loss"):
             if not metrics[name] <= limit:  # also catches NaN
@@ -449,49 +317,36 @@ def _per_position(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, targe
     return loss_fn(out.flatten(0, -2), target.flatten(), **kwargs)
 
 
-class _Batches:
-    """Index batches of a seeded permutation, reshuffled each epoch; the last incomplete batch is dropped so
-    every K-FAC statistic comes from the same batch size."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device) -> None:
-        self.n, self.size, self.device = n, min(batch_size, n), device
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order, self.position = self._shuffle(), 0
-
-    def _shuffle(self) -> torch.Tensor:
-        return torch.randperm(self.n, generator=self.generator).to(self.device)
-
-    def next(self) -> torch.Tensor:
-        if self.position + self.size > self.n:
-            self.order, self.position = self._shuffle(), 0
-        index = self.order[self.position : self.position + self.size]
-        self.position += self.size
-        return index
-
-
 @torch.no_grad()
 def _evaluate(
-    model: nn.Module, loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, target: torch.Tensor, task: str,
-    batch_size: int, replica: _Replica, prefix: str = "eval",
+    model: nn.Module, loss_fn: Callable[..., torch.Tensor], source: Split, task: str, batch_size: int,
+    replica: _Replica, prefix: str = "eval",
 ) -> dict[str, float]:
-    """``<prefix>_loss`` (and ``_accuracy``) over all of ``x``; each rank evaluates its slice and the sums are
+    """``<prefix>_loss`` (and ``_accuracy``) over all of ``source``; each rank evaluates its slice and the sums are
     combined."""
     was_training = model.training
     model.eval()
-    mine, my_target = replica.part(x), replica.part(target)
-    sums = torch.zeros(2, device=x.device)  # loss, correct
-    for start in range(0, len(mine), batch_size):
-        out = model(mine[start : start + batch_size])
-        tb = my_target[start : start + batch_size]
+    target = _target(task)
+    sums = torch.zeros(2, device=source.device)  # loss, correct
+    for xb, yb in source.chunks(batch_size, replica.part):
+        out = model(xb)
+        tb = target(xb, yb)
         sums[0] += loss_fn(out, tb, reduction="sum") / (1 if task == "classification" else tb[0].numel())
         if task == "classification":
             sums[1] += (out.argmax(-1) == tb).sum()
     model.train(was_training)
     total, correct = replica.total(sums).tolist()
-    metrics = {f"{prefix}_loss": total / len(x)}
+    metrics = {f"{prefix}_loss": total / len(source)}
     if task == "classification":
-        metrics[f"{prefix}_accuracy"] = correct / len(x)
+        metrics[f"{prefix}_accuracy"] = correct / len(source)
     return metrics
+
+
+def _target(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What a batch's output is compared with: its labels, or for reconstruction its own (flattened) input."""
+    if task in ("classification", "sequence"):
+        return lambda x, y: y
+    return lambda x, y: x.flatten(1)
 
 
 def _divergence_limit(cfg: Config, first_loss: float) -> float:

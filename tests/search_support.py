@@ -79,7 +79,7 @@ def recipe_for(config: Path, optimizer: str, hyperparameters: dict[str, Any], pa
     """A valid recipe for ``config``'s model (real architecture signature) without running a search."""
     from kfac_tune.config import load_config
     from kfac_tune.recipes import Recipe, save_recipe
-    from kfac_tune.training import preflight
+    from kfac_tune.problem import preflight
 
     cfg = load_config(config, {"optimizer.name": optimizer, "optimizer.options": {}})
     problem = preflight(cfg, hyperparameters)

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from kfac_tune.cli import cli
 from kfac_tune.config import load_config
 from kfac_tune.recipes import load_recipe
-from kfac_tune.training import load_data, preflight
+from kfac_tune.problem import load_data, preflight
 from kfac_tune.zoo import load_dataset
 from kfac_tune.zoo.data import hold_out
 from tests.search_support import load_study, tiny_config, write_config
@@ -26,14 +26,14 @@ DATA_MODULE = '''
 import torch
 from kfac_tune.zoo import load_dataset
 
-def digits(poison=False, validation=False):
+def digits(poison=False, explicit_validation=False):
     d = load_dataset("digits")
     test_x, test_y = d.test_x, d.test_y
     if poison:  # garbage labels and images: an objective that reads them cannot give the same values
         g = torch.Generator().manual_seed(123)
         test_x = torch.rand(test_x.shape, generator=g)
         test_y = torch.randint(10, test_y.shape, generator=g)
-    if validation:  # an explicit validation split: the last 200 training images
+    if explicit_validation:  # an explicit validation split: the last 200 training images
         return d.train_x[:-200], d.train_y[:-200], d.train_x[-200:], d.train_y[-200:], test_x, test_y
     return d.train_x, d.train_y, test_x, test_y
 '''
@@ -67,7 +67,7 @@ def data_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_validation_sources(tmp_path: Path, data_module: None) -> None:
-    data = load_data(load_config(callable_config(tmp_path, validation=True)))
+    data = load_data(load_config(callable_config(tmp_path, explicit_validation=True)))
     assert len(data.val_x) == 200 and len(data.train_x) == len(load_dataset("digits").train_x) - 200
     off = load_config(write_config(tmp_path, data={"validation": 0}))
     assert load_data(off).val_x is None and preflight(off, {}).split == "test"  # the old protocol, on request

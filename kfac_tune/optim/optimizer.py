@@ -312,12 +312,12 @@ class KFAC(torch.optim.Optimizer):
         return arguments
 
     @classmethod
-    def from_recipe(cls, model: nn.Module, recipe: Any, **overrides: Any) -> "KFAC":
-        """Build the optimizer a recipe (a path or a loaded recipe) describes; ``overrides`` win."""
-        from kfac_tune.recipes import load_recipe  # lazy: the optimizer does not depend on the tool
+    def from_recipe(cls, model: nn.Module, recipe: Any, *, strict: bool = True, **overrides: Any) -> "KFAC":
+        """Build the optimizer a recipe (a path or a loaded recipe) describes; ``overrides`` win. A recipe tuned
+        for another network (architecture signature) raises ``RecipeError`` naming both, unless ``strict=False``."""
+        from kfac_tune.recipes import recipe_for_model  # lazy: the optimizer does not depend on the tool
 
-        if not hasattr(recipe, "hyperparameters"):
-            recipe = load_recipe(recipe)
+        recipe = recipe_for_model(recipe, model, strict=strict)
         if recipe.optimizer != "kfac":
             raise ValueError(f"this recipe is for the {recipe.optimizer!r} optimizer, not K-FAC")
         kwargs = {**cls.stored_arguments(recipe.hyperparameters), **overrides}

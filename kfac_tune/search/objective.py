@@ -28,8 +28,9 @@ import optuna
 
 from kfac_tune.config import Config, ParamSpec
 from kfac_tune.config import TIME_OBJECTIVE
+from kfac_tune.problem import task_and_loss
 from kfac_tune.search.space import optimizer_arguments, suggest, with_training
-from kfac_tune.training import Diverged, TrainResult, task_and_loss, train
+from kfac_tune.training import Diverged, TrainResult, train
 
 INTERRUPTED = "interrupted (Ctrl-C); resume by running the same command"
 REASON_LIMIT = 2000  # characters kept of an exception message

@@ -35,8 +35,8 @@ from kfac_tune.recipes import Match, Recipe, export_best, versions
 from kfac_tune.search.objective import Objective, open_tracker, release_after_failure
 from kfac_tune.search.space import build_space, describe, optimizer_arguments, suggest, warm_starts, with_training
 from kfac_tune.search.warm import recipe_point, warm_start_match
+from kfac_tune.problem import Problem, preflight
 from kfac_tune.secrets import display_url, mask, mask_data
-from kfac_tune.training import Problem, preflight
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_CONSECUTIVE_FAILURES = 5
@@ -274,9 +274,9 @@ def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()
 
 
 def study_steps(spec: WorkerSpec) -> int:
-    from kfac_tune.training import load_data, total_steps
+    from kfac_tune.problem import load_data, total_steps
 
-    return total_steps(spec.cfg, len(load_data(spec.cfg).train_x))
+    return total_steps(spec.cfg, load_data(spec.cfg).train_examples)
 
 
 def _worker_main(spec: WorkerSpec, parent: int) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from kfac_tune.config import Config, ParamSpec, Phrase
 from kfac_tune.recipes import Match, RecipeError, find_recipes, load_recipe, recipe_directories, signature_distance
 from kfac_tune.search.space import point_in_space
-from kfac_tune.training import Problem
+from kfac_tune.problem import Problem
 
 
 def warm_start_match(cfg: Config, problem: Problem, directories: Sequence[str | Path] = ()) -> Match | None:

@@ -66,6 +66,14 @@ class DataBundle:
     val_x: torch.Tensor | None = None
     val_y: torch.Tensor | None = None
 
+    @property
+    def train_examples(self) -> int:
+        return len(self.train_x)
+
+    @property
+    def has_validation(self) -> bool:
+        return self.val_x is not None
+
 
 def hold_out(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
     """``bundle`` with ``fraction`` of its training examples moved to a validation split.
@@ -78,16 +86,21 @@ def hold_out(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
     """
     if bundle.val_x is not None or fraction <= 0:
         return bundle
-    n = len(bundle.train_x)
+    keep, val_index = validation_indices(len(bundle.train_x), fraction, seed)
+    return dataclasses.replace(bundle, train_x=bundle.train_x[keep], train_y=bundle.train_y[keep],
+                               val_x=bundle.train_x[val_index], val_y=bundle.train_y[val_index])
+
+
+def validation_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (training, validation) example indices of :func:`hold_out`, both in ascending order; shared with
+    Dataset data so that both forms of the same examples are split alike."""
     n_val = min(max(round(fraction * n), 1), n - 1)
     if n_val < 1:
         raise ValueError(f"cannot hold out a validation split from {n} training example(s)")
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_val]
     keep = torch.ones(n, dtype=torch.bool)
     keep[chosen] = False
-    val_index = chosen.sort().values
-    return dataclasses.replace(bundle, train_x=bundle.train_x[keep], train_y=bundle.train_y[keep],
-                               val_x=bundle.train_x[val_index], val_y=bundle.train_y[val_index])
+    return keep.nonzero().squeeze(1), chosen.sort().values
 
 
 @dataclass(frozen=True)

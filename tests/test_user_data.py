@@ -1,0 +1,206 @@
+"""The data pipeline for your own data: a data callable given the settings it asks for, Datasets with transforms
+through a DataLoader, augmentation of built-in data, and recipes checked against the network they are used on.
+
+Real data (scikit-learn's digits, Fashion-MNIST from the Debian package), real training, the real CLI; the user's
+package is written to a temporary directory outside the repository, as a user's would be.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import Subset
+
+from kfac_tune import KFAC, optimizer_from_recipe
+from kfac_tune.augment import Augmented
+from kfac_tune.config import ConfigError, load_config
+from kfac_tune.problem import load_data, preflight
+from kfac_tune.recipes import RecipeError
+from kfac_tune.training import train
+from kfac_tune.userdata import DatasetBundle
+from kfac_tune.zoo import build_model, load_dataset
+from tests.search_support import cli, recipe_for, tiny_config
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+USER_PACKAGE = '''
+import torch
+from torch.utils.data import Dataset
+from kfac_tune.zoo import load_dataset
+
+class Digits(Dataset):
+    """The 8x8 digits as a map-style Dataset of (image, label), with an optional per-example transform."""
+
+    classes = list(range(10))
+
+    def __init__(self, x, y, transform=None):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        return (self.transform(x) if self.transform else x), int(self.y[i])
+
+def jitter(x):
+    """A random transform: Gaussian pixel noise."""
+    return (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+
+def datasets(train_size=None, test_size=None, seed=0, transform=True):
+    d = load_dataset("digits", train_size=train_size, test_size=test_size, seed=seed)
+    return Digits(d.train_x, d.train_y, jitter if transform else None), Digits(d.test_x, d.test_y)
+
+def tensors(seed=0):
+    d = load_dataset("digits", seed=seed)
+    return d.train_x, d.train_y, d.test_x, d.test_y
+
+def fixed():
+    d = load_dataset("digits")
+    return d.train_x, d.train_y, d.test_x, d.test_y
+
+def wrong_shape(x):
+    return x[..., :4]
+'''
+
+
+@pytest.fixture()
+def package(tmp_path: Path) -> Path:
+    """A user package outside the repository, next to the YAML (the config's directory is importable)."""
+    directory = tmp_path / "project"
+    directory.mkdir()
+    (directory / "userdata_pkg.py").write_text(USER_PACKAGE)
+    return directory
+
+
+def config_file(directory: Path, data: dict[str, Any], **sections: Any) -> Path:
+    config = tiny_config(directory, **sections)
+    config["data"] = {"batch_size": 64, **data}
+    path = directory / "model.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def curves(cfg: Any) -> list[dict[str, float]]:
+    return [{k: v for k, v in point.items() if k not in ("train_seconds", "step_time")}
+            for point in train(cfg, {}, test=True).curves]
+
+
+# ------------------------------------------------------------------------------------ settings by signature
+
+
+def test_dataset_callable_with_a_transform_trains_on_train_size_examples(package: Path) -> None:
+    cfg = load_config(config_file(package, {"callable": "userdata_pkg:datasets", "train_size": 300,
+                                            "test_size": 100, "validation": 0.2}))
+    data = load_data(cfg)
+    assert isinstance(data, DatasetBundle) and isinstance(data.train, Subset)
+    assert (len(data.train), len(data.validation), len(data.test)) == (240, 60, 100)  # train_size reached it
+    problem = preflight(cfg, {})
+    assert (problem.train_examples, problem.split, problem.input_shape) == (240, "validation", (1, 8, 8))
+    first, again = data.train[0][0], data.train[0][0]
+    assert not torch.equal(first, again), "the callable's random transform runs on every read"
+    result = train(cfg, {}, test=True)
+    assert result.final["eval_accuracy"] > 0.5 and result.test["test_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_dataset_path_trains_on_the_same_batches_as_the_tensor_path(package: Path) -> None:
+    """The same examples as Datasets (no transform, read by a DataLoader) and as tensors (sliced in memory):
+    the same batches in the same order, so the same curves."""
+    as_datasets = load_config(config_file(package, {"callable": "userdata_pkg:datasets",
+                                                    "kwargs": {"transform": False}}))
+    as_tensors = load_config(config_file(package, {"callable": "userdata_pkg:tensors"}))
+    assert curves(as_datasets) == [pytest.approx(point, rel=1e-5) for point in curves(as_tensors)]
+
+
+def test_dataloader_workers_are_reproducible(package: Path) -> None:
+    """Two workers applying a random transform: the same seed gives the same run, another seed another run."""
+    config = config_file(package, {"callable": "userdata_pkg:datasets", "workers": 2, "train_size": 400},
+                         training={"steps": 20, "eval_every": 10})
+    first, second = curves(load_config(config)), curves(load_config(config))
+    assert first == second
+    assert curves(load_config(config, {"training.seed": 1})) != first
+
+
+def test_a_setting_the_callable_cannot_take_is_refused_by_the_cli(package: Path) -> None:
+    config = config_file(package, {"callable": "userdata_pkg:fixed", "train_size": 100})
+    result = cli("search", str(config), "--no-tracking", cwd=package)
+    assert result.returncode == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "data.train_size" in message and "userdata_pkg:fixed" in message and "100" in message, message
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"callable": "userdata_pkg:fixed", "kwargs": {"scale": 2}}, "data.kwargs.scale"),
+    ({"callable": "userdata_pkg:datasets", "kwargs": {"seed": 3}}, "data.kwargs.seed"),
+    ({"callable": "userdata_pkg:tensors", "root": "/data"}, "data.root"),
+])
+def test_keys_a_callable_cannot_honour(package: Path, data: dict[str, Any], field: str) -> None:
+    cfg = load_config(config_file(package, data))
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as raised:
+        preflight(cfg, {})
+    assert data["callable"] in str(raised.value) or "data setting" in str(raised.value)
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_fashion_mnist_with_augmentation(tmp_path: Path) -> None:
+    data_section = {"name": "fashion_mnist", "train_size": 600, "test_size": 200,
+                    "augment": {"random_crop": 2, "horizontal_flip": True}}
+    cfg = load_config(config_file(tmp_path, data_section, training={"steps": 40, "eval_every": 20}))
+    data = load_data(cfg)
+    assert isinstance(data.train, Augmented) and len(data.train) == 540
+    plain = load_dataset("fashion_mnist", train_size=600, test_size=200)
+    reads = torch.stack([data.train[5][0] for _ in range(20)])
+    assert reads.shape == (20, 1, 28, 28) and len({tuple(r.flatten().tolist()) for r in reads}) > 1
+    # validation and test examples are not augmented
+    val_x = torch.stack([data.validation[i][0] for i in range(len(data.validation))])
+    assert all(any(torch.equal(v, x) for x in plain.train_x) for v in val_x[:5])
+    assert torch.equal(data.test.tensors[0], plain.test_x)
+    result = train(cfg, {}, test=True)
+    assert result.final["eval_accuracy"] > 0.4 and result.test["test_accuracy"] > 0.4  # chance is 0.1
+    assert curves(cfg) == curves(cfg), "augmented runs reproduce"
+
+
+def test_augmentation_settings_are_checked_at_preflight(package: Path) -> None:
+    flat = load_config(config_file(package, {"name": "synthetic", "augment": {"random_crop": 2}}))
+    with pytest.raises(ConfigError, match=r"data\.augment\.random_crop: expected image examples"):
+        preflight(flat, {})
+    wrong = load_config(config_file(package, {"name": "digits", "augment": {"callable": "userdata_pkg:wrong_shape"}}))
+    with pytest.raises(ConfigError, match=r"data\.augment\.callable: expected a tensor of the example's shape"):
+        preflight(wrong, {})
+    with pytest.raises(ConfigError, match=r"data\.augment\.random_flip"):
+        load_config(config_file(package, {"name": "digits", "augment": {"random_flip": True}}))
+
+
+# ----------------------------------------------------------------------------------- recipes and networks
+
+
+@pytest.mark.parametrize(("optimizer", "hyperparameters", "kind"), [
+    ("kfac", {"lr": 0.05, "damping": 0.01}, KFAC),
+    ("adam", {"lr": 0.002}, torch.optim.Adam),
+    ("sgd", {"lr": 0.05}, torch.optim.SGD),
+])
+def test_recipes_check_the_network(tmp_path: Path, optimizer: str, hyperparameters: dict[str, Any],
+                                   kind: type) -> None:
+    recipe = recipe_for(config_file(tmp_path, {"name": "digits"}, model={"name": "mlp", "kwargs": {"hidden": [32]}}),
+                        optimizer, hyperparameters, tmp_path / f"{optimizer}.yaml")
+    same = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    built = optimizer_from_recipe(same, recipe)
+    assert isinstance(built, kind) and built.param_groups[0]["lr"] == hyperparameters["lr"]
+    wider = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=[64])
+    with pytest.raises(RecipeError) as raised:
+        optimizer_from_recipe(wider, recipe)
+    message = str(raised.value)
+    assert "'mlp'" in message and "Sequential" in message and "32x64" in message and "64x64" in message, message
+    assert isinstance(optimizer_from_recipe(wider, recipe, strict=False), kind)
+    if optimizer == "kfac":
+        assert isinstance(KFAC.from_recipe(same, recipe), KFAC)
+        with pytest.raises(RecipeError, match="'mlp'.*Sequential.*strict=False"):
+            KFAC.from_recipe(wider, recipe)
+        assert KFAC.from_recipe(wider, recipe, strict=False).param_groups[0]["damping"] == 0.01
