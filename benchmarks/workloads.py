@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfac_tune.config import load_config
-from kfac_tune.training import load_data, make_model, task_and_loss
+from kfac_tune.problem import load_data, make_model, task_and_loss
 from kfac_tune.zoo.data import load_dataset
 from kfac_tune.zoo.models import build_model
 
