@@ -21,6 +21,7 @@ from kfac_tune import catalog, optimizer_from_recipe
 from kfac_tune.muon import MuonWithAdamW, split_parameters
 from kfac_tune.optimizers import build_optimizer
 from kfac_tune.recipes import RecipeError, load_recipe
+from kfac_tune.optim import KFAC
 from kfac_tune.search.space import DEFAULT_POINTS, DEFAULT_SPACES, clip
 from kfac_tune.zoo import build_model
 from tests.search_support import cli, load_study, recipe_for, write_config
@@ -78,7 +79,8 @@ def test_baseline_search_export_train_and_rebuild(tmp_path: Path, name: str) -> 
 @pytest.mark.slow
 def test_compare_puts_the_baselines_beside_kfac(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    paths = [recipe_for(config, name, {**DEFAULT_POINTS[name]}, tmp_path / f"{name}.yaml")
+    kfac = {k: v for k, v in KFAC.defaults().items() if k in KFAC.HYPERPARAMETERS}  # K-FAC untuned
+    paths = [recipe_for(config, name, {**(kfac if name == "kfac" else DEFAULT_POINTS[name])}, tmp_path / f"{name}.yaml")
              for name in ("kfac", *BASELINES)]
     result = cli("compare", str(config), "--recipes", *map(str, paths), "--seeds", "2", "--no-tracking", "-f", "json",
                  "-o", str(tmp_path / "out"), cwd=tmp_path)
@@ -157,7 +159,6 @@ def test_muon_split_of_the_language_model_keeps_embedding_and_decoder_on_adamw()
 def test_catalog_is_where_the_names_come_from(tmp_path: Path) -> None:
     from kfac_tune.cli import find, search
     from kfac_tune.config import ConfigError, load_config
-    from kfac_tune.optim import KFAC
     from kfac_tune.optim.fisher import LOSSES as FISHER_LOSSES
     from kfac_tune.zoo import ARCHITECTURES
 
