@@ -69,13 +69,16 @@ def test_search_show_export_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_diverging_trials_are_pruned_and_best_recipe_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    # K-FAC in its fixed mode, where lr is sampled (automatic mode chooses lr itself), without the safety that
+    # would tame lr = 1e6 (the KL-clip trust region, the update-size guard, step rejection): this tests the search
+    kfac = TEST_OPTIMIZER == "kfac"
+    unguarded = {"optimizer": {"name": "kfac", "options": {"kl_clip": None, "max_update_ratio": None,
+                                                           "rejection_ratio": None}}}
     config = write_config(tmp_path, search={
         "trials": 3, "pruner": "none", "enqueue_defaults": False,
-        # K-FAC in its fixed mode, where lr is sampled (automatic mode chooses lr itself), without the KL-clip
-        # trust region that would tame lr = 1e6
-        "space": {"lr": [0.05, 1.0e6], **({"mode": "fixed", "kl_clip": None} if TEST_OPTIMIZER == "kfac" else {})},
+        "space": {"lr": [0.05, 1.0e6], **({"mode": "fixed", "kl_clip": None} if kfac else {})},  # null: not searched
         "enqueue": [{"lr": 1.0e6}, {"lr": 0.05}],
-    })
+    }, **(unguarded if kfac else {}))
     invoke("search", str(config), "--no-tracking", "-o", str(tmp_path / "best.yaml"))
     study = load_study(f"sqlite:///{tmp_path / 'study.db'}", "model")
     diverged = [t for t in study.trials if t.params["lr"] == 1.0e6]
