@@ -110,4 +110,6 @@ def test_multi_objective_search_without_pruning_and_with_the_pareto_plot(tmp_pat
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     artifacts = [a.path for a in client.list_artifacts(study.user_attrs["mlflow_parent_run_id"], "plots")]
-    assert {"plots/pareto_front.html", "plots/pareto_front.png"} <= set(artifacts)
+    assert {"plots/interactive.html", "plots/pareto_front.png"} <= set(artifacts)  # one page holds every HTML plot
+    page = client.download_artifacts(study.user_attrs["mlflow_parent_run_id"], "plots/interactive.html", str(tmp_path))
+    assert "pareto_front" in Path(page).read_text()
