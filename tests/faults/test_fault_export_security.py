@@ -87,7 +87,7 @@ def test_the_storage_password_is_written_nowhere(study: Study) -> None:
     recorded = load_study(study.storage, "model")
     assert PASSWORD not in json.dumps(recorded.user_attrs, default=str)
     assert all(PASSWORD not in json.dumps(t.user_attrs, default=str) for t in recorded.trials)
-    recipe = study.directory / "recipes" / "mlp.yaml"
+    recipe = study.directory / "recipes" / "model.yaml"
     assert PASSWORD not in recipe.read_text()
 
     client = MlflowClient(mlflow_store_of(study.directory))
