@@ -239,8 +239,9 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
                        output_format):
         output_console().print(trials_table(rows[:10], cfg.training.metric, title=f"study {name}: best trials"))
     if recipe_path is None:
-        _fail(f"no trial completed, so no recipe was written. Inspect failures with: "
-              f"{_command('kfac-tune', 'show', config, '--study', name, *storage_words)}", 1)
+        # without --storage, `show CONFIG` finds the storage the config (or the environment) names
+        show = ("show", "--study", name, *storage_words) if storage_words else ("show", config, "--study", name)
+        _fail(f"no trial completed, so no recipe was written. Inspect failures with: {_command('kfac-tune', *show)}", 1)
     if output_format == "table":
         click.echo(f"best recipe written to {recipe_path}")
 

@@ -146,11 +146,14 @@ def log(resolved: Settings, cfg: Config, recipe: Recipe, recipe_path: Path, resu
 
 def _log_model(uri: str, run_id: str, model: torch.nn.Module) -> None:
     """``mlflow.pytorch.log_model`` into the run, on the CPU, with torch pinned as its requirement (inferring the
-    requirements would import-scan the environment, seconds for nothing)."""
+    requirements would import-scan the environment, seconds for nothing). Pickled, not MLflow's default ``pt2``:
+    that traces ``forward`` with an input example, which fails for networks with data-dependent control flow;
+    ``mlflow.pytorch.load_model`` needs the model's module importable, as ``model.callable`` does anyway."""
     import mlflow
     import mlflow.pytorch
     import torch
 
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model.cpu(), name="model", pip_requirements=[f"torch=={torch.__version__}"])
+        mlflow.pytorch.log_model(model.cpu(), name="model", pip_requirements=[f"torch=={torch.__version__}"],
+                                 serialization_format="pickle")

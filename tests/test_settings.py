@@ -188,12 +188,13 @@ def test_export_of_a_callable_study(user_study: tuple[Path, dict[str, str]]) -> 
     root, importable = user_study
     config, work = str(root / "project" / "model.yaml"), root / "project"
     # measured on the test split by the search already: no code needed, none imported
-    ok(run("export", "-o", str(root / "stored.yaml"), cwd=work))
+    storage = f"sqlite:///{root / 'study.db'}"
+    ok(run("export", "--storage", storage, "-o", str(root / "stored.yaml"), cwd=work))
     assert yaml.safe_load((root / "stored.yaml").read_text())["result"]["test_value"] is not None
 
     with sqlite3.connect(root / "study.db") as db:  # the study as it is before any test measurement
         db.execute("DELETE FROM study_user_attributes WHERE key LIKE 'test.%'")
-    stored = bad_input(run("export", "-o", str(root / "x.yaml"), cwd=work, env=importable))
+    stored = bad_input(run("export", "--storage", storage, "-o", str(root / "x.yaml"), cwd=work, env=importable))
     assert f"model.callable '{MODULE}:bn_mlp'" in stored and f"module '{MODULE}'" in stored
     assert "kfac-tune export model.yaml" in stored
     missing = bad_input(run("export", config, "-o", str(root / "x.yaml"), cwd=work))
