@@ -86,7 +86,7 @@ def resolve(cfg: Config | None = None, *, storage: str | None = None, tracking_u
         except ValueError as error:
             from kfac_tune.secrets import mask
 
-            raise ConfigError(f"{origin['tracking_uri']}: {error}; found {mask(uri)!r}.") from None
+            raise ConfigError(f"{origin['tracking_uri']}: tracking.uri: {error}; found {mask(uri)!r}.") from None
     enabled = not no_tracking and (cfg.tracking.enabled if cfg is not None else True)
     name = study or (cfg.stem if cfg is not None else None)
     experiment = (cfg.tracking.experiment if cfg is not None else None) or name

@@ -62,7 +62,7 @@ def test_each_setting_resolves_flag_then_environment_then_file_then_default(tmp_
     assert resolve(cfg, no_tracking=True, environ={}).tracking is False
     applied = from_file.apply(cfg)
     assert applied.source == cfg.source and applied.tracking.uri == cfg.tracking.uri
-    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI: expected an MLflow tracking URI"):
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI: tracking.uri: expected an MLflow tracking URI"):
         resolve(cfg, environ={"MLFLOW_TRACKING_URI": "/plain/path"})
 
 
