@@ -69,13 +69,10 @@ def resolve(cfg: Config | None = None, *, storage: str | None = None, tracking_u
     origin: dict[str, str] = {}
 
     def pick(name: str, flag: str | None, flag_name: str, variable: str, from_file: str | None, default: str) -> str:
-        for value, where in ((flag, flag_name), (env.get(variable) or None, variable),
-                             (from_file, f"{cfg.source or 'the config'}" if cfg is not None else ""),
-                             (default, "default")):
-            if value is not None:
-                origin[name] = where
-                return value
-        raise AssertionError("unreachable: the default is never None")
+        candidates = ((flag, flag_name), (env.get(variable) or None, variable),
+                      (from_file, (cfg.source if cfg is not None else None) or "the config"), (default, "default"))
+        value, origin[name] = next((v, where) for v, where in candidates if v is not None)
+        return value
 
     storage_url = pick("storage", storage, "--storage", STORAGE_ENV, cfg.storage if cfg else None, DEFAULT_STORAGE)
     uri = pick("tracking_uri", tracking_uri, "--tracking-uri", TRACKING_URI_ENV,
