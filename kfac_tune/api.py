@@ -13,7 +13,7 @@ with the message the CLI would print.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,36 @@ if TYPE_CHECKING:
     import optuna
 
     from kfac_tune.config import Config
+    from kfac_tune.search import PreparedSearch
+    from kfac_tune.settings import Settings
     from kfac_tune.train_run import TrainOutcome
+
+
+def prepare_search(config: str | Path | Mapping[str, Any] | Config, *, sets: Sequence[str] = (),
+                   overrides: Mapping[str, Any] | None = None, study: str | None = None, storage: str | None = None,
+                   tracking_uri: str | None = None, tracking: bool = True, output: str | Path | None = None,
+                   force: bool = False, **options: Any) -> tuple[PreparedSearch, Settings]:
+    """Everything ``search`` checks before the first trial (the CLI's route too): the config with its overrides,
+    the resolved stores, the recipe path (``recipes/<study>.yaml`` unless ``output``; another study's recipe there
+    needs ``force``), then the opened study. ``options`` go to ``kfac_tune.search.prepare_search``."""
+    from kfac_tune import settings
+    from kfac_tune.recipes import check_overwrite, default_path
+    from kfac_tune.stores import check_distinct_stores, check_storage_url
+
+    cfg = settings.load(config, sets, overrides)
+    resolved = settings.resolve(cfg, storage=storage, tracking_uri=tracking_uri, no_tracking=not tracking,
+                                study=study)
+    cfg = resolved.apply(cfg)
+    name = resolved.study or cfg.stem
+    check_storage_url(resolved.storage)
+    check_distinct_stores(resolved.storage, resolved.tracking_uri if resolved.tracking else None)
+    named = default_path(name)  # a study name must be a plain file name, whether or not a path is given
+    target = check_overwrite(Path(output) if output is not None else named, name, force)  # before the search
+    from kfac_tune.search import prepare_search as open_search  # after validation: bad input before torch loads
+
+    prepared = open_search(cfg, study_name=name, storage=resolved.storage, tracking=resolved.tracking,
+                           recipe_path=target, **options)
+    return prepared, resolved
 
 
 def search(config: str | Path | Mapping[str, Any] | Config, *, study: str | None = None, storage: str | None = None,
@@ -31,22 +60,9 @@ def search(config: str | Path | Mapping[str, Any] | Config, *, study: str | None
     """Run (or resume) the study for ``config`` to its budget, export the best trial as a recipe (``output``,
     default ``recipes/<study>.yaml``; another study's recipe there needs ``force``), and return the Optuna study.
     ``tracking=False`` is ``--no-tracking``."""
-    from kfac_tune import settings
-    from kfac_tune.recipes import check_overwrite, default_path
-    from kfac_tune.search import prepare_search
-    from kfac_tune.stores import check_distinct_stores, check_storage_url
-
-    cfg = settings.load(config, overrides=overrides)
-    resolved = settings.resolve(cfg, storage=storage, tracking_uri=tracking_uri, no_tracking=not tracking,
-                                study=study)
-    cfg = resolved.apply(cfg)
-    name = resolved.study or cfg.stem
-    check_storage_url(resolved.storage)
-    check_distinct_stores(resolved.storage, resolved.tracking_uri if resolved.tracking else None)
-    named = default_path(name)
-    target = check_overwrite(Path(output) if output is not None else named, name, force)
-    prepared = prepare_search(cfg, trials=trials, timeout=timeout, study_name=name, storage=resolved.storage,
-                              jobs=jobs, tracking=resolved.tracking, recipe_path=target)
+    prepared, _ = prepare_search(config, overrides=overrides, study=study, storage=storage,
+                                 tracking_uri=tracking_uri, tracking=tracking, output=output, force=force,
+                                 trials=trials, timeout=timeout, jobs=jobs)
     outcome = prepared.run()
     if outcome.interrupted:
         raise KeyboardInterrupt

@@ -191,28 +191,17 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     """Run (or resume) an Optuna study over the optimizer's hyperparameters."""
     from rich.console import Console
 
-    from kfac_tune import settings
+    from kfac_tune.api import prepare_search
     from kfac_tune.display import SearchDisplay, describe_match, output_console, trial_rows, trials_table
+    from kfac_tune.secrets import display_url
 
     overrides = {key: value for key, value in {"optimizer.name": optimizer,
                                                "search.warm_start": warm_start or None}.items() if value is not None}
-    cfg = settings.load(config, sets, overrides)
-    resolved = settings.resolve(cfg, storage=storage, tracking_uri=tracking_uri, no_tracking=no_tracking,
-                                study=study_name)
-    cfg = resolved.apply(cfg)
-    from kfac_tune.recipes import check_overwrite, default_path
-    from kfac_tune.secrets import display_url
-    from kfac_tune.stores import check_distinct_stores, check_storage_url
-
-    name, storage_url = resolved.study or cfg.stem, resolved.storage
-    check_storage_url(storage_url)
-    check_distinct_stores(storage_url, resolved.tracking_uri if resolved.tracking else None)
-    named = default_path(name)  # a study name must be a plain file name, whether or not -o is given
-    recipe_target = check_overwrite(output or named, name, force)  # before the search, not after it
-    from kfac_tune.search import prepare_search  # after validation: a bad file is reported before torch loads
-
-    prepared = prepare_search(cfg, trials=trials, timeout=timeout, study_name=name, storage=storage_url, jobs=jobs,
-                              tracking=resolved.tracking, recipe_path=recipe_target, recipe_dirs=recipes_dirs)
+    prepared, resolved = prepare_search(
+        config, sets=sets, overrides=overrides, study=study_name, storage=storage, tracking_uri=tracking_uri,
+        tracking=not no_tracking, output=output, force=force, trials=trials, timeout=timeout, jobs=jobs,
+        recipe_dirs=recipes_dirs)
+    cfg, name, storage_url = prepared.cfg, prepared.spec.study_name, resolved.storage
     console = Console(stderr=True)
     if prepared.warm_start is not None:
         console.print(f"warm start: {describe_match(prepared.warm_start)}")
