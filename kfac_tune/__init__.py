@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["KFAC", "load_recipe", "optimizer_from_recipe", "__version__"]
+__all__ = ["KFAC", "load_recipe", "optimizer_from_recipe", "search", "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +24,12 @@ def __getattr__(name: str) -> Any:
         from kfac_tune.optimizers import optimizer_from_recipe
 
         return optimizer_from_recipe
+    if name == "search":  # the package kfac_tune.search, callable as the API's search (see its __init__)
+        import kfac_tune.search
+
+        return kfac_tune.search
+    if name == "train":
+        from kfac_tune.api import train
+
+        return train
     raise AttributeError(f"module 'kfac_tune' has no attribute {name!r}")

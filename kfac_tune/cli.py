@@ -20,30 +20,38 @@ import click
 
 from kfac_tune import __version__
 from kfac_tune.catalog import OPTIMIZER_NAMES
+from kfac_tune.settings import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, STORAGE_ENV, TRACKING_URI_ENV
 
 F = TypeVar("F", bound=Callable[..., Any])
-DEFAULT_STORAGE = "sqlite:///kfac_tune.db"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
 # ------------------------------------------------------------------------------------------- shared options
 
 config_argument = click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+optional_config_argument = click.argument("config", required=False,
+                                          type=click.Path(exists=True, dir_okay=False, path_type=Path))
 study_option = click.option(
     "--study", "study_name", metavar="NAME",
-    help="Study name. search: defaults to the config file's stem; show/export: may be omitted when the storage "
-         "holds exactly one study.",
+    help="Study name. Default: the config file's stem; show/export without CONFIG: the storage's only study.",
 )
 storage_option = click.option(
-    "--storage", metavar="URL", envvar="KFAC_TUNE_STORAGE", show_envvar=True,
+    "--storage", metavar="URL",
     help=f"Optuna storage, any SQLAlchemy URL (postgresql+psycopg2://user@host/db for several machines; put the "
-         f"password in the environment, e.g. PGPASSWORD). Default: the config's `storage`, else {DEFAULT_STORAGE}.",
+         f"password in the environment, e.g. PGPASSWORD). Default: ${STORAGE_ENV}, else the config's `storage`, "
+         f"else {DEFAULT_STORAGE}.",
 )
 tracking_uri_option = click.option(
-    "--tracking-uri", metavar="URI", envvar="MLFLOW_TRACKING_URI", show_envvar=True,
-    help=f"MLflow tracking URI (sqlite:///… or http://host:port). Default: the config's `tracking.uri`, else "
-         f"{DEFAULT_TRACKING_URI}.",
+    "--tracking-uri", metavar="URI",
+    help=f"MLflow tracking URI (sqlite:///… or http://host:port). Default: ${TRACKING_URI_ENV}, else the config's "
+         f"`tracking.uri`, else {DEFAULT_TRACKING_URI}.",
 )
+no_tracking_option = click.option("--no-tracking", is_flag=True, help="Do not log to MLflow (tracking.enabled: false).")
+set_option = click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE",
+    help="Override one config entry before validation, as if written in the file (repeatable): "
+         "--set training.steps=50 --set optimizer.options.damping=1e-3. Values are YAML.")
+force_option = click.option("--force", is_flag=True,
+                            help="Overwrite a recipe file that holds another study's recipe.")
 
 recipes_dir_option = click.option(
     "--recipes-dir", "recipes_dirs", multiple=True, metavar="DIR",
@@ -165,9 +173,11 @@ Re-running the same command resumes the study until the budget is reached.""")
               help="Worker processes on this machine, sharing the storage (each with its own sampler seed).")
 @tracking_uri_option
 @click.option("--optimizer", type=click.Choice(OPTIMIZER_NAMES), help="Override the config's optimizer.")
-@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow (tracking.enabled: false).")
+@no_tracking_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
-              help="Where to write the best recipe. Default: recipes/<architecture>.yaml.")
+              help="Where to write the best recipe. Default: recipes/<study>.yaml.")
+@force_option
+@set_option
 @click.option("--warm-start", is_flag=True,
               help="First try the closest recipe for this optimizer and network (see `kfac-tune recipe find`); "
                    "same as search.warm_start: true.")
@@ -176,27 +186,22 @@ Re-running the same command resumes the study until the budget is reached.""")
 @handle_errors
 def search(config: Path, trials: int | None, timeout: float | None, study_name: str | None, storage: str | None,
            jobs: int, tracking_uri: str | None, optimizer: str | None, no_tracking: bool,
-           output: Path | None, warm_start: bool, recipes_dirs: tuple[Path, ...], output_format: str) -> None:
+           output: Path | None, force: bool, sets: tuple[str, ...], warm_start: bool,
+           recipes_dirs: tuple[Path, ...], output_format: str) -> None:
     """Run (or resume) an Optuna study over the optimizer's hyperparameters."""
     from rich.console import Console
 
-    from kfac_tune.config import load_config
+    from kfac_tune.api import prepare_search
     from kfac_tune.display import SearchDisplay, describe_match, output_console, trial_rows, trials_table
-
-    overrides = {key: value for key, value in {"optimizer.name": optimizer, "tracking.uri": tracking_uri,
-                                               "search.warm_start": warm_start or None}.items() if value is not None}
-    cfg = load_config(config, overrides)
     from kfac_tune.secrets import display_url
-    from kfac_tune.stores import check_distinct_stores, check_storage_url
 
-    name = study_name or cfg.stem
-    storage_url = storage or cfg.storage
-    check_storage_url(storage_url)
-    check_distinct_stores(storage_url, cfg.tracking.uri if cfg.tracking.enabled and not no_tracking else None)
-    from kfac_tune.search import prepare_search  # after validation: a bad file is reported before torch loads
-
-    prepared = prepare_search(cfg, trials=trials, timeout=timeout, study_name=name, storage=storage_url, jobs=jobs,
-                              tracking=False if no_tracking else None, recipe_path=output, recipe_dirs=recipes_dirs)
+    overrides = {key: value for key, value in {"optimizer.name": optimizer,
+                                               "search.warm_start": warm_start or None}.items() if value is not None}
+    prepared, resolved = prepare_search(
+        config, sets=sets, overrides=overrides, study=study_name, storage=storage, tracking_uri=tracking_uri,
+        tracking=not no_tracking, output=output, force=force, trials=trials, timeout=timeout, jobs=jobs,
+        recipe_dirs=recipes_dirs)
+    cfg, name, storage_url = prepared.cfg, prepared.spec.study_name, resolved.storage
     console = Console(stderr=True)
     if prepared.warm_start is not None:
         console.print(f"warm start: {describe_match(prepared.warm_start)}")
@@ -211,7 +216,7 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
         display.update(prepared.study)
         outcome = prepared.run(on_progress=display.update)
         display.update(outcome.study)
-    storage_words = ("--storage", storage_url) if storage else ()
+    storage_words = ("--storage", storage_url) if resolved.origin["storage"] == "--storage" else ()
     resume = _command("kfac-tune", "search", config, "--study", name, *storage_words)
     if outcome.interrupted:
         _fail(f"interrupted: the running trial was marked failed; completed trials are kept in "
@@ -223,27 +228,30 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
                        output_format):
         output_console().print(trials_table(rows[:10], cfg.training.metric, title=f"study {name}: best trials"))
     if recipe_path is None:
-        _fail(f"no trial completed, so no recipe was written. Inspect failures with: "
-              f"{_command('kfac-tune', 'show', '--study', name, *storage_words)}", 1)
+        # without --storage, `show CONFIG` finds the storage the config (or the environment) names
+        show = ("show", "--study", name, *storage_words) if storage_words else ("show", config, "--study", name)
+        _fail(f"no trial completed, so no recipe was written. Inspect failures with: {_command('kfac-tune', *show)}", 1)
     if output_format == "table":
         click.echo(f"best recipe written to {recipe_path}")
 
 
 @cli.command(epilog="""\b
 Examples:
+  kfac-tune show examples/digits_mlp.yaml   # the study `search` ran for this file, in its storage
   kfac-tune show
   kfac-tune show --study digits_mlp -f json
   KFAC_TUNE_STORAGE=sqlite:///runs/tune.db kfac-tune show -f yaml""")
+@optional_config_argument
 @study_option
 @storage_option
 @format_option
 @handle_errors
-def show(study_name: str | None, storage: str | None, output_format: str) -> None:
+def show(config: Path | None, study_name: str | None, storage: str | None, output_format: str) -> None:
     """List a study's trials, best first: state, value, parameters, duration, prune/fail reason; for several
-    objectives, the Pareto front too."""
+    objectives, the Pareto front too. With CONFIG, its study in its storage (as `search CONFIG` ran it)."""
     from kfac_tune.display import output_console, pareto_table, trial_rows, trials_table
 
-    study = _load_study(study_name, storage)
+    study = _load_study(_resolve(config, storage=storage, study=study_name)[1])
     rows = trial_rows(study)
     if not _print_data(rows, output_format):
         metric = study.user_attrs.get("metric", "value")
@@ -255,29 +263,38 @@ def show(study_name: str | None, storage: str | None, output_format: str) -> Non
 
 @cli.command(epilog="""\b
 Examples:
+  kfac-tune export examples/digits_mlp.yaml   # the study `search` ran for this file -> recipes/digits_mlp.yaml
   kfac-tune export
   kfac-tune export --study digits_mlp -o recipes/digits-mlp-kfac.yaml
   kfac-tune export --pick fastest-within=2%   # the fastest trial whose metric is within 2 % of the best
-The chosen trial is measured once on the test split (trained again unless the search already did).""")
+The chosen trial is measured once on the test split (trained again unless the search already did); for a
+model.callable or data.callable study that needs the study's CONFIG, with your module importable.""")
+@optional_config_argument
 @study_option
 @storage_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
-              help="Recipe file to write (atomically). Default: recipes/<architecture>.yaml.")
+              help="Recipe file to write (atomically). Default: recipes/<study>.yaml.")
+@force_option
 @click.option("--pick", default="best", show_default=True, metavar="best|fastest-within=P%",
               help="Which trial: the best metric, or the fewest training seconds within P % of the best metric "
                    "(a point of the Pareto front of a (metric, train_seconds) study).")
 @handle_errors
-def export(study_name: str | None, storage: str | None, output: Path | None, pick: str) -> None:
+def export(config: Path | None, study_name: str | None, storage: str | None, output: Path | None, force: bool,
+           pick: str) -> None:
     """Write a study's trial (the best by default) as a recipe YAML."""
-    from kfac_tune.recipes import export_best
+    from kfac_tune.recipes import check_overwrite, default_path, export_best
     from kfac_tune.search.selection import parse_pick
 
     try:
         parse_pick(pick)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="'--pick'") from None
-    study = _load_study(study_name, storage)
-    recipe, path = export_best(study, path=output, pick=pick)
+    cfg, resolved = _resolve(config, storage=storage, study=study_name)
+    study = _load_study(resolved)
+    target = check_overwrite(output or default_path(study.study_name), study.study_name, force)
+    # the user's file supplies the code to rerun only if it describes the study's objective
+    same = cfg is not None and study.user_attrs.get("config_hash") == cfg.fingerprint()
+    recipe, path = export_best(study, cfg if same else None, path=target, pick=pick)
     result = recipe.result
     test = "" if result.test_value is None else f", test {result.test_value:.6g}"
     click.echo(f"{path}: {recipe.optimizer} for {recipe.architecture}, {result.metric} = {result.value:.6g} on the "
@@ -288,26 +305,34 @@ def export(study_name: str | None, storage: str | None, output: Path | None, pic
 Examples:
   kfac-tune train examples/digits_mlp.yaml --recipe recipes/mlp.yaml
   kfac-tune train model.yaml --recipe tuned.yaml --ignore-architecture
-  kfac-tune train model.yaml --recipe recipes/mlp.yaml -f json""")
+  kfac-tune train model.yaml --recipe recipes/mlp.yaml -f json
+  kfac-tune train model.yaml --recipe recipes/model.yaml --save runs/model --set training.steps=2000
+--save DIR writes model.pt (the state_dict), optimizer.pt, recipe.yaml and result.json; MLflow (unless
+--no-tracking) gets a run with the config, the hyperparameters, the curves, the data set and the model.""")
 @config_argument
 @click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               metavar="PATH", help="Recipe YAML (from `kfac-tune export`).")
 @click.option("--ignore-architecture", is_flag=True,
               help="Use the recipe even if it was tuned for a different network.")
+@click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Write the trained weights, the optimizer state, the recipe and the result into DIR.")
+@tracking_uri_option
+@no_tracking_option
+@set_option
 @format_option
 @handle_errors
-def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_format: str) -> None:
-    """Train once with a recipe's hyperparameters and print the result."""
+def train(config: Path, recipe_path: Path, ignore_architecture: bool, save_dir: Path | None,
+          tracking_uri: str | None, no_tracking: bool, sets: tuple[str, ...], output_format: str) -> None:
+    """Train once with a recipe's hyperparameters, print the result, and log it to MLflow."""
     from rich.table import Table
 
+    from kfac_tune import train_run
     from kfac_tune.display import output_console
-    from kfac_tune.recipes import RecipeError, load_recipe
+    from kfac_tune.recipes import RecipeError
 
-    recipe = load_recipe(recipe_path)
-    from kfac_tune.compare import bind_recipe
-    from kfac_tune.training import train as train_once
-
-    cfg, hparams, problem = bind_recipe(config, recipe, recipe_path, ignore_architecture=ignore_architecture)
+    cfg, hparams, problem, recipe, resolved = train_run.bind(
+        config, recipe_path, ignore_architecture=ignore_architecture, sets=sets, tracking_uri=tracking_uri,
+        no_tracking=no_tracking)
     console = output_console(stderr=output_format != "table")
     tuned = recipe.training
     for what, theirs, ours in (("batch size", tuned.batch_size, cfg.data.batch_size), ("steps", tuned.steps,
@@ -318,16 +343,26 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, output_for
 
     with console.status(f"training {problem.architecture} with {recipe.optimizer} for {problem.steps} steps"):
         try:
-            result = train_once(cfg, hparams, test=True)
+            outcome = train_run.run(cfg, hparams, problem, recipe, recipe_path, resolved, save_dir)
         except Diverged as error:
             raise RecipeError(f"recipe {recipe_path} does not train {config}'s workload: {error}. Its "
                               f"hyperparameters were tuned for batch size {tuned.batch_size} and {tuned.steps} "
                               f"steps on {tuned.dataset}; tune them for this workload (kfac-tune search "
                               f"{shlex.quote(str(config))} --warm-start)") from None
+    result, run_id = outcome.result, outcome.run_id
+    if save_dir is not None:
+        console.print(f"saved the trained model to {save_dir / train_run.MODEL_FILE} (with {train_run.OPTIMIZER_FILE}, "
+                      f"{train_run.RECIPE_FILE}, {train_run.RESULT_FILE})")
+    if run_id is not None:
+        from kfac_tune.secrets import display_url
+
+        console.print(f"logged to MLflow run {run_id} in experiment {resolved.experiment} at "
+                      f"{display_url(resolved.tracking_uri)}")
     summary = {"metric": result.metric, "value": result.value, "best": result.best, "recipe_value": recipe.result.value,
                "test": result.test, "recipe_test_value": recipe.result.test_value,
                "final": result.final, "steps": result.steps, "step_time_s": result.step_time,
-               "seconds": result.seconds, "device": result.device}
+               "seconds": result.seconds, "device": result.device, "mlflow_run_id": run_id,
+               "saved": None if save_dir is None else str(save_dir)}
     if _print_data(summary, output_format):
         return
     table = Table(title=f"{recipe.optimizer} on {problem.architecture} ({recipe_path})", show_header=False)
@@ -359,39 +394,40 @@ The common target is the best value every run of every recipe reaches (the worst
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("compare"),
               show_default=True, metavar="DIR", help="Where to write compare-<config stem>.png and .json.")
 @tracking_uri_option
-@click.option("--no-tracking", is_flag=True, help="Do not log the comparison to MLflow.")
+@no_tracking_option
 @click.option("--ignore-architecture", is_flag=True,
               help="Use recipes even if they were tuned for a different network.")
+@set_option
 @format_option
 @handle_errors
 def compare(config: Path, recipe_paths: tuple[Path, ...], seeds: int, output_dir: Path, tracking_uri: str | None,
-            no_tracking: bool, ignore_architecture: bool, output_format: str) -> None:
+            no_tracking: bool, ignore_architecture: bool, sets: tuple[str, ...], output_format: str) -> None:
     """Train recipes with several seeds on one workload: final metric, steps and seconds to a common target."""
     from rich.console import Console
 
     from kfac_tune.compare import compare as run_comparison
     from kfac_tune.compare import tracked_metrics, write_outputs
-    from kfac_tune.config import load_config
+    from kfac_tune import settings
     from kfac_tune.display import comparison_table, output_console
-
     from kfac_tune.files import check_writable_directory, writable_target
 
-    cfg = load_config(config, {"tracking.uri": tracking_uri} if tracking_uri else None)
+    cfg = settings.load(config, sets)
+    resolved = settings.resolve(cfg, tracking_uri=tracking_uri, no_tracking=no_tracking)
     check_writable_directory(output_dir)  # before the training, not after it
     for suffix in (".png", ".json"):
         writable_target(output_dir / f"compare-{cfg.stem}{suffix}")
     console = Console(stderr=True)
     with console.status("comparing") as status:
-        result = run_comparison(config, recipe_paths, seeds, ignore_architecture=ignore_architecture,
+        result = run_comparison(config, recipe_paths, seeds, ignore_architecture=ignore_architecture, sets=sets,
                                 on_run=lambda label, seed: status.update(f"training {label}, seed {seed}"))
     png, table = write_outputs(result, output_dir, cfg.stem)
-    if not no_tracking and cfg.tracking.enabled:
+    if resolved.tracking:
         from kfac_tune.tracking import log_comparison
 
         summary, curves = tracked_metrics(result)
-        experiment = cfg.tracking.experiment or cfg.stem
+        experiment = resolved.experiment or cfg.stem
         run_id = log_comparison(
-            cfg.tracking.uri, experiment, f"compare {' vs '.join(r.label for r in result.recipes)}",
+            resolved.tracking_uri, experiment, f"compare {' vs '.join(r.label for r in result.recipes)}",
             params={"recipes": " ".join(str(p) for p in recipe_paths), "seeds": str(seeds), "metric": result.metric,
                     "target": str(result.target)}, summary=summary, curves=curves, files=[png, table])
         console.print(f"logged to MLflow run {run_id} in experiment {experiment}")
@@ -452,22 +488,26 @@ def find(config: Path, optimizer: str | None, recipes_dirs: tuple[Path, ...], co
 @cli.command(epilog="""\b
 Examples:
   kfac-tune ui
+  kfac-tune ui examples/digits_mlp.yaml   # the config's tracking.uri
   kfac-tune ui --tracking-uri sqlite:///runs/mlflow.db --port 5001
   kfac-tune ui --host 0.0.0.0   # reachable from other machines: the server has no authentication""")
+@optional_config_argument
 @tracking_uri_option
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="Port to listen on.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (local only by default).")
 @handle_errors
-def ui(tracking_uri: str | None, port: int, host: str) -> None:
-    """Serve the MLflow UI on a local tracking store and wait (Ctrl-C, SIGTERM or SIGHUP stops it)."""
+def ui(config: Path | None, tracking_uri: str | None, port: int, host: str) -> None:
+    """Serve the MLflow UI on a local tracking store and wait (Ctrl-C, SIGTERM or SIGHUP stops it). The store:
+    --tracking-uri, else $MLFLOW_TRACKING_URI, else CONFIG's tracking.uri, else the default."""
     from kfac_tune import processes
+    from kfac_tune.secrets import display_url
     from kfac_tune.tracking import experiment_url, serve_ui
 
-    uri = tracking_uri or DEFAULT_TRACKING_URI
+    uri = _resolve(config, tracking_uri=tracking_uri)[1].tracking_uri
     process = serve_ui(uri, host=host, port=port)
     try:
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        click.echo(f"MLflow UI for {uri} at {base}")
+        click.echo(f"MLflow UI for {display_url(uri)} at {base}")
         from mlflow import MlflowClient
 
         for experiment in MlflowClient(uri).search_experiments():
@@ -536,8 +576,16 @@ def _print_data(data: Any, output_format: str) -> bool:
     return output_format != "table"
 
 
-def _load_study(study_name: str | None, storage: str | None) -> Any:
-    """Load ``study_name`` (or the storage's only study) without touching heartbeats or samplers."""
+def _resolve(config: Path | None, **flags: Any) -> tuple[Any, Any]:
+    """(the config or None, its ``settings.Settings``) for a command whose CONFIG is optional."""
+    from kfac_tune import settings
+
+    cfg = None if config is None else settings.load(config)
+    return cfg, settings.resolve(cfg, **flags)
+
+
+def _load_study(resolved: Any) -> Any:
+    """Load the resolved study (or the storage's only study) without touching heartbeats or samplers."""
     import optuna
 
     from kfac_tune.search.study import quiet
@@ -545,7 +593,7 @@ def _load_study(study_name: str | None, storage: str | None) -> Any:
     from kfac_tune.stores import check_storage_url
 
     quiet()
-    url = storage or DEFAULT_STORAGE
+    url, study_name = resolved.storage, resolved.study
     check_storage_url(url)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         raise StudyNotFound(f"no storage at {display_url(url)}: run `kfac-tune search CONFIG` first, or pass --storage")

@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kfac_tune.config import Config, ConfigError, load_config
+from kfac_tune import settings
+from kfac_tune.config import Config, ConfigError
 from kfac_tune.files import write_atomic
 from kfac_tune.recipes import Recipe, RecipeError, check_architecture, load_recipe
 from kfac_tune.problem import Problem, preflight
 from kfac_tune.training import Diverged, TrainResult, train
 
 
-def bind_recipe(config: Path, recipe: Recipe, recipe_path: Path, *,
-                ignore_architecture: bool = False) -> tuple[Config, dict[str, Any], Problem]:
+def bind_recipe(config: Path | Config, recipe: Recipe, recipe_path: Path, *, ignore_architecture: bool = False,
+                sets: Sequence[str] = ()) -> tuple[Config, dict[str, Any], Problem]:
     """The CONFIG's workload with the recipe's optimizer: (config, hyperparameters, problem).
 
     The recipe's hyperparameters are complete constructor arguments (fixed options included), so the config's
@@ -39,7 +40,7 @@ def bind_recipe(config: Path, recipe: Recipe, recipe_path: Path, *,
     ``RecipeError`` for a recipe tuned for another architecture (unless ``ignore_architecture``) or another loss.
     """
     searched = {"data.batch_size": recipe.training.batch_size} if "batch_size" in recipe.searched else {}
-    cfg = load_config(config, {"optimizer.name": recipe.optimizer, "optimizer.options": {}, **searched})
+    cfg = settings.load(config, sets, {"optimizer.name": recipe.optimizer, "optimizer.options": {}, **searched})
     hparams = {k: v for k, v in recipe.hyperparameters.items() if k != "loss"}
     try:
         problem = preflight(cfg, hparams)
@@ -141,12 +142,13 @@ def common_target(recipes: Sequence[RecipeRuns], maximize: bool) -> float | None
 
 
 def compare(config: Path, recipe_paths: Sequence[Path], seeds: int, *, ignore_architecture: bool = False,
-            on_run: Callable[[str, int], None] | None = None) -> Comparison:
-    """Train every recipe for ``seeds`` seeds on CONFIG's workload; ``on_run(label, seed)`` before each run."""
+            sets: Sequence[str] = (), on_run: Callable[[str, int], None] | None = None) -> Comparison:
+    """Train every recipe for ``seeds`` seeds on CONFIG's workload (with the ``--set`` items ``sets``);
+    ``on_run(label, seed)`` before each run."""
     bound = []
     for label, path in zip(labels(recipe_paths), recipe_paths):
         recipe = load_recipe(path)
-        cfg, hparams, _ = bind_recipe(config, recipe, path, ignore_architecture=ignore_architecture)
+        cfg, hparams, _ = bind_recipe(config, recipe, path, ignore_architecture=ignore_architecture, sets=sets)
         bound.append((RecipeRuns(label, path, recipe), cfg, hparams))
     first = bound[0][1]
     seed_list = [first.training.seed + i for i in range(seeds)]

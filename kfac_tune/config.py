@@ -32,6 +32,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_validator)
 
 from kfac_tune.catalog import LOSSES, OPTIMIZERS
+from kfac_tune.settings import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 
 MAX_TRIALS = 1_000_000
 MAX_STEPS = 10**9
@@ -393,7 +394,7 @@ class SearchConfig(_Section):
 
 class TrackingConfig(_Section):
     enabled: bool = True
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = DEFAULT_TRACKING_URI
     experiment: str | None = None
 
     @field_validator("uri")
@@ -414,10 +415,11 @@ class Config(_Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    storage: str = "sqlite:///kfac_tune.db"
+    storage: str = DEFAULT_STORAGE
 
     _source: str | None = PrivateAttr(default=None)
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
+    _stored: bool = PrivateAttr(default=False)  # read back from a storage (``stored_config``): not the user's file
 
     @model_validator(mode="after")
     def _metric_from_objectives(self) -> Config:
@@ -454,6 +456,18 @@ class Config(_Section):
     @property
     def source(self) -> str | None:
         return self._source
+
+    @property
+    def stored(self) -> bool:
+        return self._stored
+
+    def stored_code(self) -> list[str]:
+        """``section.callable`` of each user callable a stored config names (empty for the user's own config):
+        running them means importing code that whoever can write to the storage chose."""
+        if not self._stored:
+            return []
+        return [f"{name}.callable {ref!r}" for name, ref in (("model", self.model.callable),
+                                                              ("data", self.data.callable)) if ref]
 
     @property
     def stem(self) -> str:
@@ -504,6 +518,15 @@ _Loader.add_implicit_resolver(
 )
 
 
+def parse_value(text: str) -> Any:
+    """One value as the YAML file would read it (``1e-4`` a float, ``true`` a bool, ``[32, 32]`` a list); a
+    ValueError for text that is not YAML."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as error:
+        raise ValueError(f"{text!r} is not YAML ({str(error).splitlines()[0]})") from None
+
+
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """Read and validate a model YAML; ``overrides`` maps dotted paths (``search.trials``) to values and is
     applied before validation, so a bad override is reported like a bad file entry."""
@@ -529,13 +552,34 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     return config
 
 
+def parse_config(data: Any, overrides: Mapping[str, Any] | None = None, where: str = "<config>") -> Config:
+    """A config given as data (the Python API's dict) with dotted ``overrides``, validated like a file."""
+    if not isinstance(data, dict):
+        raise _error(where, "(top level)", "a mapping of sections (model, data, training, ...)", data, {})
+    raw = json.loads(json.dumps(data))  # a private copy: overrides must not edit the caller's dict
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as error:
+        raise _pydantic_problem(where, error, {}) from None
+    config.check_objectives()
+    return config
+
+
 def stored_config(data: Any, where: str) -> Config:
     """A config read back from a storage (a study's ``config`` attribute): validated as data, its callables
     checked for form but never imported, since whoever can write to a shared study could name any module."""
+    if isinstance(data, dict):  # a stored dump holds the default ``name`` beside a callable: not the user's choice
+        data = {**data, **{section: {k: v for k, v in data[section].items() if k != "name"}
+                           for section in ("model", "data")
+                           if isinstance(data.get(section), dict) and data[section].get("callable")}}
     try:
-        return Config.model_validate(data, context={STORED: True})
+        config = Config.model_validate(data, context={STORED: True})
     except ValidationError as error:
         raise _pydantic_problem(where, error, {}) from None
+    config._stored = True
+    return config
 
 
 def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:

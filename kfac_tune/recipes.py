@@ -203,11 +203,29 @@ def _check_finite(value: Any) -> None:
 # --------------------------------------------------------------------------------------------- read / write
 
 
-def default_path(name: str, directory: Path = DEFAULT_DIRECTORY) -> Path:
-    """``<directory>/<name>.yaml``; ``name`` (read from a study, which anyone with access to a shared storage may
-    have written) must be a plain name, so the file lands in ``directory`` and nowhere else."""
-    check_name(name, "architecture")
-    return directory / f"{name}.yaml"
+def default_path(study: str, directory: Path = DEFAULT_DIRECTORY) -> Path:
+    """``<directory>/<study>.yaml``: one file per study, so studies of one architecture do not overwrite each
+    other's recipe. ``study`` (read from a storage, which anyone with access to a shared one may have written)
+    must be a plain name, so the file lands in ``directory`` and nowhere else."""
+    check_name(study, "name")
+    return directory / f"{study}.yaml"
+
+
+def check_overwrite(path: str | Path, study: str, force: bool = False) -> Path:
+    """``path``, unless it holds the recipe of another study and not ``force``: a ``RecipeError`` naming both
+    studies (exit 2), so a search or export never replaces another study's result silently. A file that is not
+    a readable recipe is left to the writer to judge."""
+    path = Path(path)
+    if force or not path.is_file():
+        return path
+    try:
+        previous = load_recipe(path).provenance.study
+    except (RecipeError, ConfigError, OSError):
+        return path
+    if previous != study:
+        raise RecipeError(f"{path} holds the recipe of study {previous!r}, not of study {study!r}: pass --force "
+                          f"to overwrite it, or -o PATH to write elsewhere")
+    return path
 
 
 def check_name(name: str, what: str) -> str:
@@ -380,7 +398,7 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
 def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path | None = None,
                 pick: str = "best", *, test: bool = True) -> tuple[Recipe, Path]:
     """Write the completed trial ``pick`` chooses (``best`` or ``fastest-within=P%``, see
-    ``search.selection``) as a recipe (default ``recipes/<architecture>.yaml``), measured on the test split."""
+    ``search.selection``) as a recipe (default ``recipes/<study>.yaml``), measured on the test split."""
     from optuna.trial import TrialState
 
     from kfac_tune.search import selection
@@ -394,7 +412,7 @@ def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path
     except ValueError as error:
         raise RecipeError(f"cannot pick a trial of study {study.study_name!r}: {error}") from None
     recipe = recipe_from_trial(study, chosen, cfg, pick=pick, test=test)
-    target = Path(path) if path is not None else default_path(recipe.architecture)
+    target = Path(path) if path is not None else default_path(study.study_name)
     return recipe, save_recipe(recipe, target)
 
 

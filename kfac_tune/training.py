@@ -97,7 +97,7 @@ class TrainResult:
 
 def train(
     cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None, on_eval: EvalCallback | None = None,
-    *, test: bool = False,
+    *, test: bool = False, on_model: ModelCallback | None = None,
 ) -> TrainResult:
     """Train once for the config's budget with ``hparams``; ``optimizer`` defaults to ``cfg.optimizer.name``.
 
@@ -105,13 +105,17 @@ def train(
     classifiers, on the validation split, ``step_time``) and may raise to stop the run (the search prunes that
     way); with ``training.processes > 1`` it is called here too, in the calling process, while the ranks wait for
     it. ``test`` also evaluates the test split (``test_loss``, ``test_accuracy``): the search's objective never
-    asks for it, ``train``/``compare`` and the end of a search do.
+    asks for it, ``train``/``compare`` and the end of a search do. ``on_model(model, optimizer)`` receives the
+    trained network and its optimizer before the optimizer is closed (``kfac-tune train --save``; one process).
     """
     started = time.perf_counter()
+    if on_model is not None and cfg.training.processes > 1:
+        raise cfg.problem("training.processes", "expected 1 to keep the trained model (--save, tracking the "
+                          "model)", cfg.training.processes)
     if cfg.training.processes > 1:
         curves, longest, device = _train_data_parallel(cfg, hparams, optimizer, on_eval, test)
     else:
-        curves, longest, device = _train_replica(cfg, hparams, optimizer, on_eval, _Replica(), test)
+        curves, longest, device = _train_replica(cfg, hparams, optimizer, on_eval, _Replica(), test, on_model)
     metric = cfg.training.metric
     values = [point[metric] for point in curves]
     best = (min if cfg.training.goal == "minimize" else max)(values)
@@ -120,6 +124,7 @@ def train(
                        curves[-1]["train_seconds"], device, final, longest)
 
 
+ModelCallback = Callable[[nn.Module, torch.optim.Optimizer], None]
 Curves = tuple[list[dict[str, float]], "float | None", str]  # (one point per evaluation, longest step, device)
 
 
@@ -156,7 +161,7 @@ class _Replica:
 
 def _train_replica(
     cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None, replica: _Replica,
-    test: bool = False,
+    test: bool = False, on_model: ModelCallback | None = None,
 ) -> Curves:
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
@@ -186,6 +191,8 @@ def _train_replica(
 
     try:
         curves, longest = _loop(cfg, model, opt, loss_fn, task, steps, on_eval, splits, replica, device)
+        if on_model is not None:
+            on_model(model, opt)
     finally:
         getattr(opt, "close", lambda: None)()  # K-FAC's hooks tie model and optimizer in a reference cycle
     return curves, longest, str(device)

@@ -33,7 +33,7 @@ def test_search_show_export_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     storage = f"sqlite:///{tmp_path / 'study.db'}"
 
     output = invoke("search", str(config))
-    assert "best recipe written to recipes/mlp.yaml" in output
+    assert "best recipe written to recipes/model.yaml" in output  # recipes/<study>.yaml
     study = load_study(storage, "model")
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 4

@@ -36,7 +36,7 @@ def test_piped_search_prints_full_width_tables_and_json(tmp_path: Path, monkeypa
     assert result.stderr.endswith("\n\n"), result.stderr  # the display is closed, apart, before the table
 
     data = json.loads(cli("search", str(config), "--no-tracking", "-f", "json", cwd=tmp_path).stdout)
-    assert data["recipe"] == "recipes/mlp.yaml" and len(data["trials"]) == 2
+    assert data["recipe"] == "recipes/model.yaml" and len(data["trials"]) == 2
     table_lines = result.stdout.splitlines()
     assert 80 < max(map(len, table_lines)) < PIPED_WIDTH
     for trial in data["trials"]:  # each trial's parameters on one row, unfolded and uncut

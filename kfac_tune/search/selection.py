@@ -133,6 +133,15 @@ def test_metrics(study: optuna.Study, trial: FrozenTrial, cfg: Config | None = N
     from kfac_tune.training import Diverged, train
 
     cfg = cfg or study_config(study)
+    if cfg.stored_code():
+        from kfac_tune.config import ConfigError
+
+        modules = " and ".join(repr(ref.split("'")[1].split(":")[0]) for ref in cfg.stored_code())
+        raise ConfigError(
+            f"study {study.study_name!r}: measuring trial {trial.number} on the test split trains it again with "
+            f"{' and '.join(cfg.stored_code())}, and kfac-tune imports code only from your own config, never from "
+            f"a storage: pass the study's CONFIG (e.g. kfac-tune export model.yaml), with module {modules} "
+            "importable (run from the directory that holds it, or add that directory to PYTHONPATH)")
     rerun = with_training(cfg, trial.params)
     steps = trial.user_attrs.get("result", {}).get("steps")
     if cfg.training.budget is not None and steps:

@@ -87,7 +87,7 @@ def test_the_storage_password_is_written_nowhere(study: Study) -> None:
     recorded = load_study(study.storage, "model")
     assert PASSWORD not in json.dumps(recorded.user_attrs, default=str)
     assert all(PASSWORD not in json.dumps(t.user_attrs, default=str) for t in recorded.trials)
-    recipe = study.directory / "recipes" / "mlp.yaml"
+    recipe = study.directory / "recipes" / "model.yaml"
     assert PASSWORD not in recipe.read_text()
 
     client = MlflowClient(mlflow_store_of(study.directory))
@@ -191,13 +191,18 @@ def _tampered_copy(study: Study, tmp_path: Path, **attrs: object) -> str:
     return storage
 
 
-@pytest.mark.parametrize("architecture", ["../../outside/x", "/tmp/kfac-absolute-x", "a/b", ".hidden", ".."])
+@pytest.mark.parametrize("name", ["../../outside/x", "/tmp/kfac-absolute-x", "a/b", ".hidden", ".."])
 def test_export_never_writes_where_the_storage_says(study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    architecture: str) -> None:
+                                                    name: str) -> None:
+    """The default recipe path is recipes/<study>.yaml, and a shared storage can hold a study of any name."""
+    import optuna
+
     work = tmp_path / "a" / "b"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
-    storage = _tampered_copy(study, tmp_path, architecture=architecture)
+    storage = _tampered_copy(study, tmp_path)
+    optuna.copy_study(from_study_name="model", from_storage=storage, to_storage=storage, to_study_name=name)
+    optuna.delete_study(study_name="model", storage=storage)  # the storage's only study: export picks it
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     result = invoke("export", "--storage", storage)
     assert result.exit_code == 2, result.output
