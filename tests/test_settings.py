@@ -220,7 +220,7 @@ def test_train_saves_a_model_plain_pytorch_loads_and_mlflow_records(
     sys.path.insert(0, str(root / "packages"))
     try:
         from kfac_tune.config import load_config
-        from kfac_tune.training import load_data
+        from kfac_tune.problem import load_data
 
         data = load_data(load_config(config))
         net = __import__(MODULE).bn_mlp(data.input_shape, data.num_classes, width=16)

@@ -33,7 +33,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_tune import training
+from kfac_tune import problem, training
 from kfac_tune.catalog import loss_function
 from kfac_tune.compare import bind_recipe
 from kfac_tune.config import load_config
@@ -107,10 +107,10 @@ def _metrics(result: training.TrainResult) -> list[dict[str, float]]:
 
 def _untrained_loss(cfg: Any) -> float:
     """The test loss of the model as ``train`` initialises it, before any step."""
-    data = training.load_data(cfg)
+    data = problem.load_data(cfg)
     torch.manual_seed(cfg.training.seed)
-    model = training.make_model(cfg, data)
-    task, loss = training.task_and_loss(cfg)
+    model = problem.make_model(cfg, data)
+    task, loss = problem.task_and_loss(cfg)
     target = data.test_y if task == "classification" else data.test_x.flatten(1)
     with torch.no_grad():
         return loss_function(loss)(model(data.test_x), target).item()
