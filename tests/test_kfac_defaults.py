@@ -24,12 +24,7 @@ AUTOMATIC = dict(adaptive_damping=True, adaptive_lr=True, adaptive_momentum=True
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny nets run best on one thread
 
 
 def _train(name: str, steps: int = STEPS, **kwargs) -> tuple[workloads.Workload, KFAC, float, float]:

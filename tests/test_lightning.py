@@ -29,12 +29,7 @@ def example() -> ModuleType:
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny nets run best on one thread
 
 
 def _fit(example: ModuleType, tmp_path: Path, model: pl.LightningModule) -> tuple[float, float, torch.optim.Optimizer]:
