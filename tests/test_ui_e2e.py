@@ -59,6 +59,8 @@ def test_search_then_ui_shows_parent_trials_and_params(tmp_path: Path) -> None:
     assert parent.info.run_name in table
     for run in children:
         assert run.info.run_name in parent_page, parent_page[:2000]
-    for name in ("lr", "damping"):
+    sampled = [name for name in ("lr", "damping", "mode", "beta1") if name in child.data.params]  # K-FAC's mode
+    assert len(sampled) >= 2, child.data.params  # decides which of lr/momentum are sampled (automatic: neither)
+    for name in sampled:
         assert f"{name} {child.data.params[name]}" in child_page, child_page[:3000]
     print(f"screenshots in {shots}")
