@@ -551,12 +551,16 @@ def _second_interrupt_ignored() -> Iterator[None]:
 
     interrupted = False
 
+    from kfac_tune import processes
+
     def on_interrupt(signum: int, frame: Any) -> None:
         nonlocal interrupted
         interrupted = True
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # in the kernel: holds through interpreter shutdown too
+        processes.note_interrupt()  # re-raised at the next evaluation if it lands where Python drops it
         raise KeyboardInterrupt
 
+    processes.note_interrupts()
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         yield

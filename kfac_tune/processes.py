@@ -92,7 +92,39 @@ def adopt(parent: int, signum: int = signal.SIGTERM, *, interrupt: bool = True) 
     die_with_parent(parent, signum)
 
 
+# Set by every interrupt handler before it raises. Python runs a signal handler at the next bytecode of the main
+# thread, which can be inside a gc or weakref callback (SQLAlchemy's, for one) whose exceptions the interpreter
+# prints and drops: the ``KeyboardInterrupt`` is then lost. Long work polls :func:`interrupt_pending` at safe
+# points (each evaluation of a trial) and raises it again, so one Ctrl-C is enough whatever it lands in.
+_pending = False
+
+
+def note_interrupt(pending: bool = True) -> None:
+    """Record (or clear, at the start of a command) that an interrupt was raised in this process."""
+    global _pending
+    _pending = pending
+
+
+def _drop_silently(unraisable: Any) -> None:
+    """``sys.unraisablehook`` that keeps a dropped ``KeyboardInterrupt`` off the terminal (it is re-raised at the
+    next safe point, see :func:`interrupt_pending`) and reports anything else as Python does."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+
+
+def note_interrupts() -> None:
+    """Start a command that re-raises dropped interrupts: clear the record and silence the drop's report."""
+    note_interrupt(False)
+    sys.unraisablehook = _drop_silently
+
+
+def interrupt_pending() -> bool:
+    """Whether an interrupt was raised in this process (perhaps swallowed where it landed)."""
+    return _pending
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    note_interrupt()
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 

@@ -29,6 +29,7 @@ import optuna
 from kfac_tune.config import Config, ParamSpec
 from kfac_tune.config import TIME_OBJECTIVE
 from kfac_tune.problem import task_and_loss
+from kfac_tune.processes import interrupt_pending
 from kfac_tune.search.space import optimizer_arguments, suggest, with_training
 from kfac_tune.training import Diverged, TrainResult, train
 
@@ -95,6 +96,8 @@ class Objective:
     def _report(self, trial: optuna.Trial, run: Any, step: int, metrics: dict[str, float]) -> None:
         """Log the curve point, feed the pruner once per evaluation interval, and prune if it says so (single
         objective only: Optuna has no pruning for several objectives)."""
+        if interrupt_pending():  # a Ctrl-C that landed in a gc callback and was dropped (kfac_tune.processes)
+            raise KeyboardInterrupt
         run.log_eval(step, metrics)
         if len(self.cfg.objectives) > 1:
             return
