@@ -93,3 +93,14 @@ def recipe_for(config: Path, optimizer: str, hyperparameters: dict[str, Any], pa
                        "date": "2026-01-01T00:00:00+00:00", "versions": {}},
     })
     return save_recipe(recipe, path)
+
+
+def invoke(*args: str) -> str:
+    """Run ``kfac-tune ARGS`` in this process (Click's runner); it must exit 0. Its standard output."""
+    from click.testing import CliRunner
+
+    from kfac_tune.cli import cli as kfac_tune
+
+    result = CliRunner().invoke(kfac_tune, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout

@@ -12,19 +12,11 @@ import math
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from kfac_tune.cli import cli
 from kfac_tune.recipes import load_recipe
-from tests.search_support import TEST_OPTIMIZER, load_study, write_config
+from tests.search_support import TEST_OPTIMIZER, invoke, load_study, write_config
 
 pytestmark = pytest.mark.slow
-
-
-def invoke(*args: str) -> str:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.stdout
 
 
 def test_search_show_export_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,16 +15,14 @@ import optuna
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 
-from kfac_tune.cli import cli
 from kfac_tune.config import ConfigError, load_config
 from kfac_tune.optim import KFAC
 from kfac_tune.recipes import load_recipe
 from kfac_tune.search.space import MODES, build_space, published_defaults, suggest, warm_starts
 from kfac_tune.search.study import make_sampler
 from kfac_tune.zoo.data import DEBIAN_FASHION_MNIST
-from tests.search_support import REPO, load_study, write_config
+from tests.search_support import REPO, invoke, load_study, write_config
 
 FIXED_ONLY = {"lr", "momentum", "kl_clip"}
 SHARED = {"mode", "damping", "factor_decay", "inv_update_freq", "cov_update_freq", "stat_fraction"}
@@ -102,12 +100,6 @@ def test_published_defaults_come_from_the_kfac_constructor(tmp_path: Path) -> No
     point = warm_starts(automatic, build_space(automatic))[0]
     assert point["mode"] == "automatic" and point["damping"] == 5.0 and not FIXED_ONLY & set(point)
     assert published_defaults(automatic)["batch_size"] == automatic.data.batch_size
-
-
-def invoke(*args: str) -> str:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.stdout
 
 
 def test_automatic_mode_and_batch_size_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
