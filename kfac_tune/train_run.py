@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from kfac_tune.files import check_writable_directory, write_atomic
 from kfac_tune.secrets import mask, mask_data
+from kfac_tune.settings import TRACKING_URI_ENV
 
 if TYPE_CHECKING:
     import torch
@@ -153,7 +155,13 @@ def _log_model(uri: str, run_id: str, model: torch.nn.Module) -> None:
     import mlflow.pytorch
     import torch
 
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI into os.environ, where it would outrank the YAML
+    # of the next command run in this process (the Python API, a notebook): put back what was there.
+    before = os.environ.get(TRACKING_URI_ENV)
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model.cpu(), name="model", pip_requirements=[f"torch=={torch.__version__}"],
-                                 serialization_format="pickle")
+    try:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(model.cpu(), name="model", pip_requirements=[f"torch=={torch.__version__}"],
+                                     serialization_format="pickle")
+    finally:
+        mlflow.set_tracking_uri(before)

@@ -40,6 +40,19 @@ def no_process_outlives_the_session():
     assert not survivors, "processes started by tests are still running:\n" + "\n".join(described)
 
 
+@pytest.fixture(autouse=True)
+def settings_environment_is_left_as_found() -> Iterator[None]:
+    """The environment outranks a config's YAML (``kfac_tune.settings``), so a command that leaves
+    ``MLFLOW_TRACKING_URI`` or ``KFAC_TUNE_STORAGE`` in ``os.environ`` (MLflow's fluent API exports the former)
+    silently redirects every later command in the process. Fail the test that leaks one, not a later victim."""
+    from kfac_tune.settings import STORAGE_ENV, TRACKING_URI_ENV
+
+    before = {name: os.environ.get(name) for name in (STORAGE_ENV, TRACKING_URI_ENV)}
+    yield
+    after = {name: os.environ.get(name) for name in before}
+    assert after == before, f"the test changed the environment that settings read: {before} -> {after}"
+
+
 @pytest.fixture(scope="session")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's bundled 8x8 digits, flattened to 64 features in [0, 1]: real data, always offline."""
