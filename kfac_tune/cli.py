@@ -242,11 +242,12 @@ def show(study_name: str | None, storage: str | None, output_format: str) -> Non
     """List a study's trials, best first: state, value, parameters, duration, prune/fail reason; for several
     objectives, the Pareto front too."""
     from kfac_tune.display import output_console, pareto_table, trial_rows, trials_table
+    from kfac_tune.record import study_metric
 
     study = _load_study(study_name, storage)
     rows = trial_rows(study)
     if not _print_data(rows, output_format):
-        metric = study.user_attrs.get("metric", "value")
+        metric = study_metric(study)
         output_console().print(trials_table(rows, metric, title=f"study {study.study_name}: {len(rows)} trials"))
         if len(study.directions) > 1:
             output_console().print(pareto_table(rows, title=f"Pareto front ({' vs '.join(study.metric_names or [])}); "

@@ -39,6 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
+from kfac_tune import record
 from kfac_tune.filelock import sqlite_file, sqlite_setup_lock
 
 if TYPE_CHECKING:
@@ -64,10 +65,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
-TRIAL_RUN_ATTR = "mlflow_run_id"
+PARENT_RUN_ATTR = record.PARENT_RUN
+TRIAL_RUN_ATTR = record.TRIAL_RUN
 ARTIFACT_DIR_NAME = "mlartifacts"
-OUTCOME_METRIC = "objective_value"
+OUTCOME_METRIC = record.METRIC_OUTCOME
 OUTCOME_STATES = ("COMPLETE", "PRUNED", "FAIL")
 BEST_CURVES = 5
 CURVE_METRIC = "eval_loss"
@@ -412,13 +413,13 @@ class TrialRun:
 
             timestamp = int(time.time() * 1000)
             self._metrics.append(Metric(OUTCOME_METRIC, _as_float(outcome.value), timestamp, self._last_step))
-        tags = {"optuna.state": outcome.state}
+        tags = {record.TAG_STATE: outcome.state}
         if self.run_name and outcome.state in RUN_NAME_SUFFIX:
             from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
             tags[MLFLOW_RUN_NAME] = self.run_name + RUN_NAME_SUFFIX[outcome.state]
         if outcome.reason:
-            tags["optuna.reason"] = outcome.reason[:_MAX_TAG_CHARS]
+            tags[record.TAG_REASON] = outcome.reason[:_MAX_TAG_CHARS]
         self._resume_at = -math.inf  # the final write deserves one more round of retries
         self._send(tags)
         _retrying(lambda: self._client.set_terminated(self.run_id, outcome.run_status), f"ending run {self.run_id}")
@@ -589,7 +590,7 @@ class StudyTracker:
             for name, text in artifacts.items():
                 self._client.log_text(run_id, text, name)
             self._log_params(run_id, flat)
-            study.set_user_attr(PARENT_RUN_ATTR, run_id)
+            record.set_parent_run_id(study, run_id)
         else:
             self._client.log_batch(run_id, tags=[RunTag(key, value) for key, value in all_tags.items()])
             logged = self._client.get_run(run_id).data.params
@@ -610,7 +611,7 @@ class StudyTracker:
         """The parent run recorded on the study, reopened; ``None`` if absent or gone from the store."""
         from mlflow.exceptions import MlflowException
 
-        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        run_id = record.parent_run_id(study)
         if not run_id:
             return None
         try:
@@ -626,12 +627,12 @@ class StudyTracker:
 
     def _parent_tags(self, study: optuna.Study, tags: dict[str, str]) -> dict[str, str]:
         directions = ",".join(d.name for d in study.directions)
-        merged = {"optuna.study_name": self.study_name, "optuna.direction": directions, **tags}
+        merged = {record.TAG_STUDY_NAME: self.study_name, record.TAG_DIRECTION: directions, **tags}
         return {key: str(value)[:_MAX_TAG_CHARS] for key, value in merged.items()}
 
     def _parent_of(self, study: optuna.Study) -> str:
         """The parent run id known to this process, else the one recorded on the study."""
-        run_id = self._parent_run_id or study.user_attrs.get(PARENT_RUN_ATTR)
+        run_id = self._parent_run_id or record.parent_run_id(study)
         if not run_id:
             raise RuntimeError(f"study {study.study_name!r} has no MLflow parent run: call ensure_parent_run first")
         return run_id
@@ -647,8 +648,8 @@ class StudyTracker:
 
         tags = {
             MLFLOW_PARENT_RUN_ID: self._parent_of(trial.study),
-            "optuna.study_name": self.study_name,
-            "optuna.trial_number": str(trial.number),
+            record.TAG_STUDY_NAME: self.study_name,
+            record.TAG_TRIAL_NUMBER: str(trial.number),
         }
         run_name = f"trial-{trial.number}"
         created, run = _retrying(
@@ -663,7 +664,7 @@ class StudyTracker:
         if isinstance(data, Mapping):
             dataset = dataset_input(data, context="train")
             _retrying(lambda: self._client.log_inputs(run_id, datasets=[dataset]), f"logging the data set of {run_id}")
-        trial.set_user_attr(TRIAL_RUN_ATTR, run_id)
+        record.set_trial_run_id(trial, run_id)
         return TrialRun(self._client, run_id, self.flush_interval_s, run_name=run_name)
 
     def refresh_plots(self, study: optuna.Study) -> None:
@@ -694,13 +695,13 @@ class StudyTracker:
 
         trials = study.get_trials(deepcopy=False)
         counts = {state: sum(t.state == state for t in trials) for state in TrialState}
-        tags = [RunTag(f"trials.{state.name.lower()}", str(counts[state])) for state in TrialState]
+        tags = [RunTag(f"{record.TAG_TRIALS_PREFIX}{state.name.lower()}", str(counts[state])) for state in TrialState]
         metrics = []
         best = _best_trial(study)
         if best is not None:
-            metrics.append(Metric("best_value", _as_float(best.value), int(time.time() * 1000), len(trials)))
-            tags += [RunTag("best.trial", str(best.number))]
-            tags += [RunTag(f"best.{key}", str(value)[:_MAX_TAG_CHARS]) for key, value in best.params.items()]
+            metrics.append(Metric(record.METRIC_BEST_VALUE, _as_float(best.value), int(time.time() * 1000), len(trials)))
+            tags += [RunTag(record.TAG_BEST_TRIAL, str(best.number))]
+            tags += [RunTag(f"{record.TAG_BEST_PREFIX}{key}", str(value)[:_MAX_TAG_CHARS]) for key, value in best.params.items()]
         self._client.log_batch(run_id, metrics=metrics, tags=tags[:_MAX_PARAMS_TAGS_PER_BATCH])
 
 
@@ -820,7 +821,7 @@ def _best_curves(study: optuna.Study, client: MlflowClient, count: int = BEST_CU
     curves: Curves = {}
     for trial in best:
         label = f"trial-{trial.number} ({trial.value:.4g})"
-        run_id = trial.user_attrs.get(TRIAL_RUN_ATTR)
+        run_id = record.trial_run_id(trial)
         history = client.get_metric_history(run_id, CURVE_METRIC) if run_id else []
         if history:
             points = sorted((m.step, m.value) for m in history)
@@ -892,7 +893,7 @@ def log_comparison(tracking_uri: str, experiment: str, run_name: str, *, params:
     prepare_store(tracking_uri)
     client = _client(tracking_uri)
     experiment_id = get_or_create_experiment(client, tracking_uri, experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags={"kfac_tune.kind": "compare"})
+    run = client.create_run(experiment_id, run_name=run_name, tags={record.TAG_KIND: record.KIND_COMPARE})
     now = int(time.time() * 1000)
     metrics = [Metric(key, value, now, 0) for key, value in summary.items()]
     metrics += [Metric(key, value, now, step) for key, points in curves.items() for step, value in points]

@@ -26,6 +26,7 @@ from typing import Any
 
 import optuna
 
+from kfac_tune import record
 from kfac_tune.config import Config, ParamSpec
 from kfac_tune.config import TIME_OBJECTIVE
 from kfac_tune.search.space import optimizer_arguments, suggest, with_training
@@ -57,13 +58,13 @@ class Objective:
         try:
             return self._run(trial)
         except KeyboardInterrupt:  # wherever Ctrl-C lands, also before training starts or after it ends
-            trial.set_user_attr("fail_reason", INTERRUPTED)
+            record.set_fail_reason(trial, INTERRUPTED)
             raise
 
     def _run(self, trial: optuna.Trial) -> float | list[float]:
         point = suggest(trial, self.space)
         hparams, cfg = optimizer_arguments(point), with_training(self.cfg, point)
-        trial.set_user_attr("hyperparameters", self.constructor_arguments(hparams))
+        record.set_hyperparameters(trial, self.constructor_arguments(hparams))
         with self.tracker.trial_run(trial, point) as run:
             try:
                 result = train(cfg, hparams, on_eval=lambda step, metrics: self._report(trial, run, step, metrics))
@@ -73,16 +74,16 @@ class Objective:
                 self._prune(trial, run, str(pruned))
             except Exception as error:
                 reason = f"{type(error).__name__}: {error}"[:REASON_LIMIT]
-                trial.set_user_attr("fail_reason", reason)
+                record.set_fail_reason(trial, reason)
                 run.set_outcome("FAIL", reason=reason)
                 raise
             except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", INTERRUPTED)
+                record.set_fail_reason(trial, INTERRUPTED)
                 run.set_outcome("FAIL", reason=INTERRUPTED)
                 raise
             finally:
                 release_memory(after_failure=False)  # a failure's memory: release_after_failure, once it is garbage
-            trial.set_user_attr("result", {  # one storage write (each costs ~20 ms on SQLite)
+            record.set_result(trial, {
                 "step_time": result.step_time, "train_seconds": result.train_seconds, "seconds": result.seconds,
                 "steps": result.steps, "device": result.device, "final": result.final, "best": result.best,
                 "max_step_seconds": result.max_step_seconds, "batch_size": cfg.data.batch_size,
@@ -105,7 +106,7 @@ class Objective:
 
     @staticmethod
     def _prune(trial: optuna.Trial, run: Any, reason: str) -> None:
-        trial.set_user_attr("prune_reason", reason)
+        record.set_prune_reason(trial, reason)
         run.set_outcome("PRUNED", reason=reason)
         raise optuna.TrialPruned(reason) from None
 

@@ -28,7 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from kfac_tune import processes
+from kfac_tune import processes, record
 from kfac_tune.config import MAX_STEPS, Config, ConfigError
 from kfac_tune.filelock import sqlite_setup_lock
 from kfac_tune.recipes import Match, Recipe, export_best, versions
@@ -146,7 +146,7 @@ def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem,
         load_if_exists=True, sampler=make_sampler(cfg, cfg.search.sampler.seed),
         pruner=make_pruner(cfg, problem.steps),
     )
-    recorded = study.user_attrs.get("config_hash")
+    recorded = record.study_attr(study, record.CONFIG_HASH)
     if recorded is not None and recorded != cfg.fingerprint():
         raise ConfigError(
             f"{cfg.source or '<config>'}: study {study_name!r} in {display_url(storage_url)} was created from a "
@@ -155,25 +155,23 @@ def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem,
             f"original file."
         )
     if recorded is None:
-        attrs = {
-            "config": mask_data(cfg.model_dump(mode="json", by_alias=True), storage_url, cfg.storage,
-                                cfg.tracking.uri),
-            "config_hash": cfg.fingerprint(),
-            "optimizer": cfg.optimizer.name,
-            "architecture": problem.architecture,
-            "signature": problem.signature,
-            "parameter_groups": problem.parameter_groups,
-            "loss": problem.loss,
-            "task": problem.task,
-            "steps": problem.steps,
-            "metric": cfg.training.metric,
-            "split": problem.split,
-            "space": describe(space),
-        }
-        for key, value in attrs.items():
-            study.set_user_attr(key, value)
+        record.write_study(study, {
+            record.CONFIG: mask_data(cfg.model_dump(mode="json", by_alias=True), storage_url, cfg.storage,
+                                     cfg.tracking.uri),
+            record.CONFIG_HASH: cfg.fingerprint(),
+            record.OPTIMIZER: cfg.optimizer.name,
+            record.ARCHITECTURE: problem.architecture,
+            record.SIGNATURE: problem.signature,
+            record.PARAMETER_GROUPS: problem.parameter_groups,
+            record.LOSS: problem.loss,
+            record.TASK: problem.task,
+            record.STEPS: problem.steps,
+            record.METRIC: cfg.training.metric,
+            record.SPLIT: problem.split,
+            record.SPACE: describe(space),
+        })
         study.set_metric_names(cfg.objectives)
-    study.set_user_attr("versions", versions())
+    record.write_study(study, {record.VERSIONS: versions()})
     return study
 
 
@@ -224,10 +222,11 @@ def fail_stale_trials(study: optuna.Study) -> None:
     optuna.storages.fail_stale_trials(study)
 
 
-def enqueue(study: optuna.Study, points: list[dict[str, Any]], **attrs: Any) -> None:
-    """Enqueue warm-start points once (``skip_if_exists`` makes a resume a no-op); ``attrs`` go on the trials."""
+def enqueue(study: optuna.Study, points: list[dict[str, Any]], recipe_path: str | None = None) -> None:
+    """Enqueue warm-start points once (``skip_if_exists`` makes a resume a no-op), marked as warm starts (from
+    ``recipe_path`` when given)."""
     for point in points:
-        study.enqueue_trial(point, user_attrs={"warm_start": True, **attrs}, skip_if_exists=True)
+        study.enqueue_trial(point, user_attrs=record.warm_start_attrs(recipe_path), skip_if_exists=True)
 
 
 @dataclass
@@ -387,7 +386,7 @@ def prepare_search(
         fail_stale_trials(study)
         if match is not None:
             point = recipe_point({**match.recipe.hyperparameters, **match.recipe.searched}, space)
-            enqueue(study, [point], warm_start_recipe=str(match.path))
+            enqueue(study, [point], recipe_path=str(match.path))
         enqueue(study, starts)
         timeout = timeout if timeout is not None else cfg.search.timeout
         budget = {"trials": trials or cfg.search.trials, "timeout_s": timeout, "jobs": jobs}
@@ -482,15 +481,15 @@ def _export(study: optuna.Study, cfg: Config, path: str | Path | None) -> tuple[
 
 def _tags(cfg: Config, storage_url: str, problem: Problem, jobs: int) -> dict[str, str]:
     return {
-        "config_hash": cfg.fingerprint(),
-        "optimizer": cfg.optimizer.name,
-        "architecture": problem.architecture,
+        record.CONFIG_HASH: cfg.fingerprint(),
+        record.OPTIMIZER: cfg.optimizer.name,
+        record.ARCHITECTURE: problem.architecture,
         "architecture_hash": str(problem.signature.get("hash")),
         "dataset": cfg.data.callable or cfg.data.name,
         "storage": display_url(storage_url),
         "sampler": cfg.search.sampler.name,
         "pruner": cfg.search.pruner.name,
-        "metric": cfg.training.metric,
+        record.METRIC: cfg.training.metric,
         "jobs": str(jobs),
         "device": problem.device,
     }
