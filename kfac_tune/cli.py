@@ -216,7 +216,8 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     if outcome.interrupted:
         _fail(f"interrupted: the running trial was marked failed; completed trials are kept in "
               f"{display_url(storage_url)}. Resume with: {resume}", EXIT_INTERRUPTED)
-    _warn_incomplete_tracking(cfg.tracking.uri if prepared.spec.tracking else None, name, storage_url)
+    _warn_incomplete_tracking(cfg.tracking.uri if prepared.spec.tracking else None, name, storage_url,
+                              outcome.tracking_given_up)
     rows = trial_rows(outcome.study)
     recipe_path = None if outcome.recipe_path is None else str(outcome.recipe_path)
     if not _print_data({"study": name, "storage": display_url(storage_url), "recipe": recipe_path, "trials": rows},
@@ -483,15 +484,14 @@ def ui(tracking_uri: str | None, port: int, host: str) -> None:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _warn_incomplete_tracking(tracking_uri: str | None, study_name: str, storage_url: str) -> None:
+def _warn_incomplete_tracking(tracking_uri: str | None, study_name: str, storage_url: str,
+                              failed: list[str]) -> None:
     """One closing warning when MLflow calls were given up during the search (the server died or stalled): the
     study is complete, its MLflow record is not, and the user should know which is which."""
     if tracking_uri is None:
         return
     from kfac_tune.secrets import display_url
-    from kfac_tune.tracking import given_up
 
-    failed = given_up()
     if failed:
         click.echo(f"Warning: MLflow tracking at {display_url(tracking_uri)} failed for {len(failed)} call(s) "
                    f"(first: {failed[0]}); the runs of study {study_name} are incomplete in MLflow, but every "

@@ -61,6 +61,7 @@ TAG_BEST_PREFIX = "best."  # best.<parameter> on the parent run
 TAG_TRIALS_PREFIX = "trials."  # trials.<state> counts on the parent run
 TAG_KIND = "kfac_tune.kind"  # what a run that is not a study or a trial holds
 KIND_COMPARE = "compare"
+TAG_RECIPES = "kfac_tune.recipes"  # the recipes a comparison ran
 METRIC_BEST_VALUE = "best_value"
 METRIC_OUTCOME = "objective_value"
 

@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,11 @@ from kfac_tune import processes, record
 from kfac_tune.config import MAX_STEPS, Config, ConfigError
 from kfac_tune.filelock import sqlite_setup_lock
 from kfac_tune.recipes import Match, Recipe, export_best, versions
-from kfac_tune.search.objective import Objective, open_tracker, release_after_failure
+from kfac_tune.search.objective import Objective, release_after_failure
 from kfac_tune.search.space import build_space, describe, optimizer_arguments, suggest, warm_starts, with_training
 from kfac_tune.search.warm import recipe_point, warm_start_match
 from kfac_tune.secrets import display_url, mask, mask_data
+from kfac_tune.tracking.tracker import Tracker, open_tracker
 from kfac_tune.training import Problem, preflight
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -50,6 +51,7 @@ class SearchOutcome:
     recipe: Recipe | None
     recipe_path: Path | None
     interrupted: bool = False
+    tracking_given_up: list[str] = field(default_factory=list)  # MLflow calls given up on (the server died)
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -244,8 +246,9 @@ class WorkerSpec:
     threads: int | None
 
 
-def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()) -> None:
-    """Run trials until the global budget, the deadline or repeated failures stop this worker."""
+def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = (), tracker: Tracker | None = None) -> None:
+    """Run trials until the global budget, the deadline or repeated failures stop this worker (``tracker``: the
+    caller's, in the search's own process; else one of its own)."""
     import torch
 
     quiet()
@@ -261,7 +264,7 @@ def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()
     if count(study) >= spec.budget:
         return
     timeout = None if spec.deadline is None else max(spec.deadline - time.time(), 0.001)
-    tracker = open_tracker(cfg, spec.study_name, spec.tracking)
+    tracker = tracker or open_tracker(cfg, spec.study_name, spec.tracking)
     study.optimize(
         Objective(cfg, build_space(cfg), tracker),
         n_trials=None,
@@ -327,7 +330,7 @@ class PreparedSearch:
 
     cfg: Config
     study: optuna.Study
-    tracker: Any
+    tracker: Tracker
     spec: WorkerSpec
     jobs: int
     recipe_path: str | Path | None
@@ -342,15 +345,15 @@ class PreparedSearch:
         watch = _Watcher(self.tracker, on_progress)
         try:
             if self.jobs == 1:
-                run_worker(self.spec, callbacks=(lambda study, trial: watch(study),))
+                run_worker(self.spec, callbacks=(lambda study, trial: watch(study),), tracker=self.tracker)
             else:
                 _run_processes(self.spec, self.jobs, self.study, watch)
         except KeyboardInterrupt:
-            return SearchOutcome(self.study, None, None, interrupted=True)
+            return SearchOutcome(self.study, None, None, interrupted=True, tracking_given_up=self.tracker.given_up)
         fail_stale_trials(self.study)
         recipe, path = _export(self.study, self.cfg, self.recipe_path)
         self.tracker.finish_study(self.study, str(path) if path else None)
-        return SearchOutcome(self.study, recipe, path)
+        return SearchOutcome(self.study, recipe, path, tracking_given_up=self.tracker.given_up)
 
 
 def prepare_search(
@@ -432,7 +435,7 @@ class _Watcher:
     """Called after each trial (or each second with several workers): the caller's progress display, and the
     MLflow study plots refreshed now and then (rendering them costs seconds, so not after every trial)."""
 
-    def __init__(self, tracker: Any, on_progress: ProgressCallback | None) -> None:
+    def __init__(self, tracker: Tracker, on_progress: ProgressCallback | None) -> None:
         self.tracker, self.on_progress = tracker, on_progress
         self.plots_at = time.monotonic()
 
