@@ -431,7 +431,7 @@ def find(config: Path, optimizer: str | None, recipes_dirs: tuple[Path, ...], co
 
     cfg = load_config(config, {"optimizer.name": optimizer} if optimizer else None)
     from kfac_tune.recipes import find_recipes, recipe_directories
-    from kfac_tune.search.study import preflight_space
+    from kfac_tune.search.prepare import preflight_space
 
     problem = preflight_space(cfg)
     directories = recipe_directories(recipes_dirs)
@@ -541,7 +541,7 @@ def _load_study(study_name: str | None, storage: str | None) -> Any:
     """Load ``study_name`` (or the storage's only study) without touching heartbeats or samplers."""
     import optuna
 
-    from kfac_tune.search.study import quiet
+    from kfac_tune.search.workers import quiet
     from kfac_tune.secrets import display_url
     from kfac_tune.stores import check_storage_url
 
