@@ -330,7 +330,7 @@ class StudyTracker:
 
         A resumed study or another worker re-attaches to the run named in ``study.user_attrs`` and sets it
         RUNNING again; its tags are refreshed, its artifacts left as logged. Call it once in the launching
-        process before workers start, or under ``setup_lock`` (kfac_tune.search.study): two processes that both
+        process before workers start, or under ``setup_lock`` (:mod:`kfac_tune.search.study`): two processes that both
         find no parent would each create one.
         ``params`` (e.g. ``{"space": ..., "budget": ...}``) are logged flattened beside the configuration. MLflow
         params are write-once: a resumed study adds the keys the run lacks and keeps the first values of the
