@@ -20,6 +20,7 @@ import click
 
 from kfac_tune import __version__
 from kfac_tune.catalog import OPTIMIZER_NAMES
+from kfac_tune.text import first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_STORAGE = "sqlite:///kfac_tune.db"
@@ -97,15 +98,10 @@ def handle_errors(command: F) -> F:
             from kfac_tune.tracking import TrackingUnavailable
 
             if isinstance(error, (TrackingUnavailable, SQLAlchemyError)):
-                _fail(_first_line(error), 1)
+                _fail(first_line(error), 1)
             raise
 
     return wrapper  # type: ignore[return-value]
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 class _ManyOption(click.Option):

@@ -395,6 +395,15 @@ class Match:
     distance: float
 
 
+def match(path: Path, recipe: Recipe, architecture: str, signature: dict[str, Any]) -> Match:
+    """How close ``recipe`` is to the network ``architecture`` with ``signature``: the one rule for ``kind``."""
+    theirs = recipe.provenance
+    same_name = theirs.architecture == architecture
+    kind: MatchKind = ("exact" if same_name and theirs.signature.get("hash") == signature.get("hash")
+                       else "architecture" if same_name else "nearest")
+    return Match(path, recipe, kind, signature_distance(theirs.signature, signature))
+
+
 def recipe_directories(extra: Iterable[str | Path] = ()) -> list[Path]:
     """Where to look for recipes: ``extra`` first, then ``./recipes``, then the checkout's shipped ``recipes/``."""
     found: list[Path] = []
@@ -441,10 +450,6 @@ def find_recipes(architecture: str, signature: dict[str, Any], optimizer: str,
                 continue
             if recipe.optimizer != optimizer:
                 continue
-            theirs = recipe.provenance
-            same_name = theirs.architecture == architecture
-            kind: MatchKind = ("exact" if same_name and theirs.signature.get("hash") == signature.get("hash")
-                               else "architecture" if same_name else "nearest")
-            matches.append(Match(path, recipe, kind, signature_distance(theirs.signature, signature)))
+            matches.append(match(path, recipe, architecture, signature))
     return sorted(matches, key=lambda m: (_KIND_RANK[m.kind], m.distance, m.recipe.training.dataset != dataset,
                                           str(m.path)))

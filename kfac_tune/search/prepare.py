@@ -118,13 +118,6 @@ def prepare_search(
     return PreparedSearch(cfg, study, tracker, spec, jobs, recipe_path, match)
 
 
-def run_search(cfg: Config, *, on_progress: ProgressCallback | None = None, **options: Any) -> SearchOutcome:
-    """``prepare_search(cfg, **options).run(on_progress)``: create or resume the study and run it to its budget
-    with ``jobs`` worker processes; the best trial is exported as a recipe (``recipes/<architecture>.yaml``
-    unless ``recipe_path``)."""
-    return prepare_search(cfg, **options).run(on_progress)
-
-
 def preflight_space(cfg: Config, space: dict[str, Any] | None = None) -> Problem:
     """``preflight`` at the space's low corner: pinned values and fixed options are checked too, before any trial."""
     point = suggest(_LowTrial(), build_space(cfg) if space is None else space)
