@@ -57,17 +57,18 @@ class PreparedSearch:
         to resume.
         """
         watch = _Watcher(self.tracker, on_progress)
+        given_up: list[str] = []
         try:
             if self.jobs == 1:
-                run_worker(self.spec, callbacks=(lambda study, trial: watch(study),), tracker=self.tracker)
+                given_up = run_worker(self.spec, callbacks=(lambda study, trial: watch(study),))
             else:
                 run_processes(self.spec, self.jobs, self.study, watch)
         except KeyboardInterrupt:
-            return SearchOutcome(self.study, None, None, interrupted=True, tracking_given_up=self.tracker.given_up)
+            return SearchOutcome(self.study, None, None, interrupted=True)
         fail_stale_trials(self.study)
         recipe, path = _export(self.study, self.cfg, self.recipe_path)
         self.tracker.finish_study(self.study, str(path) if path else None)
-        return SearchOutcome(self.study, recipe, path, tracking_given_up=self.tracker.given_up)
+        return SearchOutcome(self.study, recipe, path, tracking_given_up=given_up + self.tracker.given_up)
 
 
 def prepare_search(

@@ -25,7 +25,7 @@ from kfac_tune.search.objective import Objective, release_after_failure
 from kfac_tune.search.space import build_space
 from kfac_tune.search.storage import make_pruner, make_sampler, make_storage
 from kfac_tune.search.study import FINISHED, count
-from kfac_tune.tracking.tracker import Tracker, open_tracker
+from kfac_tune.tracking.tracker import open_tracker
 
 MAX_CONSECUTIVE_FAILURES = 5
 
@@ -49,9 +49,9 @@ class WorkerSpec:
     threads: int | None
 
 
-def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = (), tracker: Tracker | None = None) -> None:
-    """Run trials until the global budget, the deadline or repeated failures stop this worker (``tracker``: the
-    caller's, in the search's own process; else one of its own)."""
+def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()) -> list[str]:
+    """Run trials until the global budget, the deadline or repeated failures stop this worker; return the
+    tracking calls its tracker gave up on."""
     import torch
 
     quiet()
@@ -65,9 +65,9 @@ def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()
         pruner=make_pruner(cfg, study_steps(spec)),
     )
     if count(study) >= spec.budget:
-        return
+        return []
     timeout = None if spec.deadline is None else max(spec.deadline - time.time(), 0.001)
-    tracker = tracker or open_tracker(cfg, spec.study_name, spec.tracking)
+    tracker = open_tracker(cfg, spec.study_name, spec.tracking)
     study.optimize(
         Objective(cfg, build_space(cfg), tracker),
         n_trials=None,
@@ -76,6 +76,7 @@ def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()
         callbacks=[release_after_failure, optuna.study.MaxTrialsCallback(spec.budget, states=FINISHED),
                    _StopAfterFailures(), *callbacks],
     )
+    return tracker.given_up
 
 
 def study_steps(spec: WorkerSpec) -> int:
