@@ -21,6 +21,7 @@ import click
 from kfac_tune import __version__
 from kfac_tune.catalog import OPTIMIZER_NAMES
 from kfac_tune.settings import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, STORAGE_ENV, TRACKING_URI_ENV
+from kfac_tune.text import first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
@@ -105,15 +106,10 @@ def handle_errors(command: F) -> F:
             from kfac_tune.tracking import TrackingUnavailable
 
             if isinstance(error, (TrackingUnavailable, SQLAlchemyError)):
-                _fail(_first_line(error), 1)
+                _fail(first_line(error), 1)
             raise
 
     return wrapper  # type: ignore[return-value]
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 class _ManyOption(click.Option):
@@ -221,7 +217,8 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     if outcome.interrupted:
         _fail(f"interrupted: the running trial was marked failed; completed trials are kept in "
               f"{display_url(storage_url)}. Resume with: {resume}", EXIT_INTERRUPTED)
-    _warn_incomplete_tracking(cfg.tracking.uri if prepared.spec.tracking else None, name, storage_url)
+    _warn_incomplete_tracking(cfg.tracking.uri if prepared.spec.tracking else None, name, storage_url,
+                              outcome.tracking_given_up)
     rows = trial_rows(outcome.study)
     recipe_path = None if outcome.recipe_path is None else str(outcome.recipe_path)
     if not _print_data({"study": name, "storage": display_url(storage_url), "recipe": recipe_path, "trials": rows},
@@ -250,11 +247,12 @@ def show(config: Path | None, study_name: str | None, storage: str | None, outpu
     """List a study's trials, best first: state, value, parameters, duration, prune/fail reason; for several
     objectives, the Pareto front too. With CONFIG, its study in its storage (as `search CONFIG` ran it)."""
     from kfac_tune.display import output_console, pareto_table, trial_rows, trials_table
+    from kfac_tune.record import study_metric
 
     study = _load_study(_resolve(config, storage=storage, study=study_name)[1])
     rows = trial_rows(study)
     if not _print_data(rows, output_format):
-        metric = study.user_attrs.get("metric", "value")
+        metric = study_metric(study)
         output_console().print(trials_table(rows, metric, title=f"study {study.study_name}: {len(rows)} trials"))
         if len(study.directions) > 1:
             output_console().print(pareto_table(rows, title=f"Pareto front ({' vs '.join(study.metric_names or [])}); "
@@ -293,7 +291,7 @@ def export(config: Path | None, study_name: str | None, storage: str | None, out
     study = _load_study(resolved)
     target = check_overwrite(output or default_path(study.study_name), study.study_name, force)
     # the user's file supplies the code to rerun only if it describes the study's objective
-    same = cfg is not None and study.user_attrs.get("config_hash") == cfg.fingerprint()
+    same = cfg is not None and record.study_attr(study, record.CONFIG_HASH) == cfg.fingerprint()
     recipe, path = export_best(study, cfg if same else None, path=target, pick=pick)
     result = recipe.result
     test = "" if result.test_value is None else f", test {result.test_value:.6g}"
@@ -465,7 +463,7 @@ def find(config: Path, optimizer: str | None, recipes_dirs: tuple[Path, ...], co
 
     cfg = load_config(config, {"optimizer.name": optimizer} if optimizer else None)
     from kfac_tune.recipes import find_recipes, recipe_directories
-    from kfac_tune.search.study import preflight_space
+    from kfac_tune.search.prepare import preflight_space
 
     problem = preflight_space(cfg)
     directories = recipe_directories(recipes_dirs)
@@ -522,15 +520,14 @@ def ui(config: Path | None, tracking_uri: str | None, port: int, host: str) -> N
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _warn_incomplete_tracking(tracking_uri: str | None, study_name: str, storage_url: str) -> None:
+def _warn_incomplete_tracking(tracking_uri: str | None, study_name: str, storage_url: str,
+                              failed: list[str]) -> None:
     """One closing warning when MLflow calls were given up during the search (the server died or stalled): the
     study is complete, its MLflow record is not, and the user should know which is which."""
     if tracking_uri is None:
         return
     from kfac_tune.secrets import display_url
-    from kfac_tune.tracking import given_up
 
-    failed = given_up()
     if failed:
         click.echo(f"Warning: MLflow tracking at {display_url(tracking_uri)} failed for {len(failed)} call(s) "
                    f"(first: {failed[0]}); the runs of study {study_name} are incomplete in MLflow, but every "
@@ -592,7 +589,7 @@ def _load_study(resolved: Any) -> Any:
     """Load the resolved study (or the storage's only study) without touching heartbeats or samplers."""
     import optuna
 
-    from kfac_tune.search.study import quiet
+    from kfac_tune.search.workers import quiet
     from kfac_tune.secrets import display_url
     from kfac_tune.stores import check_storage_url
 

@@ -18,6 +18,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kfac_tune import record
+
 if TYPE_CHECKING:
     import optuna
 
@@ -80,7 +82,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "value": None if trial.values is None else trial.values[index],
             "params": dict(trial.params),
             "duration_s": None if duration is None else round(duration, 3),
-            "reason": trial.user_attrs.get("prune_reason") or trial.user_attrs.get("fail_reason"),
+            "reason": record.reason(trial),
         }
         if several:
             row["values"] = None if trial.values is None else dict(zip(names, trial.values))
