@@ -280,6 +280,7 @@ model.callable or data.callable study that needs the study's CONFIG, with your m
 def export(config: Path | None, study_name: str | None, storage: str | None, output: Path | None, force: bool,
            pick: str) -> None:
     """Write a study's trial (the best by default) as a recipe YAML."""
+    from kfac_tune import record
     from kfac_tune.recipes import check_overwrite, default_path, export_best
     from kfac_tune.search.selection import parse_pick
 
