@@ -206,6 +206,14 @@ def _pm(stat: dict[str, float] | None, pattern: str = "{:.4g}") -> str:
     return f"{pattern.format(stat['mean'])} ± {pattern.format(stat['spread'])}"
 
 
+def match_rows(matches: Iterable[Any]) -> list[dict[str, Any]]:
+    """One plain dict per ``recipes.Match``, closest first: what ``recipe find`` prints as a table, JSON or YAML."""
+    return [{"path": str(m.path), "match": m.kind, "distance": round(m.distance, 3), "optimizer": m.recipe.optimizer,
+             "architecture": m.recipe.architecture, "dataset": m.recipe.training.dataset,
+             "metric": m.recipe.result.metric, "value": m.recipe.result.value, "trials": m.recipe.result.trials}
+            for m in matches]
+
+
 def matches_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
     """``kfac-tune recipe find``: the closest recipes first."""
     table = Table(title=title, header_style="bold")

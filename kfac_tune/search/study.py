@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -21,9 +22,30 @@ from kfac_tune.recipes import versions
 from kfac_tune.search.space import describe
 from kfac_tune.search.storage import make_pruner, make_sampler, make_storage
 from kfac_tune.secrets import display_url, mask_data
+from kfac_tune.stores import StudyNotFound, check_storage_url
 from kfac_tune.problem import Problem
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def load_study(url: str, study_name: str | None) -> optuna.Study:
+    """Load ``study_name`` (or the storage's only study) for reading, without touching heartbeats or samplers;
+    ``StudyNotFound`` names what the storage holds instead."""
+    from kfac_tune.search.workers import quiet
+
+    quiet()
+    check_storage_url(url)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise StudyNotFound(f"no storage at {display_url(url)}: run `kfac-tune search CONFIG` first, or pass --storage")
+    names = optuna.get_all_study_names(storage=url)
+    if study_name is None:
+        if len(names) != 1:
+            listing = ", ".join(names) if names else "none"
+            raise StudyNotFound(f"{display_url(url)} holds {len(names)} studies ({listing}); choose one with --study")
+        study_name = names[0]
+    if study_name not in names:
+        raise StudyNotFound(f"no study {study_name!r} in {display_url(url)}; studies there: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=study_name, storage=url)
 
 
 def count(study: optuna.Study, states: tuple[TrialState, ...] = FINISHED) -> int:
