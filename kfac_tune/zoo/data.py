@@ -400,16 +400,8 @@ def _load_synthetic(
         logits = means[y] + rng.standard_normal((n, means.shape[1]))
         return (1.0 / (1.0 + np.exp(-logits))).reshape(n, *input_shape), y
 
-    (train_x, train_y), (test_x, test_y) = sample(n_train), sample(n_test)
-    return _Splits(
-        train_x=train_x,
-        train_y=train_y,
-        test_x=test_x,
-        test_y=test_y,
-        scale=1.0,
-        num_classes=num_classes,
-        source=f"synthetic(seed={request.seed}, shape={list(input_shape)}, num_classes={num_classes})",
-    )
+    return _Splits(*sample(n_train), *sample(n_test), scale=1.0, num_classes=num_classes,
+                   source=f"synthetic(seed={request.seed}, shape={list(input_shape)}, num_classes={num_classes})")
 
 
 # ------------------------------------------------------------------------------------------- text corpus
@@ -446,14 +438,6 @@ def _load_pydoc_text(request: _Request, *, seq_len: int = 64, test_fraction: flo
         y = part[1 : n * seq_len + 1].reshape(n, seq_len)
         return x, y
 
-    (train_x, train_y), (test_x, test_y) = windows(codes[:cut]), windows(codes[cut:])
-    return _Splits(
-        train_x=train_x,
-        train_y=train_y,
-        test_x=test_x,
-        test_y=test_y,
-        scale=1.0,
-        num_classes=len(vocab),
-        source=f"pydoc_data.topics (Python {sys.version_info.major}.{sys.version_info.minor}), "
-        f"{len(text)} characters, vocabulary {len(vocab)}",
-    )
+    return _Splits(*windows(codes[:cut]), *windows(codes[cut:]), scale=1.0, num_classes=len(vocab),
+                   source=f"pydoc_data.topics (Python {sys.version_info.major}.{sys.version_info.minor}), "
+                          f"{len(text)} characters, vocabulary {len(vocab)}")
