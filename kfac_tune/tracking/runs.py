@@ -44,9 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-PARENT_RUN_ATTR = record.PARENT_RUN
-TRIAL_RUN_ATTR = record.TRIAL_RUN
-OUTCOME_METRIC = record.METRIC_OUTCOME
 OUTCOME_STATES = ("COMPLETE", "PRUNED", "FAIL")
 # Name suffix of the run of a trial that did not complete, so the runs table tells them apart at a glance.
 RUN_NAME_SUFFIX = {"PRUNED": " (pruned)", "FAIL": " (failed)"}
@@ -58,9 +55,7 @@ _RETRY_DELAYS_S = (0.25, 0.5, 1.0)
 _COOL_DOWN_S = 30.0
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Retries
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------- retries
 
 
 class StoreCalls:
@@ -94,9 +89,7 @@ class StoreCalls:
         return False, None
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Trial runs
-# --------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------- trial runs
 # MLflow run status of each trial state: a pruned trial was stopped early, which MLflow calls KILLED.
 _RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
@@ -166,7 +159,7 @@ class TrialRun:
             from mlflow.entities import Metric
 
             timestamp = int(time.time() * 1000)
-            self._metrics.append(Metric(OUTCOME_METRIC, _as_float(outcome.value), timestamp, self._last_step))
+            self._metrics.append(Metric(record.METRIC_OUTCOME, _as_float(outcome.value), timestamp, self._last_step))
         tags = {record.TAG_STATE: outcome.state}
         if self.run_name and outcome.state in RUN_NAME_SUFFIX:
             from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
@@ -229,9 +222,7 @@ def _as_float(value: object) -> float:
         return math.nan
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Configurations and data sets
-# --------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------- configurations and data sets
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """A nested configuration as MLflow params: dotted keys (``data.batch_size``), scalars as JSON writes them
     (``null``, ``true``), strings as they are, lists and empty sections as JSON; credentials masked (``secrets.mask``).
@@ -268,9 +259,7 @@ def dataset_input(data: Mapping[str, Any], context: str) -> Any:
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Studies
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------- studies
 class StudyTracker:
     """Tracks one Optuna study in one MLflow experiment; safe to construct in every worker process.
 
