@@ -1,6 +1,6 @@
 """Terminal rendering for the CLI: the live search display and the trials table (rich).
 
-Kept apart from ``cli.py`` so the commands read as argument handling only, and from ``search/`` so the search
+Kept apart from ``cli/`` so the commands read as argument handling only, and from ``search/`` so the search
 never depends on a terminal.
 """
 from __future__ import annotations
