@@ -28,7 +28,7 @@ from kfac_tune.config import Config, ConfigError
 from kfac_tune.files import write_atomic
 from kfac_tune.recipes import Recipe, RecipeError, check_architecture, load_recipe
 from kfac_tune.problem import Problem, preflight
-from kfac_tune.training import Diverged, TrainResult, train
+from kfac_tune.training import Diverged, TrainResult, train, warm_up
 
 
 def bind_recipe(config: Path | Config, recipe: Recipe, recipe_path: Path, *, ignore_architecture: bool = False,
@@ -167,20 +167,6 @@ def compare(config: Path, recipe_paths: Sequence[Path], seeds: int, *, ignore_ar
     maximize = first.training.goal == "maximize"
     return Comparison(first.training.metric, first.training.goal, common_target(entries, maximize), seed_list,
                       entries)
-
-
-def warm_up(cfg: Config, hparams: dict[str, Any]) -> None:
-    """Two untimed steps of the recipe, so that no timed run pays the process's one-time costs.
-
-    The first use of some torch machinery in a process is slow: K-FAC's automatic mode takes ``torch.func.jvp``,
-    whose first call loads torch's forward-mode decompositions (``torch.jit.script``, 3-5 s on a loaded 2-core
-    CPU). Under a seconds budget that would land in the training clock of whichever seed runs first.
-    """
-    short = cfg.training.model_copy(update={"budget": None, "steps": 2, "epochs": None, "eval_every": 2})
-    try:
-        train(cfg.model_copy(update={"training": short}), hparams)
-    except Diverged:
-        pass  # the timed runs count divergence
 
 
 def labels(paths: Sequence[Path]) -> list[str]:

@@ -128,6 +128,21 @@ ModelCallback = Callable[[nn.Module, torch.optim.Optimizer], None]
 Curves = tuple[list[dict[str, float]], "float | None", str]  # (one point per evaluation, longest step, device)
 
 
+def warm_up(cfg: Config, hparams: dict[str, Any]) -> None:
+    """Two untimed steps of ``hparams`` on ``cfg``, so that no timed run pays the process's one-time costs.
+
+    The first use of some torch machinery in a process is slow: K-FAC's automatic mode takes ``torch.func.jvp``,
+    whose first call loads torch's forward-mode decompositions (``torch.jit.script``, 3-5 s on a loaded 2-core
+    CPU). Under a seconds budget that would land in the training clock of whichever run comes first (a seed in
+    ``compare``, a trial in a search), and in the step time that ``train_seconds`` objectives score.
+    """
+    short = cfg.training.model_copy(update={"budget": None, "steps": 2, "epochs": None, "eval_every": 2})
+    try:
+        train(cfg.model_copy(update={"training": short}), hparams)
+    except Diverged:
+        pass  # the timed runs count divergence
+
+
 @dataclass(frozen=True)
 class _Replica:
     """This process's place in a data-parallel run: rank ``rank`` of ``world`` takes an equal slice of each batch.

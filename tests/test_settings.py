@@ -156,31 +156,65 @@ def test_recipe_of_another_study_is_kept_unless_forced(searched: Path, tmp_path:
 # ------------------------------------------------------------------------------------------------ your model
 
 
-NETS = """
+PACKAGE = """
+import torch
 import torch.nn as nn
+from sklearn.datasets import load_digits
+from torch.utils.data import Dataset
 
 
-def bn_mlp(input_shape, num_classes, width=32):
-    features = 1
-    for size in input_shape:
-        features *= size
-    return nn.Sequential(nn.Flatten(), nn.Linear(features, width), nn.BatchNorm1d(width), nn.ReLU(),
-                         nn.Linear(width, num_classes))
+def bn_cnn(input_shape, num_classes, channels=4):
+    depth, height, width = input_shape
+    return nn.Sequential(nn.Conv2d(depth, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(channels * height * width, num_classes))
+
+
+class Images(Dataset):
+    classes = list(range(10))
+
+    def __init__(self, images, labels, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+def noise(image):
+    return (image + 0.03 * torch.randn_like(image)).clamp(0, 1)
+
+
+def digits(train_size=None, seed=0):
+    raw = load_digits()
+    images = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16
+    labels = torch.tensor(raw.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    test, train = order[:300], order[300:][:train_size]
+    return Images(images[train], labels[train], noise), Images(images[test], labels[test])
 """
 
 
 @pytest.fixture(scope="module")
 def user_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A model.callable study of a package that lives outside the repository and outside the config's directory."""
+    """A stranger's project: a package outside the repository and outside the config's directory with a BatchNorm
+    CNN (``model.callable``) and a data callable returning Datasets with a random transform, ``train_size`` set in
+    the YAML; searched with tracking on, then ``show CONFIG``."""
     root = tmp_path_factory.mktemp("user")
     (root / "packages" / MODULE).mkdir(parents=True)
-    (root / "packages" / MODULE / "__init__.py").write_text(textwrap.dedent(NETS))
+    (root / "packages" / MODULE / "__init__.py").write_text(textwrap.dedent(PACKAGE))
     (root / "project").mkdir()
-    config = tiny_config(root, model={"callable": f"{MODULE}:bn_mlp", "kwargs": {"width": 16}},
+    config = tiny_config(root, model={"callable": f"{MODULE}:bn_cnn", "kwargs": {"channels": 4}},
                          search={"trials": 2}, tracking={"enabled": True})
+    config["data"] = {"callable": f"{MODULE}:digits", "train_size": 600, "batch_size": 64}
     (root / "project" / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     importable = {"PYTHONPATH": f"{REPO}{os.pathsep}{root / 'packages'}"}
     ok(run("search", str(root / "project" / "model.yaml"), cwd=root / "project", env=importable))
+    rows = json.loads(ok(run("show", str(root / "project" / "model.yaml"), "-f", "json", cwd=root / "project",
+                             env=importable)))
+    assert len(rows) == 2 and {row["state"] for row in rows} == {"COMPLETE"}, rows
     return root, importable
 
 
@@ -195,10 +229,10 @@ def test_export_of_a_callable_study(user_study: tuple[Path, dict[str, str]]) -> 
     with sqlite3.connect(root / "study.db") as db:  # the study as it is before any test measurement
         db.execute("DELETE FROM study_user_attributes WHERE key LIKE 'test.%'")
     stored = bad_input(run("export", "--storage", storage, "-o", str(root / "x.yaml"), cwd=work, env=importable))
-    assert f"model.callable '{MODULE}:bn_mlp'" in stored and f"module '{MODULE}'" in stored
+    assert f"model.callable '{MODULE}:bn_cnn'" in stored and f"module '{MODULE}'" in stored
     assert "kfac-tune export model.yaml" in stored
     missing = bad_input(run("export", config, "-o", str(root / "x.yaml"), cwd=work))
-    assert f"importing '{MODULE}' failed" in missing and "model.callable" in missing
+    assert f"importing '{MODULE}' failed" in missing
     ok(run("export", config, "-o", str(root / "best.yaml"), cwd=work, env=importable))
     assert yaml.safe_load((root / "best.yaml").read_text())["result"]["test_value"] is not None
 
@@ -217,32 +251,36 @@ def test_train_saves_a_model_plain_pytorch_loads_and_mlflow_records(
     saved = root / "saved"
     assert sorted(p.name for p in saved.iterdir()) == ["model.pt", "optimizer.pt", "recipe.yaml", "result.json"]
 
-    sys.path.insert(0, str(root / "packages"))
+    sys.path.insert(0, str(root / "packages"))  # plain PyTorch from here: the user's own code, no kfac_tune
     try:
-        from kfac_tune.config import load_config
-        from kfac_tune.problem import load_data
-
-        data = load_data(load_config(config))
-        net = __import__(MODULE).bn_mlp(data.input_shape, data.num_classes, width=16)
-        net.load_state_dict(torch.load(saved / "model.pt"))
+        user = __import__(MODULE)
+        _, test = user.digits(train_size=600, seed=0)
+        net = user.bn_cnn((1, 8, 8), 10, channels=4)
     finally:
         sys.path.remove(str(root / "packages"))
+        sys.modules.pop(MODULE, None)
+    net.load_state_dict(torch.load(saved / "model.pt"))
     net.eval()
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    labels = torch.tensor([test[i][1] for i in range(len(test))])
     with torch.no_grad():
-        accuracy = (net(data.test_x).argmax(-1) == data.test_y).float().mean().item()
+        accuracy = (net(images).argmax(-1) == labels).float().mean().item()
     assert math.isclose(accuracy, summary["test"]["test_accuracy"], abs_tol=1e-6)
+    assert accuracy > 0.5  # chance is 0.1: the saved weights are the trained ones
     assert json.loads((saved / "result.json").read_text())["test"] == summary["test"]
 
     client = MlflowClient(tracking)
     (run_info,) = client.search_runs([client.get_experiment_by_name("model").experiment_id])
     assert run_info.info.run_id == summary["mlflow_run_id"]
     params = run_info.data.params
-    assert params["model.callable"] == f"{MODULE}:bn_mlp" and params["training.steps"] == "60"
+    assert params["model.callable"] == f"{MODULE}:bn_cnn" and params["data.train_size"] == "600"
+    assert params["training.steps"] == "60"
     assert set(yaml.safe_load((saved / "recipe.yaml").read_text())["hyperparameters"]) <= {
         key.removeprefix("hyperparameters.") for key in params}
     assert math.isclose(run_info.data.metrics["final_test_accuracy"], accuracy, abs_tol=1e-6)
     assert len(client.get_metric_history(run_info.info.run_id, "eval_loss")) == 3  # the curve, every 20 steps
-    assert [d.dataset.name for d in run_info.inputs.dataset_inputs] == ["digits"]
+    (dataset,) = [d.dataset for d in run_info.inputs.dataset_inputs]
+    assert f"{MODULE}:digits" in dataset.source or f"{MODULE}:digits" in dataset.name, dataset
     models = client.search_logged_models(experiment_ids=[run_info.info.experiment_id])
     assert [m.source_run_id for m in models] == [run_info.info.run_id]
 
