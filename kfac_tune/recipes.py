@@ -122,30 +122,18 @@ class Recipe(_Strict):
 # the rest when the recipe is used.
 _NUMBER, _INTEGER, _FLAG, _TEXT = "a number", "an integer", "true or false", "a string"
 _RULES: dict[str, tuple[str, float, float, bool, bool]] = {
-    "lr": (_NUMBER, 0, math.inf, False, False),
-    "damping": (_NUMBER, 0, math.inf, False, False),
-    "min_damping": (_NUMBER, 0, math.inf, False, False),
-    "max_damping": (_NUMBER, 0, math.inf, False, False),
-    "momentum": (_NUMBER, 0, 1, True, True),
-    "factor_decay": (_NUMBER, 0, 1, False, True),
-    "damping_adaptation_decay": (_NUMBER, 0, 1, False, True),
-    "stat_fraction": (_NUMBER, 0, 1, False, True),
-    "weight_decay": (_NUMBER, 0, math.inf, True, False),
-    "kl_clip": (_NUMBER, 0, math.inf, False, False),
-    "beta1": (_NUMBER, 0, 1, True, False),
-    "beta2": (_NUMBER, 0, 1, True, False),
-    "eps": (_NUMBER, 0, math.inf, False, False),
-    "dampening": (_NUMBER, 0, 1, True, True),
-    "inv_update_freq": (_INTEGER, 1, math.inf, True, False),
-    "cov_update_freq": (_INTEGER, 1, math.inf, True, False),
-    "damping_adaptation_interval": (_INTEGER, 1, math.inf, True, False),
-    "nesterov": (_FLAG, 0, 0, True, True),
-    "adaptive_damping": (_FLAG, 0, 0, True, True),
-    "adaptive_lr": (_FLAG, 0, 0, True, True),
-    "adaptive_momentum": (_FLAG, 0, 0, True, True),
-    "loss": (_TEXT, 0, 0, True, True),
-    "fisher": (_TEXT, 0, 0, True, True),
-    "damping_mode": (_TEXT, 0, 0, True, True),
+    name: rule
+    for names, rule in (
+        (("lr", "damping", "min_damping", "max_damping", "kl_clip", "eps"), (_NUMBER, 0, math.inf, False, False)),
+        (("momentum", "dampening"), (_NUMBER, 0, 1, True, True)),
+        (("factor_decay", "damping_adaptation_decay", "stat_fraction"), (_NUMBER, 0, 1, False, True)),
+        (("weight_decay",), (_NUMBER, 0, math.inf, True, False)),
+        (("beta1", "beta2"), (_NUMBER, 0, 1, True, False)),
+        (("inv_update_freq", "cov_update_freq", "damping_adaptation_interval"), (_INTEGER, 1, math.inf, True, False)),
+        (("nesterov", "adaptive_damping", "adaptive_lr", "adaptive_momentum"), (_FLAG, 0, 0, True, True)),
+        (("loss", "fisher", "damping_mode"), (_TEXT, 0, 0, True, True)),
+    )
+    for name in names
 }
 _OPTIONAL = {"kl_clip"}  # null means "off"
 
