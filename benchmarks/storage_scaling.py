@@ -62,7 +62,8 @@ def _worker(config: str, url: str, seconds: float, objective_ms: float, start: A
     import optuna
 
     from kfac_tune.config import load_config
-    from kfac_tune.search.study import make_storage, quiet
+    from kfac_tune.search.storage import make_storage
+    from kfac_tune.search.workers import quiet
 
     quiet()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -95,7 +96,7 @@ def measure(label: str, url: str, config: Path, workers: int, seconds: float, ob
     import optuna
 
     from kfac_tune.config import load_config
-    from kfac_tune.search.study import make_storage
+    from kfac_tune.search.storage import make_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optuna.create_study(study_name=STUDY, storage=make_storage(url, load_config(config)))

@@ -230,7 +230,20 @@ def write_outputs(comparison: Comparison, directory: Path, stem: str) -> tuple[P
     return png, table
 
 
-def tracked_metrics(comparison: Comparison) -> tuple[dict[str, float], dict[str, list[tuple[int, float]]]]:
+def log_to_mlflow(comparison: Comparison, recipe_paths: Sequence[Path], seeds: int, tracking_uri: str,
+                  experiment: str, files: Sequence[Path]) -> str:
+    """One finished MLflow run for the comparison (its recipes, seeds, metric and target as params; summary
+    metrics and mean curves; ``files``); returns its run id."""
+    from kfac_tune.tracking import log_comparison
+
+    summary, curves = _tracked_metrics(comparison)
+    return log_comparison(
+        tracking_uri, experiment, f"compare {' vs '.join(r.label for r in comparison.recipes)}",
+        params={"recipes": " ".join(str(p) for p in recipe_paths), "seeds": str(seeds), "metric": comparison.metric,
+                "target": str(comparison.target)}, summary=summary, curves=curves, files=list(files))
+
+
+def _tracked_metrics(comparison: Comparison) -> tuple[dict[str, float], dict[str, list[tuple[int, float]]]]:
     """Summary metrics (``<recipe>.final_mean`` ...) and mean curves (``<recipe>.<metric>`` by step) for MLflow."""
     summary: dict[str, float] = {} if comparison.target is None else {"target": comparison.target}
     for row in comparison.rows():

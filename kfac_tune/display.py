@@ -1,6 +1,6 @@
 """Terminal rendering for the CLI: the live search display and the trials table (rich).
 
-Kept apart from ``cli.py`` so the commands read as argument handling only, and from ``search/`` so the search
+Kept apart from ``cli/`` so the commands read as argument handling only, and from ``search/`` so the search
 never depends on a terminal.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from kfac_tune import record
 
 if TYPE_CHECKING:
     import optuna
@@ -80,7 +82,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "value": None if trial.values is None else trial.values[index],
             "params": dict(trial.params),
             "duration_s": None if duration is None else round(duration, 3),
-            "reason": trial.user_attrs.get("prune_reason") or trial.user_attrs.get("fail_reason"),
+            "reason": record.reason(trial),
         }
         if several:
             row["values"] = None if trial.values is None else dict(zip(names, trial.values))
@@ -202,6 +204,14 @@ def _pm(stat: dict[str, float] | None, pattern: str = "{:.4g}") -> str:
     if stat is None:
         return "—"
     return f"{pattern.format(stat['mean'])} ± {pattern.format(stat['spread'])}"
+
+
+def match_rows(matches: Iterable[Any]) -> list[dict[str, Any]]:
+    """One plain dict per ``recipes.Match``, closest first: what ``recipe find`` prints as a table, JSON or YAML."""
+    return [{"path": str(m.path), "match": m.kind, "distance": round(m.distance, 3), "optimizer": m.recipe.optimizer,
+             "architecture": m.recipe.architecture, "dataset": m.recipe.training.dataset,
+             "metric": m.recipe.result.metric, "value": m.recipe.result.value, "trials": m.recipe.result.trials}
+            for m in matches]
 
 
 def matches_table(rows: Sequence[dict[str, Any]], title: str) -> Table:

@@ -135,6 +135,33 @@ def interrupt_on_signals() -> None:
             signal.signal(signum, _interrupt)
 
 
+@contextlib.contextmanager
+def second_interrupt_ignored() -> Iterator[None]:
+    """Let the first Ctrl-C interrupt a search and ignore the ones after it.
+
+    The first one makes Optuna fail the running trial and the command print how to resume; a second one a moment
+    later would land inside that clean-up (Optuna's ``tell``, the storage's commit) and end the command with
+    Optuna's traceback, or skip the resume message. Once interrupted, SIGINT stays ignored until the process
+    exits.
+    """
+    interrupted = False
+
+    def on_interrupt(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupted
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # in the kernel: holds through interpreter shutdown too
+        note_interrupt()  # re-raised at the next evaluation if it lands where Python drops it
+        raise KeyboardInterrupt
+
+    note_interrupts()
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        if not interrupted:
+            signal.signal(signal.SIGINT, previous)
+
+
 # ------------------------------------------------------------------------------------------------ parent side
 
 

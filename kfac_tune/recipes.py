@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kfac_tune import catalog
+from kfac_tune import catalog, record
 from kfac_tune.config import Config, ConfigError, read_yaml, stored_config
 from kfac_tune.files import FileError, write_atomic
 
@@ -122,30 +122,18 @@ class Recipe(_Strict):
 # the rest when the recipe is used.
 _NUMBER, _INTEGER, _FLAG, _TEXT = "a number", "an integer", "true or false", "a string"
 _RULES: dict[str, tuple[str, float, float, bool, bool]] = {
-    "lr": (_NUMBER, 0, math.inf, False, False),
-    "damping": (_NUMBER, 0, math.inf, False, False),
-    "min_damping": (_NUMBER, 0, math.inf, False, False),
-    "max_damping": (_NUMBER, 0, math.inf, False, False),
-    "momentum": (_NUMBER, 0, 1, True, True),
-    "factor_decay": (_NUMBER, 0, 1, False, True),
-    "damping_adaptation_decay": (_NUMBER, 0, 1, False, True),
-    "stat_fraction": (_NUMBER, 0, 1, False, True),
-    "weight_decay": (_NUMBER, 0, math.inf, True, False),
-    "kl_clip": (_NUMBER, 0, math.inf, False, False),
-    "beta1": (_NUMBER, 0, 1, True, False),
-    "beta2": (_NUMBER, 0, 1, True, False),
-    "eps": (_NUMBER, 0, math.inf, False, False),
-    "dampening": (_NUMBER, 0, 1, True, True),
-    "inv_update_freq": (_INTEGER, 1, math.inf, True, False),
-    "cov_update_freq": (_INTEGER, 1, math.inf, True, False),
-    "damping_adaptation_interval": (_INTEGER, 1, math.inf, True, False),
-    "nesterov": (_FLAG, 0, 0, True, True),
-    "adaptive_damping": (_FLAG, 0, 0, True, True),
-    "adaptive_lr": (_FLAG, 0, 0, True, True),
-    "adaptive_momentum": (_FLAG, 0, 0, True, True),
-    "loss": (_TEXT, 0, 0, True, True),
-    "fisher": (_TEXT, 0, 0, True, True),
-    "damping_mode": (_TEXT, 0, 0, True, True),
+    name: rule
+    for names, rule in (
+        (("lr", "damping", "min_damping", "max_damping", "kl_clip", "eps"), (_NUMBER, 0, math.inf, False, False)),
+        (("momentum", "dampening"), (_NUMBER, 0, 1, True, True)),
+        (("factor_decay", "damping_adaptation_decay", "stat_fraction"), (_NUMBER, 0, 1, False, True)),
+        (("weight_decay",), (_NUMBER, 0, math.inf, True, False)),
+        (("beta1", "beta2"), (_NUMBER, 0, 1, True, False)),
+        (("inv_update_freq", "cov_update_freq", "damping_adaptation_interval"), (_INTEGER, 1, math.inf, True, False)),
+        (("nesterov", "adaptive_damping", "adaptive_lr", "adaptive_momentum"), (_FLAG, 0, 0, True, True)),
+        (("loss", "fisher", "damping_mode"), (_TEXT, 0, 0, True, True)),
+    )
+    for name in names
 }
 _OPTIONAL = {"kl_clip"}  # null means "off"
 
@@ -369,27 +357,27 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
     attrs = study.user_attrs
     cfg = cfg or selection.study_config(study)
     finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    recorded = trial.user_attrs.get("result", {})
-    steps = recorded.get("steps") if cfg.training.budget is not None else attrs["steps"]
+    recorded = record.result(trial)
+    steps = recorded.get("steps") if cfg.training.budget is not None else attrs[record.STEPS]
     metric = cfg.training.metric
     tested = selection.test_value(metric, selection.test_metrics(study, trial, cfg)) if test else None
     return Recipe(
-        architecture=attrs["architecture"],
-        optimizer=attrs["optimizer"],
-        hyperparameters=trial.user_attrs.get("hyperparameters", trial.params),
-        parameter_groups=attrs.get("parameter_groups"),
+        architecture=attrs[record.ARCHITECTURE],
+        optimizer=attrs[record.OPTIMIZER],
+        hyperparameters=record.hyperparameters(trial, trial.params),
+        parameter_groups=attrs.get(record.PARAMETER_GROUPS),
         searched=dict(trial.params),
         training=TrainingSettings(
             dataset=cfg.data.callable or cfg.data.name, batch_size=recorded.get("batch_size", cfg.data.batch_size),
-            steps=steps or attrs["steps"], loss=attrs["loss"], metric=metric, seed=cfg.training.seed,
+            steps=steps or attrs[record.STEPS], loss=attrs[record.LOSS], metric=metric, seed=cfg.training.seed,
         ),
         result=Result(metric=metric, value=selection.metric_value(study, trial), direction=cfg.training.goal,
-                      trials=finished, split=attrs.get("split", "test"), test_value=tested,
+                      trials=finished, split=attrs.get(record.SPLIT, "test"), test_value=tested,
                       train_seconds=recorded.get("train_seconds"), pick=pick),
         provenance=Provenance(
-            study=study.study_name, trial=trial.number, mlflow_run_id=trial.user_attrs.get("mlflow_run_id"),
-            config_hash=attrs["config_hash"], architecture=attrs["architecture"], signature=attrs["signature"],
-            device=trial.user_attrs.get("result", {}).get("device", "unknown"),
+            study=study.study_name, trial=trial.number, mlflow_run_id=record.trial_run_id(trial),
+            config_hash=attrs[record.CONFIG_HASH], architecture=attrs[record.ARCHITECTURE],
+            signature=attrs[record.SIGNATURE], device=recorded.get("device", "unknown"),
             date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=versions(),
         ),
     )
@@ -405,7 +393,7 @@ def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise RecipeError(f"study {study.study_name!r} has no completed trial yet: nothing to export")
-    if "architecture" not in study.user_attrs:
+    if not record.created_by_search(study):
         raise RecipeError(f"study {study.study_name!r} was not created by kfac-tune search: no recipe metadata")
     try:
         chosen = selection.choose(study, selection.parse_pick(pick))
@@ -435,6 +423,15 @@ class Match:
     recipe: Recipe
     kind: MatchKind
     distance: float
+
+
+def match(path: Path, recipe: Recipe, architecture: str, signature: dict[str, Any]) -> Match:
+    """How close ``recipe`` is to the network ``architecture`` with ``signature``: the one rule for ``kind``."""
+    theirs = recipe.provenance
+    same_name = theirs.architecture == architecture
+    kind: MatchKind = ("exact" if same_name and theirs.signature.get("hash") == signature.get("hash")
+                       else "architecture" if same_name else "nearest")
+    return Match(path, recipe, kind, signature_distance(theirs.signature, signature))
 
 
 def recipe_directories(extra: Iterable[str | Path] = ()) -> list[Path]:
@@ -483,10 +480,6 @@ def find_recipes(architecture: str, signature: dict[str, Any], optimizer: str,
                 continue
             if recipe.optimizer != optimizer:
                 continue
-            theirs = recipe.provenance
-            same_name = theirs.architecture == architecture
-            kind: MatchKind = ("exact" if same_name and theirs.signature.get("hash") == signature.get("hash")
-                               else "architecture" if same_name else "nearest")
-            matches.append(Match(path, recipe, kind, signature_distance(theirs.signature, signature)))
+            matches.append(match(path, recipe, architecture, signature))
     return sorted(matches, key=lambda m: (_KIND_RANK[m.kind], m.distance, m.recipe.training.dataset != dataset,
                                           str(m.path)))

@@ -18,6 +18,10 @@ class StoreError(ValueError):
     """A storage or tracking URL that cannot be used; the message is the whole paragraph."""
 
 
+class StudyNotFound(LookupError):
+    """``--study`` names no study in the storage (or it was omitted and the storage holds several)."""
+
+
 def check_storage_url(url: str) -> None:
     """Raise ``StoreError`` if ``url`` is not an SQLAlchemy URL or its database driver is not installed."""
     from sqlalchemy.engine import make_url

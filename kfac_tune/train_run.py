@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kfac_tune import record
 from kfac_tune.files import check_writable_directory, write_atomic
 from kfac_tune.secrets import mask, mask_data
 from kfac_tune.settings import TRACKING_URI_ENV
@@ -119,26 +120,27 @@ def log(resolved: Settings, cfg: Config, recipe: Recipe, recipe_path: Path, resu
     import mlflow
     from mlflow.entities import Metric, Param
 
-    from kfac_tune.tracking import (_client, _MAX_METRICS_PER_BATCH, _MAX_PARAM_CHARS, dataset_input, flatten,
-                                    get_or_create_experiment, prepare_store)
+    from kfac_tune.tracking.runs import dataset_input, flatten
+    from kfac_tune.tracking.server import (MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, get_or_create_experiment,
+                                           open_client, prepare_store)
 
     uri = resolved.tracking_uri
     prepare_store(uri)
-    client = _client(uri)
+    client = open_client(uri)
     experiment_id = get_or_create_experiment(client, uri, resolved.experiment or cfg.stem)
     run = client.create_run(experiment_id, run_name=f"train {recipe.optimizer} ({recipe_path.name})",
-                            tags={"kfac_tune.kind": "train", "kfac_tune.recipe": mask(str(recipe_path))})
+                            tags={record.TAG_KIND: record.KIND_TRAIN, record.TAG_RECIPE: mask(str(recipe_path))})
     run_id = run.info.run_id
     config = mask_data(cfg.model_dump(mode="json", by_alias=True), *resolved.secrets())
     params = {**flatten(config), **flatten({"hyperparameters": recipe.hyperparameters}),
               "recipe": mask(str(recipe_path)), "recipe.study": recipe.provenance.study}
-    client.log_batch(run_id, params=[Param(k, v[:_MAX_PARAM_CHARS]) for k, v in params.items()])
+    client.log_batch(run_id, params=[Param(k, v[:MAX_PARAM_CHARS]) for k, v in params.items()])
     now = int(time.time() * 1000)
     metrics = [Metric(key, float(value), now, int(point["step"])) for point in result.curves
                for key, value in point.items() if key != "step"]
     metrics += [Metric(f"final_{key}", float(value), now, result.steps) for key, value in result.final.items()]
-    for start in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[start : start + _MAX_METRICS_PER_BATCH])
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
     client.log_inputs(run_id, datasets=[dataset_input(config["data"], context="train")])
     if model is not None:
         _log_model(uri, run_id, model)

@@ -4,20 +4,15 @@ from __future__ import annotations
 import html
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
+from kfac_tune.launch import free_port
+
 
 def has_chromium() -> bool:
     return shutil.which("chromium") is not None or shutil.which("chromium-browser") is not None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def chromium(url: str, screenshot: Path) -> str:

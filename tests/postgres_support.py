@@ -14,7 +14,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from kfac_tune.launch import free_port
 
 USER, PASSWORD = "kfac", "kfac-test-password"
 START_TIMEOUT_S = 120  # pg_ctl -w waits this long: a loaded 2-core machine can take a while
@@ -74,12 +75,6 @@ def _as_owner() -> list[str]:
     if runuser is None:
         raise PostgresUnavailable("running as root and runuser is missing")
     return [runuser, "-u", "postgres", "--"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

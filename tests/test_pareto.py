@@ -27,7 +27,8 @@ from kfac_tune.config import load_config
 from kfac_tune.recipes import load_recipe
 from kfac_tune.search.selection import Pick, choose, parse_pick, pareto_front
 from kfac_tune.search.space import build_space
-from kfac_tune.search.study import open_study, preflight_space
+from kfac_tune.search.prepare import preflight_space
+from kfac_tune.search.study import open_study
 from tests.search_support import load_study, write_config
 
 POINTS = [(0.300, 40.0), (0.305, 15.0), (0.3059, 12.0), (0.310, 5.0), (0.500, 50.0), (0.320, 14.0)]

@@ -26,7 +26,7 @@ from typing import IO
 import optuna
 import pytest
 
-from kfac_tune.tracking import PARENT_RUN_ATTR, TRIAL_RUN_ATTR
+from kfac_tune import record
 from tests.faults.conftest import FAULT_MODELS, mlflow_server, stop, wait_for
 from tests.postgres_support import PostgresServer, postgres  # noqa: F401  (the fixture)
 from tests.search_support import cli_popen, load_study, write_config
@@ -120,10 +120,10 @@ def _assert_one_parent_run(tracking_uri: str, study: optuna.Study, trials: list[
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
-    assert [r.info.run_id for r in parents] == [study.user_attrs[PARENT_RUN_ATTR]]
+    assert [r.info.run_id for r in parents] == [study.user_attrs[record.PARENT_RUN]]
     children = {r.info.run_id: r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags}
     assert {r.data.tags[MLFLOW_PARENT_RUN_ID] for r in children.values()} == {parents[0].info.run_id}
-    assert sorted(t.user_attrs[TRIAL_RUN_ATTR] for t in trials) == sorted(children)
+    assert sorted(t.user_attrs[record.TRIAL_RUN] for t in trials) == sorted(children)
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children.values()) == [t.number for t in trials]
 
 

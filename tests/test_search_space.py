@@ -20,7 +20,7 @@ from kfac_tune.config import ConfigError, load_config
 from kfac_tune.optim import KFAC
 from kfac_tune.recipes import load_recipe
 from kfac_tune.search.space import MODES, build_space, published_defaults, suggest, warm_starts
-from kfac_tune.search.study import make_sampler
+from kfac_tune.search.storage import make_sampler
 from kfac_tune.zoo.data import DEBIAN_FASHION_MNIST
 from tests.search_support import REPO, invoke, load_study, write_config
 

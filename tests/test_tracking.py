@@ -327,13 +327,13 @@ def test_real_search_logs_config_data_set_budget_and_stays_small(store_uri: str,
     from mlflow import MlflowClient
 
     from kfac_tune.config import load_config
-    from kfac_tune.search import run_search
+    from kfac_tune.search import prepare_search
     from tests.search_support import write_config
 
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, tracking={"enabled": True, "uri": store_uri, "experiment": "real-search"},
                           search={"trials": 4})
-    study = run_search(load_config(config), recipe_path=tmp_path / "recipe.yaml").study
+    study = prepare_search(load_config(config), recipe_path=tmp_path / "recipe.yaml").run().study
 
     client = MlflowClient(store_uri)
     experiment_id = client.get_experiment_by_name("real-search").experiment_id

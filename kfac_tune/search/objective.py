@@ -19,29 +19,29 @@ exception that holds the trial's model.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import optuna
 
+from kfac_tune import record
 from kfac_tune.config import Config, ParamSpec
 from kfac_tune.config import TIME_OBJECTIVE
 from kfac_tune.problem import task_and_loss
 from kfac_tune.processes import interrupt_pending
 from kfac_tune.search.space import mode_of, optimizer_arguments, suggest, with_training
+from kfac_tune.tracking.tracker import RunRecorder, Tracker
 from kfac_tune.training import Diverged, TrainResult, train, warm_up
 
 INTERRUPTED = "interrupted (Ctrl-C); resume by running the same command"
 REASON_LIMIT = 2000  # characters kept of an exception message
-FLUSH_INTERVAL_S = 10.0  # curve points reach MLflow in batches at most this often (and always at the trial's end)
 
 
 class Objective:
     """The callable passed to ``study.optimize``."""
 
-    def __init__(self, cfg: Config, space: Mapping[str, ParamSpec], tracker: Any) -> None:
+    def __init__(self, cfg: Config, space: Mapping[str, ParamSpec], tracker: Tracker) -> None:
         self.cfg, self.space, self.tracker = cfg, dict(space), tracker
         self.loss = task_and_loss(cfg)[1]
         self.warmed: set[str] = set()  # K-FAC modes (or "" for other optimizers) this process has warmed up
@@ -60,14 +60,14 @@ class Objective:
         try:
             return self._run(trial)
         except KeyboardInterrupt:  # wherever Ctrl-C lands, also before training starts or after it ends
-            trial.set_user_attr("fail_reason", INTERRUPTED)
+            record.set_fail_reason(trial, INTERRUPTED)
             raise
 
     def _run(self, trial: optuna.Trial) -> float | list[float]:
         point = suggest(trial, self.space)
         hparams, cfg = optimizer_arguments(point), with_training(self.cfg, point)
         arguments = self.constructor_arguments(hparams)
-        trial.set_user_attr("hyperparameters", arguments)
+        record.set_hyperparameters(trial, arguments)
         with self.tracker.trial_run(trial, point) as run:
             try:
                 self._warm_up(cfg, hparams, arguments)
@@ -78,16 +78,16 @@ class Objective:
                 self._prune(trial, run, str(pruned))
             except Exception as error:
                 reason = f"{type(error).__name__}: {error}"[:REASON_LIMIT]
-                trial.set_user_attr("fail_reason", reason)
+                record.set_fail_reason(trial, reason)
                 run.set_outcome("FAIL", reason=reason)
                 raise
             except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", INTERRUPTED)
+                record.set_fail_reason(trial, INTERRUPTED)
                 run.set_outcome("FAIL", reason=INTERRUPTED)
                 raise
             finally:
                 release_memory(after_failure=False)  # a failure's memory: release_after_failure, once it is garbage
-            trial.set_user_attr("result", {  # one storage write (each costs ~20 ms on SQLite)
+            record.set_result(trial, {
                 "step_time": result.step_time, "train_seconds": result.train_seconds, "seconds": result.seconds,
                 "steps": result.steps, "device": result.device, "final": result.final, "best": result.best,
                 "max_step_seconds": result.max_step_seconds, "batch_size": cfg.data.batch_size,
@@ -105,7 +105,7 @@ class Objective:
             self.warmed.add(mode)
             warm_up(cfg, dict(hparams))
 
-    def _report(self, trial: optuna.Trial, run: Any, step: int, metrics: dict[str, float]) -> None:
+    def _report(self, trial: optuna.Trial, run: RunRecorder, step: int, metrics: dict[str, float]) -> None:
         """Log the curve point, feed the pruner once per evaluation interval, and prune if it says so (single
         objective only: Optuna has no pruning for several objectives)."""
         if interrupt_pending():  # a Ctrl-C that landed in a gc callback and was dropped (kfac_tune.processes)
@@ -120,8 +120,8 @@ class Objective:
                                      f"{self.cfg.training.metric} = {value:.6g}")
 
     @staticmethod
-    def _prune(trial: optuna.Trial, run: Any, reason: str) -> None:
-        trial.set_user_attr("prune_reason", reason)
+    def _prune(trial: optuna.Trial, run: RunRecorder, reason: str) -> None:
+        record.set_prune_reason(trial, reason)
         run.set_outcome("PRUNED", reason=reason)
         raise optuna.TrialPruned(reason) from None
 
@@ -159,52 +159,3 @@ def release_after_failure(study: optuna.Study, trial: optuna.trial.FrozenTrial) 
     """
     if trial.state in (optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED):
         release_memory(after_failure=True)
-
-
-# ------------------------------------------------------------------------------------------------ tracking
-
-
-def open_tracker(cfg: Config, study_name: str, enabled: bool, *, prepare: bool = False) -> Any:
-    """A ``kfac_tune.tracking.StudyTracker``, or a stand-in that records nothing when tracking is off.
-
-    ``prepare`` (the parent, once, before any worker): create/migrate the store and check it answers, so an
-    unreachable MLflow is reported before training starts.
-    """
-    if not enabled:
-        return Untracked()
-    from kfac_tune import tracking
-
-    if prepare:
-        tracking.prepare_store(cfg.tracking.uri)
-        tracking.check_reachable(cfg.tracking.uri)
-    return tracking.StudyTracker(cfg.tracking.uri, cfg.tracking.experiment or cfg.stem, study_name,
-                                 flush_interval_s=FLUSH_INTERVAL_S,
-                                 run_config=cfg.model_dump(mode="json", by_alias=True))
-
-
-class Untracked:
-    """``StudyTracker``'s interface doing nothing: ``--no-tracking`` keeps one code path in the search."""
-
-    def ensure_parent_run(self, study: optuna.Study, tags: Mapping[str, str], artifacts: Mapping[str, str],
-                          params: Mapping[str, Any] | None = None) -> None:
-        return None
-
-    @contextlib.contextmanager
-    def trial_run(self, trial: optuna.Trial, params: Mapping[str, Any]) -> Iterator[_UntrackedRun]:
-        yield _UntrackedRun()
-
-    def refresh_plots(self, study: optuna.Study) -> None:
-        return None
-
-    def finish_study(self, study: optuna.Study, recipe_path: str | None = None) -> None:
-        return None
-
-
-class _UntrackedRun:
-    run_id = None
-
-    def log_eval(self, step: int, metrics: Mapping[str, float]) -> None:
-        return None
-
-    def set_outcome(self, state: str, value: float | None = None, reason: str | None = None) -> None:
-        return None

@@ -24,11 +24,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from kfac_tune import record
 from kfac_tune.config import TIME_OBJECTIVE, Config, stored_config
 from kfac_tune.search.space import optimizer_arguments, with_training
 
 PICK_PATTERN = re.compile(r"^(best|fastest-within=(\d+(?:\.\d*)?)%)$")
-TEST_ATTR = "test."  # study user attribute prefix: test.<trial number> -> the trial's test-split metrics
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def parse_pick(text: str) -> Pick:
 def metric_names(study: optuna.Study) -> list[str]:
     """The objectives' names, as the search set them (a study without names: its ``metric`` attribute)."""
     names = study.metric_names
-    return list(names) if names else [study.user_attrs.get("metric", "value")]
+    return list(names) if names else [record.study_metric(study)]
 
 
 def metric_index(study: optuna.Study) -> int:
@@ -70,7 +70,7 @@ def train_seconds(study: optuna.Study, trial: FrozenTrial) -> float:
     names = metric_names(study)
     if TIME_OBJECTIVE in names:
         return trial.values[names.index(TIME_OBJECTIVE)]
-    return float(trial.user_attrs.get("result", {}).get("train_seconds", math.inf))
+    return float(record.result(trial).get("train_seconds", math.inf))
 
 
 def candidates(study: optuna.Study) -> list[FrozenTrial]:
@@ -115,8 +115,8 @@ def study_config(study: optuna.Study) -> Config:
     """The config a study was searched with, as recorded. A study from before validation splits (no ``split``
     attribute) selected on the test split: its config is read with ``data.validation: 0``, as it ran. Read as
     data: its callables are never imported (``config.stored_config``)."""
-    raw = study.user_attrs["config"]
-    if "split" not in study.user_attrs:
+    raw = study.user_attrs[record.CONFIG]
+    if record.SPLIT not in study.user_attrs:
         raw = {**raw, "data": {**raw.get("data", {}), "validation": raw.get("data", {}).get("validation", 0)}}
     return stored_config(raw, f"the config stored with study {study.study_name!r}")
 
@@ -127,9 +127,9 @@ def test_metrics(study: optuna.Study, trial: FrozenTrial, cfg: Config | None = N
     The rerun repeats the trial: its sampled training parameters, its constructor arguments, the same seed and
     the steps it reached (a time-budget trial is rerun for its step count, so the model is the one it selected).
     """
-    key = f"{TEST_ATTR}{trial.number}"
-    if key in study.user_attrs:
-        return dict(study.user_attrs[key])
+    stored = record.test_metrics(study, trial.number)
+    if stored is not None:
+        return stored
     from kfac_tune.training import Diverged, train
 
     cfg = cfg or study_config(study)
@@ -143,18 +143,18 @@ def test_metrics(study: optuna.Study, trial: FrozenTrial, cfg: Config | None = N
             f"a storage: pass the study's CONFIG (e.g. kfac-tune export model.yaml), with module {modules} "
             "importable (run from the directory that holds it, or add that directory to PYTHONPATH)")
     rerun = with_training(cfg, trial.params)
-    steps = trial.user_attrs.get("result", {}).get("steps")
+    steps = record.result(trial).get("steps")
     if cfg.training.budget is not None and steps:
         rerun = rerun.model_copy(update={"training": rerun.training.model_copy(
             update={"budget": None, "steps": int(steps), "epochs": None})})
-    arguments = trial.user_attrs.get("hyperparameters") or optimizer_arguments(trial.params)
+    arguments = record.hyperparameters(trial) or optimizer_arguments(trial.params)
     hparams = {k: v for k, v in arguments.items() if k != "loss"}
     try:
-        result = train(rerun, hparams, optimizer=study.user_attrs.get("optimizer"), test=True)
+        result = train(rerun, hparams, optimizer=record.study_attr(study, record.OPTIMIZER), test=True)
         metrics = {k: v for k, v in result.test.items() if math.isfinite(v)}
     except Diverged:
         metrics = {}
-    study.set_user_attr(key, metrics)
+    record.set_test_metrics(study, trial.number, metrics)
     return metrics
 
 

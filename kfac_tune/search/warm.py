@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kfac_tune.config import Config, ParamSpec, Phrase
-from kfac_tune.recipes import Match, RecipeError, find_recipes, load_recipe, recipe_directories, signature_distance
+from kfac_tune.recipes import Match, RecipeError, find_recipes, load_recipe, match, recipe_directories
 from kfac_tune.search.space import point_in_space
 from kfac_tune.problem import Problem
 
@@ -33,10 +33,7 @@ def warm_start_match(cfg: Config, problem: Problem, directories: Sequence[str | 
             raise cfg.problem("search.warm_start",
                               f"expected a recipe for {cfg.optimizer.name}, the optimizer searched",
                               Phrase(f"a recipe for {recipe.optimizer}"))
-        same = recipe.provenance.architecture == problem.architecture
-        exact = same and recipe.provenance.signature.get("hash") == problem.signature.get("hash")
-        kind = "exact" if exact else "architecture" if same else "nearest"
-        return Match(Path(setting), recipe, kind, signature_distance(recipe.provenance.signature, problem.signature))
+        return match(Path(setting), recipe, problem.architecture, problem.signature)
     matches = find_recipes(problem.architecture, problem.signature, cfg.optimizer.name,
                            recipe_directories(directories), cfg.data.callable or cfg.data.name)
     return matches[0] if matches else None

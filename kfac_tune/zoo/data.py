@@ -19,7 +19,7 @@ import gzip
 import math
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,10 @@ from kfac_tune.zoo._args import (
     bad_value,
     check_known,
     check_kwargs,
-    keyword_defaults,
     positive_int,
     positive_ints,
 )
+from kfac_tune.zoo.specs import DATASETS
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = (
@@ -126,19 +126,6 @@ class _Splits:
     scale: float
     num_classes: int
     source: str
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A registry entry. ``loader(request, **kwargs)`` returns the full splits."""
-
-    name: str
-    loader: Callable[..., _Splits]
-    description: str
-
-    def arguments(self) -> dict[str, Any]:
-        """The dataset-specific keyword arguments of ``load_dataset``, with their defaults."""
-        return keyword_defaults(self.loader)
 
 
 # the arguments of load_dataset that every dataset takes (named in error messages beside its own)
@@ -413,16 +400,8 @@ def _load_synthetic(
         logits = means[y] + rng.standard_normal((n, means.shape[1]))
         return (1.0 / (1.0 + np.exp(-logits))).reshape(n, *input_shape), y
 
-    (train_x, train_y), (test_x, test_y) = sample(n_train), sample(n_test)
-    return _Splits(
-        train_x=train_x,
-        train_y=train_y,
-        test_x=test_x,
-        test_y=test_y,
-        scale=1.0,
-        num_classes=num_classes,
-        source=f"synthetic(seed={request.seed}, shape={list(input_shape)}, num_classes={num_classes})",
-    )
+    return _Splits(*sample(n_train), *sample(n_test), scale=1.0, num_classes=num_classes,
+                   source=f"synthetic(seed={request.seed}, shape={list(input_shape)}, num_classes={num_classes})")
 
 
 # ------------------------------------------------------------------------------------------- text corpus
@@ -459,33 +438,6 @@ def _load_pydoc_text(request: _Request, *, seq_len: int = 64, test_fraction: flo
         y = part[1 : n * seq_len + 1].reshape(n, seq_len)
         return x, y
 
-    (train_x, train_y), (test_x, test_y) = windows(codes[:cut]), windows(codes[cut:])
-    return _Splits(
-        train_x=train_x,
-        train_y=train_y,
-        test_x=test_x,
-        test_y=test_y,
-        scale=1.0,
-        num_classes=len(vocab),
-        source=f"pydoc_data.topics (Python {sys.version_info.major}.{sys.version_info.minor}), "
-        f"{len(text)} characters, vocabulary {len(vocab)}",
-    )
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec(
-            "fashion_mnist",
-            _load_fashion_mnist,
-            "Fashion-MNIST 28x28 grey, 60k/10k, 10 classes; offline from Debian's dataset-fashion-mnist.",
-        ),
-        DatasetSpec("mnist", _load_mnist, "MNIST 28x28 grey, 60k/10k, 10 classes; needs `root` or `download`."),
-        DatasetSpec("cifar10", _load_cifar10, "CIFAR-10 32x32 RGB, 50k/10k, 10 classes; via torchvision."),
-        DatasetSpec("digits", _load_digits, "scikit-learn's 8x8 digits, 1,797 images, 10 classes; offline."),
-        DatasetSpec("synthetic", _load_synthetic, "Generated Gaussian-cluster classification data; offline."),
-        DatasetSpec("pydoc_text", _load_pydoc_text,
-                    "Character-level text: Python's bundled reference docs (pydoc_data), next-character targets; "
-                    "offline."),
-    )
-}
+    return _Splits(*windows(codes[:cut]), *windows(codes[cut:]), scale=1.0, num_classes=len(vocab),
+                   source=f"pydoc_data.topics (Python {sys.version_info.major}.{sys.version_info.minor}), "
+                          f"{len(text)} characters, vocabulary {len(vocab)}")

@@ -13,9 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,31 +30,15 @@ from kfac_tune.zoo._args import (
     check_known,
     check_kwargs,
     choice,
-    keyword_defaults,
     positive_int,
     positive_ints,
 )
+from kfac_tune.zoo.specs import ARCHITECTURES
 
-Task = Literal["classification", "reconstruction", "sequence"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 # "linear" (and YAML null) mean no nonlinearity; accepted wherever a layer may be left linear.
 _LINEAR = ("linear", None)
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """A registry entry. ``builder(input_shape, num_classes, **kwargs)`` makes the module."""
-
-    name: str
-    builder: Callable[..., nn.Module]
-    task: Task
-    default_loss: str  # a name in kfac_tune.catalog.LOSSES
-    description: str
-
-    def arguments(self) -> dict[str, Any]:
-        """The keyword arguments the architecture accepts, with their defaults."""
-        return keyword_defaults(self.builder)
 
 
 def build_model(
@@ -329,41 +312,3 @@ def _build_lstm_lm(
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise BadArgument("dropout", "a number in [0, 1)", dropout)
     return LanguageModel(num_classes, embedding, hidden, layers, float(dropout), cell)
-
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    spec.name: spec
-    for spec in (
-        ArchSpec(
-            "autoencoder",
-            _build_autoencoder,
-            "reconstruction",
-            "bce",
-            "Deep fully connected autoencoder (Hinton & Salakhutdinov 2006; Martens & Grosse 2015): "
-            "784-1000-500-250-30 mirrored by default; outputs flattened logits.",
-        ),
-        ArchSpec("mlp", _build_mlp, "classification", "cross_entropy", "Multilayer perceptron classifier."),
-        ArchSpec(
-            "convnet",
-            _build_convnet,
-            "classification",
-            "cross_entropy",
-            "Small convnet: conv3x3-ReLU-maxpool blocks, then a two-layer head.",
-        ),
-        ArchSpec(
-            "resnet",
-            _build_resnet,
-            "classification",
-            "cross_entropy",
-            "CIFAR-style ResNet (He et al. 2016), 6n+2 layers, BatchNorm.",
-        ),
-        ArchSpec(
-            "lstm_lm",
-            _build_lstm_lm,
-            "sequence",
-            "cross_entropy",
-            "Recurrent language model: embedding, kfac_tune.nn LSTM (or GRU) layers, Linear decoder; "
-            "next-token logits per position.",
-        ),
-    )
-}

@@ -6,7 +6,6 @@ because the machines that run this suite are small and shared: a scenario may be
 """
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +18,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from kfac_tune.cli import cli
+from kfac_tune.launch import free_port
 from tests.faults import fault_models
 from tests.search_support import load_study, stop, write_config
+
 
 T = TypeVar("T")
 FAULT_MODELS = "tests.faults.fault_models"
@@ -83,12 +84,6 @@ def states_seen(tmp_path: Path, *wanted: str) -> bool:
     """Whether the study holds trials in every state of ``wanted`` (e.g. COMPLETE and RUNNING)."""
     states = {t.state.name for t in trials_of(tmp_path)}
     return set(wanted) <= states
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def listening_addresses(port: int) -> set[str]:

@@ -1,0 +1,155 @@
+"""Every key kfac-tune stores on Optuna studies and trials, and every MLflow tag and id name it writes.
+
+Why one module: the search writes these keys and ``export``, ``show``, recipes and tracking read them back, often
+in another process or a later version; a key spelled in two places drifts (``mlflow_run_id`` was a constant in one
+file and a literal in another). Read and write through the helpers below, never through bare strings.
+
+Study user attributes (written once, when the search creates the study; ``versions`` on every resume):
+``config`` (the resolved config, passwords masked), ``config_hash``, ``optimizer``, ``architecture``,
+``signature``, ``parameter_groups``, ``loss``, ``task``, ``steps``, ``metric``, ``split``, ``space``, ``versions``;
+``mlflow_parent_run_id`` (tracking); ``test.<trial number>`` (a trial's test-split metrics, measured once).
+
+Trial user attributes: ``hyperparameters`` (the optimizer constructor's arguments), ``result`` (one dict: seconds,
+steps, device, final/best metrics, batch size), ``fail_reason``/``prune_reason``, ``mlflow_run_id``;
+``warm_start``/``warm_start_recipe`` on enqueued points.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    AnyTrial = optuna.Trial | FrozenTrial
+
+# ---------------------------------------------------------------------------------------------- study attributes
+CONFIG = "config"
+CONFIG_HASH = "config_hash"
+OPTIMIZER = "optimizer"
+ARCHITECTURE = "architecture"
+SIGNATURE = "signature"
+PARAMETER_GROUPS = "parameter_groups"
+LOSS = "loss"
+TASK = "task"
+STEPS = "steps"
+METRIC = "metric"
+SPLIT = "split"
+SPACE = "space"
+VERSIONS = "versions"
+PARENT_RUN = "mlflow_parent_run_id"
+TEST_PREFIX = "test."  # test.<trial number> -> the trial's test-split metrics
+
+# ---------------------------------------------------------------------------------------------- trial attributes
+HYPERPARAMETERS = "hyperparameters"
+RESULT = "result"
+FAIL_REASON = "fail_reason"
+PRUNE_REASON = "prune_reason"
+TRIAL_RUN = "mlflow_run_id"
+WARM_START = "warm_start"
+WARM_START_RECIPE = "warm_start_recipe"
+
+# ---------------------------------------------------------------------------------------------- MLflow tags
+TAG_STUDY_NAME = "optuna.study_name"
+TAG_DIRECTION = "optuna.direction"
+TAG_TRIAL_NUMBER = "optuna.trial_number"
+TAG_STATE = "optuna.state"
+TAG_REASON = "optuna.reason"
+TAG_BEST_TRIAL = "best.trial"
+TAG_BEST_PREFIX = "best."  # best.<parameter> on the parent run
+TAG_TRIALS_PREFIX = "trials."  # trials.<state> counts on the parent run
+TAG_KIND = "kfac_tune.kind"  # what a run that is not a study or a trial holds
+KIND_COMPARE = "compare"
+KIND_TRAIN = "train"
+TAG_RECIPE = "kfac_tune.recipe"  # the recipe a train run trained
+TAG_RECIPES = "kfac_tune.recipes"  # the recipes a comparison ran
+METRIC_BEST_VALUE = "best_value"
+METRIC_OUTCOME = "objective_value"
+
+
+# ---------------------------------------------------------------------------------------------- studies
+def write_study(study: optuna.Study, attrs: Mapping[str, Any]) -> None:
+    """Store each of ``attrs`` (keys: the study constants above) on the study."""
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+
+
+def study_attr(study: optuna.Study, key: str, default: Any = None) -> Any:
+    return study.user_attrs.get(key, default)
+
+
+def study_metric(study: optuna.Study) -> str:
+    """The metric the study was searched on (``value`` for a study kfac-tune did not create)."""
+    return study.user_attrs.get(METRIC, "value")
+
+
+def created_by_search(study: optuna.Study) -> bool:
+    """Whether ``kfac-tune search`` created the study (it carries the recipe metadata)."""
+    return ARCHITECTURE in study.user_attrs
+
+
+def parent_run_id(study: optuna.Study) -> str | None:
+    return study.user_attrs.get(PARENT_RUN)
+
+
+def set_parent_run_id(study: optuna.Study, run_id: str) -> None:
+    study.set_user_attr(PARENT_RUN, run_id)
+
+
+def test_metrics(study: optuna.Study, trial_number: int) -> dict[str, float] | None:
+    """The trial's stored test-split metrics, or None when not measured yet."""
+    key = f"{TEST_PREFIX}{trial_number}"
+    return dict(study.user_attrs[key]) if key in study.user_attrs else None
+
+
+def set_test_metrics(study: optuna.Study, trial_number: int, metrics: Mapping[str, float]) -> None:
+    study.set_user_attr(f"{TEST_PREFIX}{trial_number}", dict(metrics))
+
+
+# ---------------------------------------------------------------------------------------------- trials
+def result(trial: AnyTrial) -> dict[str, Any]:
+    """The trial's recorded result (empty for a trial that did not complete)."""
+    return trial.user_attrs.get(RESULT, {})
+
+
+def set_result(trial: optuna.Trial, values: Mapping[str, Any]) -> None:
+    trial.set_user_attr(RESULT, dict(values))  # one storage write (each costs ~20 ms on SQLite)
+
+
+def hyperparameters(trial: AnyTrial, default: Any = None) -> Any:
+    """The optimizer constructor's arguments the trial ran with (``default`` for a trial that recorded none)."""
+    return trial.user_attrs.get(HYPERPARAMETERS, default)
+
+
+def set_hyperparameters(trial: optuna.Trial, arguments: Mapping[str, Any]) -> None:
+    trial.set_user_attr(HYPERPARAMETERS, dict(arguments))
+
+
+def reason(trial: AnyTrial) -> str | None:
+    """Why the trial was pruned or failed, if it says."""
+    return trial.user_attrs.get(PRUNE_REASON) or trial.user_attrs.get(FAIL_REASON)
+
+
+def set_fail_reason(trial: optuna.Trial, text: str) -> None:
+    trial.set_user_attr(FAIL_REASON, text)
+
+
+def set_prune_reason(trial: optuna.Trial, text: str) -> None:
+    trial.set_user_attr(PRUNE_REASON, text)
+
+
+def trial_run_id(trial: AnyTrial) -> str | None:
+    return trial.user_attrs.get(TRIAL_RUN)
+
+
+def set_trial_run_id(trial: optuna.Trial, run_id: str) -> None:
+    trial.set_user_attr(TRIAL_RUN, run_id)
+
+
+def warm_start_attrs(recipe_path: str | None = None) -> dict[str, Any]:
+    """The user attributes of an enqueued warm-start point (``recipe_path``: the recipe it came from)."""
+    attrs: dict[str, Any] = {WARM_START: True}
+    if recipe_path is not None:
+        attrs[WARM_START_RECIPE] = recipe_path
+    return attrs
