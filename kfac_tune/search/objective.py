@@ -99,9 +99,12 @@ class Objective:
     def _warm_up(self, cfg: Config, hparams: Mapping[str, Any], arguments: Mapping[str, Any]) -> None:
         """The first trial of each K-FAC mode in this process first trains two untimed steps
         (``training.warm_up``): otherwise the first automatic-mode trial pays torch's one-time forward-mode set-up
-        inside its seconds budget (3 s of a 4 s digits trial) and the search under-rates the mode."""
+        inside its seconds budget (3 s of a 4 s digits trial) and the search under-rates the mode. Only when the
+        score depends on the clock (a seconds budget, or ``train_seconds`` among the objectives): otherwise the two
+        steps would buy nothing."""
+        timed = self.cfg.training.budget is not None or TIME_OBJECTIVE in self.cfg.objectives
         mode = mode_of(arguments) if self.cfg.optimizer.name == "kfac" else ""
-        if mode not in self.warmed:
+        if timed and mode not in self.warmed:
             self.warmed.add(mode)
             warm_up(cfg, dict(hparams))
 
