@@ -396,6 +396,9 @@ class TrackingConfig(_Section):
     enabled: bool = True
     uri: str = DEFAULT_TRACKING_URI
     experiment: str | None = None
+    # "best": each trial that leads the study when it completes (the best value, or off every earlier trial's
+    # Pareto front) logs its trained network to its run, so the trial that `export` picks always has its model
+    log_model: Literal["none", "best"] = "none"
 
     @field_validator("uri")
     @classmethod
@@ -430,8 +433,11 @@ class Config(_Section):
         return self
 
     def check_objectives(self) -> None:
-        """What one section cannot check alone: the objectives against the training section (a ConfigError
-        naming ``search.objectives``)."""
+        """What one section cannot check alone: the objectives and the model logging against the training section
+        (a ConfigError naming ``search.objectives`` or ``tracking.log_model``)."""
+        if self.tracking.log_model == "best" and self.training.processes > 1:
+            raise self.problem("tracking.log_model", "expected none with training.processes > 1 (the trained "
+                               "network lives in the rank processes)", self.tracking.log_model)
         objectives = self.search.objectives
         if objectives is None:
             return

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from kfac_tune import record
 from kfac_tune.files import check_writable_directory, write_atomic
 from kfac_tune.secrets import mask, mask_data
-from kfac_tune.settings import TRACKING_URI_ENV
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +118,7 @@ def log(resolved: Settings, cfg: Config, recipe: Recipe, recipe_path: Path, resu
     import mlflow
     from mlflow.entities import Metric, Param
 
-    from kfac_tune.tracking.runs import dataset_input, flatten
+    from kfac_tune.tracking.runs import dataset_input, flatten, log_model
     from kfac_tune.tracking.server import (MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, get_or_create_experiment,
                                            open_client, prepare_store)
 
@@ -143,27 +141,6 @@ def log(resolved: Settings, cfg: Config, recipe: Recipe, recipe_path: Path, resu
         client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
     client.log_inputs(run_id, datasets=[dataset_input(config["data"], context="train")])
     if model is not None:
-        _log_model(uri, run_id, model)
+        log_model(uri, run_id, model)
     client.set_terminated(run_id)
     return run_id
-
-
-def _log_model(uri: str, run_id: str, model: torch.nn.Module) -> None:
-    """``mlflow.pytorch.log_model`` into the run, on the CPU, with torch pinned as its requirement (inferring the
-    requirements would import-scan the environment, seconds for nothing). Pickled, not MLflow's default ``pt2``:
-    that traces ``forward`` with an input example, which fails for networks with data-dependent control flow;
-    ``mlflow.pytorch.load_model`` needs the model's module importable, as ``model.callable`` does anyway."""
-    import mlflow
-    import mlflow.pytorch
-    import torch
-
-    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI into os.environ, where it would outrank the YAML
-    # of the next command run in this process (the Python API, a notebook): put back what was there.
-    before = os.environ.get(TRACKING_URI_ENV)
-    mlflow.set_tracking_uri(uri)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(model.cpu(), name="model", pip_requirements=[f"torch=={torch.__version__}"],
-                                     serialization_format="pickle")
-    finally:
-        mlflow.set_tracking_uri(before)

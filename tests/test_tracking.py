@@ -366,6 +366,41 @@ def test_real_search_logs_config_data_set_budget_and_stays_small(store_uri: str,
     assert 1_000_000 < total <= MAX_STUDY_ARTIFACT_BYTES, total
 
 
+def test_log_model_best_gives_every_leading_trial_and_the_best_its_model(store_uri: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tracking.log_model: best``: a trial logs its network iff no earlier complete trial beat it, so the best
+    trial's run holds a model that ``mlflow.pytorch`` loads back as the configured network."""
+    import mlflow.pytorch
+    import optuna
+    import torch
+    from mlflow import MlflowClient
+
+    from kfac_tune.config import ConfigError, load_config
+    from kfac_tune.search import prepare_search
+    from tests.search_support import write_config
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, search={"trials": 4},
+                          tracking={"enabled": True, "uri": store_uri, "experiment": "log-model", "log_model": "best"})
+    study = prepare_search(load_config(config), recipe_path=tmp_path / "recipe.yaml").run().study
+
+    leading, best_so_far = set(), float("inf")
+    for trial in sorted(study.trials, key=lambda t: t.datetime_complete or t.datetime_start):
+        if trial.state == optuna.trial.TrialState.COMPLETE and trial.value <= best_so_far:
+            leading.add(trial.user_attrs["mlflow_run_id"])
+            best_so_far = trial.value
+    client = MlflowClient(store_uri)
+    models = client.search_logged_models(experiment_ids=[client.get_experiment_by_name("log-model").experiment_id])
+    assert {m.source_run_id for m in models} == leading and len(models) == len(leading)
+    best_model = next(m for m in models if m.source_run_id == study.best_trial.user_attrs["mlflow_run_id"])
+    net = mlflow.pytorch.load_model(best_model.artifact_location)
+    assert [tuple(p.shape) for p in net.parameters()] == [(32, 64), (32,), (10, 32), (10,)]
+    assert isinstance(net(torch.zeros(1, 64)), torch.Tensor)
+
+    with pytest.raises(ConfigError, match="tracking.log_model"):
+        load_config(config, overrides={"training.processes": 2})
+
+
 def test_flattened_config_masks_passwords() -> None:
     flat = tracking.flatten({"storage": "postgresql+psycopg2://tuner:s3cret@db/kfac", "tracking": {"uri": "x"},
                              "data": {"kwargs": {}, "root": None, "sizes": [1, 2]}})

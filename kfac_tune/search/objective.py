@@ -71,7 +71,10 @@ class Objective:
         with self.tracker.trial_run(trial, point) as run:
             try:
                 self._warm_up(cfg, hparams, arguments)
-                result = train(cfg, hparams, on_eval=lambda step, metrics: self._report(trial, run, step, metrics))
+                trained: list[Any] = []  # the network, kept only when tracking.log_model may log it
+                keep = (lambda model, _: trained.append(model)) if self.cfg.tracking.log_model == "best" else None
+                result = train(cfg, hparams, on_eval=lambda step, metrics: self._report(trial, run, step, metrics),
+                               on_model=keep)
             except Diverged as diverged:
                 self._prune(trial, run, str(diverged))
             except optuna.TrialPruned as pruned:
@@ -94,6 +97,8 @@ class Objective:
             })
             run.set_outcome("COMPLETE", value=result.value)
             values = objective_values(self.cfg.objectives, result)
+            if trained and leads(trial.study, values):
+                run.log_model(trained.pop())
             return values[0] if len(values) == 1 else values
 
     def _warm_up(self, cfg: Config, hparams: Mapping[str, Any], arguments: Mapping[str, Any]) -> None:
@@ -127,6 +132,19 @@ class Objective:
         record.set_prune_reason(trial, reason)
         run.set_outcome("PRUNED", reason=reason)
         raise optuna.TrialPruned(reason) from None
+
+
+def leads(study: optuna.Study, values: list[float]) -> bool:
+    """Whether a trial with ``values`` leads the study's completed trials: no completed trial is better (one
+    objective) or dominates it (several). The trial ``export`` picks led when it completed, so logging the model
+    of every leading trial gives the exported trial its model."""
+    signs = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in study.directions]
+    mine = [s * v for s, v in zip(signs, values)]
+    for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        theirs = [s * v for s, v in zip(signs, other.values)]
+        if all(t <= m for t, m in zip(theirs, mine)) and any(t < m for t, m in zip(theirs, mine)):
+            return False  # dominated (with one objective: strictly better)
+    return True
 
 
 def objective_values(objectives: list[str], result: TrainResult) -> list[float]:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from kfac_tune import record
 from kfac_tune.secrets import mask
+from kfac_tune.settings import TRACKING_URI_ENV
 from kfac_tune.text import first_line
 from kfac_tune.tracking.plots import best_trial, render_plots
 from kfac_tune.tracking.server import (
@@ -39,6 +41,7 @@ from kfac_tune.tracking.server import (
 
 if TYPE_CHECKING:
     import optuna
+    import torch
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
@@ -111,8 +114,9 @@ class TrialRun:
     """
 
     def __init__(self, client: MlflowClient | None, run_id: str, flush_interval_s: float = 0.0,
-                 run_name: str = "", calls: StoreCalls | None = None) -> None:
+                 run_name: str = "", calls: StoreCalls | None = None, tracking_uri: str = "") -> None:
         self.run_id = run_id
+        self._tracking_uri = tracking_uri
         self._calls = calls or StoreCalls()
         self.run_name = run_name
         self._client = client
@@ -138,6 +142,11 @@ class TrialRun:
     def flush(self) -> None:
         """Send the buffered metrics in batches of the REST limit; keep them if the store is unreachable."""
         self._send(tags={})
+
+    def log_model(self, model: torch.nn.Module) -> None:
+        """The trained network as the run's MLflow model (``tracking.log_model: best``); retried like every call."""
+        if self.run_id:
+            self._calls(lambda: log_model(self._tracking_uri, self.run_id, model), f"logging the model of {self.run_id}")
 
     def set_outcome(self, state: str, value: float | None = None, reason: str | None = None) -> None:
         """Record how the trial ended; written as ``optuna.state``/``optuna.reason`` tags on exit."""
@@ -240,6 +249,27 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = json.dumps(value, default=str)
     return flat
+
+
+def log_model(uri: str, run_id: str, model: torch.nn.Module) -> None:
+    """``mlflow.pytorch.log_model`` into the run, on the CPU, with torch pinned as its requirement (inferring the
+    requirements would import-scan the environment, seconds for nothing). Pickled, not MLflow's default ``pt2``:
+    that traces ``forward`` with an input example, which fails for networks with data-dependent control flow;
+    ``mlflow.pytorch.load_model`` needs the model's module importable, as ``model.callable`` does anyway."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI into os.environ, where it would outrank the YAML
+    # of the next command run in this process (the Python API, a notebook): put back what was there.
+    before = os.environ.get(TRACKING_URI_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(model.cpu(), name="model", pip_requirements=[f"torch=={torch.__version__}"],
+                                     serialization_format="pickle")
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 def dataset_input(data: Mapping[str, Any], context: str) -> Any:
@@ -399,7 +429,8 @@ class StudyTracker:
             dataset = dataset_input(data, context="train")
             self._calls(lambda: self._client.log_inputs(run_id, datasets=[dataset]), f"logging the data set of {run_id}")
         record.set_trial_run_id(trial, run_id)
-        return TrialRun(self._client, run_id, self.flush_interval_s, run_name=run_name, calls=self._calls)
+        return TrialRun(self._client, run_id, self.flush_interval_s, run_name=run_name, calls=self._calls,
+                        tracking_uri=self.tracking_uri)
 
     def refresh_plots(self, study: optuna.Study) -> None:
         """Re-render the study plots and the best-so-far summary onto the parent run (same paths each time)."""

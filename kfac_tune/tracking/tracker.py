@@ -25,6 +25,8 @@ class RunRecorder(Protocol):
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None: ...
 
+    def log_model(self, model: Any) -> None: ...
+
     def set_outcome(self, state: str, value: float | None = None, reason: str | None = None) -> None: ...
 
 
@@ -72,6 +74,9 @@ class UntrackedRun:
     run_id = None
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        return None
+
+    def log_model(self, model: Any) -> None:
         return None
 
     def set_outcome(self, state: str, value: float | None = None, reason: str | None = None) -> None:
