@@ -190,16 +190,27 @@ def decompose(blocks: list[Any]) -> None:
 
 
 def _safe_eigh(stack: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """``eigh`` of symmetric matrices, retrying in float64 on the CPU when the first attempt fails."""
+    """``eigh`` of symmetric matrices, retrying in float64 on the CPU when the first attempt fails.
+
+    Failing includes returning NaN without an error: LAPACK's float32 ``syevd`` does that on some finite,
+    rank-deficient factors (measured: the 785×785 input factor of the Fashion-MNIST convnet's dense layer, whose
+    inputs have many all-zero features, at its second decomposition), and NaN eigenvectors would turn every later
+    update of the layer into NaN whatever the damping.
+    """
     sym = 0.5 * (stack + stack.transpose(-1, -2))
     try:
-        return torch.linalg.eigh(sym)
+        vals, vecs = torch.linalg.eigh(sym)
+        if bool(torch.isfinite(vals).all() & torch.isfinite(vecs).all()):
+            return vals, vecs
     except RuntimeError:
-        try:
-            vals, vecs = torch.linalg.eigh(sym.double().cpu())
-            return vals.to(stack), vecs.to(stack)
-        except RuntimeError:
-            return None, None
+        pass
+    try:
+        vals, vecs = torch.linalg.eigh(sym.double().cpu())
+    except RuntimeError:
+        return None, None
+    if not bool(torch.isfinite(vals).all() & torch.isfinite(vecs).all()):
+        return None, None
+    return vals.to(stack), vecs.to(stack)
 
 
 def eigh_or_warn(mats: Tensor) -> Optional[tuple[Tensor, Tensor]]:
