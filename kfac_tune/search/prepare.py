@@ -66,7 +66,8 @@ class PreparedSearch:
         except KeyboardInterrupt:
             return SearchOutcome(self.study, None, None, interrupted=True)
         fail_stale_trials(self.study)
-        recipe, path = _export(self.study, self.cfg, self.recipe_path)
+        recipe, path = (export_best(self.study, self.cfg, self.recipe_path)
+                        if self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else (None, None))
         self.tracker.finish_study(self.study, str(path) if path else None)
         return SearchOutcome(self.study, recipe, path, tracking_given_up=given_up + self.tracker.given_up)
 
@@ -155,25 +156,13 @@ class _Watcher:
             self.plots_at = time.monotonic()
 
 
-def _export(study: optuna.Study, cfg: Config, path: str | Path | None) -> tuple[Recipe | None, Path | None]:
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return None, None
-    return export_best(study, cfg, path)
-
-
 def _tags(cfg: Config, storage_url: str, problem: Problem, jobs: int) -> dict[str, str]:
     return {
-        record.CONFIG_HASH: cfg.fingerprint(),
-        record.OPTIMIZER: cfg.optimizer.name,
-        record.ARCHITECTURE: problem.architecture,
-        "architecture_hash": str(problem.signature.get("hash")),
-        "dataset": cfg.data.callable or cfg.data.name,
-        "storage": display_url(storage_url),
-        "sampler": cfg.search.sampler.name,
-        "pruner": cfg.search.pruner.name,
-        record.METRIC: cfg.training.metric,
-        "jobs": str(jobs),
-        "device": problem.device,
+        record.CONFIG_HASH: cfg.fingerprint(), record.OPTIMIZER: cfg.optimizer.name,
+        record.ARCHITECTURE: problem.architecture, record.TAG_ARCHITECTURE_HASH: str(problem.signature.get("hash")),
+        record.TAG_DATASET: cfg.data.callable or cfg.data.name, record.TAG_STORAGE: display_url(storage_url),
+        record.TAG_SAMPLER: cfg.search.sampler.name, record.TAG_PRUNER: cfg.search.pruner.name,
+        record.METRIC: cfg.training.metric, record.TAG_JOBS: str(jobs), record.TAG_DEVICE: problem.device,
     }
 
 
