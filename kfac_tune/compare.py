@@ -104,15 +104,13 @@ class Comparison:
                                    "seeds": len(entry.runs), "diverged": entry.diverged}
             if entry.runs:
                 reached = entry.to_target(self.target, maximize) if self.target is not None else []
-                row.update({
-                    "final": mean_spread([run.value for run in entry.runs]),
-                    "final_test": final_test(entry.runs),
-                    "best": mean_spread([run.best for run in entry.runs]),
-                    "steps_to_target": mean_spread([step for step, _ in reached]) if reached else None,
-                    "seconds_to_target": mean_spread([s for _, s in reached]) if reached else None,
-                    "step_time_ms": mean_spread([run.step_time * 1e3 for run in entry.runs]),
-                    "steps": entry.runs[0].steps,
-                })
+                row.update({"final": mean_spread([run.value for run in entry.runs]),
+                            "final_test": final_test(entry.runs),
+                            "best": mean_spread([run.best for run in entry.runs]),
+                            "steps_to_target": mean_spread([step for step, _ in reached]) if reached else None,
+                            "seconds_to_target": mean_spread([s for _, s in reached]) if reached else None,
+                            "step_time_ms": mean_spread([run.step_time * 1e3 for run in entry.runs]),
+                            "steps": entry.runs[0].steps})
             rows.append(row)
         return rows
 
@@ -186,12 +184,9 @@ def mean_curves(entry: RecipeRuns) -> dict[str, list[float]]:
     length = min(len(run.curves) for run in entry.runs)
     points = [[run.curves[i] for run in entry.runs] for i in range(length)]
     stats = [mean_spread([p[metric] for p in at]) for at in points]
-    return {
-        "step": [at[0]["step"] for at in points],
-        "seconds": [statistics.fmean(p["train_seconds"] for p in at) for at in points],
-        "mean": [s["mean"] for s in stats],
-        "spread": [s["spread"] for s in stats],
-    }
+    return {"step": [at[0]["step"] for at in points],
+            "seconds": [statistics.fmean(p["train_seconds"] for p in at) for at in points],
+            "mean": [s["mean"] for s in stats], "spread": [s["spread"] for s in stats]}
 
 
 def plot(comparison: Comparison, path: Path, title: str) -> Path:

@@ -71,10 +71,8 @@ def import_callable(reference: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # user code: anything may be raised while importing it
-        raise ValueError(
-            f"expected an importable module, but importing {module_name!r} failed "
-            f"({type(error).__name__}: {error})"
-        ) from None
+        raise ValueError(f"expected an importable module, but importing {module_name!r} failed "
+                         f"({type(error).__name__}: {error})") from None
     target = getattr(module, attribute, None)
     if target is None:
         raise ValueError(f"expected module {module_name!r} to define {attribute!r}, it does not")
@@ -723,22 +721,11 @@ class Phrase(str):
     """An already-phrased 'found' clause (not to be repr'd)."""
 
 
-_EXPECTED = {
-    "int_type": "an integer",
-    "int_parsing": "an integer",
-    "int_from_float": "a whole number",
-    "float_type": "a number",
-    "float_parsing": "a number",
-    "finite_number": "a finite number",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "list_type": "a list",
-    "missing": "a value (the field is required)",
-    "too_short": "a non-empty list",
-}
+_EXPECTED = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "a whole number",
+             "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+             "bool_type": "true or false", "string_type": "a string", "dict_type": "a mapping",
+             "model_type": "a mapping", "model_attributes_type": "a mapping", "list_type": "a list",
+             "missing": "a value (the field is required)", "too_short": "a non-empty list"}
 _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 

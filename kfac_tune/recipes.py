@@ -244,11 +244,9 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
 
 def _header(recipe: Recipe) -> str:
     in_code = "kfac_tune.optimizer_from_recipe(model, PATH)  or  "
-    return (
-        f"# kfac-tune recipe: {recipe.optimizer} for {recipe.architecture!r}, "
-        f"{recipe.result.metric} = {recipe.result.value:.6g} after {recipe.result.trials} trials.\n"
-        f"# Use it: {in_code}kfac-tune train CONFIG --recipe PATH\n"
-    )
+    return (f"# kfac-tune recipe: {recipe.optimizer} for {recipe.architecture!r}, "
+            f"{recipe.result.metric} = {recipe.result.value:.6g} after {recipe.result.trials} trials.\n"
+            f"# Use it: {in_code}kfac-tune train CONFIG --recipe PATH\n")
 
 
 def load_recipe(path: str | Path) -> Recipe:

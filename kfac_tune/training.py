@@ -95,10 +95,8 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def train(
-    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None, on_eval: EvalCallback | None = None,
-    *, test: bool = False, on_model: ModelCallback | None = None,
-) -> TrainResult:
+def train(cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None, on_eval: EvalCallback | None = None,
+          *, test: bool = False, on_model: ModelCallback | None = None) -> TrainResult:
     """Train once for the config's budget with ``hparams``; ``optimizer`` defaults to ``cfg.optimizer.name``.
 
     ``on_eval(step, metrics)`` is called at every evaluation (``train_loss``, ``eval_loss``, ``eval_accuracy`` for
@@ -340,10 +338,8 @@ def _per_position(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, targe
 
 
 @torch.no_grad()
-def _evaluate(
-    model: nn.Module, loss_fn: Callable[..., torch.Tensor], source: Split, task: str, batch_size: int,
-    replica: _Replica, prefix: str = "eval",
-) -> dict[str, float]:
+def _evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], source: Split, task: str, batch_size: int,
+              replica: _Replica, prefix: str = "eval") -> dict[str, float]:
     """``<prefix>_loss`` (and ``_accuracy``) over all of ``source``; each rank evaluates its slice and the sums are
     combined."""
     was_training = model.training

@@ -72,18 +72,10 @@ class PreparedSearch:
         return SearchOutcome(self.study, recipe, path, tracking_given_up=given_up + self.tracker.given_up)
 
 
-def prepare_search(
-    cfg: Config,
-    *,
-    trials: int | None = None,
-    timeout: float | None = None,
-    study_name: str | None = None,
-    storage: str | None = None,
-    jobs: int = 1,
-    tracking: bool | None = None,
-    recipe_path: str | Path | None = None,
-    recipe_dirs: Sequence[str | Path] = (),
-) -> PreparedSearch:
+def prepare_search(cfg: Config, *, trials: int | None = None, timeout: float | None = None,
+                   study_name: str | None = None, storage: str | None = None, jobs: int = 1,
+                   tracking: bool | None = None, recipe_path: str | Path | None = None,
+                   recipe_dirs: Sequence[str | Path] = ()) -> PreparedSearch:
     """Check everything that does not need a trial (space, warm starts, data, model, optimizer options, sampler
     and pruner arguments, tracking store) before the storage is touched, then create or resume the study.
 
@@ -111,12 +103,10 @@ def prepare_search(
         budget = {"trials": trials or cfg.search.trials, "timeout_s": timeout, "jobs": jobs}
         tracker.ensure_parent_run(study, _tags(cfg, storage_url, problem, jobs), _artifacts(cfg, space, storage_url),
                                   params={"space": describe(space), "budget": budget})
-    spec = WorkerSpec(
-        cfg=cfg, study_name=name, storage_url=storage_url, budget=trials or cfg.search.trials,
-        deadline=None if timeout is None else time.time() + timeout, worker=0,
-        trials_at_start=len(study.get_trials(deepcopy=False)), tracking=tracking,
-        threads=cfg.training.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None),
-    )
+    spec = WorkerSpec(cfg=cfg, study_name=name, storage_url=storage_url, budget=trials or cfg.search.trials,
+                      deadline=None if timeout is None else time.time() + timeout, worker=0,
+                      trials_at_start=len(study.get_trials(deepcopy=False)), tracking=tracking,
+                      threads=cfg.training.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None))
     return PreparedSearch(cfg, study, tracker, spec, jobs, recipe_path, match)
 
 
@@ -172,7 +162,5 @@ def _artifacts(cfg: Config, space: dict[str, Any], storage_url: str) -> dict[str
 
     config_text = Path(cfg.source).read_text(encoding="utf-8") if cfg.source else ""
     config_text = config_text or yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
-    return {
-        "model.yaml": mask(config_text, storage_url, cfg.storage, cfg.tracking.uri),
-        "space.yaml": yaml.safe_dump(describe(space), sort_keys=False),
-    }
+    return {"model.yaml": mask(config_text, storage_url, cfg.storage, cfg.tracking.uri),
+            "space.yaml": yaml.safe_dump(describe(space), sort_keys=False)}

@@ -57,37 +57,17 @@ DEFAULT_SPACES: dict[str, dict[str, ParamSpec]] = {
         "cov_update_freq": _range(1, 20, log=True, integer=True),
         "stat_fraction": _range(0.1, 1.0, log=True),
     },
-    "adam": {
-        "lr": _range(1e-5, 1e-1, log=True),
-        "beta1": _range(0.5, 0.99),
-        "beta2": _range(0.9, 0.9999),
-        "weight_decay": _range(1e-8, 1e-2, log=True),
-    },
-    "sgd": {
-        "lr": _range(1e-4, 1.0, log=True),
-        "momentum": _range(0.0, 0.99),
-    },
+    "adam": {"lr": _range(1e-5, 1e-1, log=True), "beta1": _range(0.5, 0.99), "beta2": _range(0.9, 0.9999),
+             "weight_decay": _range(1e-8, 1e-2, log=True)},
+    "sgd": {"lr": _range(1e-4, 1.0, log=True), "momentum": _range(0.0, 0.99)},
     # the baselines (README "Baselines"): ranges around each package's published defaults, the DEFAULT_POINTS below
-    "adamw": {
-        "lr": _range(1e-5, 1e-1, log=True),
-        "beta1": _range(0.5, 0.99),
-        "beta2": _range(0.9, 0.9999),
-        "weight_decay": _range(1e-4, 1.0, log=True),
-    },
-    "muon": {
-        "lr": _range(2e-3, 0.2, log=True),
-        "momentum": _range(0.8, 0.99),
-        "weight_decay": _range(1e-3, 1.0, log=True),
-        "adamw_lr": _range(1e-5, 1e-2, log=True),
-    },
-    "soap": {
-        "lr": _range(1e-4, 1e-1, log=True),
-        "beta1": _range(0.5, 0.99),
-        "beta2": _range(0.9, 0.999),
-        "shampoo_beta": _range(0.8, 0.99),
-        "weight_decay": _range(1e-4, 1.0, log=True),
-        "precondition_frequency": _range(1, 32, log=True, integer=True),
-    },
+    "adamw": {"lr": _range(1e-5, 1e-1, log=True), "beta1": _range(0.5, 0.99), "beta2": _range(0.9, 0.9999),
+              "weight_decay": _range(1e-4, 1.0, log=True)},
+    "muon": {"lr": _range(2e-3, 0.2, log=True), "momentum": _range(0.8, 0.99),
+             "weight_decay": _range(1e-3, 1.0, log=True), "adamw_lr": _range(1e-5, 1e-2, log=True)},
+    "soap": {"lr": _range(1e-4, 1e-1, log=True), "beta1": _range(0.5, 0.99), "beta2": _range(0.9, 0.999),
+             "shampoo_beta": _range(0.8, 0.99), "weight_decay": _range(1e-4, 1.0, log=True),
+             "precondition_frequency": _range(1, 32, log=True, integer=True)},
 }
 
 # the first-order optimizers' published defaults (torch's, weight decay at the range's floor); K-FAC's come from
@@ -124,12 +104,9 @@ def build_space(cfg: Config) -> dict[str, ParamSpec]:
     defaults = DEFAULT_SPACES[optimizer]
     for name in cfg.search.space:
         if name not in names:
-            raise cfg.problem(
-                f"search.space.{name}",
-                f"expected a hyperparameter of {optimizer}: {', '.join(names)} "
-                "(other constructor options go under optimizer.options)",
-                name,
-            )
+            raise cfg.problem(f"search.space.{name}",
+                              f"expected a hyperparameter of {optimizer}: {', '.join(names)} "
+                              "(other constructor options go under optimizer.options)", name)
     space = dict(defaults)
     for name, spec in cfg.search.space.items():
         if spec is None:  # removed: not searched, the constructor's default (or optimizer.options) applies

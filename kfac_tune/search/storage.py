@@ -37,13 +37,9 @@ def make_storage(url: str, cfg: Config) -> optuna.storages.RDBStorage:
 
 def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
     name, args = cfg.search.sampler.name, dict(cfg.search.sampler.args)
-    classes = {
-        "tpe": optuna.samplers.TPESampler,
-        "random": optuna.samplers.RandomSampler,
-        "gp": optuna.samplers.GPSampler,
-        "qmc": optuna.samplers.QMCSampler,
-        "cmaes": optuna.samplers.CmaEsSampler,
-    }
+    classes = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+               "gp": optuna.samplers.GPSampler, "qmc": optuna.samplers.QMCSampler,
+               "cmaes": optuna.samplers.CmaEsSampler}
     if name == "qmc":
         args.setdefault("scramble", True)  # else every worker draws the same sequence
     if name == "tpe":  # one joint model per set of parameters that occur together: the conditional space's modes

@@ -58,12 +58,9 @@ def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()
     if spec.threads:
         torch.set_num_threads(spec.threads)
     cfg = spec.cfg
-    study = optuna.load_study(
-        study_name=spec.study_name,
-        storage=make_storage(spec.storage_url, cfg),
-        sampler=make_sampler(cfg, worker_seed(cfg, spec.worker, spec.trials_at_start)),
-        pruner=make_pruner(cfg, study_steps(spec)),
-    )
+    study = optuna.load_study(study_name=spec.study_name, storage=make_storage(spec.storage_url, cfg),
+                              sampler=make_sampler(cfg, worker_seed(cfg, spec.worker, spec.trials_at_start)),
+                              pruner=make_pruner(cfg, study_steps(spec)))
     if count(study) >= spec.budget:
         return []
     timeout = None if spec.deadline is None else max(spec.deadline - time.time(), 0.001)

@@ -12,8 +12,6 @@ from kfac_tune.tracking.server import (
 )
 from kfac_tune.tracking.tracker import RunRecorder, Tracker, Untracked, open_tracker
 
-__all__ = [
-    "INTERACTIVE_PAGE", "PortInUse", "RunRecorder", "StoreCalls", "StudyTracker",
-    "Tracker", "TrackingUnavailable", "TrialRun", "Untracked", "check_reachable", "experiment_url", "flatten",
-    "get_or_create_experiment", "log_comparison", "open_tracker", "prepare_store", "serve_ui",
-]
+__all__ = ["INTERACTIVE_PAGE", "PortInUse", "RunRecorder", "StoreCalls", "StudyTracker",
+           "Tracker", "TrackingUnavailable", "TrialRun", "Untracked", "check_reachable", "experiment_url", "flatten",
+           "get_or_create_experiment", "log_comparison", "open_tracker", "prepare_store", "serve_ui"]

@@ -410,16 +410,11 @@ class StudyTracker:
         """
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        tags = {
-            MLFLOW_PARENT_RUN_ID: self._parent_of(trial.study),
-            record.TAG_STUDY_NAME: self.study_name,
-            record.TAG_TRIAL_NUMBER: str(trial.number),
-        }
+        tags = {MLFLOW_PARENT_RUN_ID: self._parent_of(trial.study), record.TAG_STUDY_NAME: self.study_name,
+                record.TAG_TRIAL_NUMBER: str(trial.number)}
         run_name = f"trial-{trial.number}"
-        created, run = self._calls(
-            lambda: self._client.create_run(self.experiment_id, run_name=run_name, tags=tags),
-            f"creating the run of trial {trial.number}",
-        )
+        created, run = self._calls(lambda: self._client.create_run(self.experiment_id, run_name=run_name, tags=tags),
+                                   f"creating the run of trial {trial.number}")
         if not created:
             return TrialRun(None, "", calls=self._calls)
         run_id = run.info.run_id

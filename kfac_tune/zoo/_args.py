@@ -21,11 +21,9 @@ class BadArgument(Exception):
 
 def keyword_defaults(func: Callable[..., Any]) -> dict[str, Any]:
     """The keyword-only parameters of ``func`` with their defaults: the arguments a user may set."""
-    return {
-        p.name: p.default
-        for p in inspect.signature(func).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    return {p.name: p.default
+            for p in inspect.signature(func).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def check_known(kind: str, name: str, known: Iterable[str]) -> None:
