@@ -61,8 +61,6 @@ def bind_recipe(config: Path | Config, recipe: Recipe, recipe_path: Path, *, ign
 
 
 # ------------------------------------------------------------------------------------------------ results
-
-
 @dataclass
 class RecipeRuns:
     """One recipe's runs over the seeds (diverged seeds counted, not kept)."""
@@ -137,8 +135,6 @@ def common_target(recipes: Sequence[RecipeRuns], maximize: bool) -> float | None
 
 
 # ------------------------------------------------------------------------------------------------ running
-
-
 def compare(config: Path, recipe_paths: Sequence[Path], seeds: int, *, ignore_architecture: bool = False,
             sets: Sequence[str] = (), on_run: Callable[[str, int], None] | None = None) -> Comparison:
     """Train every recipe for ``seeds`` seeds on CONFIG's workload (with the ``--set`` items ``sets``);
@@ -174,8 +170,6 @@ def labels(paths: Sequence[Path]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ output
-
-
 def mean_curves(entry: RecipeRuns) -> dict[str, list[float]]:
     """Per evaluation step over the kept seeds: step, mean training seconds, metric mean and spread."""
     if not entry.runs:

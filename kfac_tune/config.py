@@ -48,8 +48,6 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------- sections
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=False)
 
@@ -502,8 +500,6 @@ class Config(_Section):
 
 
 # ------------------------------------------------------------------------------------------------ loading
-
-
 class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that also reads YAML 1.2 floats without a dot (``1e-4``, ``3E5``)."""
 

@@ -44,8 +44,6 @@ class Problem:
 
 
 # ------------------------------------------------------------------------------------------------ building
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when one is visible; asking for ``cuda`` without one is an error, not a silent CPU run."""
     if name == "auto":

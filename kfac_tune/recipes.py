@@ -189,8 +189,6 @@ def _check_finite(value: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------- read / write
-
-
 def default_path(study: str, directory: Path = DEFAULT_DIRECTORY) -> Path:
     """``<directory>/<study>.yaml``: one file per study, so studies of one architecture do not overwrite each
     other's recipe. ``study`` (read from a storage, which anyone with access to a shared one may have written)
@@ -329,8 +327,6 @@ def _layers(signature: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ export
-
-
 def versions() -> dict[str, str]:
     """Package versions worth recording (read from metadata: importing torch just for this would cost seconds)."""
     found = {}
@@ -403,7 +399,6 @@ def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path
 
 
 # ------------------------------------------------------------------------------------------------ finding
-
 MatchKind = Literal["exact", "architecture", "nearest"]
 _KIND_RANK = {"exact": 0, "architecture": 1, "nearest": 2}
 TYPE_MISMATCH = 10.0  # distance of a layer of another type, or of a missing/extra layer

@@ -93,8 +93,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ training
-
-
 def train(cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None, on_eval: EvalCallback | None = None,
           *, test: bool = False, on_model: ModelCallback | None = None) -> TrainResult:
     """Train once for the config's budget with ``hparams``; ``optimizer`` defaults to ``cfg.optimizer.name``.
@@ -212,8 +210,6 @@ def _train_replica(
 
 
 # ------------------------------------------------------------------------------------------------ data parallel
-
-
 class _Stopped(Exception):
     """The parent's ``on_eval`` raised: every rank leaves its loop at the same evaluation."""
 

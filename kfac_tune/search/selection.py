@@ -109,8 +109,6 @@ def choose(study: optuna.Study, pick: Pick) -> FrozenTrial:
 
 
 # ------------------------------------------------------------------------------------------------ test split
-
-
 def study_config(study: optuna.Study) -> Config:
     """The config a study was searched with, as recorded. A study from before validation splits (no ``split``
     attribute) selected on the test split: its config is read with ``data.validation: 0``, as it ran. Read as

@@ -59,8 +59,6 @@ _COOL_DOWN_S = 30.0
 
 
 # ----------------------------------------------------------------------------------------------------- retries
-
-
 class StoreCalls:
     """Store calls made while a trial trains, retried with backoff; what was given up on is kept in ``given_up``.
 

@@ -199,8 +199,6 @@ def _cache_root() -> Path:
 
 
 # ------------------------------------------------------------------------------------------ IDX files
-
-
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """Read an IDX file of unsigned bytes (gzipped if it ends in .gz) with ``ndim`` dimensions.
 
@@ -278,8 +276,6 @@ def _load_mnist(request: _Request) -> _Splits:
 
 
 # ------------------------------------------------------------------------------------------- CIFAR-10
-
-
 def _load_cifar10(request: _Request) -> _Splits:
     root = request.root or _cache_root()
     folder = root / "cifar-10-batches-py"
@@ -310,7 +306,6 @@ def _load_cifar10(request: _Request) -> _Splits:
 
 
 # ------------------------------------------------------------------------------- digits and synthetic
-
 DIGITS_TEST_FRACTION = 0.2
 
 
@@ -361,8 +356,6 @@ def _load_synthetic(request: _Request, *, n_features: int | None = None, num_cla
 
 
 # ------------------------------------------------------------------------------------------- text corpus
-
-
 def _load_pydoc_text(request: _Request, *, seq_len: int = 64, test_fraction: float = 0.1) -> _Splits:
     """A character-level language-modelling corpus: the text of Python's ``pydoc_data.topics`` (the language
     reference and library topics behind ``help()``, ~0.7 M characters of English prose and code).

@@ -93,8 +93,6 @@ def architecture_signature(model: nn.Module) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
 def _check_activation(argument: str, value: Any, *, allow_linear: bool) -> None:
     """Validate an activation name; "linear" (or null) only where a layer may stay linear."""
     choice(argument, value, (*_ACTIVATIONS, *_LINEAR) if allow_linear else tuple(_ACTIVATIONS))
@@ -120,8 +118,6 @@ def _ufldl_init_(layer: nn.Linear) -> None:
 
 
 # ----------------------------------------------------------------------------------------- autoencoder
-
-
 class Autoencoder(nn.Module):
     """Fully connected encoder/decoder; ``forward`` flattens the input and returns the flat reconstruction."""
 
@@ -165,8 +161,6 @@ def _build_autoencoder(input_shape: tuple[int, ...], num_classes: int | None, *,
 
 
 # ------------------------------------------------------------------------------------------------- mlp
-
-
 def _build_mlp(input_shape: tuple[int, ...], num_classes: int, *, hidden: Sequence[int] = (256, 128),
                activation: str = "relu", dropout: float = 0.0) -> nn.Module:
     hidden = positive_ints("hidden", hidden)
@@ -185,8 +179,6 @@ def _build_mlp(input_shape: tuple[int, ...], num_classes: int, *, hidden: Sequen
 
 
 # --------------------------------------------------------------------------------------------- convnet
-
-
 def _build_convnet(input_shape: tuple[int, ...], num_classes: int, *, channels: Sequence[int] = (32, 64),
                    hidden: int = 128) -> nn.Module:
     channels = positive_ints("channels", channels)
@@ -204,8 +196,6 @@ def _build_convnet(input_shape: tuple[int, ...], num_classes: int, *, channels: 
 
 
 # ---------------------------------------------------------------------------------------------- resnet
-
-
 class _BasicBlock(nn.Module):
     """Two 3x3 convolutions with a parameter-free shortcut (option A of He et al. 2016: subsample, zero-pad)."""
 
@@ -246,8 +236,6 @@ def _build_resnet(input_shape: tuple[int, ...], num_classes: int, *, depth: int 
 
 
 # --------------------------------------------------------------------------------------- language model
-
-
 class LanguageModel(nn.Module):
     """Token ids ``(batch, time)`` (any dtype holding integers) -> next-token logits ``(batch, time, vocab)``."""
 
