@@ -178,13 +178,10 @@ def _check_value(name: str, value: Any) -> None:
 def _check_finite(value: Any) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"expected a finite number, found {value!r}")
-    if isinstance(value, dict):
-        for item in value.values():
+    if isinstance(value, (dict, list)):
+        for item in value.values() if isinstance(value, dict) else value:
             _check_finite(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_finite(item)
-    elif not isinstance(value, (bool, int, float, str, dict, list)) and value is not None:
+    elif not isinstance(value, (bool, int, float, str)) and value is not None:
         raise ValueError(f"expected a number, a string or true/false, found {value!r}")
 
 
@@ -235,16 +232,14 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
     except FileError as error:
         raise RecipeError(f"cannot write recipe: {error}; nothing was written") from None
     except OSError as error:
-        raise RecipeError(
-            f"cannot write recipe {path} ({error.strerror or error}); any previous file there is unchanged"
-        ) from None
+        raise RecipeError(f"cannot write recipe {path} ({error.strerror or error}); any previous file there is "
+                          "unchanged") from None
 
 
 def _header(recipe: Recipe) -> str:
-    in_code = "kfac_tune.optimizer_from_recipe(model, PATH)  or  "
     return (f"# kfac-tune recipe: {recipe.optimizer} for {recipe.architecture!r}, "
             f"{recipe.result.metric} = {recipe.result.value:.6g} after {recipe.result.trials} trials.\n"
-            f"# Use it: {in_code}kfac-tune train CONFIG --recipe PATH\n")
+            "# Use it: kfac_tune.optimizer_from_recipe(model, PATH)  or  kfac-tune train CONFIG --recipe PATH\n")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -286,15 +281,10 @@ def check_architecture(recipe: Recipe, architecture: str, signature: dict[str, A
     """Refuse a recipe tuned for another network: K-FAC's damping and lr do not transfer across layer shapes."""
     theirs = recipe.provenance
     if theirs.architecture != architecture:
-        raise RecipeError(
-            f"the recipe was tuned for architecture {theirs.architecture!r}, but the model is {architecture!r}"
-        )
+        raise RecipeError(f"the recipe was tuned for architecture {theirs.architecture!r}, but the model is "
+                          f"{architecture!r}")
     if theirs.signature.get("hash") != signature.get("hash"):
-        raise RecipeError(
-            f"the recipe was tuned for {theirs.architecture!r} with layers {_layers(theirs.signature)} "
-            f"(signature {theirs.signature.get('hash')}), but this model has layers {_layers(signature)} "
-            f"(signature {signature.get('hash')})"
-        )
+        raise RecipeError(_mismatch(recipe, "this model", signature))
 
 
 def recipe_for_model(recipe: Recipe | str | os.PathLike[str], model: Any, *, strict: bool = True) -> Recipe:
@@ -311,14 +301,18 @@ def recipe_for_model(recipe: Recipe | str | os.PathLike[str], model: Any, *, str
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if not strict:
         return loaded
-    theirs, ours = loaded.provenance.signature, architecture_signature(model)
-    if theirs.get("hash") != ours.get("hash"):
-        raise RecipeError(
-            f"the recipe was tuned for {loaded.provenance.architecture!r} with layers {_layers(theirs)} (signature "
-            f"{theirs.get('hash')}), but this model, {type(model).__name__}, has layers {_layers(ours)} (signature "
-            f"{ours.get('hash')}); its hyperparameters may not suit it. Pass strict=False to use it anyway"
-        )
+    ours = architecture_signature(model)
+    if loaded.provenance.signature.get("hash") != ours.get("hash"):
+        raise RecipeError(f"{_mismatch(loaded, f'this model, {type(model).__name__},', ours)}; its hyperparameters "
+                          "may not suit it. Pass strict=False to use it anyway")
     return loaded
+
+
+def _mismatch(recipe: Recipe, model: str, signature: dict[str, Any]) -> str:
+    theirs = recipe.provenance
+    return (f"the recipe was tuned for {theirs.architecture!r} with layers {_layers(theirs.signature)} (signature "
+            f"{theirs.signature.get('hash')}), but {model} has layers {_layers(signature)} (signature "
+            f"{signature.get('hash')})")
 
 
 def _layers(signature: dict[str, Any]) -> str:

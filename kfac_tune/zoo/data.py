@@ -27,23 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from kfac_tune.zoo._args import (
-    BadArgument,
-    bad_value,
-    check_known,
-    check_kwargs,
-    positive_int,
-    positive_ints,
-)
+from kfac_tune.zoo._args import (BadArgument, bad_value, check_known, check_kwargs, positive_int, positive_ints)
 from kfac_tune.zoo.specs import DATASETS
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
 
 
 class DatasetNotFoundError(FileNotFoundError):

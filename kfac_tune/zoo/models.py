@@ -23,16 +23,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm as apply_weight_norm
 
 from kfac_tune.nn import GRU, LSTM
-from kfac_tune.zoo._args import (
-    BadArgument,
-    bad_value,
-    boolean,
-    check_known,
-    check_kwargs,
-    choice,
-    positive_int,
-    positive_ints,
-)
+from kfac_tune.zoo._args import (BadArgument, bad_value, boolean, check_known, check_kwargs, choice, positive_int,
+                                 positive_ints)
 from kfac_tune.zoo.specs import ARCHITECTURES
 
 
