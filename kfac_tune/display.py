@@ -5,6 +5,7 @@ never depends on a terminal.
 """
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import math
 import os
@@ -144,10 +145,7 @@ class SearchDisplay:
         self.console.line()
 
     def update(self, study: optuna.Study) -> None:
-        trials = study.get_trials(deepcopy=False)
-        counts: dict[str, int] = {}
-        for trial in trials:
-            counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+        counts = collections.Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
         finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
         states = "  ".join(f"{name.lower()} {n}" for name, n in sorted(counts.items()))
         self.progress.update(self.task, completed=finished, states=states)

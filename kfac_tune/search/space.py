@@ -135,8 +135,7 @@ def _walk(space: Mapping[str, ParamSpec], draw: Callable[[str, ParamSpec], Any])
     """Visit the entries active for the values drawn so far, unconditioned ones first (they decide the others);
     ``draw(name, spec)`` gives a sampled entry's value, or ``_SKIP`` to leave it out."""
     point: dict[str, Any] = {}
-    ordered = sorted(space.items(), key=lambda item: bool(item[1].when))
-    for name, spec in ordered:
+    for name, spec in sorted(space.items(), key=lambda item: bool(item[1].when)):
         if not spec.active(point):
             continue
         value = spec.value if spec.kind == "fixed" else draw(name, spec)
@@ -252,9 +251,7 @@ def _contains(spec: ParamSpec, value: Any) -> bool:
 def _describe_spec(spec: ParamSpec) -> str:
     if spec.kind == "choices":
         return f"one of {spec.choices}"
-    scale = ", log" if spec.log else ""
-    kind = "integer" if spec.integer else "float"
-    return f"{kind} in [{spec.low:g}, {spec.high:g}]{scale}"
+    return f"{'integer' if spec.integer else 'float'} in [{spec.low:g}, {spec.high:g}]{', log' if spec.log else ''}"
 
 
 def describe(space: Mapping[str, ParamSpec]) -> dict[str, str]:
