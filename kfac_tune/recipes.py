@@ -131,8 +131,7 @@ _RULES: dict[str, tuple[str, float, float, bool, bool]] = {
         (("beta1", "beta2"), (_NUMBER, 0, 1, True, False)),
         (("inv_update_freq", "cov_update_freq", "damping_adaptation_interval"), (_INTEGER, 1, math.inf, True, False)),
         (("nesterov", "adaptive_damping", "adaptive_lr", "adaptive_momentum"), (_FLAG, 0, 0, True, True)),
-        (("loss", "fisher", "damping_mode"), (_TEXT, 0, 0, True, True)),
-    )
+        (("loss", "fisher", "damping_mode"), (_TEXT, 0, 0, True, True)))
     for name in names
 }
 _OPTIONAL = {"kl_clip"}  # null means "off"
@@ -263,8 +262,7 @@ def load_recipe(path: str | Path) -> Recipe:
             where = f"hyperparameters.{name}"
         raise RecipeError(
             f"recipe {path} is incomplete or invalid (a partial write or a hand edit?): {where}: {message}"
-            + (f" ({error.error_count() - 1} more)" if error.error_count() > 1 else "")
-        ) from None
+            + (f" ({error.error_count() - 1} more)" if error.error_count() > 1 else "")) from None
 
 
 def _pin_conventions(recipe: Recipe) -> Recipe:
@@ -357,8 +355,7 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
         searched=dict(trial.params),
         training=TrainingSettings(
             dataset=cfg.data.callable or cfg.data.name, batch_size=recorded.get("batch_size", cfg.data.batch_size),
-            steps=steps or attrs[record.STEPS], loss=attrs[record.LOSS], metric=metric, seed=cfg.training.seed,
-        ),
+            steps=steps or attrs[record.STEPS], loss=attrs[record.LOSS], metric=metric, seed=cfg.training.seed),
         result=Result(metric=metric, value=selection.metric_value(study, trial), direction=cfg.training.goal,
                       trials=finished, split=attrs.get(record.SPLIT, "test"), test_value=tested,
                       train_seconds=recorded.get("train_seconds"), pick=pick),
@@ -366,8 +363,7 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
             study=study.study_name, trial=trial.number, mlflow_run_id=record.trial_run_id(trial),
             config_hash=attrs[record.CONFIG_HASH], architecture=attrs[record.ARCHITECTURE],
             signature=attrs[record.SIGNATURE], device=recorded.get("device", "unknown"),
-            date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=versions(),
-        ),
+            date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=versions()),
     )
 
 

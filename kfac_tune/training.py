@@ -172,8 +172,7 @@ class _Replica:
 
 def _train_replica(
     cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None, replica: _Replica,
-    test: bool = False, on_model: ModelCallback | None = None,
-) -> Curves:
+    test: bool = False, on_model: ModelCallback | None = None) -> Curves:
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     device = resolve_device(cfg.training.device)

@@ -15,8 +15,7 @@ from kfac_tune.search.study import open_study
 
 __all__ = [
     "Objective", "PreparedSearch", "SearchOutcome", "build_space", "make_storage", "open_study", "prepare_search",
-    "suggest",
-]
+    "suggest"]
 
 
 class _CallablePackage(types.ModuleType):

@@ -152,8 +152,7 @@ def _tags(cfg: Config, storage_url: str, problem: Problem, jobs: int) -> dict[st
         record.ARCHITECTURE: problem.architecture, record.TAG_ARCHITECTURE_HASH: str(problem.signature.get("hash")),
         record.TAG_DATASET: cfg.data.callable or cfg.data.name, record.TAG_STORAGE: display_url(storage_url),
         record.TAG_SAMPLER: cfg.search.sampler.name, record.TAG_PRUNER: cfg.search.pruner.name,
-        record.METRIC: cfg.training.metric, record.TAG_JOBS: str(jobs), record.TAG_DEVICE: problem.device,
-    }
+        record.METRIC: cfg.training.metric, record.TAG_JOBS: str(jobs), record.TAG_DEVICE: problem.device}
 
 
 def _artifacts(cfg: Config, space: dict[str, Any], storage_url: str) -> dict[str, str]:

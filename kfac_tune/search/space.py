@@ -36,8 +36,7 @@ MODE = "mode"
 # default (or optimizer.options), so a damping schedule the optimizer applies by default stays on
 MODES: dict[str, dict[str, bool]] = {
     "fixed": {"adaptive_lr": False, "adaptive_momentum": False},
-    "automatic": {"adaptive_damping": True, "adaptive_lr": True, "adaptive_momentum": True},
-}
+    "automatic": {"adaptive_damping": True, "adaptive_lr": True, "adaptive_momentum": True}}
 TRAINING_PARAMETERS = ("batch_size",)  # sampled entries that set the training run, not the optimizer
 
 

@@ -196,8 +196,7 @@ class TrialRun:
             chunk = self._metrics[:MAX_METRICS_PER_BATCH]
             sent, _ = self._calls(
                 lambda: self._client.log_batch(self.run_id, metrics=chunk, tags=tag_list, synchronous=True),
-                f"logging {len(chunk)} metrics to run {self.run_id}",
-            )
+                f"logging {len(chunk)} metrics to run {self.run_id}")
             if not sent:
                 self._resume_at = time.monotonic() + _COOL_DOWN_S
                 return

@@ -115,8 +115,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10) -> None:
         problem = str(getattr(err, "reason", err))
     raise TrackingUnavailable(
         f"MLflow tracking server {display_url(tracking_uri)} is not reachable ({problem}); start it "
-        f"(kfac-tune ui / mlflow server) or pass a sqlite:/// tracking URI."
-    )
+        f"(kfac-tune ui / mlflow server) or pass a sqlite:/// tracking URI.")
 
 
 class PortInUse(TrackingUnavailable):

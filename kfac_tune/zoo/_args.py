@@ -39,8 +39,7 @@ def check_kwargs(kind: str, name: str, accepted: Sequence[str], kwargs: Mapping[
     if unknown:
         raise ValueError(
             f"{kind} {name!r} got unknown argument{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(repr(u) for u in unknown)}; accepted arguments: {', '.join(accepted) or '(none)'}"
-        )
+            f"{', '.join(repr(u) for u in unknown)}; accepted arguments: {', '.join(accepted) or '(none)'}")
 
 
 def bad_value(kind: str, name: str, error: BadArgument, accepted: Sequence[str]) -> ValueError:

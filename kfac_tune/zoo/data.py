@@ -252,12 +252,8 @@ def _load_idx_dataset(request: _Request, *, title: str, torchvision_name: str, s
 
 def _load_fashion_mnist(request: _Request) -> _Splits:
     return _load_idx_dataset(
-        request,
-        title="Fashion-MNIST",
-        torchvision_name="FashionMNIST",
-        system_dirs=[DEBIAN_FASHION_MNIST],
-        how_to=[f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, offline; installs {DEBIAN_FASHION_MNIST})"],
-    )
+        request, title="Fashion-MNIST", torchvision_name="FashionMNIST", system_dirs=[DEBIAN_FASHION_MNIST],
+        how_to=[f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, offline; installs {DEBIAN_FASHION_MNIST})"])
 
 
 def _load_mnist(request: _Request) -> _Splits:
@@ -271,8 +267,7 @@ def _load_cifar10(request: _Request) -> _Splits:
     missing = DatasetNotFoundError(
         f"CIFAR-10 not found (looked for {folder}). To get it: set `root:` to a directory holding torchvision's "
         "cifar-10-batches-py/ folder (the extracted cifar-10-python.tar.gz), "
-        "or set `download: true` on a machine with internet."
-    )
+        "or set `download: true` on a machine with internet.")
     if not folder.is_dir() and not request.download:
         raise missing  # decided without importing torchvision
     import torchvision  # slow import: only when the files exist or a download was asked for
