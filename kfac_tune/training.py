@@ -170,9 +170,8 @@ class _Replica:
         return bool(value)
 
 
-def _train_replica(
-    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None, replica: _Replica,
-    test: bool = False, on_model: ModelCallback | None = None) -> Curves:
+def _train_replica(cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None,
+                   replica: _Replica, test: bool = False, on_model: ModelCallback | None = None) -> Curves:
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     device = resolve_device(cfg.training.device)
@@ -213,9 +212,8 @@ class _Stopped(Exception):
     """The parent's ``on_eval`` raised: every rank leaves its loop at the same evaluation."""
 
 
-def _train_data_parallel(
-    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None, test: bool
-) -> Curves:
+def _train_data_parallel(cfg: Config, hparams: Mapping[str, Any], optimizer: str | None,
+                         on_eval: EvalCallback | None, test: bool) -> Curves:
     """Train on ``training.processes`` local ranks; ``on_eval`` runs here and may stop them all."""
     from kfac_tune.launch import run_local
 

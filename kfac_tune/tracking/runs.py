@@ -34,8 +34,8 @@ from kfac_tune.secrets import mask
 from kfac_tune.settings import TRACKING_URI_ENV
 from kfac_tune.text import first_line
 from kfac_tune.tracking.plots import best_trial, render_plots
-from kfac_tune.tracking.server import (MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_CHARS,
-                                       get_or_create_experiment, open_client)
+from kfac_tune.tracking.server import (MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, MAX_PARAMS_TAGS_PER_BATCH,
+                                       MAX_TAG_CHARS, get_or_create_experiment, open_client)
 
 if TYPE_CHECKING:
     import optuna

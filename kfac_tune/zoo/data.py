@@ -278,15 +278,10 @@ def _load_cifar10(request: _Request) -> _Splits:
         )
     except RuntimeError as error:  # torchvision's "not found or corrupted"
         raise missing from error
-    return _Splits(
-        train_x=train.data.transpose(0, 3, 1, 2),  # NHWC -> NCHW view; made contiguous on conversion
-        train_y=np.asarray(train.targets),
-        test_x=test.data.transpose(0, 3, 1, 2),
-        test_y=np.asarray(test.targets),
-        scale=255.0,
-        num_classes=10,
-        source=str(folder),
-    )
+    # NHWC -> NCHW views, made contiguous on conversion
+    return _Splits(train_x=train.data.transpose(0, 3, 1, 2), train_y=np.asarray(train.targets),
+                   test_x=test.data.transpose(0, 3, 1, 2), test_y=np.asarray(test.targets), scale=255.0,
+                   num_classes=10, source=str(folder))
 
 
 # ------------------------------------------------------------------------------- digits and synthetic
