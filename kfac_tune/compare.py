@@ -129,9 +129,7 @@ def mean_spread(values: Sequence[float]) -> dict[str, float]:
 def common_target(recipes: Sequence[RecipeRuns], maximize: bool) -> float | None:
     """The best value every kept run of every recipe reached: the worst of the recipes' bests."""
     bests = [entry.best(maximize) for entry in recipes if entry.runs]
-    if not bests:
-        return None
-    return min(bests) if maximize else max(bests)
+    return (min(bests) if maximize else max(bests)) if bests else None
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -240,9 +238,6 @@ def _tracked_metrics(comparison: Comparison) -> tuple[dict[str, float], dict[str
             if row.get(key):
                 summary[f"{row['recipe']}.{key}_mean"] = row[key]["mean"]
                 summary[f"{row['recipe']}.{key}_spread"] = row[key]["spread"]
-    curves = {}
-    for entry in comparison.recipes:
-        mean = mean_curves(entry)
-        curves[f"{entry.label}.{comparison.metric}"] = [(int(s), m) for s, m in zip(mean["step"], mean["mean"])
-                                                        if math.isfinite(m)]
-    return summary, curves
+    means = {f"{entry.label}.{comparison.metric}": mean_curves(entry) for entry in comparison.recipes}
+    return summary, {key: [(int(s), m) for s, m in zip(mean["step"], mean["mean"]) if math.isfinite(m)]
+                     for key, mean in means.items()}

@@ -16,10 +16,11 @@ from optuna.trial import TrialState
 from kfac_tune import record
 from kfac_tune.config import Config
 from kfac_tune.recipes import Match, Recipe, export_best
-from kfac_tune.search.space import build_space, describe, optimizer_arguments, suggest, warm_starts, with_training
+from kfac_tune.search.space import (build_space, describe, optimizer_arguments, point_in_space, suggest, warm_starts,
+                                    with_training)
 from kfac_tune.search.storage import make_pruner, make_sampler
 from kfac_tune.search.study import enqueue, fail_stale_trials, open_study, setup_lock
-from kfac_tune.search.warm import recipe_point, warm_start_match
+from kfac_tune.search.warm import warm_start_match
 from kfac_tune.search.workers import WorkerSpec, quiet, run_processes, run_worker
 from kfac_tune.secrets import display_url, mask
 from kfac_tune.tracking.tracker import Tracker, open_tracker
@@ -96,7 +97,8 @@ def prepare_search(cfg: Config, *, trials: int | None = None, timeout: float | N
         study = open_study(cfg, name, storage_url, problem, space)
         fail_stale_trials(study)
         if match is not None:
-            point = recipe_point({**match.recipe.hyperparameters, **match.recipe.searched}, space)
+            # the recipe's sampled values (active in its K-FAC mode), each moved into this study's space
+            point = point_in_space({**match.recipe.hyperparameters, **match.recipe.searched}, space)
             enqueue(study, [point], recipe_path=str(match.path))
         enqueue(study, starts)
         timeout = timeout if timeout is not None else cfg.search.timeout
