@@ -56,9 +56,8 @@ def positive_int(argument: str, value: Any) -> int:
 
 def positive_ints(argument: str, value: Any) -> tuple[int, ...]:
     """A non-empty list of ints > 0, returned as a tuple."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise BadArgument(argument, "a non-empty list of positive integers", value)
-    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value or any(
+            isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
         raise BadArgument(argument, "a non-empty list of positive integers", value)
     return tuple(value)
 
