@@ -53,16 +53,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 
 # name -> the torch functional it is; K-FAC's Fisher (kfac_tune.optim.fisher) supports exactly these
-LOSSES: dict[str, str] = {
-    "cross_entropy": "torch.nn.functional:cross_entropy",
-    "mse": "torch.nn.functional:mse_loss",
-    "bce": "torch.nn.functional:binary_cross_entropy_with_logits",
-}
+LOSSES: dict[str, str] = {"cross_entropy": "torch.nn.functional:cross_entropy",
+                          "mse": "torch.nn.functional:mse_loss",
+                          "bce": "torch.nn.functional:binary_cross_entropy_with_logits"}
 LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
 # the losses that fit each task; the first is the task's default
 TASK_LOSSES: dict[str, tuple[str, ...]] = {
-    "classification": ("cross_entropy",), "reconstruction": ("mse", "bce"), "sequence": ("cross_entropy",),
-}
+    "classification": ("cross_entropy",), "reconstruction": ("mse", "bce"), "sequence": ("cross_entropy",)}
 
 
 def optimizer(name: str) -> OptimizerSpec:

@@ -61,8 +61,6 @@ def bind_recipe(config: Path | Config, recipe: Recipe, recipe_path: Path, *, ign
 
 
 # ------------------------------------------------------------------------------------------------ results
-
-
 @dataclass
 class RecipeRuns:
     """One recipe's runs over the seeds (diverged seeds counted, not kept)."""
@@ -104,15 +102,13 @@ class Comparison:
                                    "seeds": len(entry.runs), "diverged": entry.diverged}
             if entry.runs:
                 reached = entry.to_target(self.target, maximize) if self.target is not None else []
-                row.update({
-                    "final": mean_spread([run.value for run in entry.runs]),
-                    "final_test": final_test(entry.runs),
-                    "best": mean_spread([run.best for run in entry.runs]),
-                    "steps_to_target": mean_spread([step for step, _ in reached]) if reached else None,
-                    "seconds_to_target": mean_spread([s for _, s in reached]) if reached else None,
-                    "step_time_ms": mean_spread([run.step_time * 1e3 for run in entry.runs]),
-                    "steps": entry.runs[0].steps,
-                })
+                row.update({"final": mean_spread([run.value for run in entry.runs]),
+                            "final_test": final_test(entry.runs),
+                            "best": mean_spread([run.best for run in entry.runs]),
+                            "steps_to_target": mean_spread([step for step, _ in reached]) if reached else None,
+                            "seconds_to_target": mean_spread([s for _, s in reached]) if reached else None,
+                            "step_time_ms": mean_spread([run.step_time * 1e3 for run in entry.runs]),
+                            "steps": entry.runs[0].steps})
             rows.append(row)
         return rows
 
@@ -133,14 +129,10 @@ def mean_spread(values: Sequence[float]) -> dict[str, float]:
 def common_target(recipes: Sequence[RecipeRuns], maximize: bool) -> float | None:
     """The best value every kept run of every recipe reached: the worst of the recipes' bests."""
     bests = [entry.best(maximize) for entry in recipes if entry.runs]
-    if not bests:
-        return None
-    return min(bests) if maximize else max(bests)
+    return (min(bests) if maximize else max(bests)) if bests else None
 
 
 # ------------------------------------------------------------------------------------------------ running
-
-
 def compare(config: Path, recipe_paths: Sequence[Path], seeds: int, *, ignore_architecture: bool = False,
             sets: Sequence[str] = (), on_run: Callable[[str, int], None] | None = None) -> Comparison:
     """Train every recipe for ``seeds`` seeds on CONFIG's workload (with the ``--set`` items ``sets``);
@@ -176,8 +168,6 @@ def labels(paths: Sequence[Path]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ output
-
-
 def mean_curves(entry: RecipeRuns) -> dict[str, list[float]]:
     """Per evaluation step over the kept seeds: step, mean training seconds, metric mean and spread."""
     if not entry.runs:
@@ -186,12 +176,9 @@ def mean_curves(entry: RecipeRuns) -> dict[str, list[float]]:
     length = min(len(run.curves) for run in entry.runs)
     points = [[run.curves[i] for run in entry.runs] for i in range(length)]
     stats = [mean_spread([p[metric] for p in at]) for at in points]
-    return {
-        "step": [at[0]["step"] for at in points],
-        "seconds": [statistics.fmean(p["train_seconds"] for p in at) for at in points],
-        "mean": [s["mean"] for s in stats],
-        "spread": [s["spread"] for s in stats],
-    }
+    return {"step": [at[0]["step"] for at in points],
+            "seconds": [statistics.fmean(p["train_seconds"] for p in at) for at in points],
+            "mean": [s["mean"] for s in stats], "spread": [s["spread"] for s in stats]}
 
 
 def plot(comparison: Comparison, path: Path, title: str) -> Path:
@@ -251,9 +238,6 @@ def _tracked_metrics(comparison: Comparison) -> tuple[dict[str, float], dict[str
             if row.get(key):
                 summary[f"{row['recipe']}.{key}_mean"] = row[key]["mean"]
                 summary[f"{row['recipe']}.{key}_spread"] = row[key]["spread"]
-    curves = {}
-    for entry in comparison.recipes:
-        mean = mean_curves(entry)
-        curves[f"{entry.label}.{comparison.metric}"] = [(int(s), m) for s, m in zip(mean["step"], mean["mean"])
-                                                        if math.isfinite(m)]
-    return summary, curves
+    means = {f"{entry.label}.{comparison.metric}": mean_curves(entry) for entry in comparison.recipes}
+    return summary, {key: [(int(s), m) for s, m in zip(mean["step"], mean["mean"]) if math.isfinite(m)]
+                     for key, mean in means.items()}

@@ -23,13 +23,13 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from kfac_tune.catalog import LOSSES, OPTIMIZERS
 from kfac_tune.settings import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
@@ -48,8 +48,6 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------- sections
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=False)
 
@@ -71,10 +69,8 @@ def import_callable(reference: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # user code: anything may be raised while importing it
-        raise ValueError(
-            f"expected an importable module, but importing {module_name!r} failed "
-            f"({type(error).__name__}: {error})"
-        ) from None
+        raise ValueError(f"expected an importable module, but importing {module_name!r} failed "
+                         f"({type(error).__name__}: {error})") from None
     target = getattr(module, attribute, None)
     if target is None:
         raise ValueError(f"expected module {module_name!r} to define {attribute!r}, it does not")
@@ -92,12 +88,22 @@ def check_tracking_uri(uri: str) -> None:
                          "paths and file:// stores are not supported")
 
 
-def _check_known(kind: str, name: str, known: Mapping[str, Any]) -> str:
-    if name not in known:
-        hint = difflib.get_close_matches(name, list(known), n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"expected a {kind}, one of {', '.join(sorted(known))}{suggestion}")
-    return name
+def _known(kind: str, registry: Callable[[], Mapping[str, Any]]) -> AfterValidator:
+    """A name in ``registry()`` (called when validating: the zoo imports torch), else a 'did you mean' error."""
+
+    def check(name: str) -> str:
+        known = registry()
+        if name not in known:
+            hint = difflib.get_close_matches(name, list(known), n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"expected a {kind}, one of {', '.join(sorted(known))}{suggestion}")
+        return name
+
+    return AfterValidator(check)
+
+
+def _zoo(registry: str) -> Any:
+    return getattr(importlib.import_module("kfac_tune.zoo"), registry)
 
 
 def _scalar(value: Any) -> Any:
@@ -143,15 +149,8 @@ class ModelConfig(_Buildable):
     is class logits or a reconstruction of the (flattened) input. Built-ins know their task.
     """
 
-    name: str = "mlp"
+    name: Annotated[str, _known("built-in architecture", lambda: _zoo("ARCHITECTURES"))] = "mlp"
     task: Literal["classification", "reconstruction"] | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _known_architecture(cls, name: str) -> str:
-        from kfac_tune.zoo import ARCHITECTURES
-
-        return _check_known("built-in architecture", name, ARCHITECTURES)
 
     @property
     def architecture(self) -> str:
@@ -177,7 +176,7 @@ class DataConfig(_Buildable):
     test_y)`` tensors or ``(train, test)`` Datasets (with a validation split in the middle, optionally). The
     callable is given the settings below that its signature names (see :mod:`kfac_tune.userdata`)."""
 
-    name: str = "digits"
+    name: Annotated[str, _known("built-in dataset", lambda: _zoo("DATASETS"))] = "digits"
     root: str | None = None
     train_size: int | None = Field(None, ge=1, le=10**8)
     test_size: int | None = Field(None, ge=1, le=10**8)
@@ -192,13 +191,6 @@ class DataConfig(_Buildable):
     # training process. In-memory tensors without augmentation are sliced on the device and ignore it.
     workers: int = Field(0, ge=0, le=256)
     augment: AugmentConfig | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _known_dataset(cls, name: str) -> str:
-        from kfac_tune.zoo import DATASETS
-
-        return _check_known("built-in dataset", name, DATASETS)
 
 
 class BudgetConfig(_Section):
@@ -227,14 +219,9 @@ class TrainingConfig(_Section):
     # data-parallel processes per trial (one per GPU, or CPU processes with gloo); each takes an equal slice of
     # every batch, so data.batch_size must be a multiple of it
     processes: int = Field(1, ge=1, le=1024)
-    loss: str | None = None  # a name in kfac_tune.catalog.LOSSES
+    loss: Annotated[str, _known("loss", lambda: LOSSES)] | None = None
     # a loss this many times the first step's loss counts as diverged (null: only NaN/inf do)
     divergence_factor: float | None = Field(1000.0, gt=1, le=1e30)
-
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, name: str | None) -> str | None:
-        return None if name is None else _check_known("loss", name, LOSSES)
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainingConfig:
@@ -251,13 +238,8 @@ class TrainingConfig(_Section):
 class OptimizerConfig(_Named):
     """The optimizer whose hyperparameters are searched, plus options passed to it unchanged."""
 
-    name: str = "kfac"
+    name: Annotated[str, _known("optimizer", lambda: OPTIMIZERS)] = "kfac"
     options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known_optimizer(cls, name: str) -> str:
-        return _check_known("optimizer", name, OPTIMIZERS)
 
 
 class ParamSpec(_Section):
@@ -504,8 +486,6 @@ class Config(_Section):
 
 
 # ------------------------------------------------------------------------------------------------ loading
-
-
 class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that also reads YAML 1.2 floats without a dot (``1e-4``, ``3E5``)."""
 
@@ -542,17 +522,10 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     if raw is None:
         raise ConfigError(f"{source}: the file is empty; expected a mapping with sections such as model, data, "
                           "training, search (see examples/digits_mlp.yaml).")
-    if not isinstance(raw, dict):
-        raise _error(source, "(top level)", "a mapping of sections (model, data, training, ...)", raw, lines)
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
     config_dir = str(path.resolve().parent)
     if config_dir not in sys.path:  # lets model.callable name a module that sits next to the YAML
         sys.path.append(config_dir)
-    try:
-        config = Config.model_validate(raw)
-    except ValidationError as error:
-        raise _pydantic_problem(source, error, lines) from None
+    config = _validate(raw, overrides, source, lines)
     config._source, config._lines = source, lines
     config.check_objectives()
     return config
@@ -560,17 +533,22 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 def parse_config(data: Any, overrides: Mapping[str, Any] | None = None, where: str = "<config>") -> Config:
     """A config given as data (the Python API's dict) with dotted ``overrides``, validated like a file."""
-    if not isinstance(data, dict):
-        raise _error(where, "(top level)", "a mapping of sections (model, data, training, ...)", data, {})
-    raw = json.loads(json.dumps(data))  # a private copy: overrides must not edit the caller's dict
+    copy = json.loads(json.dumps(data)) if isinstance(data, dict) else data  # overrides must not edit the caller's
+    config = _validate(copy, overrides, where, {})
+    config.check_objectives()
+    return config
+
+
+def _validate(raw: Any, overrides: Mapping[str, Any] | None, where: str, lines: Mapping[str, int]) -> Config:
+    """``raw`` (a file's or the caller's mapping) with its dotted ``overrides`` applied, as a Config."""
+    if not isinstance(raw, dict):
+        raise _error(where, "(top level)", "a mapping of sections (model, data, training, ...)", raw, lines)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     try:
-        config = Config.model_validate(raw)
+        return Config.model_validate(raw)
     except ValidationError as error:
-        raise _pydantic_problem(where, error, {}) from None
-    config.check_objectives()
-    return config
+        raise _pydantic_problem(where, error, lines) from None
 
 
 def stored_config(data: Any, where: str) -> Config:
@@ -723,22 +701,11 @@ class Phrase(str):
     """An already-phrased 'found' clause (not to be repr'd)."""
 
 
-_EXPECTED = {
-    "int_type": "an integer",
-    "int_parsing": "an integer",
-    "int_from_float": "a whole number",
-    "float_type": "a number",
-    "float_parsing": "a number",
-    "finite_number": "a finite number",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "list_type": "a list",
-    "missing": "a value (the field is required)",
-    "too_short": "a non-empty list",
-}
+_EXPECTED = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "a whole number",
+             "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+             "bool_type": "true or false", "string_type": "a string", "dict_type": "a mapping",
+             "model_type": "a mapping", "model_attributes_type": "a mapping", "list_type": "a list",
+             "missing": "a value (the field is required)", "too_short": "a non-empty list"}
 _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 

@@ -5,6 +5,7 @@ never depends on a terminal.
 """
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import math
 import os
@@ -76,14 +77,9 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     rows = []
     for trial in sort_trials(study.get_trials(deepcopy=False), study.directions[index].name == "MAXIMIZE", index):
         duration = trial.duration.total_seconds() if trial.duration else None
-        row = {
-            "number": trial.number,
-            "state": trial.state.name,
-            "value": None if trial.values is None else trial.values[index],
-            "params": dict(trial.params),
-            "duration_s": None if duration is None else round(duration, 3),
-            "reason": record.reason(trial),
-        }
+        row = {"number": trial.number, "state": trial.state.name,
+               "value": None if trial.values is None else trial.values[index], "params": dict(trial.params),
+               "duration_s": None if duration is None else round(duration, 3), "reason": record.reason(trial)}
         if several:
             row["values"] = None if trial.values is None else dict(zip(names, trial.values))
             row["pareto"] = trial.number in front
@@ -129,10 +125,8 @@ class SearchDisplay:
 
     def __init__(self, console: Console, budget: int, metric: str) -> None:
         self.console, self.metric = console, metric
-        self.progress = Progress(
-            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[states]}"), console=console,
-        )
+        self.progress = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[states]}"), console=console)
         self.task = self.progress.add_task("search", total=budget, states="")
         self.best = Table.grid(padding=(0, 1))
         self.live = Live(Group(self.progress, self.best), console=console, refresh_per_second=4, transient=False)
@@ -151,10 +145,7 @@ class SearchDisplay:
         self.console.line()
 
     def update(self, study: optuna.Study) -> None:
-        trials = study.get_trials(deepcopy=False)
-        counts: dict[str, int] = {}
-        for trial in trials:
-            counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+        counts = collections.Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
         finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
         states = "  ".join(f"{name.lower()} {n}" for name, n in sorted(counts.items()))
         self.progress.update(self.task, completed=finished, states=states)

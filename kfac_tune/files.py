@@ -39,8 +39,6 @@ def _kind(mode: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-
-
 def read_text(path: str | Path, limit: int = MAX_YAML_BYTES) -> str:
     """The UTF-8 text of the regular file ``path`` (symlinks followed), at most ``limit`` bytes.
 
@@ -68,8 +66,6 @@ def read_text(path: str | Path, limit: int = MAX_YAML_BYTES) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-
-
 def writable_target(path: str | Path) -> Path:
     """Where a write to ``path`` lands: ``path`` itself, or the file a symlink there points to.
 

@@ -44,8 +44,6 @@ class Problem:
 
 
 # ------------------------------------------------------------------------------------------------ building
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when one is visible; asking for ``cuda`` without one is an error, not a silent CPU run."""
     if name == "auto":
@@ -74,8 +72,7 @@ def _load_data(data_json: str, seed: int) -> Data:
     else:
         loaded = load_dataset(
             data["name"], root=data["root"], train_size=data["train_size"], test_size=data["test_size"],
-            test_from_train=data["test_from_train"], download=data["download"], seed=seed, **data["kwargs"],
-        )
+            test_from_train=data["test_from_train"], download=data["download"], seed=seed, **data["kwargs"])
     if isinstance(loaded, DataBundle):
         loaded = hold_out(loaded, data["validation"], seed)
     else:
@@ -90,8 +87,7 @@ def _load_data(data_json: str, seed: int) -> Data:
 def make_model(cfg: Config, data: Data) -> nn.Module:
     if cfg.model.callable:
         model = import_callable(cfg.model.callable)(
-            input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.kwargs
-        )
+            input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model.callable returned a {type(model).__name__}, not a torch.nn.Module")
         return model
@@ -150,5 +146,4 @@ def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
         input_shape=tuple(data.input_shape), num_classes=data.num_classes, train_examples=data.train_examples,
         steps=total_steps(cfg, data.train_examples), device=str(resolve_device(cfg.training.device)),
         parameter_groups=getattr(opt, "parameter_groups", None),
-        split="validation" if data.has_validation else "test",
-    )
+        split="validation" if data.has_validation else "test")

@@ -47,8 +47,6 @@ class Child(Protocol):
 
 
 # ------------------------------------------------------------------------------------------------ child side
-
-
 def die_with_parent(parent: int, signum: int = signal.SIGTERM, grace_s: float = _STOP_GRACE_S) -> None:
     """In a child, first thing: receive ``signum`` as soon as ``parent`` dies, however it dies.
 
@@ -163,8 +161,6 @@ def second_interrupt_ignored() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------ parent side
-
-
 def start(command: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
     """Start an external ``command`` under the supervisor: in its own group, stopped with kfac-tune."""
     supervisor = [sys.executable, "-m", "kfac_tune.processes", str(os.getpid()), "--", *command]
@@ -243,8 +239,6 @@ def _hurry_on_signals() -> Iterator[threading.Event]:
 
 
 # ------------------------------------------------------------------------------------------------ supervisor
-
-
 def supervised(parent: int, command: Sequence[str]) -> int:
     """Run ``command`` in this process's group and stop the whole group when told to (SIGINT, SIGTERM, SIGHUP)
     or when ``parent`` dies; return the command's exit code.

@@ -131,8 +131,7 @@ _RULES: dict[str, tuple[str, float, float, bool, bool]] = {
         (("beta1", "beta2"), (_NUMBER, 0, 1, True, False)),
         (("inv_update_freq", "cov_update_freq", "damping_adaptation_interval"), (_INTEGER, 1, math.inf, True, False)),
         (("nesterov", "adaptive_damping", "adaptive_lr", "adaptive_momentum"), (_FLAG, 0, 0, True, True)),
-        (("loss", "fisher", "damping_mode"), (_TEXT, 0, 0, True, True)),
-    )
+        (("loss", "fisher", "damping_mode"), (_TEXT, 0, 0, True, True)))
     for name in names
 }
 _OPTIONAL = {"kl_clip"}  # null means "off"
@@ -178,19 +177,14 @@ def _check_value(name: str, value: Any) -> None:
 def _check_finite(value: Any) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"expected a finite number, found {value!r}")
-    if isinstance(value, dict):
-        for item in value.values():
+    if isinstance(value, (dict, list)):
+        for item in value.values() if isinstance(value, dict) else value:
             _check_finite(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_finite(item)
-    elif not isinstance(value, (bool, int, float, str, dict, list)) and value is not None:
+    elif not isinstance(value, (bool, int, float, str)) and value is not None:
         raise ValueError(f"expected a number, a string or true/false, found {value!r}")
 
 
 # --------------------------------------------------------------------------------------------- read / write
-
-
 def default_path(study: str, directory: Path = DEFAULT_DIRECTORY) -> Path:
     """``<directory>/<study>.yaml``: one file per study, so studies of one architecture do not overwrite each
     other's recipe. ``study`` (read from a storage, which anyone with access to a shared one may have written)
@@ -237,18 +231,14 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
     except FileError as error:
         raise RecipeError(f"cannot write recipe: {error}; nothing was written") from None
     except OSError as error:
-        raise RecipeError(
-            f"cannot write recipe {path} ({error.strerror or error}); any previous file there is unchanged"
-        ) from None
+        raise RecipeError(f"cannot write recipe {path} ({error.strerror or error}); any previous file there is "
+                          "unchanged") from None
 
 
 def _header(recipe: Recipe) -> str:
-    in_code = "kfac_tune.optimizer_from_recipe(model, PATH)  or  "
-    return (
-        f"# kfac-tune recipe: {recipe.optimizer} for {recipe.architecture!r}, "
-        f"{recipe.result.metric} = {recipe.result.value:.6g} after {recipe.result.trials} trials.\n"
-        f"# Use it: {in_code}kfac-tune train CONFIG --recipe PATH\n"
-    )
+    return (f"# kfac-tune recipe: {recipe.optimizer} for {recipe.architecture!r}, "
+            f"{recipe.result.metric} = {recipe.result.value:.6g} after {recipe.result.trials} trials.\n"
+            "# Use it: kfac_tune.optimizer_from_recipe(model, PATH)  or  kfac-tune train CONFIG --recipe PATH\n")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -272,8 +262,7 @@ def load_recipe(path: str | Path) -> Recipe:
             where = f"hyperparameters.{name}"
         raise RecipeError(
             f"recipe {path} is incomplete or invalid (a partial write or a hand edit?): {where}: {message}"
-            + (f" ({error.error_count() - 1} more)" if error.error_count() > 1 else "")
-        ) from None
+            + (f" ({error.error_count() - 1} more)" if error.error_count() > 1 else "")) from None
 
 
 def _pin_conventions(recipe: Recipe) -> Recipe:
@@ -290,15 +279,10 @@ def check_architecture(recipe: Recipe, architecture: str, signature: dict[str, A
     """Refuse a recipe tuned for another network: K-FAC's damping and lr do not transfer across layer shapes."""
     theirs = recipe.provenance
     if theirs.architecture != architecture:
-        raise RecipeError(
-            f"the recipe was tuned for architecture {theirs.architecture!r}, but the model is {architecture!r}"
-        )
+        raise RecipeError(f"the recipe was tuned for architecture {theirs.architecture!r}, but the model is "
+                          f"{architecture!r}")
     if theirs.signature.get("hash") != signature.get("hash"):
-        raise RecipeError(
-            f"the recipe was tuned for {theirs.architecture!r} with layers {_layers(theirs.signature)} "
-            f"(signature {theirs.signature.get('hash')}), but this model has layers {_layers(signature)} "
-            f"(signature {signature.get('hash')})"
-        )
+        raise RecipeError(_mismatch(recipe, "this model", signature))
 
 
 def recipe_for_model(recipe: Recipe | str | os.PathLike[str], model: Any, *, strict: bool = True) -> Recipe:
@@ -315,14 +299,18 @@ def recipe_for_model(recipe: Recipe | str | os.PathLike[str], model: Any, *, str
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if not strict:
         return loaded
-    theirs, ours = loaded.provenance.signature, architecture_signature(model)
-    if theirs.get("hash") != ours.get("hash"):
-        raise RecipeError(
-            f"the recipe was tuned for {loaded.provenance.architecture!r} with layers {_layers(theirs)} (signature "
-            f"{theirs.get('hash')}), but this model, {type(model).__name__}, has layers {_layers(ours)} (signature "
-            f"{ours.get('hash')}); its hyperparameters may not suit it. Pass strict=False to use it anyway"
-        )
+    ours = architecture_signature(model)
+    if loaded.provenance.signature.get("hash") != ours.get("hash"):
+        raise RecipeError(f"{_mismatch(loaded, f'this model, {type(model).__name__},', ours)}; its hyperparameters "
+                          "may not suit it. Pass strict=False to use it anyway")
     return loaded
+
+
+def _mismatch(recipe: Recipe, model: str, signature: dict[str, Any]) -> str:
+    theirs = recipe.provenance
+    return (f"the recipe was tuned for {theirs.architecture!r} with layers {_layers(theirs.signature)} (signature "
+            f"{theirs.signature.get('hash')}), but {model} has layers {_layers(signature)} (signature "
+            f"{signature.get('hash')})")
 
 
 def _layers(signature: dict[str, Any]) -> str:
@@ -331,8 +319,6 @@ def _layers(signature: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ export
-
-
 def versions() -> dict[str, str]:
     """Package versions worth recording (read from metadata: importing torch just for this would cost seconds)."""
     found = {}
@@ -369,8 +355,7 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
         searched=dict(trial.params),
         training=TrainingSettings(
             dataset=cfg.data.callable or cfg.data.name, batch_size=recorded.get("batch_size", cfg.data.batch_size),
-            steps=steps or attrs[record.STEPS], loss=attrs[record.LOSS], metric=metric, seed=cfg.training.seed,
-        ),
+            steps=steps or attrs[record.STEPS], loss=attrs[record.LOSS], metric=metric, seed=cfg.training.seed),
         result=Result(metric=metric, value=selection.metric_value(study, trial), direction=cfg.training.goal,
                       trials=finished, split=attrs.get(record.SPLIT, "test"), test_value=tested,
                       train_seconds=recorded.get("train_seconds"), pick=pick),
@@ -378,8 +363,7 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
             study=study.study_name, trial=trial.number, mlflow_run_id=record.trial_run_id(trial),
             config_hash=attrs[record.CONFIG_HASH], architecture=attrs[record.ARCHITECTURE],
             signature=attrs[record.SIGNATURE], device=recorded.get("device", "unknown"),
-            date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=versions(),
-        ),
+            date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=versions()),
     )
 
 
@@ -405,7 +389,6 @@ def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path
 
 
 # ------------------------------------------------------------------------------------------------ finding
-
 MatchKind = Literal["exact", "architecture", "nearest"]
 _KIND_RANK = {"exact": 0, "architecture": 1, "nearest": 2}
 TYPE_MISMATCH = 10.0  # distance of a layer of another type, or of a missing/extra layer

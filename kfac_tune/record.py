@@ -64,6 +64,9 @@ KIND_COMPARE = "compare"
 KIND_TRAIN = "train"
 TAG_RECIPE = "kfac_tune.recipe"  # the recipe a train run trained
 TAG_RECIPES = "kfac_tune.recipes"  # the recipes a comparison ran
+# what the study's parent run searched, and where (beside CONFIG_HASH, OPTIMIZER, ARCHITECTURE and METRIC)
+TAG_ARCHITECTURE_HASH, TAG_DATASET, TAG_STORAGE, TAG_SAMPLER, TAG_PRUNER, TAG_JOBS, TAG_DEVICE = (
+    "architecture_hash", "dataset", "storage", "sampler", "pruner", "jobs", "device")
 METRIC_BEST_VALUE = "best_value"
 METRIC_OUTCOME = "objective_value"
 

@@ -91,8 +91,6 @@ def resolve(cfg: Config | None = None, *, storage: str | None = None, tracking_u
 
 
 # ------------------------------------------------------------------------------------------------ --set
-
-
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
     """``--set dotted.key=value`` items as overrides; values are YAML scalars (``1e-3``, ``true``, ``[32, 32]``)."""
     from kfac_tune.config import ConfigError, parse_value

@@ -93,12 +93,8 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ training
-
-
-def train(
-    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None, on_eval: EvalCallback | None = None,
-    *, test: bool = False, on_model: ModelCallback | None = None,
-) -> TrainResult:
+def train(cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None, on_eval: EvalCallback | None = None,
+          *, test: bool = False, on_model: ModelCallback | None = None) -> TrainResult:
     """Train once for the config's budget with ``hparams``; ``optimizer`` defaults to ``cfg.optimizer.name``.
 
     ``on_eval(step, metrics)`` is called at every evaluation (``train_loss``, ``eval_loss``, ``eval_accuracy`` for
@@ -174,10 +170,8 @@ class _Replica:
         return bool(value)
 
 
-def _train_replica(
-    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None, replica: _Replica,
-    test: bool = False, on_model: ModelCallback | None = None,
-) -> Curves:
+def _train_replica(cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None,
+                   replica: _Replica, test: bool = False, on_model: ModelCallback | None = None) -> Curves:
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     device = resolve_device(cfg.training.device)
@@ -214,15 +208,12 @@ def _train_replica(
 
 
 # ------------------------------------------------------------------------------------------------ data parallel
-
-
 class _Stopped(Exception):
     """The parent's ``on_eval`` raised: every rank leaves its loop at the same evaluation."""
 
 
-def _train_data_parallel(
-    cfg: Config, hparams: Mapping[str, Any], optimizer: str | None, on_eval: EvalCallback | None, test: bool
-) -> Curves:
+def _train_data_parallel(cfg: Config, hparams: Mapping[str, Any], optimizer: str | None,
+                         on_eval: EvalCallback | None, test: bool) -> Curves:
     """Train on ``training.processes`` local ranks; ``on_eval`` runs here and may stop them all."""
     from kfac_tune.launch import run_local
 
@@ -340,10 +331,8 @@ def _per_position(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, targe
 
 
 @torch.no_grad()
-def _evaluate(
-    model: nn.Module, loss_fn: Callable[..., torch.Tensor], source: Split, task: str, batch_size: int,
-    replica: _Replica, prefix: str = "eval",
-) -> dict[str, float]:
+def _evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], source: Split, task: str, batch_size: int,
+              replica: _Replica, prefix: str = "eval") -> dict[str, float]:
     """``<prefix>_loss`` (and ``_accuracy``) over all of ``source``; each rank evaluates its slice and the sums are
     combined."""
     was_training = model.training

@@ -26,8 +26,7 @@ optional_config_argument = click.argument("config", required=False,
                                           type=click.Path(exists=True, dir_okay=False, path_type=Path))
 study_option = click.option(
     "--study", "study_name", metavar="NAME",
-    help="Study name. Default: the config file's stem; show/export without CONFIG: the storage's only study.",
-)
+    help="Study name. Default: the config file's stem; show/export without CONFIG: the storage's only study.")
 storage_option = click.option(
     "--storage", metavar="URL",
     help=f"Optuna storage, any SQLAlchemy URL (postgresql+psycopg2://user@host/db for several machines; put the "

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import click
 
-from kfac_tune.cli.common import (
-    ManyValuesCommand, config_argument, format_option, handle_errors, no_tracking_option, print_data, set_option,
-    tracking_uri_option,
-)
+from kfac_tune.cli.common import (ManyValuesCommand, config_argument, format_option, handle_errors,
+                                  no_tracking_option, print_data, set_option, tracking_uri_option)
 
 
 @click.command(epilog="""\b

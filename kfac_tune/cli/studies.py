@@ -6,10 +6,8 @@ from pathlib import Path
 
 import click
 
-from kfac_tune.cli.common import (
-    force_option, format_option, handle_errors, optional_config_argument, print_data, resolve, storage_option,
-    study_option,
-)
+from kfac_tune.cli.common import (force_option, format_option, handle_errors, optional_config_argument, print_data,
+                                  resolve, storage_option, study_option)
 
 
 @click.command(epilog="""\b

@@ -6,11 +6,9 @@ from pathlib import Path
 import click
 
 from kfac_tune.catalog import OPTIMIZER_NAMES
-from kfac_tune.cli.common import (
-    EXIT_INTERRUPTED, config_argument, fail, finite_seconds, force_option, format_option, handle_errors,
-    no_tracking_option, print_data, recipes_dir_option, set_option, shell_command, storage_option, study_option,
-    tracking_uri_option,
-)
+from kfac_tune.cli.common import (EXIT_INTERRUPTED, config_argument, fail, finite_seconds, force_option,
+                                  format_option, handle_errors, no_tracking_option, print_data, recipes_dir_option,
+                                  set_option, shell_command, storage_option, study_option, tracking_uri_option)
 
 
 @click.command(epilog="""\b

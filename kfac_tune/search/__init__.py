@@ -13,10 +13,8 @@ from kfac_tune.search.space import build_space, suggest
 from kfac_tune.search.storage import make_storage
 from kfac_tune.search.study import open_study
 
-__all__ = [
-    "Objective", "PreparedSearch", "SearchOutcome", "build_space", "make_storage", "open_study", "prepare_search",
-    "suggest",
-]
+__all__ = ["Objective", "PreparedSearch", "SearchOutcome", "build_space", "make_storage", "open_study",
+           "prepare_search", "suggest"]
 
 
 class _CallablePackage(types.ModuleType):

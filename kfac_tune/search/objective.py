@@ -26,8 +26,7 @@ from typing import Any
 import optuna
 
 from kfac_tune import record
-from kfac_tune.config import Config, ParamSpec
-from kfac_tune.config import TIME_OBJECTIVE
+from kfac_tune.config import TIME_OBJECTIVE, Config, ParamSpec
 from kfac_tune.problem import task_and_loss
 from kfac_tune.processes import interrupt_pending
 from kfac_tune.search.space import mode_of, optimizer_arguments, suggest, with_training
@@ -75,10 +74,8 @@ class Objective:
                 keep = (lambda model, _: trained.append(model)) if self.cfg.tracking.log_model == "best" else None
                 result = train(cfg, hparams, on_eval=lambda step, metrics: self._report(trial, run, step, metrics),
                                on_model=keep)
-            except Diverged as diverged:
-                self._prune(trial, run, str(diverged))
-            except optuna.TrialPruned as pruned:
-                self._prune(trial, run, str(pruned))
+            except (Diverged, optuna.TrialPruned) as stopped:
+                self._prune(trial, run, str(stopped))
             except Exception as error:
                 reason = f"{type(error).__name__}: {error}"[:REASON_LIMIT]
                 record.set_fail_reason(trial, reason)
@@ -93,8 +90,7 @@ class Objective:
             record.set_result(trial, {
                 "step_time": result.step_time, "train_seconds": result.train_seconds, "seconds": result.seconds,
                 "steps": result.steps, "device": result.device, "final": result.final, "best": result.best,
-                "max_step_seconds": result.max_step_seconds, "batch_size": cfg.data.batch_size,
-            })
+                "max_step_seconds": result.max_step_seconds, "batch_size": cfg.data.batch_size})
             run.set_outcome("COMPLETE", value=result.value)
             values = objective_values(self.cfg.objectives, result)
             if trained and leads(trial.study, values):

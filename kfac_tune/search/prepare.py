@@ -16,10 +16,11 @@ from optuna.trial import TrialState
 from kfac_tune import record
 from kfac_tune.config import Config
 from kfac_tune.recipes import Match, Recipe, export_best
-from kfac_tune.search.space import build_space, describe, optimizer_arguments, suggest, warm_starts, with_training
+from kfac_tune.search.space import (build_space, describe, optimizer_arguments, point_in_space, suggest, warm_starts,
+                                    with_training)
 from kfac_tune.search.storage import make_pruner, make_sampler
 from kfac_tune.search.study import enqueue, fail_stale_trials, open_study, setup_lock
-from kfac_tune.search.warm import recipe_point, warm_start_match
+from kfac_tune.search.warm import warm_start_match
 from kfac_tune.search.workers import WorkerSpec, quiet, run_processes, run_worker
 from kfac_tune.secrets import display_url, mask
 from kfac_tune.tracking.tracker import Tracker, open_tracker
@@ -66,23 +67,16 @@ class PreparedSearch:
         except KeyboardInterrupt:
             return SearchOutcome(self.study, None, None, interrupted=True)
         fail_stale_trials(self.study)
-        recipe, path = _export(self.study, self.cfg, self.recipe_path)
+        recipe, path = (export_best(self.study, self.cfg, self.recipe_path)
+                        if self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else (None, None))
         self.tracker.finish_study(self.study, str(path) if path else None)
         return SearchOutcome(self.study, recipe, path, tracking_given_up=given_up + self.tracker.given_up)
 
 
-def prepare_search(
-    cfg: Config,
-    *,
-    trials: int | None = None,
-    timeout: float | None = None,
-    study_name: str | None = None,
-    storage: str | None = None,
-    jobs: int = 1,
-    tracking: bool | None = None,
-    recipe_path: str | Path | None = None,
-    recipe_dirs: Sequence[str | Path] = (),
-) -> PreparedSearch:
+def prepare_search(cfg: Config, *, trials: int | None = None, timeout: float | None = None,
+                   study_name: str | None = None, storage: str | None = None, jobs: int = 1,
+                   tracking: bool | None = None, recipe_path: str | Path | None = None,
+                   recipe_dirs: Sequence[str | Path] = ()) -> PreparedSearch:
     """Check everything that does not need a trial (space, warm starts, data, model, optimizer options, sampler
     and pruner arguments, tracking store) before the storage is touched, then create or resume the study.
 
@@ -103,19 +97,18 @@ def prepare_search(
         study = open_study(cfg, name, storage_url, problem, space)
         fail_stale_trials(study)
         if match is not None:
-            point = recipe_point({**match.recipe.hyperparameters, **match.recipe.searched}, space)
+            # the recipe's sampled values (active in its K-FAC mode), each moved into this study's space
+            point = point_in_space({**match.recipe.hyperparameters, **match.recipe.searched}, space)
             enqueue(study, [point], recipe_path=str(match.path))
         enqueue(study, starts)
         timeout = timeout if timeout is not None else cfg.search.timeout
         budget = {"trials": trials or cfg.search.trials, "timeout_s": timeout, "jobs": jobs}
         tracker.ensure_parent_run(study, _tags(cfg, storage_url, problem, jobs), _artifacts(cfg, space, storage_url),
                                   params={"space": describe(space), "budget": budget})
-    spec = WorkerSpec(
-        cfg=cfg, study_name=name, storage_url=storage_url, budget=trials or cfg.search.trials,
-        deadline=None if timeout is None else time.time() + timeout, worker=0,
-        trials_at_start=len(study.get_trials(deepcopy=False)), tracking=tracking,
-        threads=cfg.training.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None),
-    )
+    spec = WorkerSpec(cfg=cfg, study_name=name, storage_url=storage_url, budget=trials or cfg.search.trials,
+                      deadline=None if timeout is None else time.time() + timeout, worker=0,
+                      trials_at_start=len(study.get_trials(deepcopy=False)), tracking=tracking,
+                      threads=cfg.training.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None))
     return PreparedSearch(cfg, study, tracker, spec, jobs, recipe_path, match)
 
 
@@ -155,26 +148,13 @@ class _Watcher:
             self.plots_at = time.monotonic()
 
 
-def _export(study: optuna.Study, cfg: Config, path: str | Path | None) -> tuple[Recipe | None, Path | None]:
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return None, None
-    return export_best(study, cfg, path)
-
-
 def _tags(cfg: Config, storage_url: str, problem: Problem, jobs: int) -> dict[str, str]:
     return {
-        record.CONFIG_HASH: cfg.fingerprint(),
-        record.OPTIMIZER: cfg.optimizer.name,
-        record.ARCHITECTURE: problem.architecture,
-        "architecture_hash": str(problem.signature.get("hash")),
-        "dataset": cfg.data.callable or cfg.data.name,
-        "storage": display_url(storage_url),
-        "sampler": cfg.search.sampler.name,
-        "pruner": cfg.search.pruner.name,
-        record.METRIC: cfg.training.metric,
-        "jobs": str(jobs),
-        "device": problem.device,
-    }
+        record.CONFIG_HASH: cfg.fingerprint(), record.OPTIMIZER: cfg.optimizer.name,
+        record.ARCHITECTURE: problem.architecture, record.TAG_ARCHITECTURE_HASH: str(problem.signature.get("hash")),
+        record.TAG_DATASET: cfg.data.callable or cfg.data.name, record.TAG_STORAGE: display_url(storage_url),
+        record.TAG_SAMPLER: cfg.search.sampler.name, record.TAG_PRUNER: cfg.search.pruner.name,
+        record.METRIC: cfg.training.metric, record.TAG_JOBS: str(jobs), record.TAG_DEVICE: problem.device}
 
 
 def _artifacts(cfg: Config, space: dict[str, Any], storage_url: str) -> dict[str, str]:
@@ -183,7 +163,5 @@ def _artifacts(cfg: Config, space: dict[str, Any], storage_url: str) -> dict[str
 
     config_text = Path(cfg.source).read_text(encoding="utf-8") if cfg.source else ""
     config_text = config_text or yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
-    return {
-        "model.yaml": mask(config_text, storage_url, cfg.storage, cfg.tracking.uri),
-        "space.yaml": yaml.safe_dump(describe(space), sort_keys=False),
-    }
+    return {"model.yaml": mask(config_text, storage_url, cfg.storage, cfg.tracking.uri),
+            "space.yaml": yaml.safe_dump(describe(space), sort_keys=False)}

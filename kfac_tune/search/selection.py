@@ -101,16 +101,11 @@ def choose(study: optuna.Study, pick: Pick) -> FrozenTrial:
         return sign * metric_value(study, trial)
 
     best = min(quality(t) for t in trials)
-    if pick.within is None:
-        within = [t for t in trials if quality(t) == best]
-    else:
-        within = [t for t in trials if quality(t) <= best + pick.within * abs(best)]
+    within = [t for t in trials if quality(t) <= best + (pick.within or 0.0) * abs(best)]
     return min(within, key=lambda t: (train_seconds(study, t), quality(t), t.number))
 
 
 # ------------------------------------------------------------------------------------------------ test split
-
-
 def study_config(study: optuna.Study) -> Config:
     """The config a study was searched with, as recorded. A study from before validation splits (no ``split``
     attribute) selected on the test split: its config is read with ``data.validation: 0``, as it ran. Read as

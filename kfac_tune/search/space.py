@@ -36,8 +36,7 @@ MODE = "mode"
 # default (or optimizer.options), so a damping schedule the optimizer applies by default stays on
 MODES: dict[str, dict[str, bool]] = {
     "fixed": {"adaptive_lr": False, "adaptive_momentum": False},
-    "automatic": {"adaptive_damping": True, "adaptive_lr": True, "adaptive_momentum": True},
-}
+    "automatic": {"adaptive_damping": True, "adaptive_lr": True, "adaptive_momentum": True}}
 TRAINING_PARAMETERS = ("batch_size",)  # sampled entries that set the training run, not the optimizer
 
 
@@ -57,37 +56,17 @@ DEFAULT_SPACES: dict[str, dict[str, ParamSpec]] = {
         "cov_update_freq": _range(1, 20, log=True, integer=True),
         "stat_fraction": _range(0.1, 1.0, log=True),
     },
-    "adam": {
-        "lr": _range(1e-5, 1e-1, log=True),
-        "beta1": _range(0.5, 0.99),
-        "beta2": _range(0.9, 0.9999),
-        "weight_decay": _range(1e-8, 1e-2, log=True),
-    },
-    "sgd": {
-        "lr": _range(1e-4, 1.0, log=True),
-        "momentum": _range(0.0, 0.99),
-    },
+    "adam": {"lr": _range(1e-5, 1e-1, log=True), "beta1": _range(0.5, 0.99), "beta2": _range(0.9, 0.9999),
+             "weight_decay": _range(1e-8, 1e-2, log=True)},
+    "sgd": {"lr": _range(1e-4, 1.0, log=True), "momentum": _range(0.0, 0.99)},
     # the baselines (README "Baselines"): ranges around each package's published defaults, the DEFAULT_POINTS below
-    "adamw": {
-        "lr": _range(1e-5, 1e-1, log=True),
-        "beta1": _range(0.5, 0.99),
-        "beta2": _range(0.9, 0.9999),
-        "weight_decay": _range(1e-4, 1.0, log=True),
-    },
-    "muon": {
-        "lr": _range(2e-3, 0.2, log=True),
-        "momentum": _range(0.8, 0.99),
-        "weight_decay": _range(1e-3, 1.0, log=True),
-        "adamw_lr": _range(1e-5, 1e-2, log=True),
-    },
-    "soap": {
-        "lr": _range(1e-4, 1e-1, log=True),
-        "beta1": _range(0.5, 0.99),
-        "beta2": _range(0.9, 0.999),
-        "shampoo_beta": _range(0.8, 0.99),
-        "weight_decay": _range(1e-4, 1.0, log=True),
-        "precondition_frequency": _range(1, 32, log=True, integer=True),
-    },
+    "adamw": {"lr": _range(1e-5, 1e-1, log=True), "beta1": _range(0.5, 0.99), "beta2": _range(0.9, 0.9999),
+              "weight_decay": _range(1e-4, 1.0, log=True)},
+    "muon": {"lr": _range(2e-3, 0.2, log=True), "momentum": _range(0.8, 0.99),
+             "weight_decay": _range(1e-3, 1.0, log=True), "adamw_lr": _range(1e-5, 1e-2, log=True)},
+    "soap": {"lr": _range(1e-4, 1e-1, log=True), "beta1": _range(0.5, 0.99), "beta2": _range(0.9, 0.999),
+             "shampoo_beta": _range(0.8, 0.99), "weight_decay": _range(1e-4, 1.0, log=True),
+             "precondition_frequency": _range(1, 32, log=True, integer=True)},
 }
 
 # the first-order optimizers' published defaults (torch's, weight decay at the range's floor); K-FAC's come from
@@ -124,12 +103,9 @@ def build_space(cfg: Config) -> dict[str, ParamSpec]:
     defaults = DEFAULT_SPACES[optimizer]
     for name in cfg.search.space:
         if name not in names:
-            raise cfg.problem(
-                f"search.space.{name}",
-                f"expected a hyperparameter of {optimizer}: {', '.join(names)} "
-                "(other constructor options go under optimizer.options)",
-                name,
-            )
+            raise cfg.problem(f"search.space.{name}",
+                              f"expected a hyperparameter of {optimizer}: {', '.join(names)} "
+                              "(other constructor options go under optimizer.options)", name)
     space = dict(defaults)
     for name, spec in cfg.search.space.items():
         if spec is None:  # removed: not searched, the constructor's default (or optimizer.options) applies
@@ -158,8 +134,7 @@ def _walk(space: Mapping[str, ParamSpec], draw: Callable[[str, ParamSpec], Any])
     """Visit the entries active for the values drawn so far, unconditioned ones first (they decide the others);
     ``draw(name, spec)`` gives a sampled entry's value, or ``_SKIP`` to leave it out."""
     point: dict[str, Any] = {}
-    ordered = sorted(space.items(), key=lambda item: bool(item[1].when))
-    for name, spec in ordered:
+    for name, spec in sorted(space.items(), key=lambda item: bool(item[1].when)):
         if not spec.active(point):
             continue
         value = spec.value if spec.kind == "fixed" else draw(name, spec)
@@ -275,9 +250,7 @@ def _contains(spec: ParamSpec, value: Any) -> bool:
 def _describe_spec(spec: ParamSpec) -> str:
     if spec.kind == "choices":
         return f"one of {spec.choices}"
-    scale = ", log" if spec.log else ""
-    kind = "integer" if spec.integer else "float"
-    return f"{kind} in [{spec.low:g}, {spec.high:g}]{scale}"
+    return f"{'integer' if spec.integer else 'float'} in [{spec.low:g}, {spec.high:g}]{', log' if spec.log else ''}"
 
 
 def describe(space: Mapping[str, ParamSpec]) -> dict[str, str]:

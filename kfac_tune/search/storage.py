@@ -24,26 +24,18 @@ def make_storage(url: str, cfg: Config) -> optuna.storages.RDBStorage:
     heartbeat = cfg.search.heartbeat_interval
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.search.max_retry)
         return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"connect_args": {"timeout": 30}} if sqlite else {"pool_pre_ping": True},
-            heartbeat_interval=heartbeat,
-            grace_period=cfg.search.grace_period or 2 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=cfg.search.max_retry
-            ),
-        )
+            url, engine_kwargs={"connect_args": {"timeout": 30}} if sqlite else {"pool_pre_ping": True},
+            heartbeat_interval=heartbeat, grace_period=cfg.search.grace_period or 2 * heartbeat,
+            heartbeat_stale_trial_callback=retry)
 
 
 def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
     name, args = cfg.search.sampler.name, dict(cfg.search.sampler.args)
-    classes = {
-        "tpe": optuna.samplers.TPESampler,
-        "random": optuna.samplers.RandomSampler,
-        "gp": optuna.samplers.GPSampler,
-        "qmc": optuna.samplers.QMCSampler,
-        "cmaes": optuna.samplers.CmaEsSampler,
-    }
+    classes = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+               "gp": optuna.samplers.GPSampler, "qmc": optuna.samplers.QMCSampler,
+               "cmaes": optuna.samplers.CmaEsSampler}
     if name == "qmc":
         args.setdefault("scramble", True)  # else every worker draws the same sequence
     if name == "tpe":  # one joint model per set of parameters that occur together: the conditional space's modes

@@ -48,41 +48,27 @@ def load_study(url: str, study_name: str | None) -> optuna.Study:
     return optuna.load_study(study_name=study_name, storage=url)
 
 
-def count(study: optuna.Study, states: tuple[TrialState, ...] = FINISHED) -> int:
-    return len(study.get_trials(deepcopy=False, states=states))
-
-
 def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem, space: dict[str, Any]) -> optuna.Study:
     """Create or resume the study, refusing to resume one created from a different objective."""
-    study = optuna.create_study(
-        study_name=study_name, storage=make_storage(storage_url, cfg), directions=cfg.directions,
-        load_if_exists=True, sampler=make_sampler(cfg, cfg.search.sampler.seed),
-        pruner=make_pruner(cfg, problem.steps),
-    )
+    study = optuna.create_study(study_name=study_name, storage=make_storage(storage_url, cfg),
+                                directions=cfg.directions, load_if_exists=True,
+                                sampler=make_sampler(cfg, cfg.search.sampler.seed),
+                                pruner=make_pruner(cfg, problem.steps))
     recorded = record.study_attr(study, record.CONFIG_HASH)
     if recorded is not None and recorded != cfg.fingerprint():
         raise ConfigError(
             f"{cfg.source or '<config>'}: study {study_name!r} in {display_url(storage_url)} was created from a "
             f"different model/data/training/optimizer/space (config hash {recorded}, this file {cfg.fingerprint()}); "
             f"resuming would mix incomparable trials. Pass --study NEW_NAME for a new study, or resume with the "
-            f"original file."
-        )
+            f"original file.")
     if recorded is None:
+        config = mask_data(cfg.model_dump(mode="json", by_alias=True), storage_url, cfg.storage, cfg.tracking.uri)
         record.write_study(study, {
-            record.CONFIG: mask_data(cfg.model_dump(mode="json", by_alias=True), storage_url, cfg.storage,
-                                     cfg.tracking.uri),
-            record.CONFIG_HASH: cfg.fingerprint(),
-            record.OPTIMIZER: cfg.optimizer.name,
-            record.ARCHITECTURE: problem.architecture,
-            record.SIGNATURE: problem.signature,
-            record.PARAMETER_GROUPS: problem.parameter_groups,
-            record.LOSS: problem.loss,
-            record.TASK: problem.task,
-            record.STEPS: problem.steps,
-            record.METRIC: cfg.training.metric,
-            record.SPLIT: problem.split,
-            record.SPACE: describe(space),
-        })
+            record.CONFIG: config, record.CONFIG_HASH: cfg.fingerprint(), record.OPTIMIZER: cfg.optimizer.name,
+            record.ARCHITECTURE: problem.architecture, record.SIGNATURE: problem.signature,
+            record.PARAMETER_GROUPS: problem.parameter_groups, record.LOSS: problem.loss, record.TASK: problem.task,
+            record.STEPS: problem.steps, record.METRIC: cfg.training.metric, record.SPLIT: problem.split,
+            record.SPACE: describe(space)})
         study.set_metric_names(cfg.objectives)
     record.write_study(study, {record.VERSIONS: versions()})
     return study

@@ -7,13 +7,11 @@ recipe may come from a wider space or pin values this study searches.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from kfac_tune.config import Config, ParamSpec, Phrase
+from kfac_tune.config import Config, Phrase
 from kfac_tune.recipes import Match, RecipeError, find_recipes, load_recipe, match, recipe_directories
-from kfac_tune.search.space import point_in_space
 from kfac_tune.problem import Problem
 
 
@@ -30,16 +28,9 @@ def warm_start_match(cfg: Config, problem: Problem, directories: Sequence[str | 
             raise cfg.problem("search.warm_start", "expected a readable recipe file (or true)",
                               Phrase(str(error))) from None
         if recipe.optimizer != cfg.optimizer.name:
-            raise cfg.problem("search.warm_start",
-                              f"expected a recipe for {cfg.optimizer.name}, the optimizer searched",
-                              Phrase(f"a recipe for {recipe.optimizer}"))
+            raise cfg.problem("search.warm_start", f"expected a recipe for {cfg.optimizer.name}, the optimizer "
+                              "searched", Phrase(f"a recipe for {recipe.optimizer}"))
         return match(Path(setting), recipe, problem.architecture, problem.signature)
     matches = find_recipes(problem.architecture, problem.signature, cfg.optimizer.name,
                            recipe_directories(directories), cfg.data.callable or cfg.data.name)
     return matches[0] if matches else None
-
-
-def recipe_point(hyperparameters: Mapping[str, Any], space: Mapping[str, ParamSpec]) -> dict[str, Any]:
-    """The recipe's values of the sampled hyperparameters (active in its K-FAC mode), each moved into this
-    study's space."""
-    return point_in_space(hyperparameters, space)

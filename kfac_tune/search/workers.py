@@ -24,7 +24,7 @@ from kfac_tune.config import Config
 from kfac_tune.search.objective import Objective, release_after_failure
 from kfac_tune.search.space import build_space
 from kfac_tune.search.storage import make_pruner, make_sampler, make_storage
-from kfac_tune.search.study import FINISHED, count
+from kfac_tune.search.study import FINISHED
 from kfac_tune.tracking.tracker import open_tracker
 
 MAX_CONSECUTIVE_FAILURES = 5
@@ -58,28 +58,20 @@ def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()
     if spec.threads:
         torch.set_num_threads(spec.threads)
     cfg = spec.cfg
-    study = optuna.load_study(
-        study_name=spec.study_name,
-        storage=make_storage(spec.storage_url, cfg),
-        sampler=make_sampler(cfg, worker_seed(cfg, spec.worker, spec.trials_at_start)),
-        pruner=make_pruner(cfg, study_steps(spec)),
-    )
-    if count(study) >= spec.budget:
+    study = optuna.load_study(study_name=spec.study_name, storage=make_storage(spec.storage_url, cfg),
+                              sampler=make_sampler(cfg, worker_seed(cfg, spec.worker, spec.trials_at_start)),
+                              pruner=make_pruner(cfg, _study_steps(spec)))
+    if len(study.get_trials(deepcopy=False, states=FINISHED)) >= spec.budget:
         return []
     timeout = None if spec.deadline is None else max(spec.deadline - time.time(), 0.001)
     tracker = open_tracker(cfg, spec.study_name, spec.tracking)
-    study.optimize(
-        Objective(cfg, build_space(cfg), tracker),
-        n_trials=None,
-        timeout=timeout,
-        catch=(Exception,),
-        callbacks=[release_after_failure, optuna.study.MaxTrialsCallback(spec.budget, states=FINISHED),
-                   _StopAfterFailures(), *callbacks],
-    )
+    study.optimize(Objective(cfg, build_space(cfg), tracker), n_trials=None, timeout=timeout, catch=(Exception,),
+                   callbacks=[release_after_failure, optuna.study.MaxTrialsCallback(spec.budget, states=FINISHED),
+                              _StopAfterFailures(), *callbacks])
     return tracker.given_up
 
 
-def study_steps(spec: WorkerSpec) -> int:
+def _study_steps(spec: WorkerSpec) -> int:
     from kfac_tune.problem import load_data, total_steps
 
     return total_steps(spec.cfg, load_data(spec.cfg).train_examples)
@@ -133,11 +125,8 @@ def run_processes(spec: WorkerSpec, jobs: int, study: optuna.Study, watch: Calla
     import signal
 
     context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=_worker_main, args=(dataclasses.replace(spec, worker=i), os.getpid()),
-                        name=f"kfac-tune-worker-{i}")
-        for i in range(jobs)
-    ]
+    workers = [context.Process(target=_worker_main, args=(dataclasses.replace(spec, worker=i), os.getpid()),
+                               name=f"kfac-tune-worker-{i}") for i in range(jobs)]
     try:
         for worker in workers:
             worker.start()

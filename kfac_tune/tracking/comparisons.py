@@ -6,8 +6,7 @@ from pathlib import Path
 
 from kfac_tune import record
 from kfac_tune.tracking.server import (
-    MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, get_or_create_experiment, open_client, prepare_store,
-)
+    MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, get_or_create_experiment, open_client, prepare_store)
 
 
 def log_comparison(tracking_uri: str, experiment: str, run_name: str, *, params: dict[str, str],

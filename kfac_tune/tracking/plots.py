@@ -106,8 +106,7 @@ def _plot_builders(study: optuna.Study, client: MlflowClient) -> dict[str, Calla
     builders: dict[str, Callable[[], _FigurePair | None]] = {
         "optimization_history": lambda: _optuna_pair("plot_optimization_history", study),
         "intermediate_values": lambda: _optuna_pair("plot_intermediate_values", study),
-        "best_loss_curves": lambda: _curves_pair(_best_curves(study, client)),
-    }
+        "best_loss_curves": lambda: _curves_pair(_best_curves(study, client))}
     if len(study.directions) > 1:  # (metric, train_seconds): the trade-off export --pick chooses from
         builders["pareto_front"] = lambda: _optuna_pair("plot_pareto_front", study,
                                                         target_names=study.metric_names or None)

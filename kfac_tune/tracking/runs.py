@@ -34,10 +34,8 @@ from kfac_tune.secrets import mask
 from kfac_tune.settings import TRACKING_URI_ENV
 from kfac_tune.text import first_line
 from kfac_tune.tracking.plots import best_trial, render_plots
-from kfac_tune.tracking.server import (
-    MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_CHARS, get_or_create_experiment,
-    open_client,
-)
+from kfac_tune.tracking.server import (MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, MAX_PARAMS_TAGS_PER_BATCH,
+                                       MAX_TAG_CHARS, get_or_create_experiment, open_client)
 
 if TYPE_CHECKING:
     import optuna
@@ -59,8 +57,6 @@ _COOL_DOWN_S = 30.0
 
 
 # ----------------------------------------------------------------------------------------------------- retries
-
-
 class StoreCalls:
     """Store calls made while a trial trains, retried with backoff; what was given up on is kept in ``given_up``.
 
@@ -115,27 +111,18 @@ class TrialRun:
 
     def __init__(self, client: MlflowClient | None, run_id: str, flush_interval_s: float = 0.0,
                  run_name: str = "", calls: StoreCalls | None = None, tracking_uri: str = "") -> None:
-        self.run_id = run_id
-        self._tracking_uri = tracking_uri
-        self._calls = calls or StoreCalls()
-        self.run_name = run_name
-        self._client = client
-        self._flush_interval_s = flush_interval_s
+        self.run_id, self.run_name, self._client, self._calls = run_id, run_name, client, calls or StoreCalls()
+        self._tracking_uri, self._flush_interval_s = tracking_uri, flush_interval_s
         self._metrics: list[Any] = []
-        self._last_step = 0
-        self._last_flush = -math.inf
-        self._resume_at = -math.inf
+        self._last_step, self._last_flush, self._resume_at = 0, -math.inf, -math.inf
         self._outcome: _Outcome | None = None
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         """Buffer one evaluation's metrics; flush if the last flush is ``flush_interval_s`` old."""
         if not self.run_id:
             return
-        from mlflow.entities import Metric
-
-        timestamp = int(time.time() * 1000)
         self._last_step = int(step)
-        self._metrics.extend(Metric(key, _as_float(v), timestamp, self._last_step) for key, v in metrics.items())
+        self._metrics.extend(_metric(key, v, self._last_step) for key, v in metrics.items())
         if time.monotonic() - self._last_flush >= self._flush_interval_s:
             self.flush()
 
@@ -157,18 +144,14 @@ class TrialRun:
     def __enter__(self) -> TrialRun:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         """Write the outcome with the last metrics in one batch, then end the run; never raise."""
         if not self.run_id:
             return
         outcome = self._resolve_outcome(exc)
         if outcome.value is not None:
-            from mlflow.entities import Metric
-
-            timestamp = int(time.time() * 1000)
-            self._metrics.append(Metric(record.METRIC_OUTCOME, _as_float(outcome.value), timestamp, self._last_step))
+            self._metrics.append(_metric(record.METRIC_OUTCOME, outcome.value, self._last_step))
         tags = {record.TAG_STATE: outcome.state}
         if self.run_name and outcome.state in RUN_NAME_SUFFIX:
             from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
@@ -213,8 +196,7 @@ class TrialRun:
             chunk = self._metrics[:MAX_METRICS_PER_BATCH]
             sent, _ = self._calls(
                 lambda: self._client.log_batch(self.run_id, metrics=chunk, tags=tag_list, synchronous=True),
-                f"logging {len(chunk)} metrics to run {self.run_id}",
-            )
+                f"logging {len(chunk)} metrics to run {self.run_id}")
             if not sent:
                 self._resume_at = time.monotonic() + _COOL_DOWN_S
                 return
@@ -223,12 +205,16 @@ class TrialRun:
         self._last_flush = time.monotonic()
 
 
-def _as_float(value: object) -> float:
-    """A metric value the store accepts: NaN and ±inf are stored by MLflow; anything unconvertible is NaN."""
+def _metric(key: str, value: object, step: int) -> Any:
+    """An MLflow ``Metric`` stamped now, of a value the store accepts: NaN and ±inf are stored by MLflow; anything
+    unconvertible is NaN."""
+    from mlflow.entities import Metric
+
     try:
-        return float(value)  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return math.nan
+        number = math.nan
+    return Metric(key, number, int(time.time() * 1000), step)
 
 
 # -------------------------------------------------------------------------------- configurations and data sets
@@ -301,11 +287,8 @@ class StudyTracker:
 
     def __init__(self, tracking_uri: str, experiment: str, study_name: str, flush_interval_s: float = 0.0,
                  run_config: Mapping[str, Any] | None = None) -> None:
-        self.tracking_uri = tracking_uri
-        self.experiment = experiment
-        self.study_name = study_name
-        self.flush_interval_s = flush_interval_s
-        self.run_config = dict(run_config or {})
+        self.tracking_uri, self.experiment, self.study_name = tracking_uri, experiment, study_name
+        self.flush_interval_s, self.run_config = flush_interval_s, dict(run_config or {})
         self._client_instance: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._parent_run_id: str | None = None
@@ -326,11 +309,8 @@ class StudyTracker:
     def experiment_id(self) -> str:
         """The experiment's id, creating the experiment (with a local artifact root) on first use."""
         if self._experiment_id is None:
-            self._experiment_id = self._get_or_create_experiment()
+            self._experiment_id = get_or_create_experiment(self._client, self.tracking_uri, self.experiment)
         return self._experiment_id
-
-    def _get_or_create_experiment(self) -> str:
-        return get_or_create_experiment(self._client, self.tracking_uri, self.experiment)
 
     def ensure_parent_run(self, study: optuna.Study, tags: dict[str, str], artifacts: dict[str, str],
                           params: Mapping[str, Any] | None = None) -> str:
@@ -410,16 +390,11 @@ class StudyTracker:
         """
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        tags = {
-            MLFLOW_PARENT_RUN_ID: self._parent_of(trial.study),
-            record.TAG_STUDY_NAME: self.study_name,
-            record.TAG_TRIAL_NUMBER: str(trial.number),
-        }
+        tags = {MLFLOW_PARENT_RUN_ID: self._parent_of(trial.study), record.TAG_STUDY_NAME: self.study_name,
+                record.TAG_TRIAL_NUMBER: str(trial.number)}
         run_name = f"trial-{trial.number}"
-        created, run = self._calls(
-            lambda: self._client.create_run(self.experiment_id, run_name=run_name, tags=tags),
-            f"creating the run of trial {trial.number}",
-        )
+        created, run = self._calls(lambda: self._client.create_run(self.experiment_id, run_name=run_name, tags=tags),
+                                   f"creating the run of trial {trial.number}")
         if not created:
             return TrialRun(None, "", calls=self._calls)
         run_id = run.info.run_id
@@ -455,7 +430,7 @@ class StudyTracker:
         Counts are tags, not metrics: a metric makes a chart per counter, of little use next to the table.
         Tags rather than params because MLflow params are write-once and the counts and the best trial change.
         """
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import RunTag
         from optuna.trial import TrialState
 
         trials = study.get_trials(deepcopy=False)
@@ -464,7 +439,7 @@ class StudyTracker:
         metrics = []
         best = best_trial(study)
         if best is not None:
-            metrics.append(Metric(record.METRIC_BEST_VALUE, _as_float(best.value), int(time.time() * 1000), len(trials)))
+            metrics.append(_metric(record.METRIC_BEST_VALUE, best.value, len(trials)))
             tags += [RunTag(record.TAG_BEST_TRIAL, str(best.number))]
             tags += [RunTag(f"{record.TAG_BEST_PREFIX}{key}", str(value)[:MAX_TAG_CHARS]) for key, value in best.params.items()]
         self._client.log_batch(run_id, metrics=metrics, tags=tags[:MAX_PARAMS_TAGS_PER_BATCH])

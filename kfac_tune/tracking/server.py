@@ -115,8 +115,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10) -> None:
         problem = str(getattr(err, "reason", err))
     raise TrackingUnavailable(
         f"MLflow tracking server {display_url(tracking_uri)} is not reachable ({problem}); start it "
-        f"(kfac-tune ui / mlflow server) or pass a sqlite:/// tracking URI."
-    )
+        f"(kfac-tune ui / mlflow server) or pass a sqlite:/// tracking URI.")
 
 
 class PortInUse(TrackingUnavailable):
@@ -152,12 +151,9 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, worke
     artifact_root = local_artifact_root(tracking_uri) or Path.cwd() / ARTIFACT_DIR_NAME
     artifact_root.mkdir(parents=True, exist_ok=True)
     log_path = artifact_root.parent / "mlflow-server.log"
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", tracking_uri,
-        "--artifacts-destination", artifact_root.as_uri(),
-        "--host", host, "--port", str(port), "--workers", str(workers),
-    ]  # fmt: skip
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+               "--artifacts-destination", artifact_root.as_uri(),
+               "--host", host, "--port", str(port), "--workers", str(workers)]  # fmt: skip
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     with open(log_path, "ab") as log_file:
         process = processes.start(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)

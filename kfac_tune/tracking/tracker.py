@@ -54,18 +54,13 @@ class Untracked:
         return []
 
     def ensure_parent_run(self, study: optuna.Study, tags: dict[str, str], artifacts: dict[str, str],
-                          params: Mapping[str, Any] | None = None) -> None:
-        return None
+                          params: Mapping[str, Any] | None = None) -> None: ...
+    def refresh_plots(self, study: optuna.Study) -> None: ...
+    def finish_study(self, study: optuna.Study, recipe_path: str | None = None) -> None: ...
 
     @contextmanager
     def trial_run(self, trial: optuna.Trial, params: dict[str, object]) -> Iterator[UntrackedRun]:
         yield UntrackedRun()
-
-    def refresh_plots(self, study: optuna.Study) -> None:
-        return None
-
-    def finish_study(self, study: optuna.Study, recipe_path: str | None = None) -> None:
-        return None
 
 
 class UntrackedRun:
@@ -73,14 +68,9 @@ class UntrackedRun:
 
     run_id = None
 
-    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
-        return None
-
-    def log_model(self, model: Any) -> None:
-        return None
-
-    def set_outcome(self, state: str, value: float | None = None, reason: str | None = None) -> None:
-        return None
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+    def log_model(self, model: Any) -> None: ...
+    def set_outcome(self, state: str, value: float | None = None, reason: str | None = None) -> None: ...
 
 
 def open_tracker(cfg: Config, study_name: str, enabled: bool, *, prepare: bool = False) -> Tracker:

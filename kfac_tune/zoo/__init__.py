@@ -10,11 +10,9 @@ from typing import Any
 
 from kfac_tune.zoo.specs import ARCHITECTURES, DATASETS, ArchSpec, DatasetSpec
 
-_LAZY = {
-    "DataBundle": "kfac_tune.zoo.data", "DatasetNotFoundError": "kfac_tune.zoo.data",
-    "load_dataset": "kfac_tune.zoo.data", "architecture_signature": "kfac_tune.zoo.models",
-    "build_model": "kfac_tune.zoo.models",
-}
+_LAZY = {"DataBundle": "kfac_tune.zoo.data", "DatasetNotFoundError": "kfac_tune.zoo.data",
+         "load_dataset": "kfac_tune.zoo.data", "architecture_signature": "kfac_tune.zoo.models",
+         "build_model": "kfac_tune.zoo.models"}
 
 __all__ = ["ARCHITECTURES", "DATASETS", "ArchSpec", "DatasetSpec", *_LAZY]
 

@@ -21,11 +21,9 @@ class BadArgument(Exception):
 
 def keyword_defaults(func: Callable[..., Any]) -> dict[str, Any]:
     """The keyword-only parameters of ``func`` with their defaults: the arguments a user may set."""
-    return {
-        p.name: p.default
-        for p in inspect.signature(func).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    return {p.name: p.default
+            for p in inspect.signature(func).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def check_known(kind: str, name: str, known: Iterable[str]) -> None:
@@ -41,8 +39,7 @@ def check_kwargs(kind: str, name: str, accepted: Sequence[str], kwargs: Mapping[
     if unknown:
         raise ValueError(
             f"{kind} {name!r} got unknown argument{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(repr(u) for u in unknown)}; accepted arguments: {', '.join(accepted) or '(none)'}"
-        )
+            f"{', '.join(repr(u) for u in unknown)}; accepted arguments: {', '.join(accepted) or '(none)'}")
 
 
 def bad_value(kind: str, name: str, error: BadArgument, accepted: Sequence[str]) -> ValueError:
@@ -59,9 +56,8 @@ def positive_int(argument: str, value: Any) -> int:
 
 def positive_ints(argument: str, value: Any) -> tuple[int, ...]:
     """A non-empty list of ints > 0, returned as a tuple."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise BadArgument(argument, "a non-empty list of positive integers", value)
-    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value or any(
+            isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
         raise BadArgument(argument, "a non-empty list of positive integers", value)
     return tuple(value)
 

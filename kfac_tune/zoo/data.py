@@ -27,23 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from kfac_tune.zoo._args import (
-    BadArgument,
-    bad_value,
-    check_known,
-    check_kwargs,
-    positive_int,
-    positive_ints,
-)
+from kfac_tune.zoo._args import (BadArgument, bad_value, check_known, check_kwargs, positive_int, positive_ints)
 from kfac_tune.zoo.specs import DATASETS
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -132,17 +121,9 @@ class _Splits:
 _COMMON_ARGUMENTS = ("root", "train_size", "test_size", "test_from_train", "download", "seed")
 
 
-def load_dataset(
-    name: str,
-    *,
-    root: str | os.PathLike[str] | None = None,
-    train_size: int | None = None,
-    test_size: int | None = None,
-    test_from_train: bool = False,
-    download: bool = False,
-    seed: int = 0,
-    **kwargs: Any,
-) -> DataBundle:
+def load_dataset(name: str, *, root: str | os.PathLike[str] | None = None, train_size: int | None = None,
+                 test_size: int | None = None, test_from_train: bool = False, download: bool = False, seed: int = 0,
+                 **kwargs: Any) -> DataBundle:
     """Load dataset ``name`` as tensors.
 
     ``train_size`` / ``test_size`` keep the first N examples of each split (all by default). With
@@ -156,30 +137,21 @@ def load_dataset(
     accepted = [*_COMMON_ARGUMENTS, *spec.arguments()]
     check_kwargs("dataset", name, accepted, kwargs)
     try:
-        request = _Request(
-            root=None if root is None else Path(root).expanduser(),
-            download=bool(download),
-            seed=int(seed),
-            train_size=None if train_size is None else positive_int("train_size", train_size),
-            test_size=None if test_size is None else positive_int("test_size", test_size),
-            test_from_train=bool(test_from_train),
-        )
+        request = _Request(root=None if root is None else Path(root).expanduser(), download=bool(download),
+                           seed=int(seed),
+                           train_size=None if train_size is None else positive_int("train_size", train_size),
+                           test_size=None if test_size is None else positive_int("test_size", test_size),
+                           test_from_train=bool(test_from_train))
         splits = spec.loader(request, **kwargs)
         train, test = _subset(splits, request)
     except BadArgument as error:
         raise bad_value("dataset", name, error, accepted) from None
     train_x = _to_float(splits.train_x[train], splits.scale)
     test_x, test_y = (splits.train_x, splits.train_y) if request.test_from_train else (splits.test_x, splits.test_y)
-    return DataBundle(
-        train_x=train_x,
-        train_y=torch.from_numpy(splits.train_y[train].astype(np.int64)),
-        test_x=_to_float(test_x[test], splits.scale),
-        test_y=torch.from_numpy(test_y[test].astype(np.int64)),
-        input_shape=tuple(train_x.shape[1:]),
-        num_classes=splits.num_classes,
-        name=name,
-        source=splits.source,
-    )
+    return DataBundle(train_x=train_x, train_y=torch.from_numpy(splits.train_y[train].astype(np.int64)),
+                      test_x=_to_float(test_x[test], splits.scale),
+                      test_y=torch.from_numpy(test_y[test].astype(np.int64)), input_shape=tuple(train_x.shape[1:]),
+                      num_classes=splits.num_classes, name=name, source=splits.source)
 
 
 def _subset(splits: _Splits, request: _Request) -> tuple[slice, slice]:
@@ -216,8 +188,6 @@ def _cache_root() -> Path:
 
 
 # ------------------------------------------------------------------------------------------ IDX files
-
-
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """Read an IDX file of unsigned bytes (gzipped if it ends in .gz) with ``ndim`` dimensions.
 
@@ -248,14 +218,8 @@ def _find_idx_files(directories: Sequence[Path]) -> list[Path] | None:
     return None
 
 
-def _load_idx_dataset(
-    request: _Request,
-    *,
-    title: str,
-    torchvision_name: str,
-    system_dirs: Sequence[Path] = (),
-    how_to: Sequence[str] = (),
-) -> _Splits:
+def _load_idx_dataset(request: _Request, *, title: str, torchvision_name: str, system_dirs: Sequence[Path] = (),
+                      how_to: Sequence[str] = ()) -> _Splits:
     """Shared by MNIST and Fashion-MNIST: same file names, same format, same torchvision layout.
 
     Without a ``root``, ``system_dirs`` (where an OS package installs the files) are searched before the download
@@ -274,35 +238,22 @@ def _load_idx_dataset(
         getattr(torchvision.datasets, torchvision_name)(str(target), train=True, download=True)
         files = _find_idx_files(directories(target))
     if files is None:
-        options = [
-            *how_to,
-            f"set `root:` to a directory holding {', '.join(f + '.gz' for f in IDX_FILES)} (gzipped or not, "
-            f"directly or in torchvision's <root>/{torchvision_name}/raw/ layout)",
-            "set `download: true` on a machine with internet",
-        ]
+        options = [*how_to,
+                   f"set `root:` to a directory holding {', '.join(f + '.gz' for f in IDX_FILES)} (gzipped or not, "
+                   f"directly or in torchvision's <root>/{torchvision_name}/raw/ layout)",
+                   "set `download: true` on a machine with internet"]
         raise DatasetNotFoundError(
             f"{title} not found (looked in: {', '.join(str(d) for d in searched)}). To get it: {'; or '.join(options)}."
         )
     train_x, train_y, test_x, test_y = (read_idx(path, ndim) for path, ndim in zip(files, (3, 1, 3, 1)))
-    return _Splits(
-        train_x=train_x[:, None],
-        train_y=train_y,
-        test_x=test_x[:, None],
-        test_y=test_y,
-        scale=255.0,
-        num_classes=10,
-        source=str(files[0].parent),
-    )
+    return _Splits(train_x=train_x[:, None], train_y=train_y, test_x=test_x[:, None], test_y=test_y, scale=255.0,
+                   num_classes=10, source=str(files[0].parent))
 
 
 def _load_fashion_mnist(request: _Request) -> _Splits:
     return _load_idx_dataset(
-        request,
-        title="Fashion-MNIST",
-        torchvision_name="FashionMNIST",
-        system_dirs=[DEBIAN_FASHION_MNIST],
-        how_to=[f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, offline; installs {DEBIAN_FASHION_MNIST})"],
-    )
+        request, title="Fashion-MNIST", torchvision_name="FashionMNIST", system_dirs=[DEBIAN_FASHION_MNIST],
+        how_to=[f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, offline; installs {DEBIAN_FASHION_MNIST})"])
 
 
 def _load_mnist(request: _Request) -> _Splits:
@@ -310,16 +261,13 @@ def _load_mnist(request: _Request) -> _Splits:
 
 
 # ------------------------------------------------------------------------------------------- CIFAR-10
-
-
 def _load_cifar10(request: _Request) -> _Splits:
     root = request.root or _cache_root()
     folder = root / "cifar-10-batches-py"
     missing = DatasetNotFoundError(
         f"CIFAR-10 not found (looked for {folder}). To get it: set `root:` to a directory holding torchvision's "
         "cifar-10-batches-py/ folder (the extracted cifar-10-python.tar.gz), "
-        "or set `download: true` on a machine with internet."
-    )
+        "or set `download: true` on a machine with internet.")
     if not folder.is_dir() and not request.download:
         raise missing  # decided without importing torchvision
     import torchvision  # slow import: only when the files exist or a download was asked for
@@ -330,19 +278,13 @@ def _load_cifar10(request: _Request) -> _Splits:
         )
     except RuntimeError as error:  # torchvision's "not found or corrupted"
         raise missing from error
-    return _Splits(
-        train_x=train.data.transpose(0, 3, 1, 2),  # NHWC -> NCHW view; made contiguous on conversion
-        train_y=np.asarray(train.targets),
-        test_x=test.data.transpose(0, 3, 1, 2),
-        test_y=np.asarray(test.targets),
-        scale=255.0,
-        num_classes=10,
-        source=str(folder),
-    )
+    # NHWC -> NCHW views, made contiguous on conversion
+    return _Splits(train_x=train.data.transpose(0, 3, 1, 2), train_y=np.asarray(train.targets),
+                   test_x=test.data.transpose(0, 3, 1, 2), test_y=np.asarray(test.targets), scale=255.0,
+                   num_classes=10, source=str(folder))
 
 
 # ------------------------------------------------------------------------------- digits and synthetic
-
 DIGITS_TEST_FRACTION = 0.2
 
 
@@ -355,28 +297,16 @@ def _load_digits(request: _Request) -> _Splits:
     n_test = round(DIGITS_TEST_FRACTION * len(y))
     train, test = order[:-n_test], order[-n_test:]
     images = x.reshape(-1, 1, 8, 8)
-    return _Splits(
-        train_x=images[train],
-        train_y=y[train],
-        test_x=images[test],
-        test_y=y[test],
-        scale=16.0,
-        num_classes=10,
-        source="sklearn.datasets.load_digits",
-    )
+    return _Splits(train_x=images[train], train_y=y[train], test_x=images[test], test_y=y[test], scale=16.0,
+                   num_classes=10, source="sklearn.datasets.load_digits")
 
 
 SYNTHETIC_TRAIN_SIZE = 1000
 SYNTHETIC_TEST_SIZE = 200
 
 
-def _load_synthetic(
-    request: _Request,
-    *,
-    n_features: int | None = None,
-    num_classes: int = 4,
-    shape: Sequence[int] | None = None,
-) -> _Splits:
+def _load_synthetic(request: _Request, *, n_features: int | None = None, num_classes: int = 4,
+                    shape: Sequence[int] | None = None) -> _Splits:
     """Gaussian class clusters squashed into (0, 1) by a sigmoid, so every model and loss in the zoo accepts them.
 
     Inputs have ``shape`` (e.g. ``[1, 8, 8]``) or ``n_features`` (flat; 20 if neither is given). The split sizes
@@ -405,8 +335,6 @@ def _load_synthetic(
 
 
 # ------------------------------------------------------------------------------------------- text corpus
-
-
 def _load_pydoc_text(request: _Request, *, seq_len: int = 64, test_fraction: float = 0.1) -> _Splits:
     """A character-level language-modelling corpus: the text of Python's ``pydoc_data.topics`` (the language
     reference and library topics behind ``help()``, ~0.7 M characters of English prose and code).

@@ -23,16 +23,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm as apply_weight_norm
 
 from kfac_tune.nn import GRU, LSTM
-from kfac_tune.zoo._args import (
-    BadArgument,
-    bad_value,
-    boolean,
-    check_known,
-    check_kwargs,
-    choice,
-    positive_int,
-    positive_ints,
-)
+from kfac_tune.zoo._args import (BadArgument, bad_value, boolean, check_known, check_kwargs, choice, positive_int,
+                                 positive_ints)
 from kfac_tune.zoo.specs import ARCHITECTURES
 
 
@@ -41,9 +33,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.Re
 _LINEAR = ("linear", None)
 
 
-def build_model(
-    name: str, *, input_shape: tuple[int, ...], num_classes: int | None, **kwargs: Any
-) -> nn.Module:
+def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int | None, **kwargs: Any) -> nn.Module:
     """Build architecture ``name`` for inputs of shape ``(batch, *input_shape)``.
 
     ``num_classes`` is required by classifiers and ignored by reconstruction models (a dataset bundle always has
@@ -84,12 +74,8 @@ def architecture_signature(model: nn.Module) -> dict[str, Any]:
             base = type(module).__bases__[0].__name__
             layer_type = f"{base}[parametrized:{','.join(sorted(module.parametrizations))}]"
         layers.append(
-            {
-                "path": path,
-                "type": layer_type,
-                "weight_shape": list(weight.shape),
-                "bias": isinstance(getattr(module, "bias", None), torch.Tensor),
-            }
+            {"path": path, "type": layer_type, "weight_shape": list(weight.shape),
+             "bias": isinstance(getattr(module, "bias", None), torch.Tensor)}
         )
     activations = [type(m).__name__ for m in model.modules()
                    if not any(True for _ in m.children()) and not any(True for _ in m.parameters(recurse=False))]
@@ -99,8 +85,6 @@ def architecture_signature(model: nn.Module) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
 def _check_activation(argument: str, value: Any, *, allow_linear: bool) -> None:
     """Validate an activation name; "linear" (or null) only where a layer may stay linear."""
     choice(argument, value, (*_ACTIVATIONS, *_LINEAR) if allow_linear else tuple(_ACTIVATIONS))
@@ -126,8 +110,6 @@ def _ufldl_init_(layer: nn.Linear) -> None:
 
 
 # ----------------------------------------------------------------------------------------- autoencoder
-
-
 class Autoencoder(nn.Module):
     """Fully connected encoder/decoder; ``forward`` flattens the input and returns the flat reconstruction."""
 
@@ -140,18 +122,10 @@ class Autoencoder(nn.Module):
         return self.decoder(self.encoder(x.flatten(1)))
 
 
-def _build_autoencoder(
-    input_shape: tuple[int, ...],
-    num_classes: int | None,
-    *,
-    widths: Sequence[int] = (1000, 500, 250, 30),
-    activation: str = "sigmoid",
-    bias: bool = True,
-    output_activation: str | None = None,
-    code_activation: str | None = "linear",
-    init: str = "default",
-    weight_norm: bool = False,
-) -> nn.Module:
+def _build_autoencoder(input_shape: tuple[int, ...], num_classes: int | None, *,
+                       widths: Sequence[int] = (1000, 500, 250, 30), activation: str = "sigmoid", bias: bool = True,
+                       output_activation: str | None = None, code_activation: str | None = "linear",
+                       init: str = "default", weight_norm: bool = False) -> nn.Module:
     widths = positive_ints("widths", widths)
     bias = boolean("bias", bias)
     weight_norm = boolean("weight_norm", weight_norm)
@@ -174,23 +148,13 @@ def _build_autoencoder(
         return nn.Sequential(*modules)
 
     features = math.prod(input_shape)
-    return Autoencoder(
-        stack((features, *widths), code_activation),
-        stack((*reversed(widths), features), output_activation),
-    )
+    return Autoencoder(stack((features, *widths), code_activation),
+                       stack((*reversed(widths), features), output_activation))
 
 
 # ------------------------------------------------------------------------------------------------- mlp
-
-
-def _build_mlp(
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    *,
-    hidden: Sequence[int] = (256, 128),
-    activation: str = "relu",
-    dropout: float = 0.0,
-) -> nn.Module:
+def _build_mlp(input_shape: tuple[int, ...], num_classes: int, *, hidden: Sequence[int] = (256, 128),
+               activation: str = "relu", dropout: float = 0.0) -> nn.Module:
     hidden = positive_ints("hidden", hidden)
     _check_activation("activation", activation, allow_linear=False)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -207,15 +171,8 @@ def _build_mlp(
 
 
 # --------------------------------------------------------------------------------------------- convnet
-
-
-def _build_convnet(
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    *,
-    channels: Sequence[int] = (32, 64),
-    hidden: int = 128,
-) -> nn.Module:
+def _build_convnet(input_shape: tuple[int, ...], num_classes: int, *, channels: Sequence[int] = (32, 64),
+                   hidden: int = 128) -> nn.Module:
     channels = positive_ints("channels", channels)
     hidden = positive_int("hidden", hidden)
     if len(channels) > 4:
@@ -231,8 +188,6 @@ def _build_convnet(
 
 
 # ---------------------------------------------------------------------------------------------- resnet
-
-
 class _BasicBlock(nn.Module):
     """Two 3x3 convolutions with a parameter-free shortcut (option A of He et al. 2016: subsample, zero-pad)."""
 
@@ -254,13 +209,7 @@ class _BasicBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
-def _build_resnet(
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    *,
-    depth: int = 20,
-    width: int = 16,
-) -> nn.Module:
+def _build_resnet(input_shape: tuple[int, ...], num_classes: int, *, depth: int = 20, width: int = 16) -> nn.Module:
     depth = positive_int("depth", depth)
     width = positive_int("width", width)
     if depth < 8 or (depth - 2) % 6:
@@ -279,8 +228,6 @@ def _build_resnet(
 
 
 # --------------------------------------------------------------------------------------- language model
-
-
 class LanguageModel(nn.Module):
     """Token ids ``(batch, time)`` (any dtype holding integers) -> next-token logits ``(batch, time, vocab)``."""
 
@@ -294,16 +241,8 @@ class LanguageModel(nn.Module):
         return self.decoder(self.rnn(self.embed(x.long()))[0])
 
 
-def _build_lstm_lm(
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    *,
-    embedding: int = 32,
-    hidden: int = 128,
-    layers: int = 1,
-    dropout: float = 0.0,
-    cell: str = "lstm",
-) -> nn.Module:
+def _build_lstm_lm(input_shape: tuple[int, ...], num_classes: int, *, embedding: int = 32, hidden: int = 128,
+                   layers: int = 1, dropout: float = 0.0, cell: str = "lstm") -> nn.Module:
     if len(input_shape) != 1:
         raise BadArgument("input_shape", "(sequence length,): token ids per example", input_shape)
     embedding, hidden, layers = (positive_int(n, v) for n, v in
