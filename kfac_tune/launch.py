@@ -175,14 +175,48 @@ def _await_reports(ranks: list[Any], results: Path, channel: Optional[Channel],
         exited = [rank for rank, process in enumerate(ranks) if process.exitcode is not None]  # before reading
         reports = [_read_report(results, rank) for rank in range(len(ranks))]
         raised = sorted((r for r in reports if r is not None and not r.ok), key=lambda r: r.at_ns)
-        if raised:
+        if raised and not _lost_peer(raised[0].value):
             raise raised[0].value
+        if raised:
+            _raise_the_cause(ranks, results)
         if all(r is not None for r in reports):
             return reports  # type: ignore[return-value]
         for rank in exited:
             if reports[rank] is None:
                 raise RankDied(f"rank {rank} of {len(ranks)} {_describe_exit(ranks[rank].exitcode)} without "
                                f"reporting a result")
+
+
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+_SETTLE_S = 10.0  # how long the other ranks get to report or exit once one reports a lost peer
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """A collective that failed because another rank left the group: a consequence, never the cause."""
+    return isinstance(error, dist.DistNetworkError) or any(text in str(error) for text in _LOST_PEER)
+
+
+def _raise_the_cause(ranks: list[Any], results: Path) -> None:
+    """A rank reported that a peer left; find out why before raising. A peer killed by a signal closes its
+    sockets while it dies, so its survivor's report can reach the parent before the death does: wait (at most
+    ``_SETTLE_S``) until every rank has reported or exited, then raise, in order, the first exception that is not
+    a lost peer, :class:`RankDied` for a rank that exited without a word, or the first lost peer."""
+    deadline = time.monotonic() + _SETTLE_S
+    while True:
+        exited = [rank for rank, process in enumerate(ranks) if process.exitcode is not None]
+        reports = [_read_report(results, rank) for rank in range(len(ranks))]
+        if time.monotonic() >= deadline or all(r is not None or rank in exited for rank, r in enumerate(reports)):
+            break
+        multiprocessing.connection.wait([process.sentinel for process in ranks], timeout=0.1)
+    raised = sorted((r for r in reports if r is not None and not r.ok), key=lambda r: r.at_ns)
+    causes = [r for r in raised if not _lost_peer(r.value)]
+    if causes:
+        raise causes[0].value
+    for rank in exited:
+        if reports[rank] is None:
+            raise RankDied(f"rank {rank} of {len(ranks)} {_describe_exit(ranks[rank].exitcode)} without "
+                           f"reporting a result") from raised[0].value
+    raise raised[0].value
 
 
 def _describe_exit(code: int) -> str:
