@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -165,30 +165,32 @@ def run_local(fn: Callable[..., Any], nprocs: int, *args: Any, backend: Optional
 
 def _await_reports(ranks: list[Any], results: Path, channel: Optional[Channel],
                    serve: Optional[Callable[[Any], Any]]) -> list[_Report]:
-    """Serve rank 0's questions until every rank reported a result; raise the first exception a rank raised,
-    or :class:`RankDied` for a rank that exited without reporting."""
+    """Serve rank 0's questions until every rank reported a result; raise what went wrong first otherwise
+    (:func:`_raise_verdict`)."""
     while True:
         if channel is not None and serve is not None:
             channel.serve_pending(serve, timeout_s=0.05)
         else:
             multiprocessing.connection.wait([process.sentinel for process in ranks], timeout=1.0)
-        exited = [rank for rank, process in enumerate(ranks) if process.exitcode is not None]  # before reading
-        reports = [_read_report(results, rank) for rank in range(len(ranks))]
-        raised = sorted((r for r in reports if r is not None and not r.ok), key=lambda r: r.at_ns)
-        if raised and not _lost_peer(raised[0].value):
-            raise raised[0].value
-        if raised:
-            _raise_the_cause(ranks, results)
+        exited, reports = _observe(ranks, results)
+        failed = [r for r in reports if r is not None and not r.ok]
+        if failed and all(_lost_peer(r.value) for r in failed):
+            exited, reports = _settle(ranks, results)
+        if failed or any(reports[rank] is None for rank in exited):
+            _raise_verdict(ranks, reports, exited)
         if all(r is not None for r in reports):
             return reports  # type: ignore[return-value]
-        for rank in exited:
-            if reports[rank] is None:
-                raise RankDied(f"rank {rank} of {len(ranks)} {_describe_exit(ranks[rank].exitcode)} without "
-                               f"reporting a result")
 
 
 _LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
 _SETTLE_S = 10.0  # how long the other ranks get to report or exit once one reports a lost peer
+
+
+def _observe(ranks: list[Any], results: Path) -> tuple[list[int], list[Optional[_Report]]]:
+    """The ranks that have exited and every rank's report, exits read first: a rank seen exited has had its
+    chance to report."""
+    exited = [rank for rank, process in enumerate(ranks) if process.exitcode is not None]
+    return exited, [_read_report(results, rank) for rank in range(len(ranks))]
 
 
 def _lost_peer(error: BaseException) -> bool:
@@ -196,27 +198,31 @@ def _lost_peer(error: BaseException) -> bool:
     return isinstance(error, dist.DistNetworkError) or any(text in str(error) for text in _LOST_PEER)
 
 
-def _raise_the_cause(ranks: list[Any], results: Path) -> None:
-    """A rank reported that a peer left; find out why before raising. A peer killed by a signal closes its
-    sockets while it dies, so its survivor's report can reach the parent before the death does: wait (at most
-    ``_SETTLE_S``) until every rank has reported or exited, then raise, in order, the first exception that is not
-    a lost peer, :class:`RankDied` for a rank that exited without a word, or the first lost peer."""
+def _settle(ranks: list[Any], results: Path) -> tuple[list[int], list[Optional[_Report]]]:
+    """Only lost peers were reported: find out why. A peer killed by a signal closes its sockets while it dies,
+    so its survivor's report can reach the parent before the death does: wait (at most ``_SETTLE_S``) until
+    every rank has reported or exited."""
     deadline = time.monotonic() + _SETTLE_S
     while True:
-        exited = [rank for rank, process in enumerate(ranks) if process.exitcode is not None]
-        reports = [_read_report(results, rank) for rank in range(len(ranks))]
+        exited, reports = _observe(ranks, results)
         if time.monotonic() >= deadline or all(r is not None or rank in exited for rank, r in enumerate(reports)):
-            break
+            return exited, reports
         multiprocessing.connection.wait([process.sentinel for process in ranks], timeout=0.1)
+
+
+def _raise_verdict(ranks: list[Any], reports: list[Optional[_Report]], exited: list[int]) -> NoReturn:
+    """Raise, in order: the first exception raised that is not a lost peer, :class:`RankDied` for a rank that
+    exited without a word, or the first lost peer."""
     raised = sorted((r for r in reports if r is not None and not r.ok), key=lambda r: r.at_ns)
-    causes = [r for r in raised if not _lost_peer(r.value)]
+    causes = [r.value for r in raised if not _lost_peer(r.value)]
     if causes:
-        raise causes[0].value
+        raise causes[0]
+    lost = raised[0].value if raised else None
     for rank in exited:
         if reports[rank] is None:
             raise RankDied(f"rank {rank} of {len(ranks)} {_describe_exit(ranks[rank].exitcode)} without "
-                           f"reporting a result") from raised[0].value
-    raise raised[0].value
+                           f"reporting a result") from lost
+    raise raised[0].value  # called only when a rank raised or died without a word
 
 
 def _describe_exit(code: int) -> str:

@@ -17,6 +17,34 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_OPTIMIZER = os.environ.get("KFAC_TUNE_TEST_OPTIMIZER", "kfac")
 
 
+USER_DATASET = '''
+import torch
+from torch.utils.data import Dataset
+
+
+class Images(Dataset):
+    """Images as a map-style Dataset of (image, label), with an optional per-example transform."""
+
+    classes = list(range(10))
+
+    def __init__(self, images, labels, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+def noise(image):
+    """A random transform: Gaussian pixel noise."""
+    return (image + 0.05 * torch.randn_like(image)).clamp(0, 1)
+'''
+"""The Dataset class and random transform of the user packages the tests write (plain torch, no kfac_tune)."""
+
+
 def tiny_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
     """A digits MLP that trains in about a second per trial on one CPU thread."""
     config: dict[str, Any] = {

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.search_support import REPO, cli, cli_popen, load_study, stop, tiny_config, write_config
+from tests.search_support import REPO, USER_DATASET, cli, cli_popen, load_study, stop, tiny_config, write_config
 
 MODULE = "kfac_user_nets"  # a package that exists only in the test's temporary directory
 
@@ -156,35 +156,15 @@ def test_recipe_of_another_study_is_kept_unless_forced(searched: Path, tmp_path:
 # ------------------------------------------------------------------------------------------------ your model
 
 
-PACKAGE = """
-import torch
+PACKAGE = USER_DATASET + """
 import torch.nn as nn
 from sklearn.datasets import load_digits
-from torch.utils.data import Dataset
 
 
 def bn_cnn(input_shape, num_classes, channels=4):
     depth, height, width = input_shape
     return nn.Sequential(nn.Conv2d(depth, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
                          nn.Flatten(), nn.Linear(channels * height * width, num_classes))
-
-
-class Images(Dataset):
-    classes = list(range(10))
-
-    def __init__(self, images, labels, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        image = self.images[i]
-        return (self.transform(image) if self.transform else image), int(self.labels[i])
-
-
-def noise(image):
-    return (image + 0.03 * torch.randn_like(image)).clamp(0, 1)
 
 
 def digits(train_size=None, seed=0):

@@ -22,37 +22,16 @@ from kfac_tune.recipes import RecipeError
 from kfac_tune.training import train
 from kfac_tune.userdata import DatasetBundle
 from kfac_tune.zoo import build_model, load_dataset
-from tests.search_support import cli, recipe_for, tiny_config
+from tests.search_support import USER_DATASET, cli, recipe_for, tiny_config
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
-USER_PACKAGE = '''
-import torch
-from torch.utils.data import Dataset
+USER_PACKAGE = USER_DATASET + '''
 from kfac_tune.zoo import load_dataset
-
-class Digits(Dataset):
-    """The 8x8 digits as a map-style Dataset of (image, label), with an optional per-example transform."""
-
-    classes = list(range(10))
-
-    def __init__(self, x, y, transform=None):
-        self.x, self.y, self.transform = x, y, transform
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        x = self.x[i]
-        return (self.transform(x) if self.transform else x), int(self.y[i])
-
-def jitter(x):
-    """A random transform: Gaussian pixel noise."""
-    return (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
 
 def datasets(train_size=None, test_size=None, seed=0, transform=True):
     d = load_dataset("digits", train_size=train_size, test_size=test_size, seed=seed)
-    return Digits(d.train_x, d.train_y, jitter if transform else None), Digits(d.test_x, d.test_y)
+    return Images(d.train_x, d.train_y, noise if transform else None), Images(d.test_x, d.test_y)
 
 def tensors(seed=0):
     d = load_dataset("digits", seed=seed)

@@ -198,19 +198,14 @@ def _safe_eigh(stack: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
     update of the layer into NaN whatever the damping.
     """
     sym = 0.5 * (stack + stack.transpose(-1, -2))
-    try:
-        vals, vecs = torch.linalg.eigh(sym)
+    for attempt in (lambda: sym, lambda: sym.double().cpu()):  # the float64 copy is made only when needed
+        try:
+            vals, vecs = torch.linalg.eigh(attempt())
+        except RuntimeError:
+            continue
         if bool(torch.isfinite(vals).all() & torch.isfinite(vecs).all()):
-            return vals, vecs
-    except RuntimeError:
-        pass
-    try:
-        vals, vecs = torch.linalg.eigh(sym.double().cpu())
-    except RuntimeError:
-        return None, None
-    if not bool(torch.isfinite(vals).all() & torch.isfinite(vecs).all()):
-        return None, None
-    return vals.to(stack), vecs.to(stack)
+            return vals.to(stack), vecs.to(stack)
+    return None, None
 
 
 def eigh_or_warn(mats: Tensor) -> Optional[tuple[Tensor, Tensor]]:
