@@ -1,11 +1,13 @@
 """K-FAC's fixed per-step overhead on a small network: the digits MLP (64-64-64-10, batch 128, cross-entropy),
-inverses every 20 steps, against Adam measured in the same run.
+inverses every 20 steps, against Adam measured in the same run; and what the cost knobs buy back.
 
 Protocol: each optimizer trains its own copy of the model on the same batches; a round is 20 steps (one inverse
-period, starting on an inversion step) of each arm, the arms interleaved step by step, so load from other
-processes hits both alike.  After one warm-up round, ``--rounds`` rounds are timed; reported are the medians over
-rounds of each arm's mean step time (ms) and of the within-round K-FAC/Adam ratio.  ``--profile`` prints
-torch.profiler's top operators of K-FAC's steps instead.
+period, starting on an inversion step) of each arm, the arms interleaved step by step (order rotating), so load
+from other processes hits every arm alike.  After one warm-up round, ``--rounds`` rounds are timed; reported are
+the medians over rounds of each arm's mean step time (ms) and of its within-round ratio to Adam.  The K-FAC arms
+are the defaults (statistics every step, on the whole batch) and the cost knobs a search samples:
+``cov_update_freq`` (statistics and the sampled backward pass every k steps) and ``stat_fraction`` (statistics on
+a fraction of the batch).  ``--profile`` prints torch.profiler's top operators of the default arm's steps instead.
 
     PYTHONPATH=. python benchmarks/overhead.py [--rounds 15] [--profile]
 """
@@ -24,13 +26,22 @@ from kfac_tune import KFAC
 PERIOD = 20
 
 
-def arms(kfac_kwargs: dict[str, Any]) -> dict[str, tuple[workloads.Workload, torch.optim.Optimizer]]:
+KFAC_ARMS: dict[str, dict[str, Any]] = {
+    "kfac": {},
+    "kfac cov_update_freq=5": {"cov_update_freq": 5},
+    "kfac cov_update_freq=10": {"cov_update_freq": 10},
+    "kfac stat_fraction=0.25": {"stat_fraction": 0.25},
+}
+
+
+def arms(kfac_arms: dict[str, dict[str, Any]]) -> dict[str, tuple[workloads.Workload, torch.optim.Optimizer]]:
     adam = workloads.load("digits_mlp", train_size=1024)
-    kfac = workloads.load("digits_mlp", train_size=1024)
-    return {
-        "adam": (adam, torch.optim.Adam(adam.model.parameters(), lr=1e-3)),
-        "kfac": (kfac, KFAC(kfac.model, loss=kfac.loss, inv_update_freq=PERIOD, seed=0, kl_clip=1e-3, **kfac_kwargs)),
-    }
+    setup: dict[str, tuple[workloads.Workload, torch.optim.Optimizer]] = {
+        "adam": (adam, torch.optim.Adam(adam.model.parameters(), lr=1e-3))}
+    for name, kwargs in kfac_arms.items():
+        w = workloads.load("digits_mlp", train_size=1024)
+        setup[name] = (w, KFAC(w.model, loss=w.loss, inv_update_freq=PERIOD, seed=0, kl_clip=1e-3, **kwargs))
+    return setup
 
 
 def timed(step: Callable[[], Any]) -> float:
@@ -39,15 +50,17 @@ def timed(step: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def measure(rounds: int, kfac_kwargs: dict[str, Any]) -> dict[str, float]:
-    setup = arms(kfac_kwargs)
+def measure(rounds: int, kfac_arms: dict[str, dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Per arm: (median ms per step, median within-round ratio to Adam)."""
+    setup = arms(kfac_arms)
+    names = list(setup)
     means: dict[str, list[float]] = {name: [] for name in setup}
     step = 0
     for r in range(rounds + 1):
         totals = dict.fromkeys(setup, 0.0)
         for _ in range(PERIOD):
-            order = list(setup) if step % 2 == 0 else list(reversed(setup))
-            for name in order:
+            shift = step % len(names)
+            for name in names[shift:] + names[:shift]:
                 w, opt = setup[name]
                 closure = w.closure(opt, step)
                 totals[name] += timed(lambda: opt.step(closure))
@@ -55,13 +68,12 @@ def measure(rounds: int, kfac_kwargs: dict[str, Any]) -> dict[str, float]:
         if r:  # round 0 warms up
             for name in setup:
                 means[name].append(totals[name] / PERIOD)
-    ratios = [k / a for k, a in zip(means["kfac"], means["adam"])]
-    return {"adam_ms": 1e3 * statistics.median(means["adam"]), "kfac_ms": 1e3 * statistics.median(means["kfac"]),
-            "ratio": statistics.median(ratios)}
+    return {name: (1e3 * statistics.median(means[name]),
+                   statistics.median(k / a for k, a in zip(means[name], means["adam"]))) for name in setup}
 
 
-def profile(kfac_kwargs: dict[str, Any]) -> None:
-    w, opt = arms(kfac_kwargs)["kfac"]
+def profile() -> None:
+    w, opt = arms({"kfac": {}})["kfac"]
     for i in range(PERIOD):
         opt.step(w.closure(opt, i))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -77,11 +89,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.profile:
-        profile({})
+        profile()
         return
-    result = measure(args.rounds, {})
-    print(f"digits MLP, batch 128, inverses every {PERIOD} steps, 1 thread, {args.rounds} rounds: "
-          f"Adam {result['adam_ms']:.2f} ms, K-FAC {result['kfac_ms']:.2f} ms, K-FAC/Adam {result['ratio']:.2f}x")
+    result = measure(args.rounds, KFAC_ARMS)
+    print(f"digits MLP, batch 128, inverses every {PERIOD} steps, kl_clip 1e-3, 1 thread, {args.rounds} rounds")
+    print("| arm | ms / step | × Adam (same round) |\n|---|---|---|")
+    for name, (ms, ratio) in result.items():
+        print(f"| {name} | {ms:.2f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":
