@@ -121,28 +121,60 @@ def test_single_linear_layer_update_equals_exact_natural_gradient() -> None:
     torch.testing.assert_close(delta.reshape(-1), expected)
 
 
-def test_pi_damping_equals_solve_on_the_damped_kronecker_product() -> None:
-    """π-damped inverse through the eigenbasis == torch.linalg.solve with (A + π√λ I) ⊗ (G + √λ/π I)."""
-    torch.manual_seed(3)
-    a_dim, g_dim, damping = 4, 3, 0.05
-    block = KroneckerBlock(a_dim, g_dim, torch.device("cpu"), torch.float64)
-    ra, rg = torch.randn(10, a_dim), torch.randn(10, g_dim)
-    block.update_A(ra.T @ ra / 10, 0.9)
-    block.update_G(rg.T @ rg, 0.9)
+def _decomposed_block(a_dim: int, g_dim: int) -> KroneckerBlock:
+    """A float64 block with random full-rank factors, decomposed."""
     from kfac_tune.optim.blocks import decompose
 
+    block = KroneckerBlock(a_dim, g_dim, torch.device("cpu"), torch.float64)
+    ra, rg = torch.randn(2 * a_dim + 10, a_dim), torch.randn(2 * g_dim + 10, g_dim)
+    block.update_A(ra.T @ ra / len(ra), 0.9)
+    block.update_G(rg.T @ rg, 0.9)
     decompose([block])
+    return block
+
+
+def _pi_solve(block: KroneckerBlock, grad: torch.Tensor, damping: float) -> torch.Tensor:
+    """torch.linalg.solve with (A + π√λ I) ⊗ (G + √λ/π I), from the block's factors."""
     A, G = block.factors()
+    a_dim, g_dim = A.shape[0], G.shape[0]
     pi = math.sqrt((A.trace() / a_dim) / (G.trace() / g_dim))
     Ad = A + pi * math.sqrt(damping) * torch.eye(a_dim)
     Gd = G + math.sqrt(damping) / pi * torch.eye(g_dim)
-    grad = torch.randn(g_dim, a_dim)
     # vec() is column-major here: (A ⊗ G) vec(M) = vec(G M A).
-    vec = grad.T.reshape(-1)
-    expected = torch.linalg.solve(torch.kron(Ad, Gd), vec).reshape(a_dim, g_dim).T
-    torch.testing.assert_close(block.precondition(grad, damping, "pi"), expected)
-    exact = torch.linalg.solve(torch.kron(A, G) + damping * torch.eye(a_dim * g_dim), vec)
+    return torch.linalg.solve(torch.kron(Ad, Gd), grad.T.reshape(-1)).reshape(a_dim, g_dim).T
+
+
+def test_pi_damping_equals_solve_on_the_damped_kronecker_product() -> None:
+    """π-damped inverse == torch.linalg.solve with (A + π√λ I) ⊗ (G + √λ/π I); the exact mode likewise."""
+    torch.manual_seed(3)
+    a_dim, g_dim, damping = 4, 3, 0.05
+    block = _decomposed_block(a_dim, g_dim)
+    grad = torch.randn(g_dim, a_dim)
+    torch.testing.assert_close(block.precondition(grad, damping, "pi"), _pi_solve(block, grad, damping))
+    A, G = block.factors()
+    exact = torch.linalg.solve(torch.kron(A, G) + damping * torch.eye(a_dim * g_dim), grad.T.reshape(-1))
     torch.testing.assert_close(block.precondition(grad, damping, "exact"), exact.reshape(a_dim, g_dim).T)
+
+
+def test_pi_damping_takes_the_cheaper_route_for_how_long_an_inverse_lives() -> None:
+    """On a layer much wider on one side, an inverse used once (λ changing every step) is not worth forming: the
+    eigenbasis route is taken; one used for many steps is formed. Both routes equal the solve."""
+    torch.manual_seed(4)
+    wide = _decomposed_block(40, 3)  # forming: 40³ + 3³; per use the eigenbasis route costs 3·40·43 more
+    grad = torch.randn(3, 40)
+    for damping in (0.1, 0.2, 0.3):  # each λ used once
+        torch.testing.assert_close(wide.precondition(grad, damping, "pi"), _pi_solve(wide, grad, damping))
+    assert wide._inverse_cache is not None and wide._inverse_cache[0] == 0.1, "formed after one use per λ"
+    for _ in range(20):  # λ = 0.4 serves 20 steps: forming repays itself from the next λ on
+        torch.testing.assert_close(wide.precondition(grad, 0.4, "pi"), _pi_solve(wide, grad, 0.4))
+    torch.testing.assert_close(wide.precondition(grad, 0.5, "pi"), _pi_solve(wide, grad, 0.5))
+    assert wide._inverse_cache[0] == 0.5
+
+    square = _decomposed_block(6, 6)  # forming costs what one use saves: always formed
+    grad = torch.randn(6, 6)
+    for damping in (0.1, 0.2):
+        torch.testing.assert_close(square.precondition(grad, damping, "pi"), _pi_solve(square, grad, damping))
+        assert square._inverse_cache[0] == damping
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
