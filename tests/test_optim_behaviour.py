@@ -63,6 +63,32 @@ def test_state_dict_round_trip_resumes_exactly(digits, tmp_path) -> None:
     assert ropt.param_groups[0]["damping"] == opt.param_groups[0]["damping"]
 
 
+def test_factors_unchanged_since_their_decomposition_are_not_decomposed_again(digits, monkeypatch) -> None:
+    """Inverses every step but statistics every 4th: the eigenbases are recomputed only on the steps that brought
+    new statistics, and training is bitwise what inverses every 4th step give (the same factors, the same bases)."""
+    from kfac_tune.optim.blocks import KroneckerBlock
+
+    x, y = digits[0][:256], digits[1][:256]
+    decomposed_at: list[int] = []
+    set_decomposition = KroneckerBlock.set_decomposition
+
+    def counted(block: KroneckerBlock, *tensors: torch.Tensor) -> None:
+        decomposed_at.append(opt._steps)
+        set_decomposition(block, *tensors)
+
+    monkeypatch.setattr(KroneckerBlock, "set_decomposition", counted)
+    trained = {}
+    for inv_update_freq in (1, 4):
+        model = _mlp()
+        opt = KFAC(model, lr=0.05, seed=0, inv_update_freq=inv_update_freq, cov_update_freq=4)
+        for _ in range(10):
+            opt.step(_closure(model, opt, x, y))
+        trained[inv_update_freq] = [p.detach().clone() for p in model.parameters()]
+        assert sorted(set(decomposed_at)) == [0, 4, 8] and len(decomposed_at) == 3 * len(opt.layers)
+        decomposed_at.clear()
+    assert all(torch.equal(a, b) for a, b in zip(trained[1], trained[4]))
+
+
 def test_float64_factors_survive_a_checkpoint_of_a_float32_model(digits) -> None:
     model = _mlp()
     opt = KFAC(model, factor_dtype=torch.float64)

@@ -226,6 +226,7 @@ class KFAC(torch.optim.Optimizer):
         self._loss_reference: Optional[float] = None  # running mean of accepted steps' losses (rejection_ratio)
         self._loss_initial: Optional[float] = None  # the first loss seen: a loss above it means divergence
         self._scales: dict[str, float] = {}  # curvature scale of each block's decomposition (relative damping)
+        self._stale: set[str] = set()  # layers whose factors changed since their last decomposition
         # every trainable parameter's share of ‖θ‖² that max_update_ratio counts at least: RMS 1e-2 per entry
         self._weight_floor = 1e-4 * sum(p.numel() for p in params)
         self._generator: Optional[torch.Generator] = None
@@ -534,11 +535,19 @@ class KFAC(torch.optim.Optimizer):
         """Fold this step's (averaged) statistics into the moving averages."""
         for name, estimates in new.items():
             self.layers[name][1].update(estimates, decay)
+            if estimates:
+                self._stale.add(name)
 
     def _refresh_inverses(self, group: dict[str, Any]) -> None:
-        """Eigendecompose the factors every ``inv_update_freq`` steps, and as soon as a new layer has statistics."""
+        """Eigendecompose the factors every ``inv_update_freq`` steps, and as soon as a new layer has statistics.
+
+        Factors that have not changed since their last decomposition are not decomposed again: with statistics
+        rarer than inverses (``cov_update_freq`` > ``inv_update_freq``, which a search samples freely) most
+        refreshes would recompute the same eigenbases.
+        """
         due = self._steps % group["inv_update_freq"] == 0
-        candidates = {name: b for name, (_, b) in self.layers.items() if due or not b.has_statistics}
+        candidates = {name: b for name, (_, b) in self.layers.items()
+                      if (due and name in self._stale) or not b.has_statistics}
         if not candidates:
             return
         is_ready = torch.stack([b.ready for b in candidates.values()]).tolist()  # one host sync
@@ -551,6 +560,7 @@ class KFAC(torch.optim.Optimizer):
             self.data_parallel.decompose(ready)
         for name in ready:
             self._scales.pop(name, None)
+        self._stale.difference_update(ready)
         self._react_to_skips(group)
 
     # ------------------------------------------------------------------------------------------------ safety
@@ -766,6 +776,7 @@ class KFAC(torch.optim.Optimizer):
             self._generator.set_state(extra["generator"])
         for name, (_, block) in self.layers.items():
             block.load_state_dict(extra["blocks"][name])
+        self._stale = set(self.layers)  # as the run that saved it may have been: a repeat decomposition is the same
 
 
 def _check_same_layers(layers: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
