@@ -548,20 +548,20 @@ class KFAC(torch.optim.Optimizer):
         due = self._steps % group["inv_update_freq"] == 0
         candidates = {name: b for name, (_, b) in self.layers.items()
                       if (due and name in self._stale) or not b.has_statistics}
-        if not candidates:
-            return
-        is_ready = torch.stack([b.ready for b in candidates.values()]).tolist()  # one host sync
-        ready = {name: b for (name, b), ok in zip(candidates.items(), is_ready) if ok}
-        if not ready:
-            return
-        if self.data_parallel is None:
-            blocks_mod.decompose(list(ready.values()))
-        else:
-            self.data_parallel.decompose(ready)
-        for name in ready:
-            self._scales.pop(name, None)
-        self._stale.difference_update(ready)
-        self._react_to_skips(group)
+        ready: dict[str, Any] = {}
+        if candidates:
+            is_ready = torch.stack([b.ready for b in candidates.values()]).tolist()  # one host sync
+            ready = {name: b for (name, b), ok in zip(candidates.items(), is_ready) if ok}
+        if ready:
+            if self.data_parallel is None:
+                blocks_mod.decompose(list(ready.values()))
+            else:
+                self.data_parallel.decompose(ready)
+            for name in ready:
+                self._scales.pop(name, None)
+            self._stale.difference_update(ready)
+        if due or ready:  # skipped updates raise λ at every refresh, whether or not anything was decomposed
+            self._react_to_skips(group)
 
     # ------------------------------------------------------------------------------------------------ safety
     def _raise_damping(self, group: dict[str, Any], why: str) -> None:
