@@ -75,3 +75,30 @@ def _wait_for_completed_and_running(process, storage: str, timeout_s: float) -> 
 
 
 # Ctrl-C (exit 130, resume message, the MLflow child run KILLED): tests/faults/test_fault_tracking.py
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path: Path) -> None:
+    """A worker killed between taking a trial and its heartbeat thread's first write leaves a RUNNING trial that
+    never beat, which Optuna's own check skips (it looks only at trials with a heartbeat). ``fail_stale_trials``
+    fails and retries it once it is older than the grace period, and leaves alone a trial whose heartbeat is fresh
+    and one as young as a trial a live worker has just taken."""
+    from optuna.trial import TrialState
+
+    from kfac_tune.config import parse_config
+    from kfac_tune.search.storage import make_storage
+    from kfac_tune.search.study import fail_stale_trials
+    from tests.search_support import tiny_config
+
+    config = tiny_config(tmp_path, search={"heartbeat_interval": 1, "grace_period": 2})
+    study = optuna.create_study(storage=make_storage(config["storage"], parse_config(config)), study_name="s")
+    never_beat, beating = study.ask(), study.ask()  # study.ask() starts no heartbeat thread: a worker killed at once
+    time.sleep(2.5)  # past the 2 s grace period (a configured period, not a speed expectation)
+    study._storage.record_heartbeat(beating._trial_id)
+    young = study.ask()
+    fail_stale_trials(study)
+
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[never_beat.number] == TrialState.FAIL
+    assert states[beating.number] == states[young.number] == TrialState.RUNNING
+    retries = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [t.system_attrs["failed_trial"] for t in retries] == [never_beat.number]
