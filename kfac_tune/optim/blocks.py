@@ -125,9 +125,8 @@ class KroneckerBlock:
             g_inv, a_inv = self._pi_inverses(damping)
             out = g_inv @ m @ a_inv
         else:
-            pi, root = pi_factor(self.dA, self.dG), damping**0.5
-            inner = (self.QG.T @ m @ self.QA) / torch.outer(self.dG + root / pi, self.dA + pi * root)
-            out = self.QG @ inner @ self.QA.T
+            damped_g, damped_a = self._pi_damped_eigenvalues(damping)
+            out = self.QG @ ((self.QG.T @ m @ self.QA) / torch.outer(damped_g, damped_a)) @ self.QA.T
         return out.to(grad.dtype)
 
     def _forming_pays(self, damping: float) -> bool:
@@ -150,13 +149,18 @@ class KroneckerBlock:
         cache = self._inverse_cache
         if cache is not None and cache[0] == damping and cache[1] == "pi":
             return cache[2], cache[3]
-        assert self.QA is not None and self.QG is not None and self.dA is not None and self.dG is not None
-        pi = pi_factor(self.dA, self.dG)
-        root = damping**0.5
-        a_inv = (self.QA / (self.dA + pi * root)) @ self.QA.T
-        g_inv = (self.QG / (self.dG + root / pi)) @ self.QG.T
+        assert self.QA is not None and self.QG is not None
+        damped_g, damped_a = self._pi_damped_eigenvalues(damping)
+        a_inv = (self.QA / damped_a) @ self.QA.T
+        g_inv = (self.QG / damped_g) @ self.QG.T
         self._inverse_cache = (damping, "pi", g_inv, a_inv)
         return g_inv, a_inv
+
+    def _pi_damped_eigenvalues(self, damping: float) -> tuple[Tensor, Tensor]:
+        """Eigenvalues of ``G + √λ/π I`` and ``A + π√λ I``: what both π routes divide by."""
+        assert self.dA is not None and self.dG is not None
+        pi, root = pi_factor(self.dA, self.dG), damping**0.5
+        return self.dG + root / pi, self.dA + pi * root
 
     # -- checkpointing ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Optional[Tensor]]:
