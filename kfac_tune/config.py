@@ -211,6 +211,9 @@ class TrainingConfig(_Section):
     # training seconds per run; steps/epochs, when also given, cap the steps
     budget: BudgetConfig | None = None
     eval_every: int = Field(50, ge=1, le=MAX_STEPS)
+    # evaluate every this many seconds of training time instead of every eval_every steps: under a seconds budget
+    # every optimizer is then evaluated, pruned and timed to a target on the same clock, whatever its step cost
+    eval_seconds: float | None = Field(None, gt=0, le=10**7)
     metric: Literal["eval_loss", "eval_accuracy", "train_loss"] = "eval_loss"
     direction: Literal["minimize", "maximize"] | None = None
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -224,9 +227,11 @@ class TrainingConfig(_Section):
     divergence_factor: float | None = Field(1000.0, gt=1, le=1e30)
 
     @model_validator(mode="after")
-    def _one_budget(self) -> TrainingConfig:
+    def _no_conflicts(self) -> TrainingConfig:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("expected a budget in steps or in epochs, not both")
+        if self.eval_seconds is not None and "eval_every" in self.model_fields_set:
+            raise ValueError("expected eval_every (steps) or eval_seconds (training seconds), not both")
         return self
 
     @property
@@ -473,7 +478,8 @@ class Config(_Section):
         keys = {"model", "data", "training", "optimizer"}
         # fields added later count only when they change the objective from what it was before them, so older
         # studies and recipes keep their hash under the settings they were made with
-        unchanged = {"processes", *(("budget",) if self.training.budget is None else ())}
+        unchanged = {"processes", *(("budget",) if self.training.budget is None else ()),
+                     *(("eval_seconds",) if self.training.eval_seconds is None else ())}
         data = {"workers", *(("validation",) if self.data.validation == 0 else ()),
                 *(("augment",) if self.data.augment is None else ())}
         excluded: dict[str, Any] = {"training": unchanged, "data": data}

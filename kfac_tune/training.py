@@ -98,7 +98,7 @@ def train(cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None,
     """Train once for the config's budget with ``hparams``; ``optimizer`` defaults to ``cfg.optimizer.name``.
 
     ``on_eval(step, metrics)`` is called at every evaluation (``train_loss``, ``eval_loss``, ``eval_accuracy`` for
-    classifiers, on the validation split, ``step_time``) and may raise to stop the run (the search prunes that
+    classifiers, on the validation split, ``step_time``, ``train_seconds``) and may raise to stop the run (the search prunes that
     way); with ``training.processes > 1`` it is called here too, in the calling process, while the ranks wait for
     it. ``test`` also evaluates the test split (``test_loss``, ``test_accuracy``): the search's objective never
     asks for it, ``train``/``compare`` and the end of a search do. ``on_model(model, optimizer)`` receives the
@@ -132,7 +132,8 @@ def warm_up(cfg: Config, hparams: dict[str, Any]) -> None:
     CPU). Under a seconds budget that would land in the training clock of whichever run comes first (a seed in
     ``compare``, a trial in a search), and in the step time that ``train_seconds`` objectives score.
     """
-    short = cfg.training.model_copy(update={"budget": None, "steps": 2, "epochs": None, "eval_every": 2})
+    short = cfg.training.model_copy(update={"budget": None, "steps": 2, "epochs": None, "eval_every": 2,
+                                                "eval_seconds": None})
     try:
         train(cfg.model_copy(update={"training": short}), hparams)
     except Diverged:
@@ -266,15 +267,20 @@ def _loop(
 
     Under ``training.budget.seconds`` the clock is read after every step (on CUDA that synchronises each step) and
     the run ends with the step that brings the training clock to the budget, so it trains at least the budget and
-    at most one step more; that last step is evaluated like the last step of a step budget. Evaluations stay every
-    ``eval_every`` steps, so the pruner compares trials at equal step counts."""
+    at most one step more; that last step is evaluated like the last step of a step budget. Evaluations come every
+    ``eval_every`` steps, or with ``eval_seconds`` after the first step that brings the training clock past each
+    multiple of it: then an optimizer with a dearer step is not evaluated (and timed to a target, and pruned)
+    on a coarser grid than a cheap one."""
     target = _target(task)
     train = splits["train"].training(cfg.data.batch_size, cfg.training.seed, replica.part)
     network = model.module if isinstance(model, DistributedDataParallel) else model
     budget = cfg.training.budget.seconds if cfg.training.budget is not None else None
+    every = cfg.training.eval_seconds
     curves: list[dict[str, float]] = []
     loss_sum, since_eval, train_seconds = torch.zeros((), device=device), 0, 0.0
     longest: float | None = None if budget is None else 0.0
+    timed = budget is not None or every is not None  # then the clock is read after every step
+    next_eval = every or 0.0
     clock = last = _sync_time(device)
     for step in range(1, steps + 1):
         xb, yb = next(train)
@@ -297,22 +303,27 @@ def _loop(
             limit = _divergence_limit(cfg, replica.mean(loss.clone()).item())
         since_eval += 1
         last_step = step == steps
-        if budget is not None:  # the clock reads tile the training time exactly: S <= train_seconds < S + 1 step
+        if timed:  # the clock reads tile the training time exactly
             now = _sync_time(device)
-            longest, last = max(longest or 0.0, now - last), now
-            last_step = replica.agree(last_step or train_seconds + (now - clock) >= budget)
-        if step % cfg.training.eval_every and not last_step:
+            longest, last = None if budget is None else max(longest or 0.0, now - last), now
+            elapsed = train_seconds + (now - clock)
+            last_step = replica.agree(last_step or (budget is not None and elapsed >= budget))
+        due = replica.agree(elapsed >= next_eval) if every is not None else step % cfg.training.eval_every == 0
+        if not (due or last_step):
             continue
-        train_seconds += (now if budget is not None else _sync_time(device)) - clock
+        train_seconds += (now if timed else _sync_time(device)) - clock
+        if every is not None:  # the next multiple of eval_seconds not yet passed (a long step may pass several)
+            next_eval = (math.floor(train_seconds / every) + 1) * every
         metrics = {"train_loss": replica.mean(loss_sum).item() / since_eval}
         for prefix, source in splits.items():
             if prefix != "train":
                 metrics.update(_evaluate(network, loss_fn, source, task, cfg.data.eval_batch_size, replica, prefix))
         metrics["step_time"] = train_seconds / step
+        metrics["train_seconds"] = train_seconds
         for name in ("train_loss", "eval_loss"):
             if not metrics[name] <= limit:  # also catches NaN
                 raise Diverged(step, name, metrics[name], limit=limit)
-        curves.append({"step": step, **metrics, "train_seconds": train_seconds})
+        curves.append({"step": step, **metrics})
         if on_eval is not None:
             on_eval(step, metrics)
         loss_sum.zero_()

@@ -8,16 +8,20 @@ longest step (``max_step_seconds``, recorded), plus the timer's resolution for t
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from kfac_tune.cli import cli
-from kfac_tune.config import load_config
+from kfac_tune.config import Config, load_config, parse_config
+from kfac_tune.search.objective import pruning_positions
 from kfac_tune.training import train
-from tests.search_support import load_study, write_config
+from tests.search_support import load_study, tiny_config, write_config
 
 BUDGET_S = 0.6
 RESOLUTION_S = time.get_clock_info("perf_counter").resolution
@@ -73,6 +77,62 @@ def test_search_with_a_time_budget_prunes_at_evaluations(tmp_path: Path) -> None
 
     recipe = load_recipe(tmp_path / "r.yaml")
     assert recipe.training.steps == study.trials[recipe.provenance.trial].user_attrs["result"]["steps"]
+
+
+def _on_a_clock(tmp_path: Path, optimizer: str, **training: Any) -> Config:
+    """The tiny config evaluated every ``eval_seconds`` instead of every ``eval_every`` steps."""
+    config = tiny_config(tmp_path, optimizer=optimizer, training={"steps": None, **training})
+    del config["training"]["eval_every"]
+    return parse_config(config)
+
+
+@pytest.mark.parametrize("optimizer, hparams", [("kfac", {"damping": 0.1, "kl_clip": 1e-3}), ("adam", {"lr": 1e-3})])
+def test_eval_seconds_puts_every_optimizer_on_one_clock_grid(optimizer: str, hparams: dict, tmp_path: Path) -> None:
+    """Each evaluation comes at the first step whose end passes the next multiple of ``eval_seconds`` (the next
+    one after the previous evaluation's clock): at or after that grid point, by less than one (longest) step."""
+    every = 0.1
+    cfg = _on_a_clock(tmp_path, optimizer, budget={"seconds": BUDGET_S}, eval_seconds=every)
+    result = train(cfg, hparams)
+    clocks = [point["train_seconds"] for point in result.curves]
+    assert len(clocks) >= 3
+    grid_point = every
+    for clock in clocks[:-1]:  # the last evaluation is the end of the budget, wherever it falls
+        assert grid_point <= clock < grid_point + result.max_step_seconds + RESOLUTION_S, (clock, grid_point)
+        grid_point = (math.floor(clock / every) + 1) * every
+    assert BUDGET_S <= clocks[-1] <= BUDGET_S + result.max_step_seconds + RESOLUTION_S
+
+
+def test_the_pruner_compares_trials_at_intervals_of_training_time(tmp_path: Path) -> None:
+    """Under eval_seconds the pruner's position is the number of intervals passed, never repeated: a late step
+    that passes two grid points skips a position, an evaluation off the grid (the budget's end) takes the next."""
+    position = pruning_positions(_on_a_clock(tmp_path, "adam", budget={"seconds": 0.55}, eval_seconds=0.1))
+    assert [position(s, {"train_seconds": t}) for s, t in [(3, 0.104), (6, 0.2), (8, 0.41), (9, 0.43), (11, 0.56)]] \
+        == [1, 2, 4, 5, 6]
+    by_step = pruning_positions(parse_config(tiny_config(tmp_path, training={"steps": 40, "eval_every": 10})))
+    assert [by_step(s, {"train_seconds": 1.0}) for s in (10, 20, 40)] == [10, 20, 40]
+
+
+def test_a_search_on_a_clock_reports_each_trial_at_its_intervals_of_training_time(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, optimizer="adam", training={"steps": None, "budget": {"seconds": 0.3}}, search={
+        "trials": 4, "pruner": {"name": "median", "args": {"n_startup_trials": 1}},
+        "space": {"lr": {"low": 1e-5, "high": 1e-4, "log": True}}})
+    config["training"]["eval_seconds"] = 0.1
+    del config["training"]["eval_every"]
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(cli, ["search", str(tmp_path / "model.yaml"), "--no-tracking"])
+    assert result.exit_code == 0, result.output
+    for trial in load_study(f"sqlite:///{tmp_path / 'study.db'}", "model").trials:
+        positions = sorted(trial.intermediate_values)
+        assert positions[0] >= 1 and len(set(positions)) == len(positions)
+        if trial.state.name == "COMPLETE":  # 0.3 s of training passes the 0.1 s grid three times, then the end
+            assert positions[-1] >= 3, positions
+
+
+def test_eval_every_and_eval_seconds_are_exclusive(tmp_path: Path) -> None:
+    config = write_config(tmp_path, training={"steps": 10, "eval_every": 5, "eval_seconds": 1})
+    result = CliRunner().invoke(cli, ["search", str(config), "--no-tracking"])
+    assert result.exit_code == 2 and "eval_every (steps) or eval_seconds" in result.output, result.output
+    assert "Traceback" not in result.output
 
 
 def test_time_objective_needs_a_step_budget(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ exception that holds the trial's model.
 from __future__ import annotations
 
 import gc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -72,8 +72,10 @@ class Objective:
                 self._warm_up(cfg, hparams, arguments)
                 trained: list[Any] = []  # the network, kept only when tracking.log_model may log it
                 keep = (lambda model, _: trained.append(model)) if self.cfg.tracking.log_model == "best" else None
-                result = train(cfg, hparams, on_eval=lambda step, metrics: self._report(trial, run, step, metrics),
-                               on_model=keep)
+                position = pruning_positions(self.cfg)
+                result = train(cfg, hparams, on_model=keep,
+                               on_eval=lambda step, metrics: self._report(trial, run, step, metrics,
+                                                                          position(step, metrics)))
             except (Diverged, optuna.TrialPruned) as stopped:
                 self._prune(trial, run, str(stopped))
             except Exception as error:
@@ -109,19 +111,20 @@ class Objective:
             self.warmed.add(mode)
             warm_up(cfg, dict(hparams))
 
-    def _report(self, trial: optuna.Trial, run: RunRecorder, step: int, metrics: dict[str, float]) -> None:
-        """Log the curve point, feed the pruner once per evaluation interval, and prune if it says so (single
-        objective only: Optuna has no pruning for several objectives)."""
+    def _report(self, trial: optuna.Trial, run: RunRecorder, step: int, metrics: dict[str, float],
+                position: int) -> None:
+        """Log the curve point, feed the pruner once per evaluation (at ``position``: ``pruning_positions``),
+        and prune if it says so (single objective only: Optuna has no pruning for several objectives)."""
         if interrupt_pending():  # a Ctrl-C that landed in a gc callback and was dropped (kfac_tune.processes)
             raise KeyboardInterrupt
         run.log_eval(step, metrics)
         if len(self.cfg.objectives) > 1:
             return
         value = metrics[self.cfg.training.metric]
-        trial.report(value, step)
+        trial.report(value, position)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned by the {self.cfg.search.pruner.name} pruner at step {step}: "
-                                     f"{self.cfg.training.metric} = {value:.6g}")
+            raise optuna.TrialPruned(f"pruned by the {self.cfg.search.pruner.name} pruner at step {step} "
+                                     f"({metrics['train_seconds']:.3g} s): {self.cfg.training.metric} = {value:.6g}")
 
     @staticmethod
     def _prune(trial: optuna.Trial, run: RunRecorder, reason: str) -> None:
@@ -176,3 +179,22 @@ def release_after_failure(study: optuna.Study, trial: optuna.trial.FrozenTrial) 
     """
     if trial.state in (optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED):
         release_memory(after_failure=True)
+
+
+def pruning_positions(cfg: Config) -> Callable[[int, Mapping[str, float]], int]:
+    """Where the pruner compares each evaluation of one trial: at its step, or under ``training.eval_seconds`` at
+    the number of those intervals of training time it has passed, so that trials with cheap and dear steps (K-FAC
+    with inverses every step or every 50, Adam) are compared at equal training seconds, not at equal steps. A last
+    evaluation off that grid (the end of a seconds budget) takes the next position rather than reporting twice at
+    one."""
+    every = cfg.training.eval_seconds
+    if every is None:
+        return lambda step, metrics: step
+    last = 0
+
+    def position(step: int, metrics: Mapping[str, float]) -> int:
+        nonlocal last
+        last = max(int(metrics["train_seconds"] / every + 1e-9), last + 1)
+        return last
+
+    return position

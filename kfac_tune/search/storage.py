@@ -64,8 +64,11 @@ def make_pruner(cfg: Config, steps: int) -> optuna.pruners.BasePruner:
         if name == "median":
             return optuna.pruners.MedianPruner(**{"n_startup_trials": 5, **args})
         if name == "hyperband":
-            defaults = {"min_resource": min(cfg.training.eval_every, steps),
-                        "max_resource": "auto" if steps >= MAX_STEPS else steps}
+            if cfg.training.eval_seconds is not None:  # resource: intervals of training time (pruning_positions)
+                defaults: dict[str, Any] = {"min_resource": 1, "max_resource": "auto"}
+            else:
+                defaults = {"min_resource": min(cfg.training.eval_every, steps),
+                            "max_resource": "auto" if steps >= MAX_STEPS else steps}
             return optuna.pruners.HyperbandPruner(**{**defaults, **args})
         if args:
             raise TypeError("pruner 'none' takes no arguments")
