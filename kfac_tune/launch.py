@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -269,20 +269,32 @@ def _rank_main(rank: int, fn: Callable[..., Any], args: tuple[Any, ...], env: di
     """
     adopt(parent, signal.SIGKILL, interrupt=False)  # a rank has nothing to clean up
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
-    with process_group_from_env(backend, timeout_s):
+    group = ExitStack()
+    try:
+        # joining fails too when a peer has already left and closed the store ("Connection reset by peer"); that
+        # is reported like fn's own exceptions, not left to look like a silent death
+        group.enter_context(process_group_from_env(backend, timeout_s))
+    except Exception as error:
+        _fail(results, rank, error)
+    with group:
         try:
             value = fn(*((channel if rank == 0 else None,) if channel else ()), *args)
             if isinstance(value, BaseException):  # its traceback would keep the run (and the group) alive
                 value = value.with_traceback(None)
             report = _Report(True, value, 0)
         except Exception as error:
-            if hasattr(error, "add_note"):  # Python 3.11+
-                error.add_note(f"(raised in rank {rank}:\n{''.join(traceback.format_exception(error)).rstrip()})")
-            report = _Report(False, error.with_traceback(None), time.monotonic_ns())
-            _write_report(Path(results), rank, report)
-            sys.stdout.flush(), sys.stderr.flush()
-            os._exit(1)
+            _fail(results, rank, error)
         _write_report(Path(results), rank, report)
         del report, value
         gc.collect()
         dist.barrier()
+
+
+def _fail(results: str, rank: int, error: Exception) -> NoReturn:
+    """Report this rank's exception (with where it was raised) and leave at once, without a barrier or Python's
+    shutdown: the others may be blocked in a collective this rank will never join, and the parent stops them."""
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(f"(raised in rank {rank}:\n{''.join(traceback.format_exception(error)).rstrip()})")
+    _write_report(Path(results), rank, _Report(False, error.with_traceback(None), time.monotonic_ns()))
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(1)

@@ -213,7 +213,24 @@ def _peer_lost_then_killed(rank_that_dies: int) -> None:
     import signal
     import time
 
+    # both ranks past joining before the survivor leaves: a rank still joining when rank 0 (which holds the
+    # store) exits fails to join, which is the next test's case, not this one's
+    dist.barrier()
     if dist.get_rank() != rank_that_dies:
         raise RuntimeError("[gloo/transport/tcp/pair.cc] Read error [127.0.0.1]:1: Connection reset by peer")
     time.sleep(1.0)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_rank_that_fails_to_join_the_group_reports_why() -> None:
+    """Joining can fail (an unknown backend here; a peer that already left and closed the store, in a loaded
+    run of the test above): the parent raises that exception, not a silent death."""
+    from kfac_tune.launch import RankDied, run_local
+
+    with pytest.raises(Exception) as raised:
+        run_local(_never_runs, 2, backend="no-such-backend")
+    assert not isinstance(raised.value, RankDied) and "no-such-backend" in str(raised.value), raised.value
+
+
+def _never_runs() -> None:
+    raise AssertionError("a rank that did not join the group ran its function")
