@@ -124,9 +124,9 @@ def test_cheap_recipe_reaches_its_recorded_value(path: Path, monkeypatch: pytest
     assert cfg.training.seed == recipe.training.seed
     if cfg.training.budget is not None:
         # a seconds budget ends wherever the clock does; the recorded value is that of the steps the trial reached,
-        # and training is deterministic in steps, so retrain exactly those steps
+        # and training is deterministic in steps, so retrain exactly those steps (evaluated by steps, not clock)
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
-            update={"budget": None, "steps": recipe.training.steps})})
+            update={"budget": None, "steps": recipe.training.steps, "eval_seconds": None})})
     retrained, again = train(cfg, hparams), train(cfg, hparams)
     assert _metrics(again) == _metrics(retrained), "training is not deterministic on this machine"
     untrained = _untrained_loss(cfg)
