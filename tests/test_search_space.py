@@ -134,7 +134,8 @@ def test_automatic_mode_and_batch_size_round_trip(tmp_path: Path, monkeypatch: p
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 SHRINK = {  # a few steps on small subsets: what is checked is that the defaults trial completes
-    "training.steps": 20, "training.eval_every": 10, "search.trials": 1, "tracking.enabled": False,
+    "training.steps": 20, "training.eval_every": 10, "training.eval_seconds": None, "search.trials": 1,
+    "tracking.enabled": False,
     "data.validation": 0.1,
 }
 
