@@ -98,11 +98,12 @@ def train(cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None,
     """Train once for the config's budget with ``hparams``; ``optimizer`` defaults to ``cfg.optimizer.name``.
 
     ``on_eval(step, metrics)`` is called at every evaluation (``train_loss``, ``eval_loss``, ``eval_accuracy`` for
-    classifiers, on the validation split, ``step_time``, ``train_seconds``) and may raise to stop the run (the search prunes that
-    way); with ``training.processes > 1`` it is called here too, in the calling process, while the ranks wait for
-    it. ``test`` also evaluates the test split (``test_loss``, ``test_accuracy``): the search's objective never
-    asks for it, ``train``/``compare`` and the end of a search do. ``on_model(model, optimizer)`` receives the
-    trained network and its optimizer before the optimizer is closed (``kfac-tune train --save``; one process).
+    classifiers, on the validation split, ``step_time``, ``train_seconds``) and may raise to stop the run (the
+    search prunes that way); with ``training.processes > 1`` it is called here too, in the calling process, while
+    the ranks wait for it. ``test`` also evaluates the test split (``test_loss``, ``test_accuracy``): the search's
+    objective never asks for it, ``train``/``compare`` and the end of a search do. ``on_model(model, optimizer)``
+    receives the trained network and its optimizer before the optimizer is closed (``kfac-tune train --save``; one
+    process).
     """
     started = time.perf_counter()
     if on_model is not None and cfg.training.processes > 1:
@@ -280,7 +281,6 @@ def _loop(
     loss_sum, since_eval, train_seconds = torch.zeros((), device=device), 0, 0.0
     longest: float | None = None if budget is None else 0.0
     timed = budget is not None or every is not None  # then the clock is read after every step
-    next_eval = every or 0.0
     clock = last = _sync_time(device)
     for step in range(1, steps + 1):
         xb, yb = next(train)
@@ -308,12 +308,13 @@ def _loop(
             longest, last = None if budget is None else max(longest or 0.0, now - last), now
             elapsed = train_seconds + (now - clock)
             last_step = replica.agree(last_step or (budget is not None and elapsed >= budget))
-        due = replica.agree(elapsed >= next_eval) if every is not None else step % cfg.training.eval_every == 0
+        if every is not None:  # past the multiple of eval_seconds after the last evaluation (a step may pass several)
+            due = replica.agree(elapsed >= (math.floor(train_seconds / every) + 1) * every)
+        else:
+            due = step % cfg.training.eval_every == 0
         if not (due or last_step):
             continue
         train_seconds += (now if timed else _sync_time(device)) - clock
-        if every is not None:  # the next multiple of eval_seconds not yet passed (a long step may pass several)
-            next_eval = (math.floor(train_seconds / every) + 1) * every
         metrics = {"train_loss": replica.mean(loss_sum).item() / since_eval}
         for prefix, source in splits.items():
             if prefix != "train":

@@ -18,7 +18,7 @@ import yaml
 from click.testing import CliRunner
 
 from kfac_tune.cli import cli
-from kfac_tune.config import Config, load_config, parse_config
+from kfac_tune.config import load_config, parse_config
 from kfac_tune.search.objective import pruning_positions
 from kfac_tune.training import train
 from tests.search_support import load_study, tiny_config, write_config
@@ -79,11 +79,13 @@ def test_search_with_a_time_budget_prunes_at_evaluations(tmp_path: Path) -> None
     assert recipe.training.steps == study.trials[recipe.provenance.trial].user_attrs["result"]["steps"]
 
 
-def _on_a_clock(tmp_path: Path, optimizer: str, **training: Any) -> Config:
-    """The tiny config evaluated every ``eval_seconds`` instead of every ``eval_every`` steps."""
-    config = tiny_config(tmp_path, optimizer=optimizer, training={"steps": None, **training})
+def _on_a_clock(tmp_path: Path, optimizer: str, **sections: Any) -> dict[str, Any]:
+    """The tiny config without a step budget, evaluated every ``eval_seconds`` instead of every ``eval_every``
+    steps (``sections["training"]`` gives both the budget and ``eval_seconds``)."""
+    config = tiny_config(tmp_path, optimizer=optimizer, **sections)
+    config["training"]["steps"] = None
     del config["training"]["eval_every"]
-    return parse_config(config)
+    return config
 
 
 @pytest.mark.parametrize("optimizer, hparams", [("kfac", {"damping": 0.1, "kl_clip": 1e-3}), ("adam", {"lr": 1e-3})])
@@ -91,7 +93,8 @@ def test_eval_seconds_puts_every_optimizer_on_one_clock_grid(optimizer: str, hpa
     """Each evaluation comes at the first step whose end passes the next multiple of ``eval_seconds`` (the next
     one after the previous evaluation's clock): at or after that grid point, by less than one (longest) step."""
     every = 0.1
-    cfg = _on_a_clock(tmp_path, optimizer, budget={"seconds": BUDGET_S}, eval_seconds=every)
+    cfg = parse_config(_on_a_clock(tmp_path, optimizer,
+                                   training={"budget": {"seconds": BUDGET_S}, "eval_seconds": every}))
     result = train(cfg, hparams)
     clocks = [point["train_seconds"] for point in result.curves]
     assert len(clocks) >= 3
@@ -105,7 +108,8 @@ def test_eval_seconds_puts_every_optimizer_on_one_clock_grid(optimizer: str, hpa
 def test_the_pruner_compares_trials_at_intervals_of_training_time(tmp_path: Path) -> None:
     """Under eval_seconds the pruner's position is the number of intervals passed, never repeated: a late step
     that passes two grid points skips a position, an evaluation off the grid (the budget's end) takes the next."""
-    position = pruning_positions(_on_a_clock(tmp_path, "adam", budget={"seconds": 0.55}, eval_seconds=0.1))
+    position = pruning_positions(parse_config(_on_a_clock(
+        tmp_path, "adam", training={"budget": {"seconds": 0.55}, "eval_seconds": 0.1})))
     assert [position(s, {"train_seconds": t}) for s, t in [(3, 0.104), (6, 0.2), (8, 0.41), (9, 0.43), (11, 0.56)]] \
         == [1, 2, 4, 5, 6]
     by_step = pruning_positions(parse_config(tiny_config(tmp_path, training={"steps": 40, "eval_every": 10})))
@@ -113,11 +117,9 @@ def test_the_pruner_compares_trials_at_intervals_of_training_time(tmp_path: Path
 
 
 def test_a_search_on_a_clock_reports_each_trial_at_its_intervals_of_training_time(tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, optimizer="adam", training={"steps": None, "budget": {"seconds": 0.3}}, search={
+    config = _on_a_clock(tmp_path, "adam", training={"budget": {"seconds": 0.3}, "eval_seconds": 0.1}, search={
         "trials": 4, "pruner": {"name": "median", "args": {"n_startup_trials": 1}},
         "space": {"lr": {"low": 1e-5, "high": 1e-4, "log": True}}})
-    config["training"]["eval_seconds"] = 0.1
-    del config["training"]["eval_every"]
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(cli, ["search", str(tmp_path / "model.yaml"), "--no-tracking"])
     assert result.exit_code == 0, result.output
