@@ -121,7 +121,8 @@ def test_a_search_on_a_clock_reports_each_trial_at_its_intervals_of_training_tim
         "trials": 4, "pruner": {"name": "median", "args": {"n_startup_trials": 1}},
         "space": {"lr": {"low": 1e-5, "high": 1e-4, "log": True}}})
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(cli, ["search", str(tmp_path / "model.yaml"), "--no-tracking"])
+    result = CliRunner().invoke(cli, ["search", str(tmp_path / "model.yaml"), "--no-tracking",
+                                      "-o", str(tmp_path / "recipe.yaml")])  # not recipes/ of the checkout
     assert result.exit_code == 0, result.output
     for trial in load_study(f"sqlite:///{tmp_path / 'study.db'}", "model").trials:
         positions = sorted(trial.intermediate_values)
