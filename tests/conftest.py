@@ -1,4 +1,5 @@
-"""Shared fixtures: small real data sets, float64 helpers, and the check that no test leaves a process behind."""
+"""Shared fixtures: small real data sets, float64 helpers, and the checks that no test leaves a process behind
+or a file in the checkout."""
 from __future__ import annotations
 
 import os
@@ -8,8 +9,27 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import settings as hypothesis_settings
 
+from tests.checkout_support import CHECKOUT, file_changes, repository_files
 from tests.process_support import HAS_PROC, SESSION_VARIABLE, cmdline, marked, parent_of, wait_gone
+
+# Hypothesis keeps its example database in ./.hypothesis of the working directory, the checkout; failing examples
+# are printed with their seed instead, so the suite writes nothing there.
+hypothesis_settings.register_profile("no-database", database=None)
+hypothesis_settings.load_profile("no-database")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_test_writes_into_the_checkout() -> Iterator[None]:
+    """Fail the run if a file of the checkout was created, changed or removed while the tests ran: a command run
+    without ``-o`` or from the checkout's directory writes its recipe, store or plot there, where it is mistaken
+    for a shipped file (and committed: ``recipes/model.yaml`` once was). Tests write into ``tmp_path``.
+    Editing the repository while the suite runs trips it too; rerun then."""
+    before = repository_files(CHECKOUT)
+    yield
+    changes = file_changes(before, repository_files(CHECKOUT))
+    assert not changes, "the tests wrote into the checkout (write into tmp_path instead):\n" + "\n".join(changes)
 
 
 @pytest.fixture(scope="session", autouse=True)
