@@ -27,13 +27,15 @@ MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 
 def log_results(out: Path, tracking_uri: str, experiment: str = "kfac-tune-benchmarks") -> str:
     """Log ``out/results.json`` (and the PNGs next to it); return the parent run's id."""
-    from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
+    from kfac_tune.tracking.server import get_or_create_experiment, open_client
+
     results = json.loads((out / "results.json").read_text())
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    client = open_client(tracking_uri)
+    # as kfac-tune's own runs: a local store keeps the artifacts next to its database, where `kfac-tune ui` serves
+    # them (MLflow's default, ./mlruns of the working directory, scatters them wherever the script was started)
+    experiment_id = get_or_create_experiment(client, tracking_uri, experiment)
     args = results["args"]
     parent = client.create_run(experiment_id, run_name=f"autoencoder-{args['experiment']}-{out.name}", tags={
         "benchmark": "autoencoder", "machine": results["machine"], "baseline": results["baseline"],
