@@ -310,12 +310,34 @@ def _mismatch(recipe: Recipe, model: str, signature: dict[str, Any]) -> str:
     theirs = recipe.provenance
     return (f"the recipe was tuned for {theirs.architecture!r} with layers {_layers(theirs.signature)} (signature "
             f"{theirs.signature.get('hash')}), but {model} has layers {_layers(signature)} (signature "
-            f"{signature.get('hash')})")
+            f"{signature.get('hash')}): {_first_difference(theirs.signature, signature)}")
 
 
 def _layers(signature: dict[str, Any]) -> str:
     shapes = ["x".join(str(d) for d in layer.get("weight_shape", [])) for layer in signature.get("layers", [])]
     return "[" + ", ".join(shapes[:6]) + (", ..." if len(shapes) > 6 else "") + "]"
+
+
+def _first_difference(recipe: dict[str, Any], model: dict[str, Any]) -> str:
+    """What tells the two signatures apart, in words: equal shape lists can hide another module path (a model
+    written with other attribute names, or a ``Flatten`` first in its ``Sequential``), a missing bias or other
+    activations, and a user cannot act on two identical-looking lists."""
+    theirs, ours = recipe.get("layers", []), model.get("layers", [])
+    for index, (a, b) in enumerate(zip(theirs, ours), start=1):
+        if a != b:
+            return f"layer {index} is {_layer(a)} in the recipe and {_layer(b)} here"
+    if len(theirs) != len(ours):
+        return f"the recipe's network has {len(theirs)} layers with weights, this one {len(ours)}"
+    if recipe.get("activations") != model.get("activations"):
+        return (f"the parameter-free modules differ: {', '.join(recipe.get('activations') or ['none'])} in the "
+                f"recipe, {', '.join(model.get('activations') or ['none'])} here")
+    return "the layers and activations read the same, so the recipe's signature was computed another way"
+
+
+def _layer(layer: dict[str, Any]) -> str:
+    shape = "x".join(str(d) for d in layer.get("weight_shape", []))
+    bias = "with bias" if layer.get("bias") else "without bias"
+    return f"{layer.get('path')!r} ({layer.get('type')} {shape}, {bias})"
 
 
 # ------------------------------------------------------------------------------------------------ export

@@ -3,21 +3,32 @@ or a file in the checkout."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import settings as hypothesis_settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests.checkout_support import CHECKOUT, file_changes, repository_files
 from tests.process_support import HAS_PROC, SESSION_VARIABLE, cmdline, marked, parent_of, wait_gone
 
-# Hypothesis keeps its example database in ./.hypothesis of the working directory, the checkout; failing examples
-# are printed with their seed instead, so the suite writes nothing there.
-hypothesis_settings.register_profile("no-database", database=None)
-hypothesis_settings.load_profile("no-database")
+
+# Hypothesis keeps its example database and caches (from collection on) in ./.hypothesis of the working directory,
+# the checkout; this run's temporary directory holds them instead (a failing example prints its seed to rerun).
+HYPOTHESIS_HOME = Path(tempfile.mkdtemp(prefix="kfac-tune-tests-hypothesis-"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    set_hypothesis_home_dir(HYPOTHESIS_HOME)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(HYPOTHESIS_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

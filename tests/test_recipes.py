@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from torch import nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -118,6 +119,32 @@ def test_architecture_mismatch_names_both() -> None:
     with pytest.raises(RecipeError, match=r"32x64.*128x64"):
         check_architecture(recipe, "mlp", wider)
     check_architecture(recipe, "mlp", SIGNATURE)
+
+
+def _digits_mlp(*, flatten: bool = True, activation: type = nn.ReLU, last_bias: bool = True,
+                extra: bool = False) -> nn.Sequential:
+    """The network of the shipped ``digits_mlp`` recipes, or a variant of it that differs in one respect."""
+    layers: list[nn.Module] = [nn.Flatten()] if flatten else []
+    layers += [nn.Linear(64, 64), activation(), nn.Linear(64, 64), activation()]
+    layers += [nn.Linear(64, 64), activation()] if extra else []
+    return nn.Sequential(*layers, nn.Linear(64, 10, bias=last_bias))
+
+
+@pytest.mark.parametrize(("variant", "named"), [
+    ({"flatten": False}, r"layer 1 is '1' \(Linear 64x64, with bias\) in the recipe and '0' \(Linear 64x64, with bias\) here"),
+    ({"last_bias": False}, r"layer 3 is '5' \(Linear 10x64, with bias\) in the recipe and '5' \(Linear 10x64, without bias\)"),
+    ({"extra": True}, r"layer 3 is '5' \(Linear 10x64, with bias\) in the recipe and '5' \(Linear 64x64, with bias\)"),
+    ({"activation": nn.Tanh}, r"parameter-free modules differ: Flatten, ReLU, ReLU in the recipe, Flatten, Tanh, Tanh here"),
+])
+def test_a_recipe_refused_for_a_model_names_what_differs(variant: dict, named: str) -> None:
+    """Equal shape lists can hide another module path, bias or activation; the refusal says which one, since two
+    identical-looking layer lists give the user nothing to act on."""
+    from kfac_tune.optim import KFAC
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "digits_mlp-kfac.yaml"
+    KFAC.from_recipe(_digits_mlp(), recipe)  # the network it was tuned on is accepted
+    with pytest.raises(RecipeError, match=named):
+        KFAC.from_recipe(_digits_mlp(**variant), recipe)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
