@@ -362,3 +362,47 @@ def test_levenberg_marquardt_never_writes_a_skipped_update_into_the_parameters(d
     opt.step(_closure(model, opt, bad_x, y))
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
+
+
+class _Square(torch.autograd.Function):
+    """A custom operation written the classic way (``forward(ctx, x)``, no ``setup_context``, no ``jvp``):
+    reverse-mode autograd runs it, ``torch.func`` transforms refuse it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _WithCustomOperation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.out = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(_Square.apply(torch.tanh(self.hidden(x))))
+
+
+def test_a_model_without_forward_derivatives_gets_a_clear_error_in_the_automatic_modes_only(digits) -> None:
+    """The automatic modes need the model's Jacobian-vector products by forward-mode autograd. A model one of whose
+    operations lacks them gets an error that names the modes, keeps torch's reason and points to the fixed-lr mode,
+    which (as every first-order optimizer) needs only the backward pass and trains the same model."""
+    x, y = digits[0][:256], digits[1][:256]
+    model = _WithCustomOperation()
+    automatic = KFAC(model, loss="cross_entropy", adaptive_lr=True, adaptive_momentum=True, adaptive_damping=True)
+    with pytest.raises(RuntimeError, match=r"automatic modes .* torch\.func\.jvp .* setup_context.* fixed-lr mode"):
+        automatic.step(_closure(model, automatic, x, y))
+    automatic.close()
+
+    model = _WithCustomOperation()
+    fixed = KFAC(model, loss="cross_entropy")
+    first = float(fixed.step(_closure(model, fixed, x, y)))
+    for _ in range(30):
+        last = float(fixed.step(_closure(model, fixed, x, y)))
+    assert last < 0.7 * first and fixed.skipped_steps == 0

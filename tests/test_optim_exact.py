@@ -267,14 +267,36 @@ def test_adaptive_lr_takes_the_newton_step_on_least_squares() -> None:
     assert float(F.mse_loss(model(x), y)) == pytest.approx(float(minimum), rel=1e-6)
 
 
+class _SelfAttention(nn.Module):
+    """Tokens → self-attention (``F.scaled_dot_product_attention``, whose fused kernels have no forward-mode
+    derivative) → mean over tokens → classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.out(self.attention(h, h, h, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("network", ["mlp", "self-attention"])
 @pytest.mark.parametrize("fraction", [1.0, 0.25])
-def test_quadratic_model_curvature_is_the_ggn_of_the_first_examples(fraction: float, float64_default: None) -> None:
+def test_quadratic_model_curvature_is_the_ggn_of_the_first_examples(fraction: float, network: str,
+                                                                    float64_default: None) -> None:
     """``dᵢᵀ C dⱼ`` of the automatic modes equals the GGN of the mean loss over the batch's first
     ``ceil(fraction · B)`` examples, built from the full Jacobian (autograd) and the softmax Hessian; ``gᵀdᵢ`` uses
-    the whole batch's gradient."""
+    the whole batch's gradient. The attention network checks that its forward-mode products are available and
+    exact (``quadratic._jvp`` selects the math attention kernel)."""
     torch.manual_seed(11)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
-    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    if network == "mlp":
+        model: nn.Module = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        x = torch.randn(12, 5)
+    else:
+        model, x = _SelfAttention(), torch.randn(12, 4, 5)
+    y = torch.randint(0, 3, (12,))
     opt = exact_kfac(model, loss="cross_entropy", adaptive_lr=True, adaptive_momentum=True, stat_fraction=fraction)
     F.cross_entropy(model(x), y).backward()
     params = list(model.parameters())

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kfac_tune.optim import fisher
 
@@ -123,8 +124,18 @@ def _jvp(
         out = functional_call(model, {**p, **copies}, args, kwargs, strict=False)
         return out
 
-    with torch.enable_grad():
-        out, out_tangent = jvp(f, (primal,), (tangents,))
+    # The fused attention kernels (flash, memory-efficient) have no forward-mode derivative; the math kernel
+    # computes the same attention from differentiable primitives, so attention models get the automatic modes too.
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        try:
+            out, out_tangent = jvp(f, (primal,), (tangents,))
+        except RuntimeError as error:  # NotImplementedError included: an operation without a forward derivative
+            # The same forward pass has just run in training, so what fails here is the transform: say which mode
+            # needs it and what works instead, keeping torch's own first line (it names the operation).
+            raise RuntimeError(
+                "KFAC: the automatic modes (adaptive_lr, adaptive_momentum, adaptive_damping) compute the model's "
+                "Jacobian-vector products with torch.func.jvp (forward-mode autograd), which this model does not "
+                f"support: {str(error).splitlines()[0]} Train it with the fixed-lr mode (the defaults)") from error
     return out.detach(), out_tangent.detach()
 
 
