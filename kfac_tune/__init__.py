@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["KFAC", "load_recipe", "optimizer_from_recipe", "search", "train", "__version__"]
+__all__ = ["KFAC", "KFACWarning", "load_recipe", "optimizer_from_recipe", "search", "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,6 +16,10 @@ def __getattr__(name: str) -> Any:
         from kfac_tune.optim import KFAC
 
         return KFAC
+    if name == "KFACWarning":
+        from kfac_tune.optim import KFACWarning
+
+        return KFACWarning
     if name == "load_recipe":
         from kfac_tune.recipes import load_recipe
 

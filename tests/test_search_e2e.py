@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,31 @@ def test_diverging_trials_are_pruned_and_best_recipe_is_valid(tmp_path: Path, mo
     assert all("diverged" in t.user_attrs["prune_reason"] for t in diverged)
     recipe = load_recipe(tmp_path / "best.yaml")
     assert recipe.hyperparameters["lr"] == 0.05 and math.isfinite(recipe.result.value)
+
+
+def test_a_search_does_not_print_kfacs_safety_warnings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial whose updates K-FAC skips (lr 1e6 without the trust region: each update would explode the weights)
+    raises KFACWarning in plain training, but a search, whose trials explore such settings on purpose, prints
+    none of it: the lines would interleave with the progress bar without naming their trial."""
+    from kfac_tune.config import load_config
+    from kfac_tune.optim import KFACWarning
+    from kfac_tune.training import train
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, optimizer={"name": "kfac", "options": {"kl_clip": None}}, training={"steps": 20},
+                          search={"trials": 1, "pruner": "none", "enqueue_defaults": False,
+                                  "space": {"mode": "fixed", "kl_clip": None, "lr": [1.0e6, 1.0e7]},
+                                  "enqueue": [{"lr": 1.0e6}]})
+    with warnings.catch_warnings(record=True) as trained:
+        warnings.simplefilter("always")
+        train(load_config(config), {"lr": 1.0e6})
+    assert any(issubclass(w.category, KFACWarning) and "skipped" in str(w.message) for w in trained)
+
+    with warnings.catch_warnings(record=True) as searched:
+        warnings.simplefilter("always")
+        invoke("search", str(config), "--no-tracking", "-o", str(tmp_path / "best.yaml"))
+    assert not [str(w.message) for w in searched if issubclass(w.category, KFACWarning)]
+    assert load_study(f"sqlite:///{tmp_path / 'study.db'}", "model").trials[0].params["lr"] == 1.0e6
 
 
 def test_failing_trial_records_the_reason_and_the_study_goes_on(tmp_path: Path,

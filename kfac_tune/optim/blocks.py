@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from kfac_tune.optim.callsite import user_stacklevel
+from kfac_tune.optim.callsite import KFACWarning, user_stacklevel
 
 DAMPING_MODES = ("pi", "exact")
 STATE_KEYS = ("A", "A_weight", "G", "G_weight", "QA", "dA", "QG", "dG")
@@ -221,7 +221,7 @@ def decompose(blocks: list[Any]) -> None:
         g = results.get((id(block), "G"))
         if a is None or g is None:
             warnings.warn("K-FAC: a factor was not finite or could not be decomposed; keeping its previous "
-                          "inverse", RuntimeWarning, stacklevel=user_stacklevel())
+                          "inverse", KFACWarning, stacklevel=user_stacklevel())
             continue
         block.set_decomposition(a[0], a[1], g[0], g[1])
 
@@ -251,7 +251,7 @@ def eigh_or_warn(mats: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     vals, vecs = _safe_eigh(mats) if bool(torch.isfinite(mats).all()) else (None, None)
     if vals is None or vecs is None:
         warnings.warn("K-FAC: a factor was not finite or could not be decomposed; keeping its previous inverse",
-                      RuntimeWarning, stacklevel=user_stacklevel())
+                      KFACWarning, stacklevel=user_stacklevel())
         return None
     return vals, vecs
 

@@ -1,4 +1,4 @@
-"""Where K-FAC's warnings point: the user's line, not K-FAC's or torch's.
+"""K-FAC's warnings: their category, and the line they point to (the user's, not K-FAC's or torch's).
 
 A fixed ``stacklevel`` cannot do it: the same warning is reached through ``step()``'s ``torch.no_grad`` wrapper
 (``torch/utils/_contextlib.py``), through autograd hooks, or from a direct call, each a different depth below
@@ -15,6 +15,13 @@ import torch
 # Frames in these directories are library internals: K-FAC's own package and torch.
 _INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
              os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+class KFACWarning(RuntimeWarning):
+    """K-FAC's safety acted: an update skipped or rejected and the damping raised, or a factor that could not be
+    decomposed keeping its previous inverse. Worth reading in one's own training loop; a search, whose trials
+    explore settings that trigger it on purpose, silences it (``warnings.simplefilter("ignore", KFACWarning)``
+    does the same anywhere)."""
 
 
 def user_stacklevel() -> int:

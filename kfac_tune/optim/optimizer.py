@@ -51,7 +51,7 @@ from kfac_tune.optim import blocks as blocks_mod
 from kfac_tune.optim import fisher, quadratic
 from kfac_tune.optim.distributed import DataParallel, resolve_group, unwrap
 from kfac_tune.optim.blocks import DAMPING_MODES
-from kfac_tune.optim.callsite import user_stacklevel
+from kfac_tune.optim.callsite import KFACWarning, user_stacklevel
 from kfac_tune.optim.capture import LayerHelper
 from kfac_tune.optim.layers import make_helper
 from kfac_tune.optim.statistics import Statistics
@@ -567,7 +567,7 @@ class KFAC(torch.optim.Optimizer):
     def _raise_damping(self, group: dict[str, Any], why: str) -> None:
         """λ × ``damping_boost`` (×10 for the legacy rule), with a warning that says why."""
         new = min(group["damping"] * (self.damping_boost or 10.0), self.max_damping)
-        warnings.warn(f"K-FAC {why}; raising damping from {group['damping']:.3g} to {new:.3g}", RuntimeWarning,
+        warnings.warn(f"K-FAC {why}; raising damping from {group['damping']:.3g} to {new:.3g}", KFACWarning,
                       stacklevel=user_stacklevel())
         group["damping"] = new
 

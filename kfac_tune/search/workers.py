@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from kfac_tune import processes
 from kfac_tune.config import Config
+from kfac_tune.optim import KFACWarning
 from kfac_tune.search.objective import Objective, release_after_failure
 from kfac_tune.search.space import build_space
 from kfac_tune.search.storage import make_pruner, make_sampler, make_storage
@@ -103,9 +104,13 @@ class _StopAfterFailures:
 
 def quiet() -> None:
     """Optuna's per-trial INFO lines would fight the progress display; warnings still show, but a failed trial's
-    traceback does not (its reason is on the trial as ``fail_reason``, shown by ``kfac-tune show``)."""
+    traceback does not (its reason is on the trial as ``fail_reason``, shown by ``kfac-tune show``). Nor does
+    K-FAC's safety acting (``KFACWarning``: an update skipped or rejected, the damping raised): trials explore
+    settings that trigger it on purpose, its lines would not say which trial they came from, and the trial's curve
+    and outcome show what it did to the run."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    warnings.simplefilter("ignore", KFACWarning)
     trial_logger = logging.getLogger("optuna.study._optimize")
     if not any(isinstance(f, _NoTraceback) for f in trial_logger.filters):
         trial_logger.addFilter(_NoTraceback())
