@@ -336,9 +336,9 @@ def test_float64_output_curvature_matches_autograd_to_1e10(loss: str) -> None:
     from_columns = n * sum(c.reshape(-1, 1) @ c.reshape(1, -1) for c in cols)
     from_columns = from_columns * torch.block_diag(*[torch.ones(4, 4)] * 5)
     torch.testing.assert_close(from_columns, H, rtol=1e-10, atol=1e-12)
-    v1, v2 = torch.randn(5, 4), torch.randn(5, 4)
-    expected = v1.reshape(-1) @ H @ v2.reshape(-1)
-    assert float(fisher.quadratic_form(loss, z, v1, v2)) == pytest.approx(float(expected), rel=1e-10)
+    vs = torch.randn(3, 5, 4)
+    expected = vs.reshape(3, -1) @ H @ vs.reshape(3, -1).T  # every pair of the three directions
+    torch.testing.assert_close(fisher.quadratic_forms(loss, z, vs), expected, rtol=1e-10, atol=1e-12)
     assert fisher.sample(loss, z, torch.Generator().manual_seed(0)).dtype == torch.float64
 
 

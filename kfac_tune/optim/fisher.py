@@ -10,7 +10,8 @@ that ``E[G] ⊗ A`` is K-FAC's approximation of the Fisher/GGN of ``h`` itself.
 - ``sample``: one Monte-Carlo draw per term (the true Fisher): ``(1/N) u`` with ``E[u uᵀ] = H_n``.
 - ``exact_columns``: a square-root factorisation of ``H_n`` (``Σ_c u_c u_cᵀ = H_n``): the exact (type-2) Fisher,
   one backward pass per column; for small output dimensions and for tests.
-- ``quadratic_form``: ``(1/N) Σ_n v1_nᵀ H_n v2_n``, for the quadratic model of automatic step sizes.
+- ``quadratic_forms``: ``(1/N) Σ_n v_i,nᵀ H_n v_j,n`` for every pair of a few output-space directions, for the
+  quadratic model of automatic step sizes.
 
 Precision: everything is computed in float32 or the output's dtype when it is wider (:func:`wide`), so a float64
 model with ``factor_dtype=torch.float64`` is float64 end to end, and half-precision outputs are not.
@@ -93,16 +94,20 @@ def exact_columns(loss: str, z: Tensor) -> list[Tensor]:
     return [(c / n).to(z.dtype) for c in cols]
 
 
-def quadratic_form(loss: str, z: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
-    """``(1/N) Σ_n v1_nᵀ H_n v2_n`` for output-space directions ``v1``, ``v2`` (e.g. ``J δ``)."""
-    z, v1, v2 = wide(z.detach()), wide(v1), wide(v2)
-    n = loss_count(loss, z)
-    if loss == "cross_entropy":
+def quadratic_forms(loss: str, z: Tensor, vs: Tensor) -> Tensor:
+    """The matrix ``Q[i, j] = (1/N) Σ_n v_i,nᵀ H_n v_j,n`` for output-space directions ``vs`` (stacked on the first
+    dimension, each shaped like ``z``; e.g. ``J Δ`` and ``J δ_prev``), in one pass: ``H_n``'s factors (the softmax,
+    the sigmoid's slope) are computed once, and every pair is one row of a small matrix product."""
+    z, vs = wide(z.detach()), wide(vs)
+    n, k = loss_count(loss, z), len(vs)
+    flat = vs.reshape(k, -1)
+    if loss == "cross_entropy":  # H_n = diag(p) - p pᵀ per row
         p = torch.softmax(z, dim=-1)
-        total = (p * v1 * v2).sum() - ((p * v1).sum(-1) * (p * v2).sum(-1)).sum()
-    elif loss == "mse":
-        total = 2.0 * (v1 * v2).sum()
-    else:
+        projected = (p * vs).sum(-1).reshape(k, -1)  # p_nᵀ v_i,n for every row n
+        total = (flat * p.reshape(1, -1)) @ flat.T - projected @ projected.T
+    elif loss == "mse":  # H_n = 2
+        total = 2.0 * flat @ flat.T
+    else:  # bce: H_n = p (1 - p), elementwise
         p = torch.sigmoid(z)
-        total = (p * (1 - p) * v1 * v2).sum()
+        total = (flat * (p * (1 - p)).reshape(1, -1)) @ flat.T
     return total / n

@@ -85,26 +85,38 @@ def build(
     its own curvature scale; None is ``D = I``.
     """
     outputs, jvps = zip(*(_jvp(model, inputs, params, d) for d in directions))
-    output = outputs[0]
-    n = len(directions)
-    dot = lambda a, b: sum((fisher.wide(x) * fisher.wide(y)).sum() for x, y in zip(a, b))  # noqa: E731
-    grad_dots = torch.stack([dot(grads, d) for d in directions])
-    sq = torch.stack([torch.stack([dot(directions[i], directions[j]) for j in range(n)]) for i in range(n)])
-    curv = torch.stack(
-        [torch.stack([fisher.quadratic_form(loss, output, jvps[i], jvps[j]) for j in range(n)]) for i in range(n)]
-    )
+    grad_dots, sq, weighted = _inner_products(grads, directions, damping_weights)
+    curv = fisher.quadratic_forms(loss, outputs[0], torch.stack(jvps))
     if average is not None:
         average([curv])
     curv = curv + weight_decay * sq
-    if damping_weights is not None:
-        weighted = lambda a, b: sum(w * (x.to(curv.dtype) * y.to(curv.dtype)).sum()  # noqa: E731
-                                    for w, x, y in zip(damping_weights, a, b))
-        sq = torch.stack([torch.stack([weighted(directions[i], directions[j]) for j in range(n)]) for i in range(n)])
+    if weighted is not None:
+        sq = weighted
     values = torch.cat([grad_dots, curv.flatten(), sq.flatten()]).double().cpu().tolist()  # one host sync
+    n = len(directions)
     grad_list = values[:n]
     curv_list = [values[n + i * n : n + (i + 1) * n] for i in range(n)]
     sq_list = [values[n + n * n + i * n : n + n * n + (i + 1) * n] for i in range(n)]
     return QuadraticModel(grad_list, curv_list, sq_list)
+
+
+def _inner_products(grads: list[Tensor], directions: list[list[Tensor]], damping_weights: Optional[list[float]]
+                    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``gᵀd_i``, ``d_iᵀd_j`` and, with ``damping_weights``, ``Σ_l w_l d_i,lᵀd_j,l``, one parameter at a time: the
+    directions' slices of a parameter form a small matrix ``D`` whose ``D g`` and ``D Dᵀ`` give every pair at once
+    (two matrix products a parameter instead of one product and one sum per pair), and only one parameter's
+    copy is alive at a time. In float32, or the parameters' dtype when wider (``fisher.wide``)."""
+    grad_dots: Tensor | float = 0.0
+    sq: Tensor | float = 0.0
+    weighted: Tensor | float = 0.0
+    for index, grad in enumerate(grads):
+        slices = torch.stack([fisher.wide(d[index]).reshape(-1) for d in directions])
+        gram = slices @ slices.T
+        grad_dots = grad_dots + slices @ fisher.wide(grad).reshape(-1).to(slices.dtype)
+        sq = sq + gram
+        if damping_weights is not None:
+            weighted = weighted + damping_weights[index] * gram
+    return grad_dots, sq, weighted if damping_weights is not None else None  # type: ignore[return-value]
 
 
 def _jvp(
