@@ -59,7 +59,8 @@ LOSSES: dict[str, str] = {"cross_entropy": "torch.nn.functional:cross_entropy",
 LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
 # the losses that fit each task; the first is the task's default
 TASK_LOSSES: dict[str, tuple[str, ...]] = {
-    "classification": ("cross_entropy",), "reconstruction": ("mse", "bce"), "sequence": ("cross_entropy",)}
+    "classification": ("cross_entropy",), "reconstruction": ("mse", "bce"), "regression": ("mse", "bce"),
+    "sequence": ("cross_entropy",)}
 
 
 def optimizer(name: str) -> OptimizerSpec:

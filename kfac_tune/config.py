@@ -146,11 +146,13 @@ class ModelConfig(_Buildable):
     """A built-in architecture (``name`` + ``kwargs``) or ``callable: pkg.module:fn`` returning an ``nn.Module``.
 
     A callable is called as ``fn(input_shape=..., num_classes=..., **kwargs)``; ``task`` says whether its output
-    is class logits or a reconstruction of the (flattened) input. Built-ins know their task.
+    is class logits (the default), a reconstruction of the (flattened) input, or a regression of the data's
+    real-valued targets (``mse``, or ``bce`` for targets in [0, 1]; ``num_classes`` is then 0). Built-ins know
+    their task.
     """
 
     name: Annotated[str, _known("built-in architecture", lambda: _zoo("ARCHITECTURES"))] = "mlp"
-    task: Literal["classification", "reconstruction"] | None = None
+    task: Literal["classification", "reconstruction", "regression"] | None = None
 
     @property
     def architecture(self) -> str:

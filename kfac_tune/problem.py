@@ -124,6 +124,9 @@ def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
         field = "data.callable" if cfg.data.callable else "data.kwargs" if "argument" in str(error) else "data.name"
         raise cfg.problem(field, "expected a loadable dataset", Phrase(f"{type(error).__name__}: {error}")) from None
     task, loss = task_and_loss(cfg)
+    if task == "classification" and data.num_classes == 0:  # cross-entropy on real numbers: a loss of 0, silently
+        raise cfg.problem("model.task", "expected regression for data whose labels are real numbers (classification "
+                          "needs integer class labels)", Phrase(f"{cfg.model.task or 'classification (the default)'}"))
     if loss not in TASK_LOSSES[task]:
         raise cfg.problem("training.loss", f"expected a loss for {task} ({', '.join(TASK_LOSSES[task])})", loss)
     batch = min(cfg.data.batch_size, data.train_examples)

@@ -182,7 +182,10 @@ def _train_replica(cfg: Config, hparams: Mapping[str, Any], optimizer: str | Non
     data = load_data(cfg)
     task, loss_name = task_and_loss(cfg)
     loss_fn = loss_function(loss_name)
-    loss_fn = loss_fn if task != "sequence" else functools.partial(_per_position, loss_fn)
+    if task == "sequence":
+        loss_fn = functools.partial(_per_position, loss_fn)
+    elif task == "regression":
+        loss_fn = functools.partial(_shaped_like_output, loss_fn)
     torch.manual_seed(cfg.training.seed)
     model = make_model(cfg, data).to(device)
     if replica.world > 1:  # averages the gradients; K-FAC takes the wrapper and averages its statistics itself
@@ -342,6 +345,19 @@ def _per_position(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, targe
     return loss_fn(out.flatten(0, -2), target.flatten(), **kwargs)
 
 
+def _shaped_like_output(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, target: torch.Tensor,
+                        **kwargs: Any) -> torch.Tensor:
+    """A regression loss, on targets of the output's shape and dtype. Targets of ``(batch,)`` for an output of
+    ``(batch, 1)`` are the common case: ``F.mse_loss`` would broadcast them to ``batch × batch`` pairs (with only a
+    warning) and train on the wrong loss. Sizes that differ are an error naming both shapes."""
+    if target.shape != out.shape:
+        if target.numel() != out.numel():
+            raise ValueError(f"the model's output has shape {tuple(out.shape)} but the regression targets have "
+                             f"{tuple(target.shape)}: expected one output per target value")
+        target = target.reshape(out.shape)
+    return loss_fn(out, target.to(out.dtype), **kwargs)
+
+
 @torch.no_grad()
 def _evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], source: Split, task: str, batch_size: int,
               replica: _Replica, prefix: str = "eval") -> dict[str, float]:
@@ -366,8 +382,9 @@ def _evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], source: Sp
 
 
 def _target(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """What a batch's output is compared with: its labels, or for reconstruction its own (flattened) input."""
-    if task in ("classification", "sequence"):
+    """What a batch's output is compared with: its labels or targets, or for reconstruction its own (flattened)
+    input."""
+    if task in ("classification", "sequence", "regression"):
         return lambda x, y: y
     return lambda x, y: x.flatten(1)
 

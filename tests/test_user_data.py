@@ -183,3 +183,62 @@ def test_recipes_check_the_network(tmp_path: Path, optimizer: str, hyperparamete
         with pytest.raises(RecipeError, match="'mlp'.*Sequential.*strict=False"):
             KFAC.from_recipe(wider, recipe)
         assert KFAC.from_recipe(wider, recipe, strict=False).param_groups[0]["damping"] == 0.01
+
+
+# ------------------------------------------------------------------------------------------------ regression
+REGRESSION_PACKAGE = '''
+import torch
+from sklearn.datasets import load_diabetes
+from torch import nn
+
+
+def diabetes(column=False):
+    """scikit-learn's bundled diabetes data (442 patients, 10 features, disease progression): standardised, a
+    fixed shuffle, 350 / 92. Targets of shape (N,) by default, (N, 1) with column=True."""
+    d = load_diabetes()
+    x, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.float32)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = (x[order] - x.mean(0)) / x.std(0), (y[order] - y.mean()) / y.std()
+    y = y[:, None] if column else y
+    return x[:350], y[:350], x[350:], y[350:]
+
+
+def mlp(input_shape, num_classes, hidden=16, outputs=1):
+    return nn.Sequential(nn.Linear(input_shape[0], hidden), nn.Tanh(), nn.Linear(hidden, outputs))
+'''
+
+
+def _regression(tmp_path: Path, task: str | None = "regression", column: bool = False, outputs: int = 1) -> Path:
+    directory = tmp_path / "project"
+    directory.mkdir(exist_ok=True)
+    (directory / "regression_pkg.py").write_text(REGRESSION_PACKAGE)
+    model = {"callable": "regression_pkg:mlp", "kwargs": {"outputs": outputs}, **({"task": task} if task else {})}
+    return config_file(directory, {"callable": "regression_pkg:diabetes", "kwargs": {"column": column}},
+                       model=model, training={"steps": 60, "eval_every": 20, "device": "cpu", "threads": 1, "seed": 0})
+
+
+def test_a_regression_model_trains_on_real_valued_targets_of_either_shape(tmp_path: Path) -> None:
+    """``model.task: regression`` compares the output with the data's real-valued targets (mse by default), and
+    targets of shape (N,) train exactly as (N, 1) would against an (N, 1) output: F.mse_loss would otherwise
+    broadcast them to N × N pairs and train on the wrong loss. K-FAC's defaults fit the diabetes data."""
+    flat = curves(load_config(_regression(tmp_path, column=False)))
+    column = curves(load_config(_regression(tmp_path, column=True)))
+    assert flat == column
+    assert "eval_accuracy" not in flat[-1]
+    # standardised targets: predicting their mean scores about 1; the linear signal in these data explains half
+    assert flat[-1]["eval_loss"] < 0.7 and flat[-1]["test_loss"] < 0.7
+
+
+def test_real_valued_labels_with_the_default_task_stop_before_training(tmp_path: Path) -> None:
+    """Without ``task: regression`` a callable is a classifier, and cross-entropy against real numbers is 0 on every
+    trial (a study of perfect scores, measured): the preflight stops it, naming ``model.task``, exit 2."""
+    config = _regression(tmp_path, task=None)
+    result = cli("search", str(config), "--no-tracking", cwd=config.parent)
+    assert result.returncode == 2, result.stderr
+    assert "model.task: expected regression for data whose labels are real numbers" in result.stderr
+    assert "Traceback" not in result.stderr and not (config.parent / "study.db").exists()
+
+
+def test_a_regression_output_of_another_size_than_its_targets_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"output has shape \(64, 3\) but the regression targets have \(64,\)"):
+        train(load_config(_regression(tmp_path, outputs=3)), {})
