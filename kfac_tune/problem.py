@@ -10,15 +10,16 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from kfac_tune.augment import Augmented, training_transform
-from kfac_tune.catalog import TASK_LOSSES
+from kfac_tune.catalog import TASK_LOSSES, loss_function
 from kfac_tune.config import MAX_STEPS, AugmentConfig, Config, DataConfig, Phrase, import_callable
 from kfac_tune.optimizers import build_optimizer
 from kfac_tune.userdata import Data, DataProblem, as_datasets, call_data, hold_out_datasets
@@ -105,6 +106,71 @@ def task_and_loss(cfg: Config) -> tuple[str, str]:
     return task, cfg.training.loss or default_loss
 
 
+def objective_loss(task: str, loss_name: str) -> Callable[..., torch.Tensor]:
+    """What a batch's output and target are scored with: the torch functional ``loss_name`` (mean reduction, the
+    convention K-FAC's Fisher assumes), one term per position for sequences, on targets of the output's shape for
+    regression."""
+    loss_fn = loss_function(loss_name)
+    if task == "sequence":
+        return functools.partial(_per_position, loss_fn)
+    if task == "regression":
+        return functools.partial(_shaped_like_output, loss_fn)
+    return loss_fn
+
+
+def batch_target(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What a batch's output is compared with: its labels or targets, or for reconstruction its own (flattened)
+    input."""
+    if task in ("classification", "sequence", "regression"):
+        return lambda x, y: y
+    return lambda x, y: x.flatten(1)
+
+
+def _per_position(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, target: torch.Tensor,
+                  **kwargs: Any) -> torch.Tensor:
+    """A sequence model's loss: logits ``(batch, time, classes)`` against ``(batch, time)`` targets, one term per
+    position (the mean over all positions, the convention K-FAC's Fisher assumes)."""
+    return loss_fn(out.flatten(0, -2), target.flatten(), **kwargs)
+
+
+def _shaped_like_output(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, target: torch.Tensor,
+                        **kwargs: Any) -> torch.Tensor:
+    """A regression loss, on targets of the output's shape and dtype. Targets of ``(batch,)`` for an output of
+    ``(batch, 1)`` are the common case: ``F.mse_loss`` would broadcast them to ``batch × batch`` pairs (with only a
+    warning) and train on the wrong loss. Sizes that differ are an error naming both shapes."""
+    if target.shape != out.shape:
+        if target.numel() != out.numel():
+            raise ValueError(f"the model's output has shape {tuple(out.shape)} but the regression targets have "
+                             f"{tuple(target.shape)}: expected one output per target value")
+        target = target.reshape(out.shape)
+    return loss_fn(out, target.to(out.dtype), **kwargs)
+
+
+def check_output(model: nn.Module, data: Data, task: str, loss_name: str) -> None:
+    """Score the first two training examples, in eval mode and without gradients, as training will: a model whose
+    forward returns a tuple or a dict, fewer logits than the data has classes, or a regression output of another
+    size than its targets fails here, once, rather than in every trial. Raises what the forward or the loss
+    raises."""
+    if isinstance(data, DataBundle):
+        inputs, labels = data.train_x[:2], data.train_y[:2]
+    else:
+        inputs, labels = default_collate([data.train[i] for i in range(min(2, len(data.train)))])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(inputs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"its forward returns a {type(out).__name__}, not the one tensor the loss is computed "
+                            "from (return the logits or prediction alone)")
+        if task == "classification" and out.shape[-1] < data.num_classes:  # two labels may not show it
+            raise ValueError(f"its output has {out.shape[-1]} logits per example (shape {tuple(out.shape)}) but "
+                             f"the labels have {data.num_classes} classes")
+        objective_loss(task, loss_name)(out, batch_target(task)(inputs, labels))
+    finally:
+        model.train(was_training)
+
+
 def total_steps(cfg: Config, train_examples: int) -> int:
     """The step budget, or under ``training.budget.seconds`` the step cap (none given: effectively unlimited)."""
     if cfg.training.epochs is None:
@@ -139,6 +205,13 @@ def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
     except Exception as error:  # a user callable may raise anything
         where = "model.callable" if cfg.model.callable else "model.kwargs"
         raise cfg.problem(where, "expected a buildable model", Phrase(f"{type(error).__name__}: {error}")) from None
+    try:
+        check_output(model, data, task, loss)
+    except Exception as error:  # a user's forward may raise anything
+        where = "model.callable" if cfg.model.callable else "model.kwargs"
+        raise cfg.problem(where, f"expected a model whose output the {task} loss ({loss}) accepts on the training "
+                          "examples",
+                          Phrase(f"{type(error).__name__}: {error}")) from None
     try:
         opt = build_optimizer(cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss)
     except (TypeError, ValueError) as error:

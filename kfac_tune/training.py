@@ -17,7 +17,6 @@ pruner, MLflow) runs as it does for one process, and its answer (go on or stop) 
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -31,10 +30,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kfac_tune.batches import Split, split
-from kfac_tune.catalog import loss_function
 from kfac_tune.config import Config
 from kfac_tune.optimizers import build_optimizer
-from kfac_tune.problem import load_data, make_model, resolve_device, task_and_loss, total_steps
+from kfac_tune.problem import (batch_target, load_data, make_model, objective_loss, resolve_device,
+                               task_and_loss, total_steps)
 from kfac_tune.zoo import DataBundle
 
 EvalCallback = Callable[[int, dict[str, float]], None]
@@ -181,11 +180,7 @@ def _train_replica(cfg: Config, hparams: Mapping[str, Any], optimizer: str | Non
         device = torch.device("cuda", torch.cuda.current_device())  # the launcher gave this rank its GPU
     data = load_data(cfg)
     task, loss_name = task_and_loss(cfg)
-    loss_fn = loss_function(loss_name)
-    if task == "sequence":
-        loss_fn = functools.partial(_per_position, loss_fn)
-    elif task == "regression":
-        loss_fn = functools.partial(_shaped_like_output, loss_fn)
+    loss_fn = objective_loss(task, loss_name)
     torch.manual_seed(cfg.training.seed)
     model = make_model(cfg, data).to(device)
     if replica.world > 1:  # averages the gradients; K-FAC takes the wrapper and averages its statistics itself
@@ -275,7 +270,7 @@ def _loop(
     ``eval_every`` steps, or with ``eval_seconds`` after the first step that brings the training clock past each
     multiple of it: then an optimizer with a dearer step is not evaluated (and timed to a target, and pruned)
     on a coarser grid than a cheap one."""
-    target = _target(task)
+    target = batch_target(task)
     train = splits["train"].training(cfg.data.batch_size, cfg.training.seed, replica.part)
     network = model.module if isinstance(model, DistributedDataParallel) else model
     budget = cfg.training.budget.seconds if cfg.training.budget is not None else None
@@ -338,26 +333,6 @@ def _loop(
     return curves, longest
 
 
-def _per_position(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, target: torch.Tensor,
-                  **kwargs: Any) -> torch.Tensor:
-    """A sequence model's loss: logits ``(batch, time, classes)`` against ``(batch, time)`` targets, one term per
-    position (the mean over all positions, the convention K-FAC's Fisher assumes)."""
-    return loss_fn(out.flatten(0, -2), target.flatten(), **kwargs)
-
-
-def _shaped_like_output(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, target: torch.Tensor,
-                        **kwargs: Any) -> torch.Tensor:
-    """A regression loss, on targets of the output's shape and dtype. Targets of ``(batch,)`` for an output of
-    ``(batch, 1)`` are the common case: ``F.mse_loss`` would broadcast them to ``batch × batch`` pairs (with only a
-    warning) and train on the wrong loss. Sizes that differ are an error naming both shapes."""
-    if target.shape != out.shape:
-        if target.numel() != out.numel():
-            raise ValueError(f"the model's output has shape {tuple(out.shape)} but the regression targets have "
-                             f"{tuple(target.shape)}: expected one output per target value")
-        target = target.reshape(out.shape)
-    return loss_fn(out, target.to(out.dtype), **kwargs)
-
-
 @torch.no_grad()
 def _evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], source: Split, task: str, batch_size: int,
               replica: _Replica, prefix: str = "eval") -> dict[str, float]:
@@ -365,7 +340,7 @@ def _evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], source: Sp
     combined."""
     was_training = model.training
     model.eval()
-    target = _target(task)
+    target = batch_target(task)
     sums = torch.zeros(2, device=source.device)  # loss, correct
     for xb, yb in source.chunks(batch_size, replica.part):
         out = model(xb)
@@ -379,14 +354,6 @@ def _evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], source: Sp
     if task == "classification":
         metrics[f"{prefix}_accuracy"] = correct / len(source)
     return metrics
-
-
-def _target(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """What a batch's output is compared with: its labels or targets, or for reconstruction its own (flattened)
-    input."""
-    if task in ("classification", "sequence", "regression"):
-        return lambda x, y: y
-    return lambda x, y: x.flatten(1)
 
 
 def _divergence_limit(cfg: Config, first_loss: float) -> float:

@@ -73,16 +73,17 @@ HOLD_VARIABLE = "KFAC_TUNE_TEST_HOLD"
 
 
 def held_mlp(input_shape: tuple[int, ...], num_classes: int) -> object:
-    """A ``model.callable``: a small MLP whose forward pass waits forever in a process started with
+    """A ``model.callable``: a small MLP whose training forward pass waits forever in a process started with
     ``KFAC_TUNE_TEST_HOLD=1``, so a test can kill a search mid-trial without racing a trial's end, while the
-    same config trains normally elsewhere (the variable is not part of the config)."""
+    same config trains normally elsewhere (the variable is not part of the config). The preflight's forward pass
+    runs in eval mode and goes through."""
     import math
 
     from torch import nn
 
     class Held(nn.Sequential):
         def forward(self, x):  # type: ignore[no-untyped-def]
-            while os.environ.get(HOLD_VARIABLE) == "1":
+            while os.environ.get(HOLD_VARIABLE) == "1" and self.training:
                 time.sleep(0.1)
             return super().forward(x)
 

@@ -242,3 +242,47 @@ def test_real_valued_labels_with_the_default_task_stop_before_training(tmp_path:
 def test_a_regression_output_of_another_size_than_its_targets_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"output has shape \(64, 3\) but the regression targets have \(64,\)"):
         train(load_config(_regression(tmp_path, outputs=3)), {})
+
+
+BAD_OUTPUTS = '''
+import torch
+from torch import nn
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(64, 16), nn.Linear(16, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.hidden(x.flatten(1)))
+        return self.out(h), h
+
+
+def pair(input_shape, num_classes):
+    return TwoOutputs(num_classes)
+
+
+def five_logits(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+'''
+
+
+@pytest.mark.parametrize(("model", "task", "named"), [
+    ("bad_outputs:pair", None, "TypeError: its forward returns a tuple, not the one tensor the loss is computed from"),
+    ("bad_outputs:five_logits", None, "its output has 5 logits per example (shape (2, 5)) but the labels have 10 "
+                                      "classes"),
+    ("regression_pkg:mlp", "regression", "the model's output has shape (2, 3) but the regression targets have (2,)"),
+])
+def test_a_model_whose_output_the_loss_cannot_score_stops_before_training(tmp_path: Path, model: str,
+                                                                          task: str | None, named: str) -> None:
+    """The preflight scores two training examples as training will, so a forward that returns a tuple, too few
+    logits for the labels (two labels alone may not show it) or a regression output of another size than its
+    targets is one paragraph naming model.callable, exit 2, no study: not a failed trial after failed trial."""
+    config = _regression(tmp_path, outputs=3) if task else config_file(
+        tmp_path, {"name": "digits", "batch_size": 64}, model={"callable": model})
+    (config.parent / "bad_outputs.py").write_text(BAD_OUTPUTS)
+    result = cli("search", str(config), "--no-tracking", cwd=config.parent)
+    assert result.returncode == 2, result.stderr
+    assert "model.callable: expected a model whose output" in result.stderr and named in result.stderr
+    assert "Traceback" not in result.stderr and not (config.parent / "study.db").exists()
