@@ -163,15 +163,22 @@ class KroneckerBlock:
         return self.dG + root / pi, self.dA + pi * root
 
     # -- checkpointing ----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Optional[Tensor]]:
-        return {k: getattr(self, k) for k in STATE_KEYS}
+    def state_dict(self) -> dict[str, Any]:
+        # the π route's use counts travel too: a resumed run must pick the same route (explicit inverses or the
+        # eigenbasis), whose roundings differ at small λ
+        return {**{k: getattr(self, k) for k in STATE_KEYS},
+                "route": {"uses": self._uses, "lifetime": self._lifetime, "damping_used": self._damping_used}}
 
-    def load_state_dict(self, state: dict[str, Optional[Tensor]]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in STATE_KEYS:
             value = state.get(k)
             setattr(self, k, None if value is None else value.to(device=self.A.device, dtype=self.dtype))
         self._inverse_cache = None
-        self._end_lifetime()
+        route = state.get("route")
+        if route is None:  # a checkpoint from before the route was saved
+            self._end_lifetime()
+        else:
+            self._uses, self._lifetime, self._damping_used = route["uses"], route["lifetime"], route["damping_used"]
 
 
 def pi_factor(dA: Tensor, dG: Tensor) -> Tensor:

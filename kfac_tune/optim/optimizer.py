@@ -133,27 +133,28 @@ class KFAC(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 0.01,
+        lr: Optional[float] = None,
         damping: float = 1e-3,
-        momentum: float = 0.9,
+        momentum: Optional[float] = None,
         factor_decay: float = 0.95,
         inv_update_freq: int = 10,
         cov_update_freq: int = 1,
         loss: str = "cross_entropy",
         fisher: str = "true",
         weight_decay: float = 0.0,
-        kl_clip: Optional[float] = 1e-3,
+        kl_clip: Union[float, str, None] = "auto",
         damping_mode: str = "pi",
         damping_scale: str = "absolute",
-        adaptive_damping: bool = False,
-        adaptive_lr: bool = False,
-        adaptive_momentum: bool = False,
+        adaptive_damping: Optional[bool] = None,
+        adaptive_lr: Optional[bool] = None,
+        adaptive_momentum: Optional[bool] = None,
         damping_adaptation_interval: int = 5,
         damping_adaptation_decay: float = 0.95,
+        damping_rule: str = "trust-region",
         min_damping: float = 1e-8,
         max_damping: float = 1e8,
         damping_boost: Optional[float] = 10.0,
-        max_update_ratio: Optional[float] = 1.0,
+        max_update_ratio: Optional[float] = 1e3,
         rejection_ratio: Optional[float] = 4.0,
         stat_fraction: float = 1.0,
         exclude: Iterable[Exclude] = (),
@@ -165,10 +166,15 @@ class KFAC(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"KFAC needs the model (an nn.Module), got {type(model).__name__}")
+        kl_clip = resolve_kl_clip(kl_clip, loss)
+        # with lr, momentum and the adaptation flags left unset, step(closure) runs the automatic mode and a step
+        # without a closure the fixed-lr one (decided at the first step: _resolve_mode)
+        self._mode_unset = _mode_is_unset(lr, momentum, adaptive_damping, adaptive_lr, adaptive_momentum)
+        self._mode_by_default = False  # the automatic mode was chosen by step(closure), not asked for
         defaults = dict(
-            lr=lr,
+            lr=FIXED_LR if lr is None else lr,
             damping=damping,
-            momentum=momentum,
+            momentum=FIXED_MOMENTUM if momentum is None else momentum,
             factor_decay=factor_decay,
             inv_update_freq=inv_update_freq,
             cov_update_freq=cov_update_freq,
@@ -178,6 +184,9 @@ class KFAC(torch.optim.Optimizer):
         _validate(defaults, min_damping=min_damping, max_damping=max_damping)
         fisher_check(loss, fisher, damping_mode, stat_fraction, damping_adaptation_interval,
                      damping_adaptation_decay)
+        if damping_rule not in quadratic.DAMPING_RULES:
+            raise ValueError(f"KFAC: damping_rule={damping_rule!r}: expected one of "
+                             f"{', '.join(quadratic.DAMPING_RULES)}")
         _validate_safety(damping_scale, damping_boost, max_update_ratio, rejection_ratio)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -188,9 +197,11 @@ class KFAC(torch.optim.Optimizer):
         self.model = model
         self.loss, self.fisher, self.damping_mode = loss, fisher, damping_mode
         self.adaptive_damping, self.adaptive_lr, self.adaptive_momentum = (
-            adaptive_damping, adaptive_lr, adaptive_momentum)
+            bool(adaptive_damping), bool(adaptive_lr), bool(adaptive_momentum))
         self.damping_adaptation_interval = damping_adaptation_interval
         self.damping_adaptation_decay = damping_adaptation_decay
+        self.damping_rule = damping_rule
+        self._lm_failures = 0  # Levenberg–Marquardt evaluations in a row whose step made the objective worse
         self.min_damping, self.max_damping = min_damping, max_damping
         self.damping_scale, self.damping_boost = damping_scale, damping_boost
         self.max_update_ratio, self.rejection_ratio = max_update_ratio, rejection_ratio
@@ -223,6 +234,7 @@ class KFAC(torch.optim.Optimizer):
         self._skipped = torch.zeros((), dtype=torch.long, device=device)
         self._skipped_seen = 0
         self.rejected_steps = 0
+        self.lm_rejected_steps = 0
         self._loss_reference: Optional[float] = None  # running mean of accepted steps' losses (rejection_ratio)
         self._loss_initial: Optional[float] = None  # the first loss seen: a loss above it means divergence
         self._scales: dict[str, float] = {}  # curvature scale of each block's decomposition (relative damping)
@@ -268,6 +280,7 @@ class KFAC(torch.optim.Optimizer):
         "adaptive_momentum",
         "damping_adaptation_interval",
         "damping_adaptation_decay",
+        "damping_rule",
         "min_damping",
         "max_damping",
         "stat_fraction",
@@ -285,13 +298,24 @@ class KFAC(torch.optim.Optimizer):
         "damping_boost": None,
         "max_update_ratio": None,
         "rejection_ratio": None,
+        "damping_rule": "martens",
     }
 
     # ------------------------------------------------------------------------------------------------ recipes
     @classmethod
     def complete_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
-        """``arguments`` with every hyperparameter and convention filled in from the constructor's defaults."""
-        return {**cls.defaults(), **arguments}
+        """``arguments`` with every hyperparameter and convention filled in from the constructor's defaults, the
+        loss-dependent ``kl_clip="auto"`` resolved for the loss they name (a store holds what ran)."""
+        complete = {**cls.defaults(), **arguments}
+        complete["kl_clip"] = resolve_kl_clip(complete["kl_clip"], arguments.get("loss", complete["loss"]))
+        # stores describe runs with step(closure) (the tool's loop, a recipe's): unset, that is the automatic mode
+        automatic = _mode_is_unset(*(complete[k] for k in ("lr", "momentum", "adaptive_damping", "adaptive_lr",
+                                                            "adaptive_momentum")))
+        for flag in ("adaptive_damping", "adaptive_lr", "adaptive_momentum"):
+            complete[flag] = automatic if complete[flag] is None else complete[flag]
+        complete["lr"] = FIXED_LR if complete["lr"] is None else complete["lr"]
+        complete["momentum"] = FIXED_MOMENTUM if complete["momentum"] is None else complete["momentum"]
+        return complete
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -306,10 +330,10 @@ class KFAC(torch.optim.Optimizer):
         """Constructor arguments read back from a store (a recipe): complete ones written before a convention in
         :attr:`LEGACY` existed get its old meaning pinned, so that they reproduce what was run."""
         arguments = dict(arguments)
-        # complete_arguments writes every hyperparameter; a store that has them all but none of the newer
-        # conventions was written before those existed
-        if set(cls.HYPERPARAMETERS) <= set(arguments) and not set(cls.LEGACY) & set(arguments):
-            arguments.update(cls.LEGACY)
+        # complete_arguments writes every hyperparameter and convention; a complete store that lacks a convention
+        # was written before that convention existed, and gets what it meant then
+        if set(cls.HYPERPARAMETERS) <= set(arguments):
+            arguments = {**{k: v for k, v in cls.LEGACY.items() if k not in arguments}, **arguments}
         return arguments
 
     @classmethod
@@ -330,8 +354,9 @@ class KFAC(torch.optim.Optimizer):
             handle.remove()
         self._handles.clear()
 
-    # rejected_steps (an attribute): updates undone because the loss after them was too high (rejection_ratio, or
-    # Levenberg–Marquardt on its adaptation steps)
+    # rejected_steps (an attribute): updates undone because the loss after them blew up (rejection_ratio);
+    # lm_rejected_steps: updates the Levenberg–Marquardt trust region undid (ρ ≤ 0 on its adaptation steps, the
+    # rule working as meant: one evaluation each)
 
     @property
     def skipped_steps(self) -> int:
@@ -452,6 +477,12 @@ class KFAC(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:  # type: ignore[override]
         """One K-FAC update; with ``closure`` it first evaluates the loss and gradients (and may re-evaluate
         the loss for Levenberg–Marquardt damping)."""
+        if self._mode_unset:
+            self._resolve_mode(closure is not None)
+        if closure is None and self.adaptive_damping:
+            raise RuntimeError("KFAC(adaptive_damping=True) needs step(closure): the damping rule re-evaluates "
+                               "the loss after the update (the automatic mode: adaptive_damping, adaptive_lr, "
+                               "adaptive_momentum); without a closure, use the fixed-lr mode")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -481,6 +512,13 @@ class KFAC(torch.optim.Optimizer):
         self._steps += 1
         return loss
 
+    def _resolve_mode(self, closure: bool) -> None:
+        """At the first step of an optimizer whose mode was left unset: the automatic mode (Levenberg–Marquardt
+        damping, quadratic-model lr and momentum) when called with a closure, the fixed-lr mode otherwise."""
+        self.adaptive_damping = self.adaptive_lr = self.adaptive_momentum = closure
+        self._mode_unset = False
+        self._mode_by_default = closure
+
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], direction: list[Tensor],
                 closure: Optional[Callable[[], Tensor]], loss: Optional[Tensor]) -> None:
         """δ = α Δ + μ δ_prev with α, μ fixed (and KL-clipped) or from the quadratic model; then LM damping."""
@@ -488,7 +526,18 @@ class KFAC(torch.optim.Optimizer):
         has_prev = all(d is not None for d in prev)
         quad = None
         if self.adaptive_lr or self.adaptive_momentum:
-            quad, coeffs = self._solve_step(group, params, grads, direction, prev if has_prev else None)
+            try:
+                quad, coeffs = self._solve_step(group, params, grads, direction, prev if has_prev else None)
+            except quadratic.ForwardModeUnsupported as error:
+                if not self._mode_by_default:
+                    raise
+                # the user asked for no mode: the one that needs only the backward pass trains this model
+                warnings.warn(f"{error}. KFAC(model) was given no mode, so it continues in the fixed-lr mode "
+                              f"(lr {group['lr']}, momentum {group['momentum']})", KFACWarning,
+                              stacklevel=user_stacklevel())
+                self.adaptive_damping = self.adaptive_lr = self.adaptive_momentum = False
+                self._mode_by_default = False
+                return self._update(group, params, grads, direction, closure, loss)
             alpha, mu = coeffs[0], (coeffs[1] if has_prev else 0.0)
         else:
             alpha = group["lr"] * self._kl_scale(group, grads, direction)
@@ -498,8 +547,20 @@ class KFAC(torch.optim.Optimizer):
         if mu:
             torch._foreach_add_(update, prev, alpha=float(mu))
         applied = self._apply(params, update)
-        if self.adaptive_damping and (self._steps + 1) % self.damping_adaptation_interval == 0:
+        if self.adaptive_damping and self._adaptation_due():
             self._adapt_damping(group, closure, loss, params, grads, applied, quad, (alpha, mu), has_prev)
+
+    def _adaptation_due(self) -> bool:
+        """Levenberg–Marquardt looks at every ``damping_adaptation_interval``-th step, and at every step while the
+        trust region has not found its scale: the first interval (λ₀ is a guess; an unchecked first step from
+        fresh factors multiplied a convnet's loss 100x) and after a step it undid, until one succeeds.  A miss
+        then costs one evaluation, not a run of unchecked steps at a λ known to be too small."""
+        steps = self._steps + 1
+        if steps % self.damping_adaptation_interval == 0:
+            return True
+        # Martens & Grosse's schedule (damping_rule="martens", what stored recipes ran) looks at the interval only
+        return self.damping_rule == "trust-region" and (steps <= self.damping_adaptation_interval
+                                                        or self._lm_failures > 0)
 
     def _statistics_pass(self) -> None:
         """Forward the recorded first examples of the batch and run the sampled backward pass on them alone.
@@ -715,12 +776,16 @@ class KFAC(torch.optim.Optimizer):
             predicted = quad.change([1.0])
         else:
             predicted = quad.change([float(coeffs[0]), float(coeffs[1])] if has_prev else [float(coeffs[0])])
+        # the re-evaluation is a measurement, not a training pass: batch-norm running statistics are put back
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
         self._hooks_enabled = False
         try:
             with torch.enable_grad():
                 evaluated = closure()
         finally:
             self._hooks_enabled = True
+            for b, saved in buffers:
+                b.copy_(saved)
         new_loss, old_loss = self._mean_over_ranks(evaluated, loss)
         wd = group["weight_decay"]
         l2 = 0.0
@@ -736,10 +801,15 @@ class KFAC(torch.optim.Optimizer):
             for p, u in zip(params, update):
                 p.sub_(u)
                 self.state[p].pop("delta", None)
-            self.rejected_steps += 1
-        group["damping"] = quadratic.new_damping(
-            group["damping"], rho, self.damping_adaptation_decay, self.damping_adaptation_interval,
-            self.min_damping, self.max_damping, boost=self.damping_boost if rejected else None)
+            self.lm_rejected_steps += 1
+        if self.damping_rule == "trust-region":
+            group["damping"], self._lm_failures = quadratic.trust_region_damping(
+                group["damping"], rho if not rejected else float("nan"), self._lm_failures,
+                self.damping_adaptation_interval, self.min_damping, self.max_damping)
+        else:
+            group["damping"] = quadratic.new_damping(
+                group["damping"], rho, self.damping_adaptation_decay, self.damping_adaptation_interval,
+                self.min_damping, self.max_damping, boost=self.damping_boost if rejected else None)
         self.last_rho = rho
 
     def _mean_over_ranks(self, *values: Union[Tensor, float]) -> list[float]:
@@ -756,6 +826,9 @@ class KFAC(torch.optim.Optimizer):
             "steps": self._steps,
             "skipped": self._skipped.clone(),
             "skipped_seen": self._skipped_seen,
+            "lm_failures": self._lm_failures,
+            "loss_reference": self._loss_reference,
+            "loss_initial": self._loss_initial,
             "generator": None if self._generator is None else self._generator.get_state(),
             "blocks": {name: block.state_dict() for name, (_, block) in self.layers.items()},
         }
@@ -772,11 +845,36 @@ class KFAC(torch.optim.Optimizer):
         self._steps = extra["steps"]
         self._skipped = extra["skipped"].to(self._skipped.device)
         self._skipped_seen = extra["skipped_seen"]
+        self._lm_failures = extra.get("lm_failures", 0)
+        self._loss_reference = extra.get("loss_reference")
+        self._loss_initial = extra.get("loss_initial")
         if extra["generator"] is not None and self._generator is not None:
             self._generator.set_state(extra["generator"])
         for name, (_, block) in self.layers.items():
             block.load_state_dict(extra["blocks"][name])
         self._stale = set(self.layers)  # as the run that saved it may have been: a repeat decomposition is the same
+
+
+KL_CLIP = 1e-3  # tf-kfac's and kfac-pytorch's default bound, in nats
+FIXED_LR, FIXED_MOMENTUM = 0.01, 0.9  # the fixed-lr mode's step size and momentum when not given
+
+
+def _mode_is_unset(lr: Optional[float], momentum: Optional[float], *flags: Optional[bool]) -> bool:
+    """True when nothing chose the mode: no lr, no momentum, and every adaptation flag unset (None)."""
+    return lr is None and momentum is None and all(flag is None for flag in flags)
+
+
+def resolve_kl_clip(kl_clip: Union[float, str, None], loss: str) -> Optional[float]:
+    """``"auto"``: KL-clipping at 1e-3 nats for the losses whose KL is unit-free (a categorical or Bernoulli output
+    distribution: ``cross_entropy``, ``bce``), off for ``mse``.  The "KL" of a unit-variance Gaussian is in the
+    targets' squared units, so no single bound means the same on every regression, and a Gauss-Newton step has a
+    KL of half the loss: 1e-3 shrank it 4,000x on targets of scale 100 (measured, issue 24), while the bound never
+    fired on the MSE workloads it was meant to guard (the digits autoencoder: identical runs with and without)."""
+    if kl_clip == "auto":
+        return None if loss == "mse" else KL_CLIP
+    if isinstance(kl_clip, str):
+        raise ValueError(f"KFAC: kl_clip={kl_clip!r}: expected a number > 0, None (off) or 'auto'")
+    return kl_clip
 
 
 def _check_same_layers(layers: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
