@@ -395,7 +395,9 @@ def test_relative_damping_damps_each_block_by_its_mean_eigenvalue() -> None:
     opt.close()
 
 
-def _conv(dims: int, **kw) -> nn.Module:
+def _conv(dims: int, transposed: bool = False, **kw) -> nn.Module:
+    if transposed:
+        return {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims](**kw)
     return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](**kw)
 
 
@@ -406,10 +408,15 @@ def _conv(dims: int, **kw) -> nn.Module:
     (2, dict(stride=1, padding=1, dilation=1, padding_mode="circular")),
     (3, dict(stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2))),
     (3, dict(stride=1, padding=1, dilation=1, bias=False, padding_mode="replicate")),
+    (1, dict(transposed=True, stride=2, padding=1, dilation=1, output_padding=1)),
+    (1, dict(transposed=True, stride=1, padding=3, dilation=1)),  # padding beyond d(k-1): the input is cropped
+    (2, dict(transposed=True, stride=(2, 1), padding=(0, 1), dilation=(1, 2))),
+    (3, dict(transposed=True, stride=2, padding=1, dilation=1, output_padding=(1, 0, 1), bias=False)),
 ])
 def test_convolution_rows_reproduce_the_autograd_weight_gradient(dims: int, options: dict) -> None:
-    """KFC's rows for Conv1d/2d/3d: Σ_rows g aᵀ (patches of the padded input, gradients per output location) is
-    the gradient autograd gives the weight (and bias), for strides, dilations, paddings and padding modes."""
+    """KFC's rows for Conv1d/2d/3d and ConvTranspose1d/2d/3d: Σ_rows g aᵀ (patches of the padded -- for a
+    transposed convolution the zero-upsampled -- input, gradients per output location) is the gradient autograd
+    gives the weight (and bias), for strides, dilations, paddings and padding modes."""
     torch.manual_seed(20)
     kernel = 2 if options.get("padding") == "same" and dims == 2 else 3
     conv = _conv(dims, in_channels=2, out_channels=3, kernel_size=kernel, **options)
@@ -429,20 +436,22 @@ def test_convolution_rows_reproduce_the_autograd_weight_gradient(dims: int, opti
     opt.close()
 
 
-@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("dims,transposed", [(1, False), (2, False), (3, False), (1, True), (2, True), (3, True)])
 @pytest.mark.parametrize("frozen", [None, "bias", "weight"])
-def test_convolution_step_at_one_location_is_the_exact_natural_gradient(dims: int, frozen: str) -> None:
+def test_convolution_step_at_one_location_is_the_exact_natural_gradient(dims: int, transposed: bool,
+                                                                         frozen: str) -> None:
     """A kernel that covers the input has one output location: each example is a Linear on its flattened input,
-    and with MSE (constant output Hessian) K-FAC's A ⊗ G is the exact GGN over a batch of examples. The step is
-    −(GGN + λI)⁻¹ ∇h over the trainable parameters, with a frozen bias (no ones column) or a frozen weight (a
-    bias-only block) too."""
+    and with MSE (constant output Hessian) K-FAC's A ⊗ G is the exact GGN over a batch of examples. A transposed
+    convolution of a one-location input is exact likewise (each output location sees the input through its own
+    kernel offset, the others being zero padding). The step is −(GGN + λI)⁻¹ ∇h over the trainable parameters,
+    with a frozen bias (no ones column) or a frozen weight (a bias-only block) too."""
     torch.manual_seed(21)
-    conv = _conv(dims, in_channels=2, out_channels=3, kernel_size=2)
+    conv = _conv(dims, transposed, in_channels=2, out_channels=3, kernel_size=2, stride=2 if transposed else 1)
     model = nn.Sequential(conv, nn.Flatten())
     if frozen is not None:
         getattr(conv, frozen).requires_grad_(False)
-    x = torch.randn(7, 2, *[2] * dims)
-    y = torch.randn(7, 3)
+    x = torch.randn(7, 2, *[1 if transposed else 2] * dims)
+    y = torch.randn(7, 3 * (2**dims if transposed else 1))
     damping = 1e-4
     ggn = _trainable_ggn(model, x, y, "mse")
     opt = exact_kfac(model, fisher="exact", loss="mse", damping=damping, damping_mode="exact")

@@ -166,7 +166,7 @@ class ConvHelper(LayerHelper):
         m = self.module
         if m.groups != 1:
             raise UnsupportedLayer(f"grouped convolution (groups={m.groups})")
-        self.pad = _pad_widths(m)
+        self.pad = _pad_widths(m) if not m.transposed else ()
         self.pad_mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
 
     @property
@@ -180,6 +180,45 @@ class ConvHelper(LayerHelper):
 
     def g_rows(self, g: Tensor) -> Tensor:
         return g.movedim(1, -1).reshape(-1, g.shape[1])
+
+
+class ConvTransposeHelper(ConvHelper):
+    """``nn.ConvTranspose{1,2,3}d`` (groups=1): a transposed convolution is a convolution, so KFC applies as is.
+
+    With stride ``s``, padding ``p``, dilation ``d`` and output padding ``o``, ``y = conv(u, W')`` where ``u`` is
+    the input with ``s − 1`` zeros between neighbours, padded by ``d(k−1) − p`` on each side (cropped where that
+    is negative) and ``o`` more on the right, and ``W'[o, i, k] = W[i, o, K−1−k]`` (the kernel flipped, in and out
+    swapped); the rows are the patches of ``u`` under a unit-stride convolution.  A forward call given
+    ``output_size`` may add output padding beyond the module's ``output_padding``; the extra output locations
+    then have gradient rows but no patch rows (their input is zero padding, so ``A`` misses only zero rows).
+    """
+
+    module: nn.modules.conv._ConvTransposeNd
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        m = self.module
+        spatial = zip(m.kernel_size, m.padding, m.dilation, m.output_padding)
+        widths = [(d * (k - 1) - p, d * (k - 1) - p + o) for k, p, d, o in spatial]
+        self.pad = tuple(w for pair in reversed(widths) for w in pair)
+
+    @property
+    def g_dim(self) -> int:
+        return self.module.out_channels
+
+    def _input_rows(self, x: Tensor) -> Tensor:
+        m = self.module
+        upsampled = x.new_zeros(*x.shape[:2], *[(n - 1) * s + 1 for n, s in zip(x.shape[2:], m.stride)])
+        upsampled[(..., *[slice(None, None, s) for s in m.stride])] = x
+        return conv_patches(upsampled, m.kernel_size, (1,) * len(m.stride), m.dilation, self.pad)
+
+    def weight_matrix(self, w: Tensor) -> Tensor:
+        spatial = tuple(range(2, w.dim()))
+        return w.flip(spatial).transpose(0, 1).reshape(w.shape[1], -1)
+
+    def _unmatrix(self, mat: Tensor, shape: torch.Size) -> Tensor:
+        spatial = tuple(range(2, len(shape)))
+        return mat.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1).flip(spatial)
 
 
 def conv_patches(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],

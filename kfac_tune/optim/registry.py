@@ -18,7 +18,8 @@ from typing import Callable, Optional, TypeVar
 
 from torch import nn
 
-from kfac_tune.optim.capture import ConvHelper, LayerHelper, LinearHelper, UnsupportedLayer, unsupported_reason
+from kfac_tune.optim.capture import (ConvHelper, ConvTransposeHelper, LayerHelper, LinearHelper, UnsupportedLayer,
+                                    unsupported_reason)
 from kfac_tune.optim.layers import EmbeddingHelper, NormHelper
 from kfac_tune.optim.temporal import TemporalHelper, is_time_shared
 
@@ -78,6 +79,8 @@ def make_helper(module: nn.Module, temporal: str = "independent") -> Optional[La
 register_layer(nn.Linear, LinearHelper)
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer(_conv, ConvHelper)
+for _transposed in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_layer(_transposed, ConvTransposeHelper)
 register_layer(nn.Embedding, EmbeddingHelper)
 for _norm in (nn.LayerNorm, nn.modules.batchnorm._BatchNorm):
     register_layer(_norm, NormHelper)
