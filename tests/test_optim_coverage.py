@@ -243,3 +243,15 @@ def test_numpy_scalars_are_accepted_as_plain_numbers() -> None:
     group = opt.param_groups[0]
     assert group["inv_update_freq"] == 5 and type(group["inv_update_freq"]) is int
     assert type(group["lr"]) is float and type(group["cov_update_freq"]) is int
+
+
+def test_one_logit_under_the_default_cross_entropy_asks_for_the_loss() -> None:
+    """``loss`` defaults to cross-entropy (documented); a regression model that forgot to name its loss has one
+    output per row, where cross-entropy has no curvature: its first forward pass says which loss to name."""
+    model = nn.Sequential(nn.Linear(3, 1))
+    KFAC(model)
+    with pytest.raises(ValueError, match="loss='mse'"):
+        model(torch.randn(4, 3))
+    regression = nn.Sequential(nn.Linear(3, 1))
+    KFAC(regression, loss="mse")
+    assert regression(torch.randn(4, 3)).shape == (4, 1)

@@ -78,7 +78,10 @@ class KFAC(torch.optim.Optimizer):
         inv_update_freq: steps between eigendecompositions of the factors (amortised inverses).
         cov_update_freq: steps between factor updates; other steps skip the statistics entirely.
         loss: ``"cross_entropy"`` | ``"mse"`` | ``"bce"``: the torch functional (``reduction="mean"``) whose Fisher
-            is approximated; see :mod:`kfac_tune.optim.fisher` for the exact convention.
+            is approximated; see :mod:`kfac_tune.optim.fisher` for the exact convention.  The default is the
+            classification case, cross-entropy over the last dimension; a regression or reconstruction model must
+            name its loss (an output with one logit per row under cross-entropy is an error at the first forward
+            pass; other mismatches cannot be seen from the output and give the wrong curvature).
         fisher: ``"true"`` (targets sampled from the model, the default), ``"empirical"`` (the real gradients) or
             ``"exact"`` (one backward pass per output dimension; small outputs only).
         weight_decay: L2 coefficient η, added to the gradient, the damping and the quadratic model.
@@ -373,6 +376,13 @@ class KFAC(torch.optim.Optimizer):
             raise TypeError(
                 f"KFAC needs the model's output to be the tensor the loss is computed from; got "
                 f"{type(output).__name__}. Wrap the model so that forward() returns that tensor."
+            )
+        if self.loss == "cross_entropy" and output.dim() > 0 and output.shape[-1] == 1:
+            raise ValueError(
+                f"KFAC(loss='cross_entropy', the default) sees an output of shape {tuple(output.shape)}: one logit "
+                "per row, over which cross-entropy is 0 and has no curvature. Name the loss you minimise: "
+                "loss='mse' (F.mse_loss, regression) or loss='bce' (F.binary_cross_entropy_with_logits, one logit "
+                "per binary label)."
             )
         if self._capturing and output.requires_grad:
             self._loss_count = fisher.loss_count(self.loss, output)
