@@ -92,6 +92,7 @@ def test_exclude_given_one_string_means_that_name() -> None:
     """A string is one entry (it was iterated character by character, so nothing was excluded)."""
     model = _named(encoder=nn.Linear(3, 4), head=nn.Linear(4, 2))
     assert set(KFAC(model, exclude="head").layers) == {"encoder"}
+    assert set(KFAC(model, exclude=None).layers) == {"encoder", "head"}
     assert set(KFAC(_named(a=nn.Linear(3, 3), b=nn.Conv1d(3, 3, 1)), exclude="Conv1d").layers) == {"a"}
 
 

@@ -9,6 +9,7 @@ modules otherwise.  The result, :class:`Coverage`, is what ``KFAC.coverage`` sho
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Union
@@ -37,9 +38,9 @@ class Coverage:
     total_numel: int = 0
 
     def __str__(self) -> str:
-        share = 100.0 * self.curvature_numel / max(self.total_numel, 1)
+        share = math.floor(100.0 * self.curvature_numel / max(self.total_numel, 1))  # 100% only when it is all
         line = (f"KFAC: curvature for {len(self.helpers)} layer{'s' * (len(self.helpers) != 1)} "
-                f"({self.curvature_tensors} tensors, {share:.0f}% of parameters)")
+                f"({self.curvature_tensors} tensors, {share}% of parameters)")
         if not self.fallback:
             return line + "; no first-order fallback"
         by_reason: dict[str, list[str]] = {}
@@ -52,7 +53,7 @@ class Coverage:
         return f"{line}; first-order fallback for {len(self.fallback)} tensors: {'; '.join(parts)}"
 
 
-def find_layers(model: nn.Module, exclude: Union[Exclude, Iterable[Exclude]],
+def find_layers(model: nn.Module, exclude: Union[None, Exclude, Iterable[Exclude]],
                 temporal_of: Callable[[str], str]) -> Coverage:
     """The coverage of ``model``: see the module docstring.  ``temporal_of(name)`` is layer ``name``'s temporal
     model."""
@@ -91,11 +92,14 @@ def find_layers(model: nn.Module, exclude: Union[Exclude, Iterable[Exclude]],
     return coverage
 
 
-def excluded_names(modules: dict[str, nn.Module], exclude: Union[Exclude, Iterable[Exclude]]) -> set[str]:
+def excluded_names(modules: dict[str, nn.Module], exclude: Union[None, Exclude, Iterable[Exclude]]
+                   ) -> set[str]:
     """Names of the modules ``exclude`` covers.  An entry is a module name or a dotted prefix of names
     (``"encoder"`` covers ``"encoder.0"``), a class name (``"Conv2d"``), a module type or a module instance; one
-    string, type or module alone is one entry.  An entry that matches no module is refused with the list of
+    string, type or module alone is one entry, None none.  An entry that matches no module is refused with the list of
     what exists."""
+    if exclude is None:
+        return set()
     entries = [exclude] if isinstance(exclude, (str, type, nn.Module)) else list(exclude)
     names: set[str] = set()
     for entry in entries:
