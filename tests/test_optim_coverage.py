@@ -256,3 +256,12 @@ def test_one_logit_under_the_default_cross_entropy_asks_for_the_loss() -> None:
     regression = nn.Sequential(nn.Linear(3, 1))
     KFAC(regression, loss="mse")
     assert regression(torch.randn(4, 3)).shape == (4, 1)
+
+
+def test_a_layer_without_a_block_for_its_configuration_falls_back_with_the_reason() -> None:
+    model = nn.Sequential(nn.ConvTranspose1d(4, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 4, 5))  # materialise the lazy layer
+    opt = KFAC(model)
+    assert set(opt.layers) == {"2"}
+    assert opt.coverage.fallback == {"0.weight": "ConvTranspose1d: grouped transposed convolution (groups=2)",
+                                     "0.bias": "ConvTranspose1d: grouped transposed convolution (groups=2)"}

@@ -436,22 +436,26 @@ def test_convolution_rows_reproduce_the_autograd_weight_gradient(dims: int, opti
     opt.close()
 
 
-@pytest.mark.parametrize("dims,transposed", [(1, False), (2, False), (3, False), (1, True), (2, True), (3, True)])
+@pytest.mark.parametrize("dims,transposed,groups", [(1, False, 1), (2, False, 1), (3, False, 1), (1, True, 1),
+                                                    (2, True, 1), (3, True, 1), (2, False, 2), (1, False, 4)])
 @pytest.mark.parametrize("frozen", [None, "bias", "weight"])
-def test_convolution_step_at_one_location_is_the_exact_natural_gradient(dims: int, transposed: bool,
+def test_convolution_step_at_one_location_is_the_exact_natural_gradient(dims: int, transposed: bool, groups: int,
                                                                          frozen: str) -> None:
     """A kernel that covers the input has one output location: each example is a Linear on its flattened input,
     and with MSE (constant output Hessian) K-FAC's A ⊗ G is the exact GGN over a batch of examples. A transposed
     convolution of a one-location input is exact likewise (each output location sees the input through its own
-    kernel offset, the others being zero padding). The step is −(GGN + λI)⁻¹ ∇h over the trainable parameters,
-    with a frozen bias (no ones column) or a frozen weight (a bias-only block) too."""
+    kernel offset, the others being zero padding); so is a grouped (or depthwise) one, whose groups reach disjoint
+    outputs (the GGN has no blocks between them under MSE). The step is −(GGN + λI)⁻¹ ∇h over the trainable
+    parameters, with a frozen bias (no ones column) or a frozen weight (a bias-only block) too."""
     torch.manual_seed(21)
-    conv = _conv(dims, transposed, in_channels=2, out_channels=3, kernel_size=2, stride=2 if transposed else 1)
+    channels = 4 if groups > 1 else 2
+    conv = _conv(dims, transposed, in_channels=channels, out_channels=channels if groups > 1 else 3, kernel_size=2,
+                 stride=2 if transposed else 1, groups=groups)
     model = nn.Sequential(conv, nn.Flatten())
     if frozen is not None:
         getattr(conv, frozen).requires_grad_(False)
-    x = torch.randn(7, 2, *[1 if transposed else 2] * dims)
-    y = torch.randn(7, 3 * (2**dims if transposed else 1))
+    x = torch.randn(7, channels, *[1 if transposed else 2] * dims)
+    y = torch.randn_like(model(x))
     damping = 1e-4
     ggn = _trainable_ggn(model, x, y, "mse")
     opt = exact_kfac(model, fisher="exact", loss="mse", damping=damping, damping_mode="exact")
@@ -502,3 +506,49 @@ def test_one_newton_step_on_a_linear_layer_with_a_frozen_part_reaches_the_minimu
     else:
         minimum = F.mse_loss((y - x @ layer.weight.detach().T).mean(0) + x @ layer.weight.detach().T, y)
     assert float(F.mse_loss(model(x), y).detach()) == pytest.approx(float(minimum), rel=1e-8)
+
+
+@pytest.mark.parametrize("options", [dict(groups=2, stride=2, padding=1), dict(groups=4, padding="same", dilation=2)])
+def test_grouped_convolution_rows_reproduce_the_autograd_weight_gradient_per_group(options: dict) -> None:
+    """Each group's rows (its input channels' patches, its output channels' gradients) give autograd's gradient
+    of that group's slice of the weight (and bias); the block holds one A_j ⊗ G_j per group."""
+    from kfac_tune.optim.blocks import GroupedKroneckerBlock
+
+    torch.manual_seed(23)
+    conv = nn.Conv2d(4, 8, kernel_size=3, **options)
+    model = nn.Sequential(conv, nn.Flatten())
+    x = torch.randn(2, 4, 6, 6)
+    opt = exact_kfac(model, fisher="empirical", loss="mse")
+    helper, block = opt.layers["0"]
+    groups = options["groups"]
+    assert isinstance(block, GroupedKroneckerBlock) and block.averages["A"].shape == (groups, 4 // groups * 9 + 1,
+                                                                                       4 // groups * 9 + 1)
+    target = torch.randn_like(conv(x))
+    F.mse_loss(conv(x), target).backward()
+    s = conv(x).detach().requires_grad_(True)
+    (ds,) = torch.autograd.grad(F.mse_loss(s, target), [s])
+    expected = helper.as_matrix([p.grad for p in helper.params]).reshape(groups, 8 // groups, -1)
+    patches = helper._input_rows(x).reshape(-1, groups, 4 // groups * 9)
+    a = torch.cat([patches, torch.ones(patches.shape[0], groups, 1)], dim=2)
+    g = helper.g_rows(ds).reshape(-1, groups, 8 // groups)
+    torch.testing.assert_close(torch.einsum("rgo,rga->goa", g, a), expected)
+    opt.close()
+
+
+def test_grouped_block_preconditions_each_group_as_its_own_kronecker_block() -> None:
+    """π and exact damping of a grouped block equal, group by group, those of a Kronecker block with the same
+    factors (itself checked against a solve above)."""
+    from kfac_tune.optim.blocks import GroupedKroneckerBlock
+
+    torch.manual_seed(24)
+    singles = [_decomposed_block(5, 3) for _ in range(2)]
+    grouped = GroupedKroneckerBlock(2, 5, 3, torch.device("cpu"), torch.float64)
+    factors = [b.factors() for b in singles]
+    grouped.update({"A": torch.stack([f[0] for f in factors]), "G": torch.stack([f[1] for f in factors])}, 0.0)
+    grouped.decompose()
+    grad = torch.randn(6, 5)
+    for mode in ("pi", "exact"):
+        expected = torch.cat([b.precondition(grad[3 * j: 3 * (j + 1)], 0.05, mode) for j, b in enumerate(singles)])
+        torch.testing.assert_close(grouped.precondition(grad, 0.05, mode), expected)
+    scale = sum(float(b.curvature_scale()) for b in singles) / 2
+    assert float(grouped.curvature_scale()) == pytest.approx(scale, rel=1e-10)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kfac_tune.optim.blocks import KroneckerBlock
+from kfac_tune.optim.blocks import GroupedKroneckerBlock, KroneckerBlock
 from kfac_tune.optim.statistics import KroneckerStatistics, Statistics
 
 
@@ -91,6 +91,10 @@ class LayerHelper:
         """Output-gradient rows, ``(rows, g_dim)``."""
         raise NotImplementedError
 
+    def g_moment(self, rows: Tensor) -> Tensor:
+        """``Σ_rows g gᵀ`` of output-gradient rows."""
+        return rows.T @ rows
+
     def weight_matrix(self, w: Tensor) -> Tensor:
         """A weight-shaped tensor as the ``(g_dim, input_dim)`` matrix the block sees."""
         return w.reshape(w.shape[0], -1)
@@ -150,13 +154,16 @@ class LinearHelper(LayerHelper):
 
 
 class ConvHelper(LayerHelper):
-    """``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d`` (groups=1) as in KFC (Grosse & Martens 2016): every output
-    location is a row.
+    """``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d`` as in KFC (Grosse & Martens 2016): every output location is a
+    row.
 
     The input rows are the receptive-field patches (:func:`conv_patches`: any stride, dilation, padding and
     padding mode, 'same' included), so ``A`` is the patch second moment averaged over examples and locations and
     ``G`` sums over locations; their Kronecker product equals KFC's ``Ω ⊗ Γ``.  A row's entries are ordered as
-    the weight's ``(in_channels, *kernel)``.
+    the weight's ``(in_channels, *kernel)``.  A grouped convolution (depthwise included) is ``groups`` independent
+    convolutions, each over its own input and output channels: one ``A_j ⊗ G_j`` per group
+    (:class:`~kfac_tune.optim.blocks.GroupedKroneckerBlock`), the Fisher's blocks between groups left out as
+    K-FAC leaves out those between layers.
     """
 
     module: nn.modules.conv._ConvNd
@@ -164,15 +171,39 @@ class ConvHelper(LayerHelper):
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module)
         m = self.module
-        if m.groups != 1:
-            raise UnsupportedLayer(f"grouped convolution (groups={m.groups})")
+        self.groups = m.groups
+        if m.groups != 1 and m.transposed:
+            raise UnsupportedLayer(f"grouped transposed convolution (groups={m.groups})")
         self.pad = _pad_widths(m) if not m.transposed else ()
         self.pad_mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
 
     @property
     def input_dim(self) -> int:
         m = self.module
-        return m.in_channels * math.prod(m.kernel_size)
+        return m.in_channels // m.groups * math.prod(m.kernel_size)
+
+    def make_block(self, device: torch.device, dtype: torch.dtype) -> Any:
+        if self.groups == 1:
+            return super().make_block(device, dtype)
+        return GroupedKroneckerBlock(self.groups, self.a_dim, self.g_dim // self.groups, device, dtype)
+
+    def a_moment(self, x: Tensor, used: int) -> tuple[Tensor, int]:
+        """``Σ_rows a aᵀ``; per group, ``(groups, a_dim, a_dim)``, for a grouped convolution."""
+        if self.groups == 1:
+            return super().a_moment(x, used)
+        patches = self._input_rows(x[:used])
+        a = patches.reshape(patches.shape[0], self.groups, -1)
+        if not self.has_weight:
+            a = a[..., :0]
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+        return torch.einsum("rgi,rgj->gij", a, a), a.shape[0]
+
+    def g_moment(self, rows: Tensor) -> Tensor:
+        if self.groups == 1:
+            return super().g_moment(rows)
+        g = rows.reshape(rows.shape[0], self.groups, -1)
+        return torch.einsum("rgi,rgj->gij", g, g)
 
     def _input_rows(self, x: Tensor) -> Tensor:
         m = self.module

@@ -210,8 +210,8 @@ class KFAC(torch.optim.Optimizer):
             for name, helper in coverage.helpers.items()}
         if not self.layers:
             raise ValueError(
-                "KFAC: the model has no supported layer outside `exclude` (nn.Linear, nn.Conv1d/2d/3d "
-                "with groups=1, nn.Embedding, nn.LayerNorm, batch norm, or a type given to "
+                "KFAC: the model has no supported layer outside `exclude` (nn.Linear, nn.Conv1d/2d/3d, "
+                "nn.ConvTranspose1d/2d/3d, nn.Embedding, nn.LayerNorm, batch norm, or a type given to "
                 f"kfac_tune.register_layer); {coverage}. Use a first-order optimizer for it, or un-exclude a layer")
         self.coverage = coverage
         logging.getLogger(__name__).info("%s", coverage)
