@@ -2,12 +2,13 @@
 
 Every supported layer is seen as a matrix product ``s = W a`` applied to many *rows* (examples, time steps, or
 convolution locations).  A helper turns the layer's input into the ``a`` rows (with a trailing column of ones when
-the layer has a bias, so the bias is the last column of the weight matrix) and the gradient w.r.t. its output into
-the ``g`` rows, and moves the gradient between the parameters and one ``(d_out, d_in [+1])`` matrix.  Everything
-else in the optimizer is layer-agnostic: a helper also says which curvature block its layer gets
-(:meth:`LayerHelper.make_block`) and which accumulator sums its statistics (:meth:`LayerHelper.statistics`), so a
-layer whose Fisher block is not a dense ``A ⊗ G`` (embeddings, normalisation layers, weights shared over time) plugs
-in here without touching the optimizer.  The other layer types live in :mod:`kfac_tune.optim.layers`.
+the layer has a trainable bias, so the bias is the last column of the weight matrix) and the gradient w.r.t. its
+output into the ``g`` rows, and moves the gradient between the trainable parameters and one ``(d_out, d_in [+1])``
+matrix.  Everything else in the optimizer is layer-agnostic: a helper also says which curvature block its layer
+gets (:meth:`LayerHelper.make_block`) and which accumulator sums its statistics (:meth:`LayerHelper.statistics`),
+so a layer whose Fisher block is not a dense ``A ⊗ G`` (embeddings, normalisation layers, weights shared over time,
+grouped convolutions) plugs in here without touching the optimizer.  The other layer types live in
+:mod:`kfac_tune.optim.layers`; :mod:`kfac_tune.optim.registry` says which module type gets which helper.
 """
 from __future__ import annotations
 

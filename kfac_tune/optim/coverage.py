@@ -41,8 +41,12 @@ class Coverage:
         share = math.floor(100.0 * self.curvature_numel / max(self.total_numel, 1))  # 100% only when it is all
         line = (f"KFAC: curvature for {len(self.helpers)} layer{'s' * (len(self.helpers) != 1)} "
                 f"({self.curvature_tensors} tensors, {share}% of parameters)")
+        return f"{line}; {self.fallback_text() or 'no first-order fallback'}"
+
+    def fallback_text(self) -> str:
+        """``first-order fallback for N tensors: names (reason); ...``, a few names per reason; empty for none."""
         if not self.fallback:
-            return line + "; no first-order fallback"
+            return ""
         by_reason: dict[str, list[str]] = {}
         for name, reason in self.fallback.items():
             by_reason.setdefault(reason, []).append(name)
@@ -50,7 +54,7 @@ class Coverage:
         for reason, names in by_reason.items():
             more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
             parts.append(f"{', '.join(names[:SHOWN])}{more} ({reason})")
-        return f"{line}; first-order fallback for {len(self.fallback)} tensors: {'; '.join(parts)}"
+        return f"first-order fallback for {len(self.fallback)} tensors: {'; '.join(parts)}"
 
 
 def find_layers(model: nn.Module, exclude: Union[None, Exclude, Iterable[Exclude]],

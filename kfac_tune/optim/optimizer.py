@@ -1,9 +1,9 @@
 """The public K-FAC optimizer.
 
-``KFAC(model, ...)`` finds the model's supported layers (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``,
+``KFAC(model, ...)`` finds the model's supported layers (``nn.Linear``, convolutions, ``nn.Embedding``,
 ``nn.LayerNorm``, batch norm, and whatever :func:`~kfac_tune.optim.registry.register_layer` adds;
-:mod:`kfac_tune.optim.coverage`), hooks them to collect curvature statistics, and on ``step()`` replaces their gradient by the damped natural gradient ``(F̂ + λI)⁻¹ ∇h``.  Every
-other trainable parameter (unsupported or excluded modules) takes the plain gradient in the same update, so it is
+:mod:`kfac_tune.optim.coverage`), hooks them to collect curvature statistics, and on ``step()`` replaces their
+gradient by the damped natural gradient ``(F̂ + λI)⁻¹ ∇h``.  Every other trainable parameter (unsupported or excluded modules) takes the plain gradient in the same update, so it is
 trained by the same momentum/step-size rule: the documented first-order fallback.  ``opt.coverage`` says which
 parameters get which (one line by ``str()``, also logged at INFO level by the ``kfac_tune.optim`` logger).
 
@@ -163,7 +163,7 @@ class KFAC(torch.optim.Optimizer):
         max_update_ratio: Optional[float] = 1.0,
         rejection_ratio: Optional[float] = 4.0,
         stat_fraction: float = 1.0,
-        exclude: Union[Exclude, Iterable[Exclude]] = (),
+        exclude: Union[None, Exclude, Iterable[Exclude]] = (),
         temporal: Union[str, Mapping[str, str]] = "independent",
         factor_dtype: torch.dtype = torch.float32,
         seed: Optional[int] = None,
@@ -212,7 +212,8 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError(
                 "KFAC: the model has no supported layer outside `exclude` (nn.Linear, nn.Conv1d/2d/3d, "
                 "nn.ConvTranspose1d/2d/3d, nn.Embedding, nn.LayerNorm, batch norm, or a type given to "
-                f"kfac_tune.register_layer); {coverage}. Use a first-order optimizer for it, or un-exclude a layer")
+                f"kfac_tune.register_layer): {coverage.fallback_text() or 'no trainable parameter'}. Use a "
+                "first-order optimizer for it, or un-exclude a layer")
         self.coverage = coverage
         logging.getLogger(__name__).info("%s", coverage)
         if damping_mode != "pi" and any(getattr(h, "mode", "independent") != "independent"
