@@ -265,3 +265,21 @@ def test_a_layer_without_a_block_for_its_configuration_falls_back_with_the_reaso
     assert set(opt.layers) == {"2"}
     assert opt.coverage.fallback == {"0.weight": "ConvTranspose1d: grouped transposed convolution (groups=2)",
                                      "0.bias": "ConvTranspose1d: grouped transposed convolution (groups=2)"}
+
+
+def test_attention_output_projection_is_reported_as_fallback_not_as_curvature() -> None:
+    """nn.MultiheadAttention uses out_proj's weight without calling out_proj, so no statistic ever reaches a block:
+    the summary says the projection falls back, instead of counting it among the layers with curvature."""
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+
+    opt = KFAC(Attend())
+    assert set(opt.layers) == {"head"}
+    reason = opt.coverage.fallback["attention.out_proj.weight"]
+    assert "output projection, applied without calling its forward" in reason
+    assert opt.coverage.fallback["attention.in_proj_weight"] == "MultiheadAttention: no curvature block for its type"

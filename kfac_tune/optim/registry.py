@@ -77,6 +77,15 @@ def make_helper(module: nn.Module, temporal: str = "independent") -> Optional[La
 
 
 register_layer(nn.Linear, LinearHelper)
+
+
+@register_layer(nn.modules.linear.NonDynamicallyQuantizableLinear)
+def _attention_output(module: nn.Module) -> LayerHelper:
+    """``nn.MultiheadAttention.out_proj``: the attention applies its weight directly, never calling its forward,
+    so no hook would see a statistic (the block would never be ready); say so instead of claiming curvature."""
+    raise UnsupportedLayer("nn.MultiheadAttention's output projection, applied without calling its forward")
+
+
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer(_conv, ConvHelper)
 for _transposed in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
