@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["KFAC", "KFACWarning", "load_recipe", "optimizer_from_recipe", "search", "train", "__version__"]
+__all__ = ["KFAC", "KFACWarning", "register_layer", "load_recipe", "optimizer_from_recipe", "search", "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,6 +20,10 @@ def __getattr__(name: str) -> Any:
         from kfac_tune.optim import KFACWarning
 
         return KFACWarning
+    if name == "register_layer":
+        from kfac_tune.optim import register_layer
+
+        return register_layer
     if name == "load_recipe":
         from kfac_tune.recipes import load_recipe
 

@@ -1,10 +1,11 @@
 """The public K-FAC optimizer.
 
-``KFAC(model, ...)`` finds the model's supported layers (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``,
-``nn.LayerNorm``, batch norm; :func:`~kfac_tune.optim.layers.make_helper`), hooks them to collect curvature
-statistics, and on ``step()`` replaces their gradient by the damped natural gradient ``(F̂ + λI)⁻¹ ∇h``.  Every
-other trainable parameter (unsupported or excluded modules) takes the plain gradient in the same update, so it is
-trained by the same momentum/step-size rule: the documented first-order fallback.
+``KFAC(model, ...)`` finds the model's supported layers (``nn.Linear``, convolutions, ``nn.Embedding``,
+``nn.LayerNorm``, batch norm, and whatever :func:`~kfac_tune.optim.registry.register_layer` adds;
+:mod:`kfac_tune.optim.coverage`), hooks them to collect curvature statistics, and on ``step()`` replaces their
+gradient by the damped natural gradient ``(F̂ + λI)⁻¹ ∇h``.  Every other trainable parameter (unsupported or excluded modules) takes the plain gradient in the same update, so it is
+trained by the same momentum/step-size rule: the documented first-order fallback.  ``opt.coverage`` says which
+parameters get which (one line by ``str()``, also logged at INFO level by the ``kfac_tune.optim`` logger).
 
 Safe by default (each default below is a constructor argument, recorded by recipes; ``kl_clip=None`` plus
 :attr:`KFAC.LEGACY` is the optimizer before these defaults, ``benchmarks/robustness.py`` compares the two):
@@ -39,7 +40,9 @@ the DDP-wrapped model or its ``.module``), or call :func:`~kfac_tune.optim.distr
 """
 from __future__ import annotations
 
+import logging
 import math
+import numbers
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
@@ -53,13 +56,12 @@ from kfac_tune.optim.distributed import DataParallel, resolve_group, unwrap
 from kfac_tune.optim.blocks import DAMPING_MODES
 from kfac_tune.optim.callsite import KFACWarning, user_stacklevel
 from kfac_tune.optim.capture import LayerHelper
-from kfac_tune.optim.layers import make_helper
+from kfac_tune.optim.coverage import Exclude, find_layers
 from kfac_tune.optim.statistics import Statistics
 from kfac_tune.optim.temporal import TEMPORAL_MODES
 from kfac_tune.optim.profiling import PhaseTimer
 
 FISHER_TYPES = ("true", "empirical", "exact")
-Exclude = Union[str, nn.Module, type]
 
 
 class KFAC(torch.optim.Optimizer):
@@ -76,7 +78,10 @@ class KFAC(torch.optim.Optimizer):
         inv_update_freq: steps between eigendecompositions of the factors (amortised inverses).
         cov_update_freq: steps between factor updates; other steps skip the statistics entirely.
         loss: ``"cross_entropy"`` | ``"mse"`` | ``"bce"``: the torch functional (``reduction="mean"``) whose Fisher
-            is approximated; see :mod:`kfac_tune.optim.fisher` for the exact convention.
+            is approximated; see :mod:`kfac_tune.optim.fisher` for the exact convention.  The default is the
+            classification case, cross-entropy over the last dimension; a regression or reconstruction model must
+            name its loss (an output with one logit per row under cross-entropy is an error at the first forward
+            pass; other mismatches cannot be seen from the output and give the wrong curvature).
         fisher: ``"true"`` (targets sampled from the model, the default), ``"empirical"`` (the real gradients) or
             ``"exact"`` (one backward pass per output dimension; small outputs only).
         weight_decay: L2 coefficient η, added to the gradient, the damping and the quadratic model.
@@ -100,7 +105,9 @@ class KFAC(torch.optim.Optimizer):
             Fisher, a fraction < 1 runs the statistics as a separate forward and sampled backward pass over those
             examples alone (Martens & Grosse use 1/8), so their cost shrinks with the fraction; so does the cost of
             the quadratic model's Jacobian-vector products.
-        exclude: module names (or prefixes), module instances or module types that get the first-order fallback.
+        exclude: modules that get the first-order fallback: names or dotted prefixes of names (``"encoder"``
+            covers ``"encoder.0"``), class names (``"Conv2d"``), module types or module instances; one of these
+            alone or a list.  An entry that matches no module is an error listing the model's modules.
         temporal: curvature model of Linear layers marked as shared over time steps (``kfac_tune.nn``'s LSTM and
             GRU mark theirs): ``"independent"``, ``"option1"`` or ``"option2"`` (Martens et al. 2018; see
             :mod:`kfac_tune.optim.temporal`), or a mapping from module names (or prefixes) to those, unlisted
@@ -157,7 +164,7 @@ class KFAC(torch.optim.Optimizer):
         max_update_ratio: Optional[float] = 1e3,
         rejection_ratio: Optional[float] = 4.0,
         stat_fraction: float = 1.0,
-        exclude: Iterable[Exclude] = (),
+        exclude: Union[None, Exclude, Iterable[Exclude]] = (),
         temporal: Union[str, Mapping[str, str]] = "independent",
         factor_dtype: torch.dtype = torch.float32,
         seed: Optional[int] = None,
@@ -181,7 +188,7 @@ class KFAC(torch.optim.Optimizer):
             weight_decay=weight_decay,
             kl_clip=kl_clip,
         )
-        _validate(defaults, min_damping=min_damping, max_damping=max_damping)
+        defaults = _validate(defaults, min_damping=min_damping, max_damping=max_damping)
         fisher_check(loss, fisher, damping_mode, stat_fraction, damping_adaptation_interval,
                      damping_adaptation_decay)
         if damping_rule not in quadratic.DAMPING_RULES:
@@ -208,19 +215,18 @@ class KFAC(torch.optim.Optimizer):
         self.stat_fraction = stat_fraction
         self.factor_dtype = factor_dtype
 
-        self.layers: dict[str, tuple[LayerHelper, Any]] = {}
-        excluded = list(exclude)
-        for name, module in model.named_modules():
-            if _is_excluded(name, module, excluded):
-                continue
-            helper = make_helper(module, _temporal_mode(temporal, name))
-            if helper is not None:
-                self.layers[name] = (helper, helper.make_block(module.weight.device, factor_dtype))
+        coverage = find_layers(model, exclude, lambda name: _temporal_mode(temporal, name))
+        self.layers: dict[str, tuple[LayerHelper, Any]] = {
+            name: (helper, helper.make_block(helper.params[0].device, factor_dtype))
+            for name, helper in coverage.helpers.items()}
         if not self.layers:
             raise ValueError(
-                "KFAC: the model has no supported layer (nn.Linear, nn.Conv2d with groups=1, nn.Embedding, "
-                "nn.LayerNorm, batch norm) outside `exclude`; use a first-order optimizer for it, or un-exclude a layer"
-            )
+                "KFAC: the model has no supported layer outside `exclude` (nn.Linear, nn.Conv1d/2d/3d, "
+                "nn.ConvTranspose1d/2d/3d, nn.Embedding, nn.LayerNorm, batch norm, or a type given to "
+                f"kfac_tune.register_layer): {coverage.fallback_text() or 'no trainable parameter'}. Use a "
+                "first-order optimizer for it, or un-exclude a layer")
+        self.coverage = coverage
+        logging.getLogger(__name__).info("%s", coverage)
         if damping_mode != "pi" and any(getattr(h, "mode", "independent") != "independent"
                                         for h, _ in self.layers.values()):
             raise ValueError("KFAC: temporal='option1'/'option2' damps the factors of V₀ (damping_mode='pi'); "
@@ -263,8 +269,8 @@ class KFAC(torch.optim.Optimizer):
             model.register_forward_pre_hook(self._on_model_input, with_kwargs=True),
             model.register_forward_hook(self._on_model_output),
         ]
-        for name, (helper, _) in self.layers.items():
-            self._handles.append(helper.module.register_forward_hook(self._layer_hook(name)))
+        for name, uses in coverage.uses.items():  # several modules for a tied weight: their statistics add up
+            self._handles.extend(module.register_forward_hook(self._layer_hook(name)) for module in uses)
         self._layer_of = {id(p): name for name, (helper, _) in self.layers.items() for p in helper.params
                           if p is not None}
 
@@ -396,6 +402,13 @@ class KFAC(torch.optim.Optimizer):
             raise TypeError(
                 f"KFAC needs the model's output to be the tensor the loss is computed from; got "
                 f"{type(output).__name__}. Wrap the model so that forward() returns that tensor."
+            )
+        if self.loss == "cross_entropy" and output.dim() > 0 and output.shape[-1] == 1:
+            raise ValueError(
+                f"KFAC(loss='cross_entropy', the default) sees an output of shape {tuple(output.shape)}: one logit "
+                "per row, over which cross-entropy is 0 and has no curvature. Name the loss you minimise: "
+                "loss='mse' (F.mse_loss, regression) or loss='bce' (F.binary_cross_entropy_with_logits, one logit "
+                "per binary label)."
             )
         if self._capturing and output.requires_grad:
             self._loss_count = fisher.loss_count(self.loss, output)
@@ -927,42 +940,44 @@ def _temporal_mode(temporal: Union[str, Mapping[str, str]], name: str) -> str:
     return modes[max(matches, key=len)] if matches else "independent"
 
 
-def _is_excluded(name: str, module: nn.Module, exclude: list[Exclude]) -> bool:
-    for item in exclude:
-        if isinstance(item, str) and (name == item or name.startswith(item + ".")):
-            return True
-        if isinstance(item, type) and isinstance(module, item):
-            return True
-        if isinstance(item, nn.Module) and item is module:
-            return True
-    return False
+# what each hyperparameter must be: (integer?, test, wording of the test)
+_POSITIVE = (False, lambda v: v > 0, "a finite number > 0")
+_FRACTION = (False, lambda v: 0 <= v < 1, "in [0, 1)")
+_STEPS = (True, lambda v: v >= 1, "an integer >= 1 (a number of steps)")
+_RULES = {
+    "lr": _POSITIVE, "damping": _POSITIVE, "min_damping": _POSITIVE, "max_damping": _POSITIVE,
+    "momentum": _FRACTION, "factor_decay": _FRACTION,
+    "inv_update_freq": _STEPS, "cov_update_freq": _STEPS,
+    "weight_decay": (False, lambda v: v >= 0, "a finite number >= 0"),
+    "kl_clip": (False, lambda v: v > 0, "a finite number > 0 (or None: off)"),
+}
 
 
-def _validate(h: dict[str, Any], *, min_damping: float, max_damping: float) -> None:
-    """Reject hyperparameters that would make K-FAC silently misbehave."""
-    def finite_positive(name: str, value: Any) -> None:
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"KFAC: {name} must be a finite number > 0, got {value!r}")
+def _validate(h: dict[str, Any], *, min_damping: float, max_damping: float) -> dict[str, Any]:
+    """Reject hyperparameters that would make K-FAC silently misbehave, each error naming its argument; return
+    them as plain Python numbers (numpy scalars are accepted: a search or a config reader may hand them over)."""
+    def check(name: str, value: Any) -> Any:
+        integer, test, wording = _RULES[name]
+        if value is None and name == "kl_clip":
+            return None
+        kind = numbers.Integral if integer else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"KFAC: {name} must be {wording}, got {value!r} ({type(value).__name__})")
+        value = int(value) if integer else float(value)
+        if not (math.isfinite(value) and test(value)):
+            raise ValueError(f"KFAC: {name} must be {wording}, got {value!r}")
+        return value
 
-    finite_positive("lr", h["lr"])
-    finite_positive("damping", h["damping"])
-    finite_positive("min_damping", min_damping)
-    if not (0 <= h["momentum"] < 1):
-        raise ValueError(f"KFAC: momentum must be in [0, 1), got {h['momentum']!r}")
-    if not (0 <= h["factor_decay"] < 1):
-        raise ValueError(f"KFAC: factor_decay must be in [0, 1), got {h['factor_decay']!r}")
-    for name in ("inv_update_freq", "cov_update_freq"):
-        value = h[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"KFAC: {name} must be an integer >= 1 (a number of steps), got {value!r}")
-    if not isinstance(h["weight_decay"], (int, float)) or not math.isfinite(h["weight_decay"]) \
-            or h["weight_decay"] < 0:
-        raise ValueError(f"KFAC: weight_decay must be a finite number >= 0, got {h['weight_decay']!r}")
-    if h["kl_clip"] is not None:
-        finite_positive("kl_clip", h["kl_clip"])
+    h = {name: check(name, value) for name, value in h.items()}
+    min_damping, max_damping = check("min_damping", min_damping), check("max_damping", max_damping)
+    if not math.isfinite(h["lr"] * h["lr"]):
+        # the trust region squares lr: beyond ~1.3e154 that overflows a float (OverflowError at the first step)
+        raise ValueError(f"KFAC: lr={h['lr']!r} is too large to be used (its square overflows a float); "
+                         "a learning rate that large would skip every update anyway")
     if not (min_damping <= h["damping"] <= max_damping):
         raise ValueError(f"KFAC: damping {h['damping']!r} is outside [min_damping, max_damping] = "
                          f"[{min_damping}, {max_damping}]")
+    return h
 
 
 DAMPING_SCALES = ("relative", "absolute")
