@@ -224,8 +224,8 @@ def test_coverage_summary_names_the_fallback_and_warns_about_torch_recurrent_lay
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(factor_decay=None), "factor_decay must be in [0, 1), got None (NoneType)"),
-    (dict(momentum=None), "momentum must be in [0, 1), got None"),
-    (dict(lr=None), "lr must be a finite number > 0, got None"),
+    (dict(momentum="0.9"), "momentum must be in [0, 1), got '0.9'"),
+    (dict(lr="0.1"), "lr must be a finite number > 0, got '0.1'"),
     (dict(weight_decay="0.1"), "weight_decay must be a finite number >= 0, got '0.1' (str)"),
     (dict(inv_update_freq=None), "inv_update_freq must be an integer >= 1"),
     (dict(max_damping=None), "max_damping must be a finite number > 0, got None"),
