@@ -8,25 +8,19 @@ written recipe that still parses would silently train with defaults; loading rej
 """
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import importlib.metadata
 import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kfac_tune import catalog, record
-from kfac_tune.config import Config, ConfigError, read_yaml, stored_config
+from kfac_tune import catalog
+from kfac_tune.config import ConfigError, read_yaml
 from kfac_tune.files import FileError, write_atomic
-
-if TYPE_CHECKING:
-    import optuna
 
 RECIPE_FORMAT = 1
 DEFAULT_DIRECTORY = Path("recipes")
@@ -338,76 +332,6 @@ def _layer(layer: dict[str, Any]) -> str:
     shape = "x".join(str(d) for d in layer.get("weight_shape", []))
     bias = "with bias" if layer.get("bias") else "without bias"
     return f"{layer.get('path')!r} ({layer.get('type')} {shape}, {bias})"
-
-
-# ------------------------------------------------------------------------------------------------ export
-def versions() -> dict[str, str]:
-    """Package versions worth recording (read from metadata: importing torch just for this would cost seconds)."""
-    found = {}
-    for package in ("kfac-tune", "torch", "optuna"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            found[package] = importlib.metadata.version(package)
-    if "kfac-tune" not in found:  # running from a checkout
-        from kfac_tune import __version__
-
-        found["kfac-tune"] = __version__
-    return found
-
-
-def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg: Config | None = None, *,
-                      pick: str | None = None, test: bool = True) -> Recipe:
-    """Build the recipe of ``trial``, using what the search stored on the study and the trial; ``test`` measures
-    it on the test split (once per trial, see ``search.selection.test_metrics``)."""
-    from optuna.trial import TrialState
-
-    from kfac_tune.search import selection
-
-    attrs = study.user_attrs
-    cfg = cfg or selection.study_config(study)
-    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    recorded = record.result(trial)
-    steps = recorded.get("steps") if cfg.training.budget is not None else attrs[record.STEPS]
-    metric = cfg.training.metric
-    tested = selection.test_value(metric, selection.test_metrics(study, trial, cfg)) if test else None
-    return Recipe(
-        architecture=attrs[record.ARCHITECTURE],
-        optimizer=attrs[record.OPTIMIZER],
-        hyperparameters=record.hyperparameters(trial, trial.params),
-        parameter_groups=attrs.get(record.PARAMETER_GROUPS),
-        searched=dict(trial.params),
-        training=TrainingSettings(
-            dataset=cfg.data.callable or cfg.data.name, batch_size=recorded.get("batch_size", cfg.data.batch_size),
-            steps=steps or attrs[record.STEPS], loss=attrs[record.LOSS], metric=metric, seed=cfg.training.seed),
-        result=Result(metric=metric, value=selection.metric_value(study, trial), direction=cfg.training.goal,
-                      trials=finished, split=attrs.get(record.SPLIT, "test"), test_value=tested,
-                      train_seconds=recorded.get("train_seconds"), pick=pick),
-        provenance=Provenance(
-            study=study.study_name, trial=trial.number, mlflow_run_id=record.trial_run_id(trial),
-            config_hash=attrs[record.CONFIG_HASH], architecture=attrs[record.ARCHITECTURE],
-            signature=attrs[record.SIGNATURE], device=recorded.get("device", "unknown"),
-            date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=versions()),
-    )
-
-
-def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path | None = None,
-                pick: str = "best", *, test: bool = True) -> tuple[Recipe, Path]:
-    """Write the completed trial ``pick`` chooses (``best`` or ``fastest-within=P%``, see
-    ``search.selection``) as a recipe (default ``recipes/<study>.yaml``), measured on the test split."""
-    from optuna.trial import TrialState
-
-    from kfac_tune.search import selection
-
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        raise RecipeError(f"study {study.study_name!r} has no completed trial yet: nothing to export")
-    if not record.created_by_search(study):
-        raise RecipeError(f"study {study.study_name!r} was not created by kfac-tune search: no recipe metadata")
-    try:
-        chosen = selection.choose(study, selection.parse_pick(pick))
-    except ValueError as error:
-        raise RecipeError(f"cannot pick a trial of study {study.study_name!r}: {error}") from None
-    recipe = recipe_from_trial(study, chosen, cfg, pick=pick, test=test)
-    target = Path(path) if path is not None else default_path(study.study_name)
-    return recipe, save_recipe(recipe, target)
 
 
 # ------------------------------------------------------------------------------------------------ finding

@@ -40,7 +40,6 @@ LAZY_UPWARD = {
     ("kfac_tune", "kfac_tune.api"): "the package's public names (train, the Python API) load on first use",
     ("kfac_tune.search", "kfac_tune.api"): "the package is callable as the Python API's search",
     ("kfac_tune.recipes", "kfac_tune.optim"): "a K-FAC recipe completes its arguments with KFAC's defaults",
-    ("kfac_tune.recipes", "kfac_tune.search.selection"): "exporting a trial measures it once on the test split",
     ("kfac_tune.recipes", "kfac_tune.zoo.models"): "a recipe checked against a model compares architecture signatures",
 }
 

@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 
 from kfac_tune import record
 from kfac_tune.config import Config
-from kfac_tune.recipes import Match, Recipe, export_best
+from kfac_tune.recipes import Match, Recipe
+from kfac_tune.search.export import export_best
 from kfac_tune.search.space import (build_space, describe, optimizer_arguments, point_in_space, suggest, warm_starts,
                                     with_training)
 from kfac_tune.search.storage import make_pruner, make_sampler

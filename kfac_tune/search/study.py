@@ -19,7 +19,6 @@ from optuna.trial import TrialState
 from kfac_tune import record
 from kfac_tune.config import Config, ConfigError
 from kfac_tune.filelock import sqlite_setup_lock
-from kfac_tune.recipes import versions
 from kfac_tune.search.space import describe
 from kfac_tune.search.storage import make_pruner, make_sampler, make_storage
 from kfac_tune.secrets import display_url, mask_data
@@ -71,7 +70,7 @@ def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem,
             record.STEPS: problem.steps, record.METRIC: cfg.training.metric, record.SPLIT: problem.split,
             record.SPACE: describe(space)})
         study.set_metric_names(cfg.objectives)
-    record.write_study(study, {record.VERSIONS: versions()})
+    record.write_study(study, {record.VERSIONS: record.versions()})
     return study
 
 
