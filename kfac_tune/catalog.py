@@ -3,6 +3,7 @@
 Everything that lists optimizer or loss names (the config schema, the CLI's ``--optimizer`` choices, recipes, the
 search space, the trainer) reads them from here, as ``zoo``'s ``ARCHITECTURES``/``DATASETS`` do for models and
 data, so adding an optimizer is one entry here, one builder in ``kfac_tune.optimizers`` and its default space.
+``build_optimizer`` builds one by name: the builders never look the catalog up, so the references run one way.
 
 Importing this module imports no torch: constructors and loss functions are ``module:attribute`` references resolved
 on first use. Validating a YAML therefore stays cheap, and an optional package (``heavyball`` for SOAP) only matters
@@ -69,6 +70,16 @@ def optimizer(name: str) -> OptimizerSpec:
         return OPTIMIZERS[name]
     except KeyError:
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZER_NAMES)}") from None
+
+
+def build_optimizer(name: str, model: Any, hparams: Mapping[str, Any], *, loss: str) -> Any:
+    """Optimizer ``name`` over ``model``'s trainable parameters (imports its builder, and torch, now).
+
+    ``loss`` is the functional the training loop minimises; only K-FAC uses it (its curvature is the Fisher of that
+    loss), the first-order optimizers ignore it. Unknown or bad hyperparameters raise ``TypeError``/``ValueError``
+    from the constructor, which the preflight turns into a config error.
+    """
+    return optimizer(name).build(model, hparams, loss=loss)
 
 
 def hyperparameter_names(name: str) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ written recipe that still parses would silently train with defaults; loading rej
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ class Provenance(_Strict):
 
 class Recipe(_Strict):
     """A tuned optimizer for one architecture. ``optimizer`` and ``hyperparameters`` are all
-    ``KFAC.from_recipe`` needs; the rest says when the numbers can be trusted."""
+    ``optimizer_from_recipe`` needs; the rest says when the numbers can be trusted."""
 
     format: int = RECIPE_FORMAT
     architecture: str
@@ -262,11 +263,11 @@ def load_recipe(path: str | Path) -> Recipe:
 def _pin_conventions(recipe: Recipe) -> Recipe:
     """A K-FAC recipe written before a convention existed keeps the meaning it was tuned under
     (``KFAC.stored_arguments``), so it reproduces; today's recipes record every convention already."""
-    if recipe.optimizer == "kfac":
-        from kfac_tune.optim import KFAC
+    if recipe.optimizer != "kfac":
+        return recipe
+    from kfac_tune.optim import KFAC
 
-        recipe.hyperparameters = KFAC.stored_arguments(recipe.hyperparameters)
-    return recipe
+    return recipe.model_copy(update={"hyperparameters": KFAC.stored_arguments(recipe.hyperparameters)})
 
 
 def check_architecture(recipe: Recipe, architecture: str, signature: dict[str, Any]) -> None:
@@ -280,8 +281,8 @@ def check_architecture(recipe: Recipe, architecture: str, signature: dict[str, A
 
 
 def recipe_for_model(recipe: Recipe | str | os.PathLike[str], model: Any, *, strict: bool = True) -> Recipe:
-    """``recipe`` (a path or a loaded recipe), checked against ``model``: what ``KFAC.from_recipe`` and
-    ``optimizer_from_recipe`` build from.
+    """``recipe`` (a path or a loaded recipe), checked against ``model``: what ``optimizer_from_recipe``
+    builds from.
 
     Why: a recipe's damping and learning rate are tuned to its network's layer shapes, and a Python caller has no
     ``--ignore-architecture`` prompt to make them think twice, so a recipe whose architecture signature differs
@@ -290,7 +291,7 @@ def recipe_for_model(recipe: Recipe | str | os.PathLike[str], model: Any, *, str
     """
     from kfac_tune.zoo.models import architecture_signature  # torch: only when a model is at hand anyway
 
-    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    loaded = _pin_conventions(recipe) if isinstance(recipe, Recipe) else load_recipe(recipe)
     if not strict:
         return loaded
     ours = architecture_signature(model)
@@ -298,6 +299,21 @@ def recipe_for_model(recipe: Recipe | str | os.PathLike[str], model: Any, *, str
         raise RecipeError(f"{_mismatch(loaded, f'this model, {type(model).__name__},', ours)}; its hyperparameters "
                           "may not suit it. Pass strict=False to use it anyway")
     return loaded
+
+
+def optimizer_from_recipe(model: Any, recipe: Recipe | str | os.PathLike[str], *, strict: bool = True,
+                          **overrides: Any) -> Any:
+    """The optimizer a recipe (a path or a loaded ``Recipe``) describes, over ``model``; ``overrides`` win.
+
+    Works for every optimizer in the catalog (a K-FAC recipe gives a ``KFAC``). The recipe's hyperparameters are
+    complete constructor arguments, so this builds exactly what the search ran. A recipe tuned for another network
+    raises ``RecipeError`` naming both, unless ``strict=False``. It lives with the recipes, not on ``KFAC``: the
+    optimizer knows nothing of the tool's files.
+    """
+    recipe = recipe_for_model(recipe, model, strict=strict)
+    arguments = {**recipe.hyperparameters, **overrides}
+    return catalog.build_optimizer(recipe.optimizer, model, arguments,
+                                   loss=arguments.pop("loss", recipe.training.loss))
 
 
 def _mismatch(recipe: Recipe, model: str, signature: dict[str, Any]) -> str:

@@ -20,6 +20,8 @@ import importlib.metadata
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from kfac_tune.version import __version__
+
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
@@ -81,8 +83,6 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[package] = importlib.metadata.version(package)
     if "kfac-tune" not in found:  # running from a checkout
-        from kfac_tune import __version__
-
         found["kfac-tune"] = __version__
     return found
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from kfac_tune import catalog, optimizer_from_recipe
 from kfac_tune.muon import MuonWithAdamW, split_parameters
-from kfac_tune.optimizers import build_optimizer
+from kfac_tune.catalog import build_optimizer
 from kfac_tune.recipes import RecipeError, load_recipe
 from kfac_tune.optim import KFAC
 from kfac_tune.search.space import DEFAULT_POINTS, DEFAULT_SPACES, clip

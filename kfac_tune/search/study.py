@@ -25,9 +25,6 @@ from kfac_tune.secrets import display_url, mask_data
 from kfac_tune.stores import StudyNotFound, check_storage_url
 from kfac_tune.problem import Problem
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
 def load_study(url: str, study_name: str | None) -> optuna.Study:
     """Load ``study_name`` (or the storage's only study) for reading, without touching heartbeats or samplers;
     ``StudyNotFound`` names what the storage holds instead."""
