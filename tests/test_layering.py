@@ -2,8 +2,9 @@
 imports no torch.
 
 Imports are read from the source (``ast``), so every ``import`` counts, at module level or inside a function, and
-so does every ``"kfac_tune.module:attribute"`` string (the catalog's builders and losses, resolved on first use):
-a reference that loads a module later is a dependency all the same.
+so does every ``"kfac_tune.module:attribute"`` string (the catalog's builders, the zoo's, resolved on first use) and
+every ``importlib.import_module("kfac_tune...")``: a reference that loads a module later is a dependency all the
+same.
 
 * Layers: no module imports from a layer above its own. An import inside a function may reach upwards only where
   ``LAZY_UPWARD`` lists it, each with its reason, so the few hand-overs stay visible. The optimizer core
@@ -46,6 +47,8 @@ ROOT = "kfac_tune"  # the package's __init__, listed by its own name alone (as a
 LAZY_UPWARD = {
     ("kfac_tune.catalog", "kfac_tune.optimizers"): "the catalog names each optimizer's builder, imported to build it",
     ("kfac_tune.catalog", "kfac_tune.muon"): "the catalog names Muon's builder, imported to build it",
+    ("kfac_tune.zoo.specs", "kfac_tune.zoo.models"): "the zoo's registry names each architecture's builder",
+    ("kfac_tune.zoo.specs", "kfac_tune.zoo.data"): "the zoo's registry names each data set's loader",
     ("kfac_tune.search", "kfac_tune.api"): "the package is callable as the Python API's search",
     ("kfac_tune.recipes", "kfac_tune.zoo.models"): "a recipe checked against a model compares architecture signatures",
 }
@@ -79,6 +82,9 @@ def imports(path: Path) -> list[tuple[str, bool]]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and REFERENCE.fullmatch(node.value):
             found.append((REFERENCE.fullmatch(node.value).group(1), False))  # type: ignore[union-attr]
             continue
+        if _imports_by_name(node):  # importlib.import_module("kfac_tune.zoo")
+            found.append((node.args[0].value, False))  # type: ignore[attr-defined]
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -89,6 +95,13 @@ def imports(path: Path) -> list[tuple[str, bool]]:
             continue
         found += [(name, id(node) in top) for name in names if name.split(".")[0] == "kfac_tune"]
     return found
+
+
+def _imports_by_name(node: ast.AST) -> bool:
+    if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
+        return False
+    called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+    return called == "import_module" and str(node.args[0].value).startswith("kfac_tune")
 
 
 def _is_module(name: str) -> bool:
@@ -107,9 +120,9 @@ def test_no_module_imports_from_a_layer_above_it() -> None:
             if not module_level and any(module == low and (imported == high or imported.startswith(high + "."))
                                         for low, high in LAZY_UPWARD):
                 continue
-            where = "module level" if module_level else "inside a function"
+            where = "at module level" if module_level else "lazily (inside a function, or a reference string)"
             violations.append(f"{module} ({LAYERS[own][0]}) imports {imported} ({LAYERS[layer_of(imported)][0]}) "
-                              f"at {where}")
+                              f"{where}")
     assert not violations, "\n".join(violations)
 
 
@@ -195,8 +208,10 @@ def test_the_cycle_check_sees_a_lazy_loop_and_a_reference_string(tmp_path: Path)
     """The checker is not vacuous: a loop closed by an import inside a function, or by a "module:attribute"
     string, is found; a chain is not."""
     probe = tmp_path / "probe.py"
-    probe.write_text('BUILDER = "kfac_tune.optimizers:build_adam"\n\ndef f():\n    import kfac_tune.catalog\n')
-    assert sorted(imports(probe)) == [("kfac_tune.catalog", False), ("kfac_tune.optimizers", False)]
+    probe.write_text('import importlib\nBUILDER = "kfac_tune.optimizers:build_adam"\n\ndef f():\n'
+                     '    import kfac_tune.catalog\n    return importlib.import_module("kfac_tune.zoo")\n')
+    assert sorted(imports(probe)) == [("kfac_tune.catalog", False), ("kfac_tune.optimizers", False),
+                                      ("kfac_tune.zoo", False)]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({**module_graph(), "kfac_tune.optim.fisher": {"kfac_tune.recipes"}})  # optim reaching the tool
