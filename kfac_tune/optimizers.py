@@ -39,8 +39,7 @@ def build_adamw(model: nn.Module, arguments: dict[str, Any], *, loss: str | None
 
 
 def build_sgd(model: nn.Module, arguments: dict[str, Any], *, loss: str | None) -> torch.optim.Optimizer:
-    arguments.setdefault("momentum", 0.9)
-    arguments.setdefault("nesterov", arguments["momentum"] > 0)
+    arguments.setdefault("nesterov", arguments["momentum"] > 0)  # momentum: the caller's, or the catalog's 0.9
     return torch.optim.SGD(trainable(model), **arguments)
 
 
@@ -56,5 +55,4 @@ def build_soap(model: nn.Module, arguments: dict[str, Any], *, loss: str | None)
     except ImportError as error:
         raise ValueError(f"the soap optimizer needs the heavyball package (pip install heavyball): {error}") from None
     heavyball.utils.compile_mode = None
-    defaults = {"beta1": 0.9, "beta2": 0.95}  # heavyball's SOAP defaults, not Adam's
-    return heavyball.SOAP(trainable(model), **adam_arguments({**defaults, **arguments}))
+    return heavyball.SOAP(trainable(model), **adam_arguments(arguments))  # betas: the catalog's (heavyball's)

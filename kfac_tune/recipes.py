@@ -261,13 +261,11 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def _pin_conventions(recipe: Recipe) -> Recipe:
-    """A K-FAC recipe written before a convention existed keeps the meaning it was tuned under
-    (``KFAC.stored_arguments``), so it reproduces; today's recipes record every convention already."""
-    if recipe.optimizer != "kfac":
-        return recipe
-    from kfac_tune.optim import KFAC
-
-    return recipe.model_copy(update={"hyperparameters": KFAC.stored_arguments(recipe.hyperparameters)})
+    """A recipe written before one of its optimizer's conventions existed keeps the meaning it was tuned under (the
+    catalog entry's ``stored``: ``KFAC.stored_arguments``), so it reproduces; today's recipes record every
+    convention already."""
+    stored = catalog.optimizer(recipe.optimizer).stored_arguments(recipe.hyperparameters)
+    return recipe.model_copy(update={"hyperparameters": stored})
 
 
 def check_architecture(recipe: Recipe, architecture: str, signature: dict[str, Any]) -> None:

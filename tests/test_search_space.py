@@ -20,7 +20,8 @@ from kfac_tune.config import ConfigError, load_config
 from kfac_tune import optimizer_from_recipe
 from kfac_tune.optim import KFAC
 from kfac_tune.recipes import load_recipe
-from kfac_tune.search.space import MODES, build_space, published_defaults, suggest, warm_starts
+from kfac_tune.catalog import OPTIMIZERS
+from kfac_tune.search.space import build_space, published_defaults, suggest, warm_starts
 from kfac_tune.search.storage import make_sampler
 from kfac_tune.zoo.data import DEBIAN_FASHION_MNIST
 from tests.search_support import REPO, invoke, load_study, write_config
@@ -118,7 +119,7 @@ def test_automatic_mode_and_batch_size_round_trip(tmp_path: Path, monkeypatch: p
     recipe = load_recipe(tmp_path / "auto.yaml")
     best = study.best_trial
     assert recipe.searched == best.params and recipe.training.batch_size == best.params["batch_size"]
-    assert all(recipe.hyperparameters[flag] is value for flag, value in MODES["automatic"].items())
+    assert all(recipe.hyperparameters[flag] is value for flag, value in OPTIMIZERS["kfac"].modes["automatic"].items())
     assert recipe.hyperparameters["damping"] == best.params["damping"]
 
     result = json.loads(invoke("train", str(config), "--recipe", str(tmp_path / "auto.yaml"), "-f", "json"))
