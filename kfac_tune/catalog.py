@@ -143,6 +143,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
         default_point={"lr": 3e-3, **_SOAP_BETAS, "shampoo_beta": 0.95, "weight_decay": 0.01,
                        "precondition_frequency": 2},  # heavyball.SOAP's defaults
         defaults=_SOAP_BETAS),
+    # Lion (kfac_tune/lion.py): lr 3-10x below AdamW's, weight decay 3-10x above (Chen et al. 2023)
+    OptimizerSpec(
+        "lion", "kfac_tune.optimizers:build_lion", ("lr", "beta1", "beta2", "weight_decay"),
+        space={"lr": _range(1e-5, 1e-2, log=True), "beta1": _range(0.8, 0.99), "beta2": _range(0.9, 0.999),
+               "weight_decay": _range(1e-4, 10.0, log=True)},
+        # the paper's betas and lr; its weight decay 0 at the range's floor
+        default_point={"lr": 1e-4, "beta1": 0.9, "beta2": 0.99, "weight_decay": 1e-4}, defaults={"beta2": 0.99}),
 )}
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 

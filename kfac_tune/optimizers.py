@@ -2,9 +2,9 @@
 
 The search space and recipes speak in flat ``name: value`` pairs (``beta1``, ``beta2`` rather than a ``betas``
 tuple) so that every hyperparameter is one Optuna parameter and one YAML line; the builders here (named by
-``kfac_tune.catalog``, which calls them: they import nothing of the tool but the optimizer) are the only place
-that knows how each constructor wants them. K-FAC takes its constructor names unchanged. Muon's builder, which
-also splits the model's parameters, lives in ``kfac_tune.muon``.
+``kfac_tune.catalog``, which calls them: they import nothing of the tool but the optimizers they build) are the
+only place that knows how each constructor wants them. K-FAC takes its constructor names unchanged. Muon's
+builder, which also splits the model's parameters, lives in ``kfac_tune.muon``.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from kfac_tune.lion import Lion
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -56,3 +58,7 @@ def build_soap(model: nn.Module, arguments: dict[str, Any], *, loss: str | None)
         raise ValueError(f"the soap optimizer needs the heavyball package (pip install heavyball): {error}") from None
     heavyball.utils.compile_mode = None
     return heavyball.SOAP(trainable(model), **adam_arguments(arguments))  # betas: the catalog's (heavyball's)
+
+
+def build_lion(model: nn.Module, arguments: dict[str, Any], *, loss: str | None) -> torch.optim.Optimizer:
+    return Lion(trainable(model), **adam_arguments(arguments))

@@ -1,4 +1,4 @@
-"""The baselines a practitioner would pick today (AdamW, Muon, SOAP) through the whole tool, and the catalog as the
+"""The baselines a practitioner would pick today (AdamW, Muon, SOAP, Lion) through the whole tool, and the catalog as the
 one place optimizer and loss names come from.
 
 Each baseline runs the user's route: ``search`` (real SQLite study, two real trials on scikit-learn's digits) ->
@@ -26,7 +26,7 @@ from kfac_tune.search.space import clip, default_space
 from kfac_tune.zoo import build_model
 from tests.search_support import cli, load_study, recipe_for, write_config
 
-BASELINES = ("adamw", "muon", "soap")
+BASELINES = ("adamw", "muon", "soap", "lion")
 
 
 def settings(opt: Any) -> list[dict[str, Any]]:
@@ -177,7 +177,7 @@ def test_catalog_is_where_the_names_come_from(tmp_path: Path) -> None:
     assert {spec.default_loss for spec in ARCHITECTURES.values()} <= set(catalog.LOSS_NAMES)
 
     path = tmp_path / "model.yaml"
-    path.write_text("optimizer: lion\n")
+    path.write_text("optimizer: adagrad\n")
     with pytest.raises(ConfigError) as error:
         load_config(path)
     message = str(error.value)
@@ -191,8 +191,8 @@ def test_catalog_is_where_the_names_come_from(tmp_path: Path) -> None:
 def test_a_recipe_for_an_unknown_optimizer_is_refused(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     path = recipe_for(config, "adamw", dict(catalog.optimizer("adamw").default_point), tmp_path / "adamw.yaml")
-    path.write_text(path.read_text().replace("optimizer: adamw", "optimizer: lion"))
-    with pytest.raises(RecipeError, match="optimizer.*unknown optimizer 'lion'; known: kfac, adam, sgd, adamw, muon"):
+    path.write_text(path.read_text().replace("optimizer: adamw", "optimizer: adagrad"))
+    with pytest.raises(RecipeError, match="optimizer.*unknown optimizer 'adagrad'; known: kfac, adam, sgd, adamw, muon, soap, lion"):
         load_recipe(path)
 
 

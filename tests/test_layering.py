@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "kfac_tune.zoo.specs")),
     ("config", ("kfac_tune.config", "kfac_tune.settings")),
     ("recipes", ("kfac_tune.recipes",)),
-    ("models", ("kfac_tune.zoo.models", "kfac_tune.zoo.data", "kfac_tune.optimizers", "kfac_tune.muon",
+    ("models", ("kfac_tune.zoo.models", "kfac_tune.zoo.data", "kfac_tune.optimizers", "kfac_tune.muon", "kfac_tune.lion",
                 "kfac_tune.userdata", "kfac_tune.augment", "kfac_tune.batches")),
     ("training", ("kfac_tune.training", "kfac_tune.problem")),
     ("tracking", ("kfac_tune.tracking",)),
