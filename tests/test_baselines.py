@@ -167,7 +167,7 @@ def test_catalog_is_where_the_names_come_from(tmp_path: Path) -> None:
         (option,) = [p for p in command.params if p.name == "optimizer"]
         assert tuple(option.type.choices) == catalog.OPTIMIZER_NAMES
     for name, spec in catalog.OPTIMIZERS.items():
-        space = default_space(name)  # every entry's space validates as a YAML search.space would
+        space = default_space(spec)  # every entry's space validates as a YAML search.space would
         if isinstance(spec.default_point, str):  # K-FAC's: its constructor's defaults (tests/test_search_space.py)
             continue
         assert set(space) <= set(spec.hyperparameters), name

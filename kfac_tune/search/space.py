@@ -35,16 +35,15 @@ from kfac_tune.config import Config, ParamSpec
 TRAINING_PARAMETERS = ("batch_size",)  # sampled entries that set the training run, not the optimizer
 
 
-def default_space(optimizer: str) -> dict[str, ParamSpec]:
-    """The optimizer's default space (its catalog entry), validated as the YAML's ``search.space`` would be."""
-    return {name: ParamSpec.model_validate(entry) for name, entry in catalog.optimizer(optimizer).space.items()}
+def default_space(entry: catalog.OptimizerSpec) -> dict[str, ParamSpec]:
+    """The optimizer's default space (its catalog entry's), validated as the YAML's ``search.space`` would be."""
+    return {name: ParamSpec.model_validate(value) for name, value in entry.space.items()}
 
 
-def searchable_names(optimizer: str) -> tuple[str, ...]:
+def searchable_names(entry: catalog.OptimizerSpec) -> tuple[str, ...]:
     """What ``search.space`` may name: the optimizer's hyperparameters, its default space's entries (K-FAC's
     ``mode``, ``stat_fraction``) and the training parameters."""
-    spec = catalog.optimizer(optimizer)
-    return tuple(dict.fromkeys([*spec.hyperparameters, *spec.space, *TRAINING_PARAMETERS]))
+    return tuple(dict.fromkeys([*entry.hyperparameters, *entry.space, *TRAINING_PARAMETERS]))
 
 
 def build_space(cfg: Config) -> dict[str, ParamSpec]:
@@ -56,8 +55,8 @@ def build_space(cfg: Config) -> dict[str, ParamSpec]:
     condition on no entry.
     """
     optimizer = cfg.optimizer.name
-    names = searchable_names(optimizer)
-    defaults = default_space(optimizer)
+    entry = catalog.optimizer(optimizer)
+    names, defaults = searchable_names(entry), default_space(entry)
     for name in cfg.search.space:
         if name not in names:
             raise cfg.problem(f"search.space.{name}",
