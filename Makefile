@@ -12,7 +12,7 @@ demo: bootstrap  ## a real search on the embedded default: digits, SQLite study,
 test: bootstrap  ## the whole test suite, CPU only
 	$(PYTHON) -m pytest -q
 
-# The inner loop's tier, 70 s on 2 shared cores: K-FAC's curvature against exact autograd
+# The inner loop's tier, 40-70 s on 2 shared cores: K-FAC's curvature against exact autograd
 # computations, config validation, the import layering, and one end-to-end search (search, show, export, train).
 CHECK = tests/test_optim_exact.py tests/test_optim_layers.py tests/test_config.py tests/test_layering.py \
 	tests/test_search_e2e.py::test_search_show_export_train
