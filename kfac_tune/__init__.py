@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from kfac_tune.version import __version__
+
 __all__ = ["KFAC", "KFACWarning", "register_layer", "load_recipe", "optimizer_from_recipe", "search", "train", "__version__"]
 
 
@@ -29,7 +30,7 @@ def __getattr__(name: str) -> Any:
 
         return load_recipe
     if name == "optimizer_from_recipe":
-        from kfac_tune.optimizers import optimizer_from_recipe
+        from kfac_tune.recipes import optimizer_from_recipe
 
         return optimizer_from_recipe
     if name == "search":  # the package kfac_tune.search, callable as the API's search (see its __init__)

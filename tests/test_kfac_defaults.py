@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import yaml
 
 from benchmarks import workloads
-from kfac_tune import KFAC
+from kfac_tune import KFAC, optimizer_from_recipe
 from kfac_tune.optim import quadratic
 
 STEPS = 30
@@ -142,7 +142,7 @@ def test_old_recipes_keep_their_meaning_and_new_arguments_record_the_new_convent
     stored = KFAC.stored_arguments(old.hyperparameters)
     for name, value in KFAC.LEGACY.items():
         assert stored[name] == value
-    opt = KFAC.from_recipe(workloads.load("digits_mlp").model, old)
+    opt = optimizer_from_recipe(workloads.load("digits_mlp").model, old)  # a loaded recipe is pinned too
     assert opt.max_update_ratio is None and opt.rejection_ratio is None and opt.damping_boost is None
     complete = KFAC.complete_arguments({"lr": 0.1})
     assert complete["lr"] == 0.1 and KFAC.defaults()["kl_clip"] == "auto"
@@ -169,7 +169,7 @@ def test_safety_needs_no_closure_to_skip_an_exploding_update() -> None:
 
 
 def test_loading_a_shipped_recipe_pins_the_legacy_conventions() -> None:
-    """``load_recipe`` (what ``train --recipe``, ``compare`` and ``from_recipe`` read) hands back arguments that
+    """``load_recipe`` (what ``train --recipe``, ``compare`` and ``optimizer_from_recipe`` read) hands back arguments that
     build the optimizer the recipe was tuned with."""
     from kfac_tune.recipes import load_recipe
 

@@ -61,7 +61,8 @@ def export(config: Path | None, study_name: str | None, storage: str | None, out
            pick: str) -> None:
     """Write a study's trial (the best by default) as a recipe YAML."""
     from kfac_tune import record
-    from kfac_tune.recipes import check_overwrite, default_path, export_best
+    from kfac_tune.recipes import check_overwrite, default_path
+    from kfac_tune.search.export import export_best
     from kfac_tune.search.selection import parse_pick
     from kfac_tune.search.study import load_study
 

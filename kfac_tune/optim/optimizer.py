@@ -307,7 +307,7 @@ class KFAC(torch.optim.Optimizer):
         "damping_rule": "martens",
     }
 
-    # ------------------------------------------------------------------------------------------------ recipes
+    # ---------------------------------------------------------------------------------------- stored arguments
     @classmethod
     def complete_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
         """``arguments`` with every hyperparameter and convention filled in from the constructor's defaults, the
@@ -341,18 +341,6 @@ class KFAC(torch.optim.Optimizer):
         if set(cls.HYPERPARAMETERS) <= set(arguments):
             arguments = {**{k: v for k, v in cls.LEGACY.items() if k not in arguments}, **arguments}
         return arguments
-
-    @classmethod
-    def from_recipe(cls, model: nn.Module, recipe: Any, *, strict: bool = True, **overrides: Any) -> "KFAC":
-        """Build the optimizer a recipe (a path or a loaded recipe) describes; ``overrides`` win. A recipe tuned
-        for another network (architecture signature) raises ``RecipeError`` naming both, unless ``strict=False``."""
-        from kfac_tune.recipes import recipe_for_model  # lazy: the optimizer does not depend on the tool
-
-        recipe = recipe_for_model(recipe, model, strict=strict)
-        if recipe.optimizer != "kfac":
-            raise ValueError(f"this recipe is for the {recipe.optimizer!r} optimizer, not K-FAC")
-        kwargs = {**cls.stored_arguments(recipe.hyperparameters), **overrides}
-        return cls(model, **kwargs)
 
     def close(self) -> None:
         """Detach the optimizer's hooks from the model."""

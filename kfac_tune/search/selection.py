@@ -142,7 +142,7 @@ def test_metrics(study: optuna.Study, trial: FrozenTrial, cfg: Config | None = N
     if cfg.training.budget is not None and steps:
         rerun = rerun.model_copy(update={"training": rerun.training.model_copy(
             update={"budget": None, "steps": int(steps), "epochs": None})})
-    arguments = record.hyperparameters(trial) or optimizer_arguments(trial.params)
+    arguments = record.hyperparameters(trial) or optimizer_arguments(trial.params, cfg.optimizer.name)
     hparams = {k: v for k, v in arguments.items() if k != "loss"}
     try:
         result = train(rerun, hparams, optimizer=record.study_attr(study, record.OPTIMIZER), test=True)
