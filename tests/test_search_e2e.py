@@ -82,15 +82,16 @@ def test_diverging_trials_are_pruned_and_best_recipe_is_valid(tmp_path: Path, mo
 
 
 def test_a_search_does_not_print_kfacs_safety_warnings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A trial whose updates K-FAC skips (lr 1e6 without the trust region: each update would explode the weights)
-    raises KFACWarning in plain training, but a search, whose trials explore such settings on purpose, prints
+    """A trial whose updates K-FAC skips (lr 1e6 without the trust region, under a tight update-size guard: each
+    update would explode the weights) raises KFACWarning in plain training, but a search, whose trials explore such settings on purpose, prints
     none of it: the lines would interleave with the progress bar without naming their trial."""
     from kfac_tune.config import load_config
     from kfac_tune.optim import KFACWarning
     from kfac_tune.training import train
 
     monkeypatch.chdir(tmp_path)
-    config = write_config(tmp_path, optimizer={"name": "kfac", "options": {"kl_clip": None}}, training={"steps": 20},
+    config = write_config(tmp_path, optimizer={"name": "kfac", "options": {"kl_clip": None, "max_update_ratio": 1.0}},
+                          training={"steps": 20},
                           search={"trials": 1, "pruner": "none", "enqueue_defaults": False,
                                   "space": {"mode": "fixed", "kl_clip": None, "lr": [1.0e6, 1.0e7]},
                                   "enqueue": [{"lr": 1.0e6}]})
