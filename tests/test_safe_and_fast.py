@@ -133,3 +133,50 @@ def test_deep_sigmoid_autoencoder_reaches_tuned_adams_best_in_5x_fewer_iteration
                     for lr in (1e-3, 3e-3, 1e-2, 3e-2, 0.1))
     kfac = _curve(lambda m: KFAC(m, loss="bce", seed=0), x, adam_steps // 5)
     assert min(kfac) <= adam_best, f"K-FAC best {min(kfac):.4f} in {adam_steps // 5} steps, Adam's {adam_best:.4f}"
+
+
+_HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
+               torch.Tensor.__float__, torch.Tensor.__int__}
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that copy a tensor's value to the host: on a GPU each one stalls the pipeline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in _HOST_READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode, closure_form, most", [
+    ("fixed", False, 0), ("fixed", True, 0), ("automatic", True, 1)])
+def test_an_ordinary_step_reads_nothing_back_from_the_device(mode: str, closure_form: bool, most: int) -> None:
+    """GPU-first: between inverse refreshes (and Levenberg–Marquardt evaluations) the fixed-lr step reads nothing
+    back, with or without a closure (the blow-up and overflow guards decide with torch.where), and an automatic
+    step reads once (the guards' counters, so that a skipped update raises λ before the next step; the 2×2
+    solve stays on the device). Before issue 24: 2 and 4-5."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    opt = KFAC(model, loss="cross_entropy", inv_update_freq=100, seed=0,
+               **({"lr": 0.01} if mode == "fixed" else {}))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    counts = []
+    for step in range(12):
+        if not closure_form:
+            closure()
+        with _HostReads() as reads:
+            opt.step(closure) if closure_form else opt.step()
+        if step % opt.damping_adaptation_interval != opt.damping_adaptation_interval - 1 and step > 5:
+            counts.append(reads.count)  # ordinary steps: past the first interval, not an adaptation step
+    assert counts and max(counts) <= most, counts
+    assert opt.adaptive_lr == (mode == "automatic")

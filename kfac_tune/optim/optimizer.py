@@ -56,6 +56,7 @@ from kfac_tune.optim.distributed import DataParallel, resolve_group, unwrap
 from kfac_tune.optim.blocks import DAMPING_MODES
 from kfac_tune.optim.callsite import KFACWarning, user_stacklevel
 from kfac_tune.optim.capture import LayerHelper
+from kfac_tune.optim.guards import Guards
 from kfac_tune.optim.coverage import Exclude, find_layers
 from kfac_tune.optim.statistics import Statistics
 from kfac_tune.optim.temporal import TEMPORAL_MODES
@@ -237,16 +238,10 @@ class KFAC(torch.optim.Optimizer):
 
         self._steps = 0
         device = params[0].device
-        self._skipped = torch.zeros((), dtype=torch.long, device=device)
-        self._skipped_seen = 0
-        self.rejected_steps = 0
+        self.guards = Guards(params, max_update_ratio, rejection_ratio, damping_boost)
         self.lm_rejected_steps = 0
-        self._loss_reference: Optional[float] = None  # running mean of accepted steps' losses (rejection_ratio)
-        self._loss_initial: Optional[float] = None  # the first loss seen: a loss above it means divergence
         self._scales: dict[str, float] = {}  # curvature scale of each block's decomposition (relative damping)
         self._stale: set[str] = set()  # layers whose factors changed since their last decomposition
-        # every trainable parameter's share of ‖θ‖² that max_update_ratio counts at least: RMS 1e-2 per entry
-        self._weight_floor = 1e-4 * sum(p.numel() for p in params)
         self._generator: Optional[torch.Generator] = None
         if seed is not None:
             self._generator = torch.Generator(device=device)
@@ -348,15 +343,19 @@ class KFAC(torch.optim.Optimizer):
             handle.remove()
         self._handles.clear()
 
-    # rejected_steps (an attribute): updates undone because the loss after them blew up (rejection_ratio);
-    # lm_rejected_steps: updates the Levenberg–Marquardt trust region undid (ρ ≤ 0 on its adaptation steps, the
-    # rule working as meant: one evaluation each)
+    # lm_rejected_steps (an attribute): updates the Levenberg–Marquardt trust region undid (ρ ≤ 0 on its steps,
+    # the rule working as meant: one evaluation each)
 
     @property
     def skipped_steps(self) -> int:
-        """Updates that were not applied because they were not finite or would have exploded the weights
+        """Updates not applied because they were not finite or would have exploded the weights
         (``max_update_ratio``); synchronises."""
-        return int(self._skipped.item())
+        return int(self.guards.skipped.item())
+
+    @property
+    def rejected_steps(self) -> int:
+        """Updates undone because the loss after them blew up (``rejection_ratio``); synchronises."""
+        return int(self.guards.rejected.item())
 
     # ----------------------------------------------------------------------------------------------- capture
     def _on_model_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -489,18 +488,22 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        checked = loss is not None and not (self.damping_boost is None and self.rejection_ratio is None)
+        checked = loss is not None and self.guards.rejection_ratio is not None
         with self.timer.phase("statistics"):
             self._statistics_pass()
             # the loss travels with the statistics (one all_reduce under data parallelism), before they are folded
             new, mean_loss = self._shared_statistics(loss if checked else None)
-        if mean_loss is not None and self._reject_last_update(group, mean_loss):
-            self._steps += 1  # this step's statistics, taken where the rejected update led, are dropped
-            return loss
+        # kept: a device boolean, false when the previous update blew the loss up and was undone; this step's
+        # statistics and update, taken where it led, are then dropped (decided on the device, no host sync)
+        kept = None if mean_loss is None else self.guards.judge_last_update(group["params"], self.state, mean_loss)
         with self.timer.phase("statistics"):
-            self._fold_statistics(new, group["factor_decay"])
+            self._fold_statistics(new, group["factor_decay"], kept)
         with self.timer.phase("inverses"):
             self._refresh_inverses(group)
+        if self.adaptive_lr or self.adaptive_momentum or self.adaptive_damping:
+            # the automatic modes spend their one host read per step here: a skipped or undone update raises λ
+            # before the next step is sized (the fixed-lr mode reads nothing and reacts at inverse refreshes)
+            self.guards.react(group, self.max_damping)
 
         params = [p for p in group["params"] if p.grad is not None]
         if params:
@@ -509,7 +512,7 @@ class KFAC(torch.optim.Optimizer):
             with self.timer.phase("precondition"):
                 direction = self._natural_direction(params, grads, group["damping"], wd)
             with self.timer.phase("update"):
-                self._update(group, params, grads, direction, closure, loss)
+                self._update(group, params, grads, direction, closure, loss, kept)
         self._steps += 1
         return loss
 
@@ -521,8 +524,9 @@ class KFAC(torch.optim.Optimizer):
         self._mode_by_default = closure
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], direction: list[Tensor],
-                closure: Optional[Callable[[], Tensor]], loss: Optional[Tensor]) -> None:
-        """δ = α Δ + μ δ_prev with α, μ fixed (and KL-clipped) or from the quadratic model; then LM damping."""
+                closure: Optional[Callable[[], Tensor]], loss: Optional[Tensor], kept: Optional[Tensor]) -> None:
+        """δ = α Δ + μ δ_prev with α, μ fixed (and KL-clipped) or from the quadratic model (both device scalars in
+        the automatic mode: nothing is read back); then Levenberg–Marquardt damping on its steps."""
         prev = [self.state[p].get("delta") for p in params]
         has_prev = all(d is not None for d in prev)
         quad = None
@@ -538,18 +542,23 @@ class KFAC(torch.optim.Optimizer):
                               stacklevel=user_stacklevel())
                 self.adaptive_damping = self.adaptive_lr = self.adaptive_momentum = False
                 self._mode_by_default = False
-                return self._update(group, params, grads, direction, closure, loss)
-            alpha, mu = coeffs[0], (coeffs[1] if has_prev else 0.0)
+                return self._update(group, params, grads, direction, closure, loss, kept)
+            dtype = direction[0].dtype
+            alpha = coeffs[0].to(dtype)
+            mu = coeffs[1].to(dtype) if has_prev else None
         else:
+            coeffs = None
             alpha = group["lr"] * self._kl_scale(group, grads, direction)
-            mu = group["momentum"] if has_prev else 0.0
+            mu = group["momentum"] if has_prev and group["momentum"] else None
+        if kept is not None:  # no update where the previous one was undone (its momentum is zero already)
+            alpha = alpha * kept
         # one fused call per operation over all parameters rather than two tensor ops per parameter
         update = torch._foreach_mul(direction, alpha)
-        if mu:
-            torch._foreach_add_(update, prev, alpha=float(mu))
-        applied = self._apply(params, update)
+        if mu is not None:
+            torch._foreach_add_(update, torch._foreach_mul(prev, mu))
+        applied = self.guards.apply(params, self.state, update)
         if self.adaptive_damping and self._adaptation_due():
-            self._adapt_damping(group, closure, loss, params, grads, applied, quad, (alpha, mu), has_prev)
+            self._adapt_damping(group, closure, loss, params, grads, applied, quad, coeffs, kept)
 
     def _adaptation_due(self) -> bool:
         """Levenberg–Marquardt looks at every ``damping_adaptation_interval``-th step, and at every step while the
@@ -581,7 +590,7 @@ class KFAC(torch.optim.Optimizer):
         finally:
             self._in_statistics_pass = False
 
-    def _shared_statistics(self, loss: Optional[Tensor]) -> tuple[dict[str, dict[str, Tensor]], Optional[float]]:
+    def _shared_statistics(self, loss: Optional[Tensor]) -> tuple[dict[str, dict[str, Tensor]], Optional[Tensor]]:
         """This step's statistics and the closure's loss, averaged over the ranks in one call."""
         new = {name: stats.estimates(self._passes) for name, stats in self._pending.items()}
         self._pending, self._passes, self._outputs = {}, 0, []
@@ -591,12 +600,14 @@ class KFAC(torch.optim.Optimizer):
             tensors = [t for estimates in new.values() for t in estimates.values()]
             if tensors or mean is not None:
                 self.data_parallel.average(tensors + ([mean] if mean is not None else []))
-        return new, None if mean is None else float(mean)
+        return new, mean
 
-    def _fold_statistics(self, new: dict[str, dict[str, Tensor]], decay: float) -> None:
-        """Fold this step's (averaged) statistics into the moving averages."""
+    def _fold_statistics(self, new: dict[str, dict[str, Tensor]], decay: float, kept: Optional[Tensor]) -> None:
+        """Fold this step's (averaged) statistics into the moving averages; where ``kept`` is false (the step
+        after an undone update) a decay of 1 leaves them as they were."""
+        decay_used: Union[float, Tensor] = decay if kept is None else torch.where(kept, decay, 1.0)
         for name, estimates in new.items():
-            self.layers[name][1].update(estimates, decay)
+            self.layers[name][1].update(estimates, decay_used)
             if estimates:
                 self._stale.add(name)
 
@@ -622,55 +633,10 @@ class KFAC(torch.optim.Optimizer):
             for name in ready:
                 self._scales.pop(name, None)
             self._stale.difference_update(ready)
-        if due or ready:  # skipped updates raise λ at every refresh, whether or not anything was decomposed
-            self._react_to_skips(group)
+        if due or ready:  # skipped and undone updates raise λ at every refresh, decomposed or not
+            self.guards.react(group, self.max_damping)
 
-    # ------------------------------------------------------------------------------------------------ safety
-    def _raise_damping(self, group: dict[str, Any], why: str) -> None:
-        """λ × ``damping_boost`` (×10 for the legacy rule), with a warning that says why."""
-        new = min(group["damping"] * (self.damping_boost or 10.0), self.max_damping)
-        warnings.warn(f"K-FAC {why}; raising damping from {group['damping']:.3g} to {new:.3g}", KFACWarning,
-                      stacklevel=user_stacklevel())
-        group["damping"] = new
-
-    def _react_to_skips(self, group: dict[str, Any]) -> None:
-        """Raise λ for the updates skipped since the last look (one host synchronisation)."""
-        skipped = int(self._skipped.item())
-        if skipped > self._skipped_seen:
-            self._raise_damping(group, f"skipped {skipped - self._skipped_seen} non-finite update(s) (or update(s) "
-                                       "that would have exploded the weights: max_update_ratio)")
-            self._skipped_seen = skipped
-
-    def _reject_last_update(self, group: dict[str, Any], value: float) -> bool:
-        """With a closure, look at the previous update as soon as the loss after it is known: True when it is
-        rejected (undone; this step's gradient, taken where it led, is then not used).
-
-        The loss is this batch's, the reference a running mean of the losses after accepted updates; the bound is
-        ``max(rejection_ratio × reference, first loss)``: a step that multiplied the loss *and* left the model worse
-        than where training started.  The second condition keeps late training, where a batch's loss can be
-        several times the running mean by noise alone, free of false rejections.  A non-finite loss rejects nothing (bad data gives one too): its non-finite update is
-        skipped.  Skipped updates raise λ here rather than at the next inverse refresh.  The legacy rule
-        (``damping_boost`` and ``rejection_ratio`` None) looks only at refreshes and Levenberg–Marquardt steps.
-        """
-        self._react_to_skips(group)
-        reference = self._loss_reference
-        deltas = [self.state[p].get("delta") for p in group["params"]]
-        if (self.rejection_ratio is not None and reference is not None and any(d is not None for d in deltas)
-                and math.isfinite(value) and value > max(self.rejection_ratio * reference, self._loss_initial)):
-            for p, delta in zip(group["params"], deltas):
-                if delta is not None:
-                    p.sub_(delta)
-                    del self.state[p]["delta"]
-            self.rejected_steps += 1
-            self._raise_damping(group, f"rejected an update that raised the loss to {value:.3g} (running mean "
-                                       f"{reference:.3g}, rejection_ratio {self.rejection_ratio})")
-            return True
-        if math.isfinite(value):
-            self._loss_reference = value if reference is None else 0.9 * reference + 0.1 * value
-            if self._loss_initial is None:
-                self._loss_initial = value
-        return False
-
+    # ------------------------------------------------------------------------------------------------ damping
     def _curvature_scales(self) -> dict[str, float]:
         """Each decomposed block's curvature scale (mean eigenvalue), computed once per decomposition."""
         missing = [name for name, (_, b) in self.layers.items() if b.has_statistics and name not in self._scales]
@@ -720,7 +686,7 @@ class KFAC(torch.optim.Optimizer):
     def _solve_step(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], direction: list[Tensor],
         prev: Optional[list[Tensor]],
-    ) -> tuple[quadratic.QuadraticModel, list[float]]:
+    ) -> tuple[quadratic.QuadraticModel, Tensor]:
         dirs = [direction] + ([prev] if prev is not None else [])
         qm = self._quadratic_model(params, grads, dirs, group["weight_decay"])
         fixed: dict[int, float] = {}
@@ -743,40 +709,24 @@ class KFAC(torch.optim.Optimizer):
         finally:
             self._hooks_enabled = True
 
-    def _apply(self, params: list[Tensor], update: list[Tensor]) -> list[Tensor]:
-        """Add the update unless any entry is non-finite or ‖δ‖ > ``max_update_ratio`` ‖θ‖ (decided on the device,
-        no synchronisation); return what was added, which is also the momentum for the next step.
-
-        ‖θ‖² counts every entry as at least 1e-2 in RMS, so that weights initialised at zero can move.
-        """
-        total = torch.stack(torch._foreach_norm(update)).to(torch.float64).square().sum()
-        finite = torch.isfinite(total)
-        if self.max_update_ratio is not None:
-            weights = torch.stack(torch._foreach_norm(params)).to(torch.float64).square().sum()
-            finite &= total <= self.max_update_ratio ** 2 * (weights + self._weight_floor)
-        self._skipped += (~finite).long()
-        applied = [torch.where(finite, u, torch.zeros_like(u)) for u in update]
-        for p, safe in zip(params, applied):
-            p.add_(safe)
-            self.state[p]["delta"] = safe
-        return applied
-
     def _adapt_damping(self, group: dict[str, Any], closure: Optional[Callable[[], Tensor]],
                        loss: Optional[Tensor], params: list[Tensor], grads: list[Tensor], update: list[Tensor],
-                       quad: Optional[quadratic.QuadraticModel], coeffs: tuple[Any, float], has_prev: bool) -> None:
+                       quad: Optional[quadratic.QuadraticModel], coeffs: Optional[Tensor],
+                       kept: Optional[Tensor]) -> None:
         """Levenberg–Marquardt: compare the loss change the update achieved with the one the model predicted.
 
-        ``update`` is what ``_apply`` actually added (zeros for a skipped non-finite update), so undoing it can
-        never write a non-finite value into the parameters.
+        ``update`` is what the guards actually added (zeros for a skipped update), so undoing it can never write a
+        non-finite value into the parameters.  The step's scalars come to the host in one read.
         """
         if closure is None or loss is None:
             raise RuntimeError("KFAC(adaptive_damping=True) needs step(closure): the damping rule re-evaluates "
                                "the loss after the update")
         if quad is None:
             quad = self._quadratic_model(params, grads, [update], group["weight_decay"])
-            predicted = quad.change([1.0])
-        else:
-            predicted = quad.change([float(coeffs[0]), float(coeffs[1])] if has_prev else [float(coeffs[0])])
+            coeffs = torch.ones(1, dtype=torch.float64, device=update[0].device)
+        elif len(coeffs) > len(update[0].shape[:0]) and "delta" not in self.state[params[0]]:
+            pass
+        predicted = quad.change(coeffs)
         # the re-evaluation is a measurement, not a training pass: batch-norm running statistics are put back
         buffers = [(b, b.clone()) for b in self.model.buffers()]
         self._hooks_enabled = False
@@ -787,18 +737,22 @@ class KFAC(torch.optim.Optimizer):
             self._hooks_enabled = True
             for b, saved in buffers:
                 b.copy_(saved)
-        new_loss, old_loss = self._mean_over_ranks(evaluated, loss)
         wd = group["weight_decay"]
-        l2 = 0.0
+        l2 = torch.zeros((), dtype=torch.float64, device=predicted.device)
         if wd:
-            l2 = 0.5 * wd * sum(float((p.float() ** 2).sum() - ((p - u).float() ** 2).sum())
-                                for p, u in zip(params, update))
+            l2 = 0.5 * wd * sum((p.double().square().sum() - (p - u).double().square().sum()
+                                 for p, u in zip(params, update)), l2)
+        applied = torch.ones((), dtype=torch.float64, device=predicted.device) if kept is None else kept.double()
+        new_loss, old_loss = self._mean_over_ranks(evaluated, loss)  # the losses of the combined batch
+        predicted, l2, applied = torch.stack([predicted, l2, applied]).tolist()
+        if not applied:  # this step only dropped an update the blow-up guard undid: nothing to judge
+            return
         actual = new_loss - old_loss + l2
         rho = actual / predicted if predicted < 0 else float("nan")
         rejected = not math.isfinite(new_loss) or actual > 0
         if rejected:
             # The update made this batch's objective worse (or non-finite): reject it. Parameters go back,
-            # momentum restarts, and the damping grows below (at once by damping_boost).
+            # momentum restarts, and the damping grows below.
             for p, u in zip(params, update):
                 p.sub_(u)
                 self.state[p].pop("delta", None)
@@ -815,7 +769,8 @@ class KFAC(torch.optim.Optimizer):
 
     def _mean_over_ranks(self, *values: Union[Tensor, float]) -> list[float]:
         """Scalars (losses) averaged over the ranks: the combined batch's values, the same on every rank."""
-        stacked = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._skipped.device)
+        device = self.guards.skipped.device
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
         if self.data_parallel is not None:
             self.data_parallel.average([stacked])
         return stacked.tolist()
@@ -825,11 +780,8 @@ class KFAC(torch.optim.Optimizer):
         state = super().state_dict()
         state["kfac"] = {
             "steps": self._steps,
-            "skipped": self._skipped.clone(),
-            "skipped_seen": self._skipped_seen,
+            "guards": self.guards.state_dict(),
             "lm_failures": self._lm_failures,
-            "loss_reference": self._loss_reference,
-            "loss_initial": self._loss_initial,
             "generator": None if self._generator is None else self._generator.get_state(),
             "blocks": {name: block.state_dict() for name, (_, block) in self.layers.items()},
         }
@@ -844,11 +796,8 @@ class KFAC(torch.optim.Optimizer):
         if extra is None:
             return
         self._steps = extra["steps"]
-        self._skipped = extra["skipped"].to(self._skipped.device)
-        self._skipped_seen = extra["skipped_seen"]
+        self.guards.load_state_dict(extra["guards"])
         self._lm_failures = extra.get("lm_failures", 0)
-        self._loss_reference = extra.get("loss_reference")
-        self._loss_initial = extra.get("loss_initial")
         if extra["generator"] is not None and self._generator is not None:
             self._generator.set_state(extra["generator"])
         for name, (_, block) in self.layers.items():

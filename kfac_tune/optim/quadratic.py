@@ -27,45 +27,45 @@ class ForwardModeUnsupported(RuntimeError):
 
 @dataclass
 class QuadraticModel:
-    """Inner products of the candidate directions; ``dirs[0]`` is Δ, ``dirs[1]`` (optional) is δ_prev."""
+    """Inner products of the candidate directions, as float64 device tensors (the 2×2 solve stays on the device, as
+    kfac-jax's does: an automatic step reads nothing back to the host); ``dirs[0]`` is Δ, ``dirs[1]`` (optional)
+    is δ_prev."""
 
-    grad_dots: list[float]  # gᵀ d_i
-    curv: list[list[float]]  # d_iᵀ C d_j
-    sq: list[list[float]]  # d_iᵀ D d_j (the damping term; D = I for absolute damping)
+    grad_dots: Tensor  # gᵀ d_i, shape (n,)
+    curv: Tensor  # d_iᵀ C d_j, shape (n, n)
+    sq: Tensor  # d_iᵀ D d_j (the damping term; D = I for absolute damping), shape (n, n)
 
-    def solve(self, damping: float, fixed: dict[int, float]) -> list[float]:
-        """Coefficients minimising ``M`` over the span of the directions; ``fixed`` pins some of them."""
-        n = len(self.grad_dots)
-        Q = [[self.curv[i][j] + damping * self.sq[i][j] for j in range(n)] for i in range(n)]
+    def solve(self, damping: float, fixed: dict[int, float]) -> Tensor:
+        """Coefficients minimising ``M`` over the span of the directions (a device tensor of shape (n,));
+        ``fixed`` pins some of them.  A direction without positive curvature gets 0; with two free directions
+        that are (nearly) parallel, the step along Δ alone."""
+        n = self.grad_dots.shape[0]
+        q = self.curv + damping * self.sq
+        g = self.grad_dots
+        zero = torch.zeros((), dtype=g.dtype, device=g.device)
+
+        def along(i: int, rhs: Tensor) -> Tensor:  # the 1-D minimiser along d_i
+            return torch.where(q[i, i] > 0, rhs / q[i, i], zero)
+
         free = [i for i in range(n) if i not in fixed]
-        coeffs = [fixed.get(i, 0.0) for i in range(n)]
-        if not free:
-            return coeffs
-        # Move the pinned coefficients to the right-hand side, then solve the small SPD system.
-        rhs = [-(self.grad_dots[i] + sum(Q[i][j] * coeffs[j] for j in fixed)) for i in free]
+        coeffs = [zero + fixed[i] if i in fixed else zero for i in range(n)]
         if len(free) == 1:
             i = free[0]
-            coeffs[i] = rhs[0] / Q[i][i] if Q[i][i] > 0 else 0.0
-            return coeffs
-        i, j = free
-        det = Q[i][i] * Q[j][j] - Q[i][j] * Q[j][i]
-        if det <= 1e-12 * max(Q[i][i] * Q[j][j], 1e-30):
-            # Δ and δ_prev are (nearly) parallel: fall back to the step along Δ alone.
-            coeffs[i] = rhs[0] / Q[i][i] if Q[i][i] > 0 else 0.0
-            coeffs[j] = 0.0
-            return coeffs
-        coeffs[i] = (rhs[0] * Q[j][j] - Q[i][j] * rhs[1]) / det
-        coeffs[j] = (Q[i][i] * rhs[1] - Q[j][i] * rhs[0]) / det
-        return coeffs
+            coeffs[i] = along(i, -(g[i] + sum((q[i, j] * coeffs[j] for j in fixed), zero)))
+        elif len(free) == 2:
+            det = q[0, 0] * q[1, 1] - q[0, 1] * q[1, 0]
+            parallel = det <= 1e-12 * torch.clamp(q[0, 0] * q[1, 1], min=1e-30)
+            safe = torch.where(parallel, torch.ones_like(det), det)
+            coeffs[0] = torch.where(parallel, along(0, -g[0]), (-g[0] * q[1, 1] + q[0, 1] * g[1]) / safe)
+            coeffs[1] = torch.where(parallel, zero, (-g[1] * q[0, 0] + q[1, 0] * g[0]) / safe)
+        return torch.stack(coeffs)
 
-    def change(self, coeffs: list[float], damping: float = 0.0) -> float:
-        """``M(Σ c_i d_i)``: the change of the objective the model predicts."""
-        n = len(coeffs)
-        lin = sum(c * g for c, g in zip(coeffs, self.grad_dots))
-        quad = sum(
-            coeffs[i] * coeffs[j] * (self.curv[i][j] + damping * self.sq[i][j]) for i in range(n) for j in range(n)
-        )
-        return lin + 0.5 * quad
+    def change(self, coeffs: Tensor, damping: float = 0.0) -> Tensor:
+        """``M(Σ c_i d_i)``: the change of the objective the model predicts (a device scalar)."""
+        c = coeffs.to(self.grad_dots.dtype)
+        n = c.shape[0]
+        q = self.curv[:n, :n] + damping * self.sq[:n, :n]
+        return c @ self.grad_dots[:n] + 0.5 * c @ q @ c
 
 
 def build(
@@ -97,12 +97,7 @@ def build(
     curv = curv + weight_decay * sq
     if weighted is not None:
         sq = weighted
-    values = torch.cat([grad_dots, curv.flatten(), sq.flatten()]).double().cpu().tolist()  # one host sync
-    n = len(directions)
-    grad_list = values[:n]
-    curv_list = [values[n + i * n : n + (i + 1) * n] for i in range(n)]
-    sq_list = [values[n + n * n + i * n : n + n * n + (i + 1) * n] for i in range(n)]
-    return QuadraticModel(grad_list, curv_list, sq_list)
+    return QuadraticModel(grad_dots.double(), curv.double(), sq.double())
 
 
 def _inner_products(grads: list[Tensor], directions: list[list[Tensor]], damping_weights: Optional[list[float]]
