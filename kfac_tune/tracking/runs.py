@@ -17,6 +17,7 @@ turned into a logged warning, and kept on the tracker (``given_up``) for the sum
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 from kfac_tune import record
 from kfac_tune.secrets import mask
@@ -242,20 +243,45 @@ def log_model(uri: str, run_id: str, model: torch.nn.Module) -> None:
     requirements would import-scan the environment, seconds for nothing). Pickled, not MLflow's default ``pt2``:
     that traces ``forward`` with an input example, which fails for networks with data-dependent control flow;
     ``mlflow.pytorch.load_model`` needs the model's module importable, as ``model.callable`` does anyway."""
+    import importlib.metadata
+
     import mlflow
     import mlflow.pytorch
-    import torch
 
+    # the distribution's version (2.14.1), not torch.__version__ (2.14.1+cu130): MLflow compares the pin with the
+    # installed distribution and warns of a mismatch that is none
+    torch_requirement = f"torch=={importlib.metadata.version('torch')}"
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI into os.environ, where it would outrank the YAML
     # of the next command run in this process (the Python API, a notebook): put back what was there.
     before = os.environ.get(TRACKING_URI_ENV)
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(model.cpu(), name="model", pip_requirements=[f"torch=={torch.__version__}"],
-                                     serialization_format="pickle")
+            with _without_log("mlflow.pytorch", "Saving pytorch model by Pickle"):  # chosen, and said above
+                mlflow.pytorch.log_model(model.cpu(), name="model", pip_requirements=[torch_requirement],
+                                         serialization_format="pickle")
     finally:
         mlflow.set_tracking_uri(before)
+
+
+@contextlib.contextmanager
+def _without_log(logger: str, text: str) -> Iterator[None]:
+    """Drop ``logger``'s records that start with ``text`` while the block runs: one message, not the logger."""
+    drop = _Drop(text)
+    logging.getLogger(logger).addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(drop)
+
+
+class _Drop(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.text)
 
 
 def dataset_input(data: Mapping[str, Any], context: str) -> Any:
