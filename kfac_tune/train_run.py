@@ -143,7 +143,7 @@ def log(resolved: Settings, cfg: Config, recipe: Recipe, recipe_path: Path, resu
     import mlflow
     from mlflow.entities import Metric, Param
 
-    from kfac_tune.tracking.runs import dataset_input, flatten, log_model
+    from kfac_tune.tracking.runs import dataset_input, flatten, log_model, used_settings
     from kfac_tune.tracking.server import (MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, get_or_create_experiment,
                                            open_client, prepare_store)
 
@@ -155,7 +155,7 @@ def log(resolved: Settings, cfg: Config, recipe: Recipe, recipe_path: Path, resu
                             tags={record.TAG_KIND: record.KIND_TRAIN, record.TAG_RECIPE: mask(str(recipe_path))})
     run_id = run.info.run_id
     config = mask_data(cfg.model_dump(mode="json", by_alias=True), *resolved.secrets())
-    params = {**flatten(config), **flatten({"hyperparameters": recipe.hyperparameters}),
+    params = {**flatten(used_settings(config)), **flatten({"hyperparameters": recipe.hyperparameters}),
               "recipe": mask(str(recipe_path)), "recipe.study": recipe.provenance.study}
     client.log_batch(run_id, params=[Param(k, v[:MAX_PARAM_CHARS]) for k, v in params.items()])
     now = int(time.time() * 1000)

@@ -11,6 +11,8 @@ What must not appear, each silenced where it starts and nowhere else:
   trial (``tracking.plots._contour_drawable``);
 * MLflow's pickle caution and its requirements "mismatch" (``torch==2.14.1+cu130`` against the installed
   ``2.14.1``) when ``train`` logs the model (``tracking.runs.log_model``).
+
+MLflow's params of those runs name the data callable, not the schema's default ``data.name: digits``.
 """
 from __future__ import annotations
 
@@ -75,3 +77,14 @@ def test_a_strangers_numpy_data_trains_through_search_and_train_without_library_
     for result in (searched, trained):
         terminal = result.stdout + result.stderr
         assert not [word for word in NOISE if word in terminal], terminal[-3000:]
+
+    # MLflow records what the runs used: the callable, not the schema's default data set beside it
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tabular").experiment_id])
+    logged = [run for run in runs if "data.callable" in run.data.params]
+    assert len(logged) == 4  # the study's parent run, two trials, one train run
+    for run in logged:
+        assert run.data.params["data.callable"] == "tabular:load" and "data.name" not in run.data.params
+        assert run.data.params["model.name"] == "mlp"  # a built-in model is what the run used

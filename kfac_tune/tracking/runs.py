@@ -219,6 +219,17 @@ def _metric(key: str, value: object, step: int) -> Any:
 
 
 # -------------------------------------------------------------------------------- configurations and data sets
+def used_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A dumped config without the settings a callable replaces: ``model.name`` beside ``model.callable`` and
+    ``data.name`` beside ``data.callable`` are the schema's defaults (``mlp``, ``digits``), never used, and as run
+    params they would say a stranger's study trained an MLP on digits."""
+    used = dict(config)
+    for section in ("model", "data"):
+        if isinstance(used.get(section), Mapping) and used[section].get("callable"):
+            used[section] = {k: v for k, v in used[section].items() if k != "name"}
+    return used
+
+
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """A nested configuration as MLflow params: dotted keys (``data.batch_size``), scalars as JSON writes them
     (``null``, ``true``), strings as they are, lists and empty sections as JSON; credentials masked (``secrets.mask``).
