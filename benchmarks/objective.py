@@ -56,8 +56,10 @@ def config(workload: str, optimizer: str, objective: str, trials: int, scratch: 
             "tracking": {"enabled": False}, "storage": f"sqlite:///{scratch / 'study.db'}"}
 
 
-def fresh_test(raw: dict[str, Any], recipe_path: Path, seeds: list[int]) -> list[dict[str, float]]:
-    """The recipe trained on each fresh seed under its objective's protocol, its test metrics at the end."""
+def fresh_test(raw: dict[str, Any], recipe_path: Path, seeds: list[int], validation: bool = False
+               ) -> list[dict[str, float]]:
+    """The recipe trained on each fresh seed under its objective's protocol: its test metrics at the end (and the
+    validation ones, ``eval_*``, with ``validation``)."""
     from kfac_tune.config import parse_config
     from kfac_tune.recipes import load_recipe
     from kfac_tune.training import Diverged, train
@@ -70,9 +72,10 @@ def fresh_test(raw: dict[str, Any], recipe_path: Path, seeds: list[int]) -> list
     for seed in seeds:
         run = cfg.model_copy(update={"training": cfg.training.model_copy(update={"seed": seed, "steps": steps})})
         try:
-            out.append(train(run, hparams, optimizer=recipe.optimizer, test=True).test)
+            result = train(run, hparams, optimizer=recipe.optimizer, test=True)
+            out.append(result.final if validation else result.test)
         except Diverged:
-            out.append({"test_loss": float("inf")})
+            out.append({"test_loss": float("inf"), "eval_loss": float("inf")})
     return out
 
 
