@@ -10,7 +10,9 @@ What must not appear, each silenced where it starts and nowhere else:
 * Optuna's ``Param lr unique value length is less than 2``: the lr x damping contour of a study with one fixed-mode
   trial (``tracking.plots._contour_drawable``);
 * MLflow's pickle caution and its requirements "mismatch" (``torch==2.14.1+cu130`` against the installed
-  ``2.14.1``) when ``train`` logs the model (``tracking.runs.log_model``).
+  ``2.14.1``) when ``train`` logs the model (``tracking.runs.log_model``);
+* MLflow's INFO lines ``Creating initial MLflow database tables...`` / ``Updating database tables`` when the
+  first command builds the tracking store (``tracking.server.prepare_store``).
 
 MLflow's params of those runs name the data callable, not the schema's default ``data.name: digits``.
 """
@@ -28,7 +30,7 @@ from tests.search_support import REPO
 
 pytestmark = pytest.mark.slow
 
-NOISE = ("torch.jit.script", "unique value length", "Pickle", "mismatches", "DataBundle")
+NOISE = ("torch.jit.script", "unique value length", "Pickle", "mismatches", "database tables", "DataBundle")
 
 DATA = '''
 from sklearn.datasets import load_breast_cancer
@@ -59,8 +61,9 @@ def test_a_strangers_numpy_data_trains_through_search_and_train_without_library_
         "data": {"callable": "tabular:load", "batch_size": 64},
         "training": {"steps": 20, "eval_every": 10, "device": "cpu", "threads": 1},
         "optimizer": "kfac",
-        # seed 0 draws the fixed-mode default, then an automatic-mode trial: a jvp, and one lr for the contour
-        "search": {"trials": 2, "sampler": {"name": "tpe", "seed": 0}},
+        # a fixed-mode trial, then an automatic-mode one: a jvp, and a single lr for the lr x damping contour
+        "search": {"trials": 2, "sampler": {"name": "tpe", "seed": 0}, "enqueue_defaults": False,
+                   "enqueue": [{"mode": "fixed"}, {"mode": "automatic"}]},
         "tracking": {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "storage": f"sqlite:///{tmp_path / 'study.db'}"}))
 

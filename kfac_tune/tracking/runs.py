@@ -17,7 +17,6 @@ turned into a logged warning, and kept on the tracker (``given_up``) for the sum
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -28,12 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from kfac_tune import record
 from kfac_tune.secrets import mask
 from kfac_tune.settings import TRACKING_URI_ENV
 from kfac_tune.text import first_line
+from kfac_tune.tracking.logs import without_messages
 from kfac_tune.tracking.plots import best_trial, render_plots
 from kfac_tune.tracking.server import (MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, MAX_PARAMS_TAGS_PER_BATCH,
                                        MAX_TAG_CHARS, get_or_create_experiment, open_client)
@@ -268,31 +268,11 @@ def log_model(uri: str, run_id: str, model: torch.nn.Module) -> None:
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(run_id=run_id):
-            with _without_log("mlflow.pytorch", "Saving pytorch model by Pickle"):  # chosen, and said above
+            with without_messages("mlflow.pytorch", "Saving pytorch model by Pickle"):  # chosen, and said above
                 mlflow.pytorch.log_model(model.cpu(), name="model", pip_requirements=[torch_requirement],
                                          serialization_format="pickle")
     finally:
         mlflow.set_tracking_uri(before)
-
-
-@contextlib.contextmanager
-def _without_log(logger: str, text: str) -> Iterator[None]:
-    """Drop ``logger``'s records that start with ``text`` while the block runs: one message, not the logger."""
-    drop = _Drop(text)
-    logging.getLogger(logger).addFilter(drop)
-    try:
-        yield
-    finally:
-        logging.getLogger(logger).removeFilter(drop)
-
-
-class _Drop(logging.Filter):
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.text)
 
 
 def dataset_input(data: Mapping[str, Any], context: str) -> Any:
