@@ -1,5 +1,7 @@
 # Two commands take a fresh machine to a tuned recipe and a green test run; both set themselves up.
-.PHONY: demo test bootstrap
+.PHONY: demo test check bootstrap
+# the environment bootstrap made (KFAC_TUNE_VENV, else .venv)
+PYTHON = $(or $(KFAC_TUNE_VENV),.venv)/bin/python
 
 bootstrap:
 	bash .ci/bootstrap.sh
@@ -8,4 +10,11 @@ demo: bootstrap  ## a real search on the embedded default: digits, SQLite study,
 	.venv/bin/kfac-tune search examples/digits_mlp.yaml -o recipes/digits_mlp.yaml
 
 test: bootstrap  ## the whole test suite, CPU only
-	.venv/bin/python -m pytest -q
+	$(PYTHON) -m pytest -q
+
+# The inner loop's tier, 40-70 s on 2 shared cores: K-FAC's curvature against exact autograd
+# computations, config validation, the import layering, and one end-to-end search (search, show, export, train).
+CHECK = tests/test_optim_exact.py tests/test_optim_layers.py tests/test_config.py tests/test_layering.py \
+	tests/test_search_e2e.py::test_search_show_export_train
+check: bootstrap  ## the fast tier: run it before each commit, `make test` before a merge
+	$(PYTHON) -m pytest -q $(CHECK)

@@ -62,7 +62,7 @@ from benchmarks._common import (
     write_json,
 )
 from kfac_tune.optim import KFAC
-from kfac_tune.optimizers import build_optimizer
+from kfac_tune.catalog import build_optimizer
 from kfac_tune.zoo import build_model
 
 PIXELS = 784

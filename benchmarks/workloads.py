@@ -17,8 +17,7 @@ from torch import Tensor, nn
 
 from kfac_tune.config import load_config
 from kfac_tune.problem import load_data, make_model, task_and_loss
-from kfac_tune.zoo.data import load_dataset
-from kfac_tune.zoo.models import build_model
+from kfac_tune.zoo import build_model, load_dataset
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FUNCTIONALS = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "bce": F.binary_cross_entropy_with_logits}

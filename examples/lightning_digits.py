@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from kfac_tune import optimizer_from_recipe
 from kfac_tune.optim import KFAC
 
 
@@ -75,7 +76,7 @@ class DigitsClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> KFAC:
         if self.recipe is not None:
-            return KFAC.from_recipe(self.net, self.recipe, **self.kfac_options)
+            return optimizer_from_recipe(self.net, self.recipe, **self.kfac_options)
         return KFAC(self.net, **{"loss": "cross_entropy", **self.kfac_options})
 
 

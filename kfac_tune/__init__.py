@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-__all__ = ["KFAC", "KFACWarning", "load_recipe", "optimizer_from_recipe", "search", "train", "__version__"]
+from kfac_tune.version import __version__
+
+__all__ = ["KFAC", "KFACWarning", "register_layer", "load_recipe", "optimizer_from_recipe", "search", "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,12 +21,16 @@ def __getattr__(name: str) -> Any:
         from kfac_tune.optim import KFACWarning
 
         return KFACWarning
+    if name == "register_layer":
+        from kfac_tune.optim import register_layer
+
+        return register_layer
     if name == "load_recipe":
         from kfac_tune.recipes import load_recipe
 
         return load_recipe
     if name == "optimizer_from_recipe":
-        from kfac_tune.optimizers import optimizer_from_recipe
+        from kfac_tune.recipes import optimizer_from_recipe
 
         return optimizer_from_recipe
     if name == "search":  # the package kfac_tune.search, callable as the API's search (see its __init__)

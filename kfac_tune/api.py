@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import optuna
 
     from kfac_tune.config import Config
-    from kfac_tune.search import PreparedSearch
+    from kfac_tune.search.prepare import PreparedSearch
     from kfac_tune.settings import Settings
     from kfac_tune.train_run import TrainOutcome
 
@@ -46,7 +46,7 @@ def prepare_search(config: str | Path | Mapping[str, Any] | Config, *, sets: Seq
     check_distinct_stores(resolved.storage, resolved.tracking_uri if resolved.tracking else None)
     named = default_path(name)  # a study name must be a plain file name, whether or not a path is given
     target = check_overwrite(Path(output) if output is not None else named, name, force)  # before the search
-    from kfac_tune.search import prepare_search as open_search  # after validation: bad input before torch loads
+    from kfac_tune.search.prepare import prepare_search as open_search  # after validation: bad input before torch loads
 
     prepared = open_search(cfg, study_name=name, storage=resolved.storage, tracking=resolved.tracking,
                            recipe_path=target, **options)

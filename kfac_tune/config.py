@@ -32,7 +32,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
                       field_validator, model_validator)
 
 from kfac_tune.catalog import LOSSES, OPTIMIZERS
-from kfac_tune.settings import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
+from kfac_tune.stores import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 
 MAX_TRIALS = 1_000_000
 MAX_STEPS = 10**9

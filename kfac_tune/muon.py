@@ -107,7 +107,7 @@ class MuonWithAdamW:
 
 
 def build_muon(model: nn.Module, arguments: dict[str, Any], *, loss: str | None) -> MuonWithAdamW:
-    """The catalog's ``muon``: flat ``adamw_*`` names configure the AdamW part (torch's AdamW defaults, lr 3e-4
-    as in torch's Muon example), the other names go to ``torch.optim.Muon``."""
+    """The catalog's ``muon``: flat ``adamw_*`` names configure the AdamW part (torch's AdamW defaults; the
+    catalog's lr, 3e-4 as in torch's Muon example), the other names go to ``torch.optim.Muon``."""
     adamw = {name[len(ADAMW_PREFIX):]: arguments.pop(name) for name in list(arguments) if name.startswith(ADAMW_PREFIX)}
-    return MuonWithAdamW(model, adamw=adam_arguments({"lr": 3e-4, **adamw}), **arguments)
+    return MuonWithAdamW(model, adamw=adam_arguments(adamw), **arguments)

@@ -1,43 +1,19 @@
-"""Build the optimizer a trial or a recipe asks for, by name, from flat hyperparameters.
+"""The builders the catalog names: each turns flat hyperparameters into one optimizer's constructor call.
 
 The search space and recipes speak in flat ``name: value`` pairs (``beta1``, ``beta2`` rather than a ``betas``
 tuple) so that every hyperparameter is one Optuna parameter and one YAML line; the builders here (named by
-``kfac_tune.catalog``) are the only place that knows how each constructor wants them. K-FAC takes its constructor
-names unchanged. Muon's builder, which also splits the model's parameters, lives in ``kfac_tune.muon``.
+``kfac_tune.catalog``, which calls them: they import nothing of the tool but the optimizers they build) are the
+only place that knows how each constructor wants them. K-FAC takes its constructor names unchanged. Muon's
+builder, which also splits the model's parameters, lives in ``kfac_tune.muon``.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from kfac_tune import catalog
-
-
-def build_optimizer(name: str, model: nn.Module, hparams: Mapping[str, Any], *, loss: str) -> Any:
-    """Optimizer ``name`` over ``model``'s trainable parameters.
-
-    ``loss`` is the functional the training loop minimises; only K-FAC uses it (its curvature is the Fisher of that
-    loss), the first-order optimizers ignore it. Unknown or bad hyperparameters raise ``TypeError``/``ValueError``
-    from the constructor, which the preflight turns into a config error.
-    """
-    return catalog.optimizer(name).build(model, hparams, loss=loss)
-
-
-def optimizer_from_recipe(model: nn.Module, recipe: Any, *, strict: bool = True, **overrides: Any) -> Any:
-    """The optimizer a recipe (a path or a loaded ``Recipe``) describes, over ``model``; ``overrides`` win.
-
-    Works for every optimizer in the catalog (``KFAC.from_recipe`` is the K-FAC-only spelling). The recipe's
-    hyperparameters are complete constructor arguments, so this builds exactly what the search ran. A recipe
-    tuned for another network raises ``RecipeError`` naming both, unless ``strict=False``.
-    """
-    from kfac_tune.recipes import recipe_for_model
-
-    recipe = recipe_for_model(recipe, model, strict=strict)
-    arguments = {**recipe.hyperparameters, **overrides}
-    return build_optimizer(recipe.optimizer, model, arguments, loss=arguments.pop("loss", recipe.training.loss))
+from kfac_tune.lion import Lion
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -65,8 +41,7 @@ def build_adamw(model: nn.Module, arguments: dict[str, Any], *, loss: str | None
 
 
 def build_sgd(model: nn.Module, arguments: dict[str, Any], *, loss: str | None) -> torch.optim.Optimizer:
-    arguments.setdefault("momentum", 0.9)
-    arguments.setdefault("nesterov", arguments["momentum"] > 0)
+    arguments.setdefault("nesterov", arguments["momentum"] > 0)  # momentum: the caller's, or the catalog's 0.9
     return torch.optim.SGD(trainable(model), **arguments)
 
 
@@ -82,5 +57,8 @@ def build_soap(model: nn.Module, arguments: dict[str, Any], *, loss: str | None)
     except ImportError as error:
         raise ValueError(f"the soap optimizer needs the heavyball package (pip install heavyball): {error}") from None
     heavyball.utils.compile_mode = None
-    defaults = {"beta1": 0.9, "beta2": 0.95}  # heavyball's SOAP defaults, not Adam's
-    return heavyball.SOAP(trainable(model), **adam_arguments({**defaults, **arguments}))
+    return heavyball.SOAP(trainable(model), **adam_arguments(arguments))  # betas: the catalog's (heavyball's)
+
+
+def build_lion(model: nn.Module, arguments: dict[str, Any], *, loss: str | None) -> torch.optim.Optimizer:
+    return Lion(trainable(model), **adam_arguments(arguments))

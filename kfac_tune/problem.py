@@ -19,9 +19,8 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from kfac_tune.augment import Augmented, training_transform
-from kfac_tune.catalog import TASK_LOSSES, loss_function
+from kfac_tune.catalog import TASK_LOSSES, build_optimizer, loss_function
 from kfac_tune.config import MAX_STEPS, AugmentConfig, Config, DataConfig, Phrase, import_callable
-from kfac_tune.optimizers import build_optimizer
 from kfac_tune.userdata import Data, DataProblem, as_datasets, call_data, hold_out_datasets
 from kfac_tune.zoo import ARCHITECTURES, DataBundle, DatasetNotFoundError, architecture_signature, build_model, load_dataset
 from kfac_tune.zoo.data import hold_out

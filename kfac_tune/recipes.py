@@ -8,27 +8,20 @@ written recipe that still parses would silently train with defaults; loading rej
 """
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import importlib.metadata
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kfac_tune import catalog, record
-from kfac_tune.config import Config, ConfigError, read_yaml, stored_config
+from kfac_tune import catalog
+from kfac_tune.config import ConfigError, read_yaml
 from kfac_tune.files import FileError, write_atomic
-
-if TYPE_CHECKING:
-    import optuna
-
-    from kfac_tune.search.race import RaceOutcome
 
 RECIPE_FORMAT = 1
 DEFAULT_DIRECTORY = Path("recipes")
@@ -92,7 +85,7 @@ class Provenance(_Strict):
 
 class Recipe(_Strict):
     """A tuned optimizer for one architecture. ``optimizer`` and ``hyperparameters`` are all
-    ``KFAC.from_recipe`` needs; the rest says when the numbers can be trusted."""
+    ``optimizer_from_recipe`` needs; the rest says when the numbers can be trusted."""
 
     format: int = RECIPE_FORMAT
     architecture: str
@@ -276,13 +269,11 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def _pin_conventions(recipe: Recipe) -> Recipe:
-    """A K-FAC recipe written before a convention existed keeps the meaning it was tuned under
-    (``KFAC.stored_arguments``), so it reproduces; today's recipes record every convention already."""
-    if recipe.optimizer == "kfac":
-        from kfac_tune.optim import KFAC
-
-        recipe.hyperparameters = KFAC.stored_arguments(recipe.hyperparameters)
-    return recipe
+    """A recipe written before one of its optimizer's conventions existed keeps the meaning it was tuned under (the
+    catalog entry's ``stored``: ``KFAC.stored_arguments``), so it reproduces; today's recipes record every
+    convention already."""
+    stored = catalog.optimizer(recipe.optimizer).stored_arguments(recipe.hyperparameters)
+    return recipe.model_copy(update={"hyperparameters": stored})
 
 
 def check_architecture(recipe: Recipe, architecture: str, signature: dict[str, Any]) -> None:
@@ -296,8 +287,8 @@ def check_architecture(recipe: Recipe, architecture: str, signature: dict[str, A
 
 
 def recipe_for_model(recipe: Recipe | str | os.PathLike[str], model: Any, *, strict: bool = True) -> Recipe:
-    """``recipe`` (a path or a loaded recipe), checked against ``model``: what ``KFAC.from_recipe`` and
-    ``optimizer_from_recipe`` build from.
+    """``recipe`` (a path or a loaded recipe), checked against ``model``: what ``optimizer_from_recipe``
+    builds from.
 
     Why: a recipe's damping and learning rate are tuned to its network's layer shapes, and a Python caller has no
     ``--ignore-architecture`` prompt to make them think twice, so a recipe whose architecture signature differs
@@ -306,7 +297,7 @@ def recipe_for_model(recipe: Recipe | str | os.PathLike[str], model: Any, *, str
     """
     from kfac_tune.zoo.models import architecture_signature  # torch: only when a model is at hand anyway
 
-    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    loaded = _pin_conventions(recipe) if isinstance(recipe, Recipe) else load_recipe(recipe)
     if not strict:
         return loaded
     ours = architecture_signature(model)
@@ -314,6 +305,21 @@ def recipe_for_model(recipe: Recipe | str | os.PathLike[str], model: Any, *, str
         raise RecipeError(f"{_mismatch(loaded, f'this model, {type(model).__name__},', ours)}; its hyperparameters "
                           "may not suit it. Pass strict=False to use it anyway")
     return loaded
+
+
+def optimizer_from_recipe(model: Any, recipe: Recipe | str | os.PathLike[str], *, strict: bool = True,
+                          **overrides: Any) -> Any:
+    """The optimizer a recipe (a path or a loaded ``Recipe``) describes, over ``model``; ``overrides`` win.
+
+    Works for every optimizer in the catalog (a K-FAC recipe gives a ``KFAC``). The recipe's hyperparameters are
+    complete constructor arguments, so this builds exactly what the search ran. A recipe tuned for another network
+    raises ``RecipeError`` naming both, unless ``strict=False``. It lives with the recipes, not on ``KFAC``: the
+    optimizer knows nothing of the tool's files.
+    """
+    recipe = recipe_for_model(recipe, model, strict=strict)
+    arguments = {**recipe.hyperparameters, **overrides}
+    return catalog.build_optimizer(recipe.optimizer, model, arguments,
+                                   loss=arguments.pop("loss", recipe.training.loss))
 
 
 def _mismatch(recipe: Recipe, model: str, signature: dict[str, Any]) -> str:
@@ -348,85 +354,6 @@ def _layer(layer: dict[str, Any]) -> str:
     shape = "x".join(str(d) for d in layer.get("weight_shape", []))
     bias = "with bias" if layer.get("bias") else "without bias"
     return f"{layer.get('path')!r} ({layer.get('type')} {shape}, {bias})"
-
-
-# ------------------------------------------------------------------------------------------------ export
-def versions() -> dict[str, str]:
-    """Package versions worth recording (read from metadata: importing torch just for this would cost seconds)."""
-    found = {}
-    for package in ("kfac-tune", "torch", "optuna"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            found[package] = importlib.metadata.version(package)
-    if "kfac-tune" not in found:  # running from a checkout
-        from kfac_tune import __version__
-
-        found["kfac-tune"] = __version__
-    return found
-
-
-def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg: Config | None = None, *,
-                      pick: str | None = None, test: bool = True, race: RaceOutcome | None = None) -> Recipe:
-    """Build the recipe of ``trial``, using what the search stored on the study and the trial; ``test`` measures
-    it on the test split (once per trial, see ``search.selection.test_metrics``). With ``race`` (whose chosen
-    candidate is ``trial``) the value is its mean over the raced seeds, with their spread."""
-    from optuna.trial import TrialState
-
-    from kfac_tune.search import selection
-
-    attrs = study.user_attrs
-    cfg = cfg or selection.study_config(study)
-    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    recorded = record.result(trial)
-    early = cfg.search.objective == "best" and "best_step" in recorded
-    steps = recorded.get("best_step" if early else "steps") if cfg.training.budget is not None or early else None
-    seconds = None if cfg.training.budget is None else (
-        recorded.get("best_seconds") if early else cfg.training.budget.seconds)
-    metric = cfg.training.metric
-    tested = selection.test_value(metric, selection.test_metrics(study, trial, cfg)) if test else None
-    value, spread, seeds = selection.metric_value(study, trial), None, None
-    if race is not None:
-        value, spread, seeds = race.chosen.mean, race.chosen.spread, race.seeds
-    return Recipe(
-        architecture=attrs[record.ARCHITECTURE],
-        optimizer=attrs[record.OPTIMIZER],
-        hyperparameters=record.hyperparameters(trial, trial.params),
-        parameter_groups=attrs.get(record.PARAMETER_GROUPS),
-        searched=dict(trial.params),
-        training=TrainingSettings(
-            dataset=cfg.data.callable or cfg.data.name, batch_size=recorded.get("batch_size", cfg.data.batch_size),
-            steps=steps or attrs[record.STEPS], seconds=seconds, loss=attrs[record.LOSS], metric=metric,
-            seed=cfg.training.seed),
-        result=Result(metric=metric, value=value, objective=cfg.search.objective, spread=spread, seeds=seeds,
-                      direction=cfg.training.goal, trials=finished, split=attrs.get(record.SPLIT, "test"),
-                      test_value=tested, train_seconds=recorded.get("train_seconds"), pick=pick),
-        provenance=Provenance(
-            study=study.study_name, trial=trial.number, mlflow_run_id=record.trial_run_id(trial),
-            config_hash=attrs[record.CONFIG_HASH], architecture=attrs[record.ARCHITECTURE],
-            signature=attrs[record.SIGNATURE], device=recorded.get("device", "unknown"),
-            date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=versions()),
-    )
-
-
-def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path | None = None,
-                pick: str = "best", *, test: bool = True, race: RaceOutcome | None = None) -> tuple[Recipe, Path]:
-    """Write the completed trial ``pick`` chooses (``best`` or ``fastest-within=P%``, see
-    ``search.selection``), or the winner of ``race`` (``search.race``), as a recipe (default
-    ``recipes/<study>.yaml``), measured on the test split."""
-    from optuna.trial import TrialState
-
-    from kfac_tune.search import selection
-
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        raise RecipeError(f"study {study.study_name!r} has no completed trial yet: nothing to export")
-    if not record.created_by_search(study):
-        raise RecipeError(f"study {study.study_name!r} was not created by kfac-tune search: no recipe metadata")
-    try:
-        chosen = race.chosen.trial if race is not None else selection.choose(study, selection.parse_pick(pick))
-    except ValueError as error:
-        raise RecipeError(f"cannot pick a trial of study {study.study_name!r}: {error}") from None
-    recipe = recipe_from_trial(study, chosen, cfg, pick=pick, test=test, race=race)
-    target = Path(path) if path is not None else default_path(study.study_name)
-    return recipe, save_recipe(recipe, target)
 
 
 # ------------------------------------------------------------------------------------------------ finding

@@ -17,8 +17,12 @@ steps, device, final/best metrics, batch size), ``fail_reason``/``prune_reason``
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from kfac_tune.version import __version__
 
 if TYPE_CHECKING:
     import optuna
@@ -76,6 +80,17 @@ METRIC_OUTCOME = "objective_value"
 
 
 # ---------------------------------------------------------------------------------------------- studies
+def versions() -> dict[str, str]:
+    """Package versions worth recording (read from metadata: importing torch just for this would cost seconds)."""
+    found = {}
+    for package in ("kfac-tune", "torch", "optuna"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[package] = importlib.metadata.version(package)
+    if "kfac-tune" not in found:  # running from a checkout
+        found["kfac-tune"] = __version__
+    return found
+
+
 def write_study(study: optuna.Study, attrs: Mapping[str, Any]) -> None:
     """Store each of ``attrs`` (keys: the study constants above) on the study."""
     for key, value in attrs.items():

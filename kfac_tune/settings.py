@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kfac_tune.stores import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
+
 if TYPE_CHECKING:
     from kfac_tune.config import Config
 
-DEFAULT_STORAGE = "sqlite:///kfac_tune.db"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 STORAGE_ENV = "KFAC_TUNE_STORAGE"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from kfac_tune.secrets import display_url
 
+# where a study and its tracking go when neither flag, environment nor config names a store (kfac_tune.settings)
+DEFAULT_STORAGE = "sqlite:///kfac_tune.db"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 POSTGRES_EXTRA = "pip install 'kfac-tune[postgres]'"
 
 

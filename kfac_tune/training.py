@@ -30,8 +30,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kfac_tune.batches import Split, split
+from kfac_tune.catalog import build_optimizer
 from kfac_tune.config import Config
-from kfac_tune.optimizers import build_optimizer
 from kfac_tune.problem import (batch_target, load_data, make_model, objective_loss, resolve_device,
                                task_and_loss, total_steps)
 from kfac_tune.zoo import DataBundle

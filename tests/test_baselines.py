@@ -1,4 +1,4 @@
-"""The baselines a practitioner would pick today (AdamW, Muon, SOAP) through the whole tool, and the catalog as the
+"""The baselines a practitioner would pick today (AdamW, Muon, SOAP, Lion) through the whole tool, and the catalog as the
 one place optimizer and loss names come from.
 
 Each baseline runs the user's route: ``search`` (real SQLite study, two real trials on scikit-learn's digits) ->
@@ -19,14 +19,14 @@ from torch import nn
 
 from kfac_tune import catalog, optimizer_from_recipe
 from kfac_tune.muon import MuonWithAdamW, split_parameters
-from kfac_tune.optimizers import build_optimizer
+from kfac_tune.catalog import build_optimizer
 from kfac_tune.recipes import RecipeError, load_recipe
 from kfac_tune.optim import KFAC
-from kfac_tune.search.space import DEFAULT_POINTS, DEFAULT_SPACES, clip
+from kfac_tune.search.space import clip, default_space
 from kfac_tune.zoo import build_model
 from tests.search_support import cli, load_study, recipe_for, write_config
 
-BASELINES = ("adamw", "muon", "soap")
+BASELINES = ("adamw", "muon", "soap", "lion")
 
 
 def settings(opt: Any) -> list[dict[str, Any]]:
@@ -48,7 +48,7 @@ def test_baseline_search_export_train_and_rebuild(tmp_path: Path, name: str) -> 
     study = load_study(storage, "model")
     assert study.user_attrs["optimizer"] == name
     first = min(study.trials, key=lambda t: t.number)
-    assert first.params == pytest.approx(DEFAULT_POINTS[name]), "the published defaults run first"
+    assert first.params == pytest.approx(catalog.optimizer(name).default_point), "the published defaults run first"
     completed = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert completed and all(t.value < math.log(10) for t in completed), "better than an untrained 10-class model"
 
@@ -80,7 +80,8 @@ def test_baseline_search_export_train_and_rebuild(tmp_path: Path, name: str) -> 
 def test_compare_puts_the_baselines_beside_kfac(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     kfac = {k: v for k, v in KFAC.defaults().items() if k in KFAC.HYPERPARAMETERS}  # K-FAC untuned
-    paths = [recipe_for(config, name, {**(kfac if name == "kfac" else DEFAULT_POINTS[name])}, tmp_path / f"{name}.yaml")
+    paths = [recipe_for(config, name, dict(kfac if name == "kfac" else catalog.optimizer(name).default_point),
+                        tmp_path / f"{name}.yaml")
              for name in ("kfac", *BASELINES)]
     result = cli("compare", str(config), "--recipes", *map(str, paths), "--seeds", "2", "--no-tracking", "-f", "json",
                  "-o", str(tmp_path / "out"), cwd=tmp_path)
@@ -165,19 +166,18 @@ def test_catalog_is_where_the_names_come_from(tmp_path: Path) -> None:
     for command in (search, find):
         (option,) = [p for p in command.params if p.name == "optimizer"]
         assert tuple(option.type.choices) == catalog.OPTIMIZER_NAMES
-    # K-FAC's default point is its constructor's defaults (search.space.default_point), not a table entry
-    assert set(DEFAULT_SPACES) == set(DEFAULT_POINTS) | {"kfac"} == set(catalog.OPTIMIZER_NAMES)
-    for name, space in DEFAULT_SPACES.items():
-        if name == "kfac":  # its conditional space is checked by tests/test_search_space.py
+    for name, spec in catalog.OPTIMIZERS.items():
+        space = default_space(spec)  # every entry's space validates as a YAML search.space would
+        if isinstance(spec.default_point, str):  # K-FAC's: its constructor's defaults (tests/test_search_space.py)
             continue
-        assert set(space) <= set(catalog.hyperparameter_names(name))
-        assert {k: clip(space[k], v) for k, v in DEFAULT_POINTS[name].items()} == DEFAULT_POINTS[name], name
+        assert set(space) <= set(spec.hyperparameters), name
+        assert {k: clip(space[k], v) for k, v in spec.default_point.items()} == spec.default_point, name
     assert catalog.hyperparameter_names("kfac") == tuple(KFAC.HYPERPARAMETERS)
     assert set(catalog.LOSS_NAMES) == set(FISHER_LOSSES)
     assert {spec.default_loss for spec in ARCHITECTURES.values()} <= set(catalog.LOSS_NAMES)
 
     path = tmp_path / "model.yaml"
-    path.write_text("optimizer: lion\n")
+    path.write_text("optimizer: adagrad\n")
     with pytest.raises(ConfigError) as error:
         load_config(path)
     message = str(error.value)
@@ -190,9 +190,9 @@ def test_catalog_is_where_the_names_come_from(tmp_path: Path) -> None:
 
 def test_a_recipe_for_an_unknown_optimizer_is_refused(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    path = recipe_for(config, "adamw", dict(DEFAULT_POINTS["adamw"]), tmp_path / "adamw.yaml")
-    path.write_text(path.read_text().replace("optimizer: adamw", "optimizer: lion"))
-    with pytest.raises(RecipeError, match="optimizer.*unknown optimizer 'lion'; known: kfac, adam, sgd, adamw, muon"):
+    path = recipe_for(config, "adamw", dict(catalog.optimizer("adamw").default_point), tmp_path / "adamw.yaml")
+    path.write_text(path.read_text().replace("optimizer: adamw", "optimizer: adagrad"))
+    with pytest.raises(RecipeError, match="optimizer.*unknown optimizer 'adagrad'; known: kfac, adam, sgd, adamw, muon, soap, lion"):
         load_recipe(path)
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import yaml
 
 from benchmarks import workloads
-from kfac_tune import KFAC
+from kfac_tune import KFAC, optimizer_from_recipe
 from kfac_tune.optim import quadratic
 
 STEPS = 30
@@ -104,7 +104,7 @@ def test_a_step_that_multiplies_the_loss_is_undone_at_the_next_closure() -> None
     mean of accepted losses and above the first loss, the update is subtracted again, momentum restarts and
     λ × damping_boost."""
     w = workloads.load("digits_mlp")
-    opt = KFAC(w.model, loss=w.loss, seed=0, max_update_ratio=None)
+    opt = KFAC(w.model, loss=w.loss, lr=0.01, seed=0, max_update_ratio=None)  # the fixed-lr mode
     for i in range(5):
         opt.step(w.closure(opt, i))
     good = [p.detach().clone() for p in w.model.parameters()]
@@ -142,10 +142,11 @@ def test_old_recipes_keep_their_meaning_and_new_arguments_record_the_new_convent
     stored = KFAC.stored_arguments(old.hyperparameters)
     for name, value in KFAC.LEGACY.items():
         assert stored[name] == value
-    opt = KFAC.from_recipe(workloads.load("digits_mlp").model, old)
+    opt = optimizer_from_recipe(workloads.load("digits_mlp").model, old)  # a loaded recipe is pinned too
     assert opt.max_update_ratio is None and opt.rejection_ratio is None and opt.damping_boost is None
     complete = KFAC.complete_arguments({"lr": 0.1})
-    assert complete["lr"] == 0.1 and complete["kl_clip"] == KFAC.defaults()["kl_clip"] == 1e-3
+    assert complete["lr"] == 0.1 and KFAC.defaults()["kl_clip"] == "auto"
+    assert complete["kl_clip"] == 1e-3 and KFAC.complete_arguments({"loss": "mse"})["kl_clip"] is None
     assert set(KFAC.LEGACY) <= set(complete)
     assert KFAC.stored_arguments(complete) == complete  # new arguments are complete: nothing is pinned
 
@@ -168,7 +169,7 @@ def test_safety_needs_no_closure_to_skip_an_exploding_update() -> None:
 
 
 def test_loading_a_shipped_recipe_pins_the_legacy_conventions() -> None:
-    """``load_recipe`` (what ``train --recipe``, ``compare`` and ``from_recipe`` read) hands back arguments that
+    """``load_recipe`` (what ``train --recipe``, ``compare`` and ``optimizer_from_recipe`` read) hands back arguments that
     build the optimizer the recipe was tuned with."""
     from kfac_tune.recipes import load_recipe
 

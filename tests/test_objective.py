@@ -35,7 +35,7 @@ def _curve(cfg, trial, **training):
     rerun = with_training(cfg, trial.params)
     if training:
         rerun = rerun.model_copy(update={"training": rerun.training.model_copy(update=training)})
-    return train(rerun, trial_arguments(trial), test=bool(training))
+    return train(rerun, trial_arguments(trial, cfg.optimizer.name), test=bool(training))
 
 
 def test_best_reports_the_best_value_and_the_recipe_stops_where_it_was_reached(tmp_path) -> None:

@@ -179,13 +179,17 @@ def test_non_finite_update_is_skipped_and_damping_raised(digits) -> None:
         assert torch.isfinite(A).all() and torch.isfinite(G).all()
 
 
-def test_levenberg_marquardt_shrinks_damping_when_the_model_is_exact() -> None:
-    """Least squares with the exact Fisher: the quadratic model is the objective, so ρ = 1 and λ shrinks by ω."""
+@pytest.mark.parametrize("rule, shrink", [("trust-region", 1 / 3), ("martens", 0.9)])
+def test_levenberg_marquardt_shrinks_damping_when_the_model_is_exact(rule: str, shrink: float) -> None:
+    """Least squares with the exact Fisher: the quadratic model is the objective, so ρ = 1 and λ shrinks, at each
+    of the first interval's steps (both are evaluated): by 3 per evaluation (trust-region rule) or by ω = 0.9²
+    per adaptation interval (Martens & Grosse's rule)."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(5, 3))
     x, y = torch.randn(64, 5), torch.randn(64, 3)
     opt = KFAC(model, lr=0.5, momentum=0.0, damping=1.0, fisher="exact", loss="mse", damping_mode="exact",
-               adaptive_damping=True, damping_adaptation_interval=2, damping_adaptation_decay=0.9, inv_update_freq=1)
+               adaptive_damping=True, damping_adaptation_interval=2, damping_adaptation_decay=0.9, inv_update_freq=1,
+               damping_rule=rule)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -196,7 +200,8 @@ def test_levenberg_marquardt_shrinks_damping_when_the_model_is_exact() -> None:
     for _ in range(2):
         opt.step(closure)
     assert 0.75 < opt.last_rho <= 1.0 + 1e-4
-    assert opt.param_groups[0]["damping"] == pytest.approx(0.9**2)
+    expected = shrink**2  # trust region: two evaluations of 1/3; M&G: one adaptation of ω = 0.9²
+    assert opt.param_groups[0]["damping"] == pytest.approx(expected)
 
 
 def test_levenberg_marquardt_rejects_a_step_that_blows_up(digits) -> None:
@@ -209,8 +214,8 @@ def test_levenberg_marquardt_rejects_a_step_that_blows_up(digits) -> None:
     before = F.cross_entropy(model(x), y).item()
     opt.step(_closure(model, opt, x, y))
     after = F.cross_entropy(model(x), y).item()
-    assert opt.param_groups[0]["damping"] == pytest.approx(damping * opt.damping_boost)  # at once, not × 1/ω
-    assert opt.rejected_steps == 1
+    assert opt.param_groups[0]["damping"] == pytest.approx(damping * 2)  # the first miss in a row doubles λ
+    assert opt.lm_rejected_steps == 1
     assert math.isfinite(after) and after < 10 * before + 10
 
 
@@ -401,7 +406,7 @@ def test_a_model_without_forward_derivatives_gets_a_clear_error_in_the_automatic
     automatic.close()
 
     model = _WithCustomOperation()
-    fixed = KFAC(model, loss="cross_entropy")
+    fixed = KFAC(model, loss="cross_entropy", lr=0.01)
     first = float(fixed.step(_closure(model, fixed, x, y)))
     for _ in range(30):
         last = float(fixed.step(_closure(model, fixed, x, y)))

@@ -393,3 +393,162 @@ def test_relative_damping_damps_each_block_by_its_mean_eigenvalue() -> None:
                                                                                         dirs[0]))
     assert qm.sq[0][0] == pytest.approx(weighted, rel=1e-10)
     opt.close()
+
+
+def _conv(dims: int, transposed: bool = False, **kw) -> nn.Module:
+    if transposed:
+        return {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims](**kw)
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](**kw)
+
+
+@pytest.mark.parametrize("dims,options", [
+    (1, dict(stride=2, padding=1, dilation=1)),
+    (1, dict(stride=1, padding="same", dilation=2, padding_mode="reflect")),
+    (2, dict(stride=1, padding="same", dilation=1)),  # kernel 2: asymmetric 'same' (once refused)
+    (2, dict(stride=1, padding=1, dilation=1, padding_mode="circular")),
+    (3, dict(stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2))),
+    (3, dict(stride=1, padding=1, dilation=1, bias=False, padding_mode="replicate")),
+    (1, dict(transposed=True, stride=2, padding=1, dilation=1, output_padding=1)),
+    (1, dict(transposed=True, stride=1, padding=3, dilation=1)),  # padding beyond d(k-1): the input is cropped
+    (2, dict(transposed=True, stride=(2, 1), padding=(0, 1), dilation=(1, 2))),
+    (3, dict(transposed=True, stride=2, padding=1, dilation=1, output_padding=(1, 0, 1), bias=False)),
+])
+def test_convolution_rows_reproduce_the_autograd_weight_gradient(dims: int, options: dict) -> None:
+    """KFC's rows for Conv1d/2d/3d and ConvTranspose1d/2d/3d: Σ_rows g aᵀ (patches of the padded -- for a
+    transposed convolution the zero-upsampled -- input, gradients per output location) is the gradient autograd
+    gives the weight (and bias), for strides, dilations, paddings and padding modes."""
+    torch.manual_seed(20)
+    kernel = 2 if options.get("padding") == "same" and dims == 2 else 3
+    conv = _conv(dims, in_channels=2, out_channels=3, kernel_size=kernel, **options)
+    x = torch.randn(2, 2, *[6] * dims)
+    model = nn.Sequential(conv, nn.Flatten())
+    opt = exact_kfac(model, fisher="empirical", loss="mse")
+    helper = opt.layers["0"][0]
+    s = conv(x)
+    target = torch.randn_like(s)
+    F.mse_loss(s, target).backward()
+    s = conv(x).detach().requires_grad_(True)
+    (ds,) = torch.autograd.grad(F.mse_loss(s, target), [s])
+    rows_a, rows_g = helper.a_rows(x), helper.g_rows(ds)
+    expected = helper.as_matrix([p.grad for p in helper.params])
+    torch.testing.assert_close(rows_g.T @ rows_a, expected)
+    assert helper.a_dim == 2 * kernel**dims + int(conv.bias is not None)
+    opt.close()
+
+
+@pytest.mark.parametrize("dims,transposed,groups", [(1, False, 1), (2, False, 1), (3, False, 1), (1, True, 1),
+                                                    (2, True, 1), (3, True, 1), (2, False, 2), (1, False, 4)])
+@pytest.mark.parametrize("frozen", [None, "bias", "weight"])
+def test_convolution_step_at_one_location_is_the_exact_natural_gradient(dims: int, transposed: bool, groups: int,
+                                                                         frozen: str) -> None:
+    """A kernel that covers the input has one output location: each example is a Linear on its flattened input,
+    and with MSE (constant output Hessian) K-FAC's A ⊗ G is the exact GGN over a batch of examples. A transposed
+    convolution of a one-location input is exact likewise (each output location sees the input through its own
+    kernel offset, the others being zero padding); so is a grouped (or depthwise) one, whose groups reach disjoint
+    outputs (the GGN has no blocks between them under MSE). The step is −(GGN + λI)⁻¹ ∇h over the trainable
+    parameters, with a frozen bias (no ones column) or a frozen weight (a bias-only block) too."""
+    torch.manual_seed(21)
+    channels = 4 if groups > 1 else 2
+    conv = _conv(dims, transposed, in_channels=channels, out_channels=channels if groups > 1 else 3, kernel_size=2,
+                 stride=2 if transposed else 1, groups=groups)
+    model = nn.Sequential(conv, nn.Flatten())
+    if frozen is not None:
+        getattr(conv, frozen).requires_grad_(False)
+    x = torch.randn(7, channels, *[1 if transposed else 2] * dims)
+    y = torch.randn_like(model(x))
+    damping = 1e-4
+    ggn = _trainable_ggn(model, x, y, "mse")
+    opt = exact_kfac(model, fisher="exact", loss="mse", damping=damping, damping_mode="exact")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(opt.layers) == 1 and not opt.coverage.fallback
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    grad = torch.cat([dict(model.named_parameters())[n].grad.reshape(-1) for n in names])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    delta = torch.cat([(dict(model.named_parameters())[n].detach() - before[n]).reshape(-1) for n in names])
+    expected = -torch.linalg.solve(ggn + damping * torch.eye(ggn.shape[0]), grad)
+    torch.testing.assert_close(delta, expected)
+
+
+def _trainable_ggn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """``Jᵀ (∇²_z h) J`` over the trainable parameters only, in ``named_parameters`` order."""
+    named = {n: p.detach() for n, p in model.named_parameters()}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, {**named, **dict(zip(names, ps))}, (x,))
+
+    jac = torch.autograd.functional.jacobian(f, tuple(named[n] for n in names))
+    z = model(x).detach()
+    J = torch.cat([j.reshape(z.numel(), -1) for j in jac], dim=1)
+    H = torch.autograd.functional.hessian(lambda out: LOSS_FN[loss](out, y), z).reshape(z.numel(), z.numel())
+    return J.T @ H @ J
+
+
+@pytest.mark.parametrize("frozen", ["bias", "weight"])
+def test_one_newton_step_on_a_linear_layer_with_a_frozen_part_reaches_the_minimum(frozen: str) -> None:
+    """Least squares through one Linear whose bias (weight) is frozen: exact Fisher = Hessian, so one step of size
+    1 with tiny damping lands on the minimiser over the trainable part. With the bias column kept for a frozen bias
+    the step preconditioned by the centred input covariance and was 46x too long (issue 23)."""
+    torch.manual_seed(22)
+    layer = nn.Linear(4, 2)
+    with torch.no_grad():
+        layer.bias.fill_(3.0)
+    getattr(layer, frozen).requires_grad_(False)
+    model = nn.Sequential(layer)
+    x, y = torch.randn(32, 4) + 1.0, torch.randn(32, 2)  # inputs with a mean: centred ≠ uncentred moments
+    opt = exact_kfac(model, fisher="exact", loss="mse", damping=1e-10, min_damping=1e-12, damping_mode="exact")
+    _one_step(model, opt, x, y, "mse")
+    if frozen == "bias":
+        best = torch.linalg.lstsq(x, y - layer.bias.detach()).solution
+        minimum = F.mse_loss(x @ best + layer.bias.detach(), y)
+    else:
+        minimum = F.mse_loss((y - x @ layer.weight.detach().T).mean(0) + x @ layer.weight.detach().T, y)
+    assert float(F.mse_loss(model(x), y).detach()) == pytest.approx(float(minimum), rel=1e-8)
+
+
+@pytest.mark.parametrize("options", [dict(groups=2, stride=2, padding=1), dict(groups=4, padding="same", dilation=2)])
+def test_grouped_convolution_rows_reproduce_the_autograd_weight_gradient_per_group(options: dict) -> None:
+    """Each group's rows (its input channels' patches, its output channels' gradients) give autograd's gradient
+    of that group's slice of the weight (and bias); the block holds one A_j ⊗ G_j per group."""
+    from kfac_tune.optim.blocks import GroupedKroneckerBlock
+
+    torch.manual_seed(23)
+    conv = nn.Conv2d(4, 8, kernel_size=3, **options)
+    model = nn.Sequential(conv, nn.Flatten())
+    x = torch.randn(2, 4, 6, 6)
+    opt = exact_kfac(model, fisher="empirical", loss="mse")
+    helper, block = opt.layers["0"]
+    groups = options["groups"]
+    assert isinstance(block, GroupedKroneckerBlock) and block.averages["A"].shape == (groups, 4 // groups * 9 + 1,
+                                                                                       4 // groups * 9 + 1)
+    target = torch.randn_like(conv(x))
+    F.mse_loss(conv(x), target).backward()
+    s = conv(x).detach().requires_grad_(True)
+    (ds,) = torch.autograd.grad(F.mse_loss(s, target), [s])
+    expected = helper.as_matrix([p.grad for p in helper.params]).reshape(groups, 8 // groups, -1)
+    patches = helper._input_rows(x).reshape(-1, groups, 4 // groups * 9)
+    a = torch.cat([patches, torch.ones(patches.shape[0], groups, 1)], dim=2)
+    g = helper.g_rows(ds).reshape(-1, groups, 8 // groups)
+    torch.testing.assert_close(torch.einsum("rgo,rga->goa", g, a), expected)
+    opt.close()
+
+
+def test_grouped_block_preconditions_each_group_as_its_own_kronecker_block() -> None:
+    """π and exact damping of a grouped block equal, group by group, those of a Kronecker block with the same
+    factors (itself checked against a solve above)."""
+    from kfac_tune.optim.blocks import GroupedKroneckerBlock
+
+    torch.manual_seed(24)
+    singles = [_decomposed_block(5, 3) for _ in range(2)]
+    grouped = GroupedKroneckerBlock(2, 5, 3, torch.device("cpu"), torch.float64)
+    factors = [b.factors() for b in singles]
+    grouped.update({"A": torch.stack([f[0] for f in factors]), "G": torch.stack([f[1] for f in factors])}, 0.0)
+    grouped.decompose()
+    grad = torch.randn(6, 5)
+    for mode in ("pi", "exact"):
+        expected = torch.cat([b.precondition(grad[3 * j: 3 * (j + 1)], 0.05, mode) for j, b in enumerate(singles)])
+        torch.testing.assert_close(grouped.precondition(grad, 0.05, mode), expected)
+    scale = sum(float(b.curvature_scale()) for b in singles) / 2
+    assert float(grouped.curvature_scale()) == pytest.approx(scale, rel=1e-10)

@@ -106,13 +106,19 @@ def _norm_case(kind: str) -> tuple[nn.Module, torch.Tensor, str]:
                 torch.randn(6, 3), "1")
     if kind == "batchnorm1d":
         return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)), torch.randn(6, 3), "1"
+    if kind.startswith("layernorm_frozen_"):  # a fine-tuning set-up: γ or β frozen
+        model, x, name = _norm_case("layernorm")
+        getattr(model[1], kind.rsplit("_", 1)[1]).requires_grad_(False)
+        return model, x, name
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
     return model, torch.randn(6, 1, 5, 5), "1"
 
 
-@pytest.mark.parametrize("kind", ["layernorm", "layernorm_no_bias", "batchnorm1d", "batchnorm2d"])
+@pytest.mark.parametrize("kind", ["layernorm", "layernorm_no_bias", "batchnorm1d", "batchnorm2d",
+                                  "layernorm_frozen_weight", "layernorm_frozen_bias"])
 def test_unitwise_blocks_equal_the_exact_ggn_blocks(kind: str) -> None:
-    """Exact Fisher, one loss term per example: unit c's block is the (γ_c, β_c) block of the exact GGN."""
+    """Exact Fisher, one loss term per example: unit c's block is the (γ_c, β_c) block of the exact GGN, or the
+    1×1 block of the one that is trainable."""
     model, x, name = _norm_case(kind)
     y = torch.randint(0, 3, (x.shape[0],))
     ggn = _exact_ggn(model, x, lambda z: F.cross_entropy(z, y))
@@ -122,7 +128,8 @@ def test_unitwise_blocks_equal_the_exact_ggn_blocks(kind: str) -> None:
     opt.step()
     where = _param_slices(model)
     norm = getattr(model, name)
-    index = [where[f"{name}.weight"]] + ([where[f"{name}.bias"]] if norm.bias is not None else [])
+    index = [where[f"{name}.{p}"] for p in ("weight", "bias")
+             if getattr(norm, p) is not None and getattr(norm, p).requires_grad]
     block = opt.layers[name][1].averages["F"]
     for c in range(norm.weight.numel()):
         idx = torch.tensor([s.start + c for s in index])

@@ -139,12 +139,12 @@ def _digits_mlp(*, flatten: bool = True, activation: type = nn.ReLU, last_bias: 
 def test_a_recipe_refused_for_a_model_names_what_differs(variant: dict, named: str) -> None:
     """Equal shape lists can hide another module path, bias or activation; the refusal says which one, since two
     identical-looking layer lists give the user nothing to act on."""
-    from kfac_tune.optim import KFAC
+    from kfac_tune import optimizer_from_recipe
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "digits_mlp-kfac.yaml"
-    KFAC.from_recipe(_digits_mlp(), recipe)  # the network it was tuned on is accepted
+    optimizer_from_recipe(_digits_mlp(), recipe)  # the network it was tuned on is accepted
     with pytest.raises(RecipeError, match=named):
-        KFAC.from_recipe(_digits_mlp(**variant), recipe)
+        optimizer_from_recipe(_digits_mlp(**variant), recipe)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,5 +1,5 @@
 """The conditional K-FAC search space: what is sampled in each mode, overrides, the published-defaults point, and
-recipes of the automatic mode and of a searched batch size reproduced by ``train`` and ``KFAC.from_recipe``.
+recipes of the automatic mode and of a searched batch size reproduced by ``train`` and ``optimizer_from_recipe``.
 
 Studies are real (SQLite storage, Optuna's TPE with the sampler settings the search uses); the round trip trains
 real digits models. The one-trial search of every shipped example checks that its published-defaults trial (the
@@ -17,9 +17,11 @@ import torch
 import yaml
 
 from kfac_tune.config import ConfigError, load_config
+from kfac_tune import optimizer_from_recipe
 from kfac_tune.optim import KFAC
 from kfac_tune.recipes import load_recipe
-from kfac_tune.search.space import MODES, build_space, published_defaults, suggest, warm_starts
+from kfac_tune.catalog import OPTIMIZERS
+from kfac_tune.search.space import build_space, published_defaults, suggest, warm_starts
 from kfac_tune.search.storage import make_sampler
 from kfac_tune.zoo.data import DEBIAN_FASHION_MNIST
 from tests.search_support import REPO, invoke, load_study, write_config
@@ -103,7 +105,7 @@ def test_published_defaults_come_from_the_kfac_constructor(tmp_path: Path) -> No
 
 
 def test_automatic_mode_and_batch_size_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """search (mode pinned automatic, batch size searched) -> export -> train --recipe -> KFAC.from_recipe."""
+    """search (mode pinned automatic, batch size searched) -> export -> train --recipe -> optimizer_from_recipe."""
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, optimizer="kfac", training={"steps": 30, "eval_every": 10}, search={
         "trials": 2, "pruner": "none", "enqueue_defaults": False,
@@ -117,7 +119,7 @@ def test_automatic_mode_and_batch_size_round_trip(tmp_path: Path, monkeypatch: p
     recipe = load_recipe(tmp_path / "auto.yaml")
     best = study.best_trial
     assert recipe.searched == best.params and recipe.training.batch_size == best.params["batch_size"]
-    assert all(recipe.hyperparameters[flag] is value for flag, value in MODES["automatic"].items())
+    assert all(recipe.hyperparameters[flag] is value for flag, value in OPTIMIZERS["kfac"].modes["automatic"].items())
     assert recipe.hyperparameters["damping"] == best.params["damping"]
 
     result = json.loads(invoke("train", str(config), "--recipe", str(tmp_path / "auto.yaml"), "-f", "json"))
@@ -125,7 +127,7 @@ def test_automatic_mode_and_batch_size_round_trip(tmp_path: Path, monkeypatch: p
     assert result["test"]["test_loss"] == pytest.approx(recipe.result.test_value, rel=1e-5)
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-    optimizer = KFAC.from_recipe(model, tmp_path / "auto.yaml")
+    optimizer = optimizer_from_recipe(model, tmp_path / "auto.yaml")
     assert (optimizer.adaptive_damping, optimizer.adaptive_lr, optimizer.adaptive_momentum) == (True, True, True)
     assert optimizer.param_groups[0]["damping"] == best.params["damping"]
 

@@ -21,7 +21,7 @@ import torch
 from benchmarks._common import KFAC_PHASES, KfacSplit, format_table, machine_line, median
 from kfac_tune import training
 from kfac_tune.compare import bind_recipe
-from kfac_tune.optimizers import build_optimizer
+from kfac_tune.catalog import build_optimizer
 from kfac_tune.recipes import load_recipe
 
 

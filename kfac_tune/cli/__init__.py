@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import click
 
-from kfac_tune import __version__
+from kfac_tune.version import __version__
 from kfac_tune.cli.recipes import find, recipe
 from kfac_tune.cli.runs import compare, train
 from kfac_tune.cli.server import ui
@@ -28,7 +28,7 @@ def cli() -> None:
     """Tune K-FAC (or Adam/SGD) hyperparameters for a model described in YAML.
 
     Optuna runs the study (resumable, SQLite by default), MLflow records every trial, and the best trial is
-    exported as a recipe YAML that KFAC.from_recipe() and `kfac-tune train` load.
+    exported as a recipe YAML that kfac_tune.optimizer_from_recipe() and `kfac-tune train` load.
     """
 
 

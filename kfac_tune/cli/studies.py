@@ -69,7 +69,8 @@ def export(config: Path | None, study_name: str | None, storage: str | None, out
     from rich.console import Console
 
     from kfac_tune import record
-    from kfac_tune.recipes import check_overwrite, default_path, export_best
+    from kfac_tune.recipes import check_overwrite, default_path
+    from kfac_tune.search.export import export_best
     from kfac_tune.search.race import planned_race, summary
     from kfac_tune.search.selection import parse_pick, study_config
     from kfac_tune.search.study import load_study

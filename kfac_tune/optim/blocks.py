@@ -163,23 +163,31 @@ class KroneckerBlock:
         return self.dG + root / pi, self.dA + pi * root
 
     # -- checkpointing ----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Optional[Tensor]]:
-        return {k: getattr(self, k) for k in STATE_KEYS}
+    def state_dict(self) -> dict[str, Any]:
+        # the π route's use counts travel too: a resumed run must pick the same route (explicit inverses or the
+        # eigenbasis), whose roundings differ at small λ
+        return {**{k: getattr(self, k) for k in STATE_KEYS},
+                "route": {"uses": self._uses, "lifetime": self._lifetime, "damping_used": self._damping_used}}
 
-    def load_state_dict(self, state: dict[str, Optional[Tensor]]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in STATE_KEYS:
             value = state.get(k)
             setattr(self, k, None if value is None else value.to(device=self.A.device, dtype=self.dtype))
         self._inverse_cache = None
-        self._end_lifetime()
+        route = state.get("route")
+        if route is None:  # a checkpoint from before the route was saved
+            self._end_lifetime()
+        else:
+            self._uses, self._lifetime, self._damping_used = route["uses"], route["lifetime"], route["damping_used"]
 
 
 def pi_factor(dA: Tensor, dG: Tensor) -> Tensor:
-    """The trace-norm π of factored Tikhonov damping, from the factors' eigenvalues (or diagonals).
+    """The trace-norm π of factored Tikhonov damping, from the factors' eigenvalues (or diagonals; batched over
+    leading dimensions).
 
     A zero factor (a layer whose inputs or gradients vanish) gets π = 1 instead of 0 or ∞.
     """
-    mean_a, mean_g = dA.mean(), dG.mean()
+    mean_a, mean_g = dA.mean(-1), dG.mean(-1)  # one π per block of a batch of blocks
     ok = (mean_a > 0) & (mean_g > 0)
     return torch.where(ok, (mean_a / torch.where(ok, mean_g, 1.0)).sqrt(), torch.ones_like(mean_a))
 
@@ -355,3 +363,40 @@ class FactorBlock:
         device = next(iter(self.averages.values.values())).device
         self._decomposition = None if stored is None else [t.to(device=device, dtype=self.dtype) for t in stored]
         self._inverse_cache = None
+
+
+class GroupedKroneckerBlock(FactorBlock):
+    """``groups`` independent ``A_j ⊗ G_j`` blocks (a grouped convolution): factors ``(groups, a, a)`` and
+    ``(groups, g, g)``, batched eigendecompositions, each group damped as a :class:`KroneckerBlock` is (its own π).
+    The gradient matrix is ``(groups · g, a)``: group ``j``'s output channels are rows ``j·g … (j+1)·g − 1``."""
+
+    def __init__(self, groups: int, a_dim: int, g_dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__({"A": (groups, a_dim, a_dim), "G": (groups, g_dim, g_dim)},
+                         [(groups, a_dim, a_dim), (groups, a_dim), (groups, g_dim, g_dim), (groups, g_dim)],
+                         device, dtype)
+        self.groups, self.a_dim, self.g_dim = groups, a_dim, g_dim
+
+    @property
+    def decomposition_cost(self) -> float:
+        return self.groups * (float(self.a_dim) ** 3 + float(self.g_dim) ** 3)
+
+    def _decompose(self) -> Optional[list[Tensor]]:
+        a, g = eigh_or_warn(self.averages["A"]), eigh_or_warn(self.averages["G"])
+        if a is None or g is None:
+            return None
+        return [a[1], a[0].clamp_min(0), g[1], g[0].clamp_min(0)]
+
+    def curvature_scale(self) -> Tensor:
+        _, dA, _, dG = self.decomposition()
+        return (dA.mean(-1) * dG.mean(-1)).mean()
+
+    def precondition(self, grad: Tensor, damping: float, mode: str) -> Tensor:
+        QA, dA, QG, dG = self.decomposition()
+        m = grad.to(self.dtype).reshape(self.groups, self.g_dim, self.a_dim)
+        if mode == "exact":
+            scale = dG.unsqueeze(-1) * dA.unsqueeze(-2) + damping
+        else:
+            pi, root = pi_factor(dA, dG).unsqueeze(-1), damping**0.5
+            scale = (dG + root / pi).unsqueeze(-1) * (dA + pi * root).unsqueeze(-2)
+        inner = (QG.transpose(1, 2) @ m @ QA) / scale
+        return (QG @ inner @ QA.transpose(1, 2)).reshape(grad.shape).to(grad.dtype)

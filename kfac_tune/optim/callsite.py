@@ -19,9 +19,10 @@ _INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
 
 class KFACWarning(RuntimeWarning):
     """K-FAC's safety acted: an update skipped or rejected and the damping raised, or a factor that could not be
-    decomposed keeping its previous inverse. Worth reading in one's own training loop; a search, whose trials
-    explore settings that trigger it on purpose, silences it (``warnings.simplefilter("ignore", KFACWarning)``
-    does the same anywhere)."""
+    decomposed keeping its previous inverse; or, when the optimizer is built, a layer left to the first-order
+    fallback has a K-FAC-visible drop-in (torch's GRU/LSTM). Worth reading in one's own training loop; a search,
+    whose trials explore settings that trigger it on purpose, silences it
+    (``warnings.simplefilter("ignore", KFACWarning)`` does the same anywhere)."""
 
 
 def user_stacklevel() -> int:

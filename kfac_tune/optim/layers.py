@@ -1,11 +1,11 @@
-"""Layer types beyond ``Linear``/``Conv2d``, and :func:`make_helper`, which picks the helper of any module.
+"""Layer types beyond ``Linear`` and convolutions (:mod:`kfac_tune.optim.registry` maps module types to them).
 
 - ``nn.Embedding``: the input rows are one-hot, so ``A = E[a aᵀ]`` is *exactly* diagonal: the token frequencies.
   The block is ``diag(A) ⊗ G`` (:class:`DiagonalInputBlock`), stored and inverted in ``O(vocab + d³)``: a
   vocabulary-sized dense factor would be both wasteful and no more accurate.
 - ``nn.LayerNorm`` and batch norm: ``y = γ ⊙ x̂ + β`` gives unit ``c`` the gradient
   ``(Σ_rows g_c x̂_c, Σ_rows g_c)`` per example, so each unit gets its own exact 2×2 Fisher block (1×1 without a
-  bias) estimated from per-example gradients (:class:`UnitwiseBlock`, "unit-wise" as in ASDL, the diagonal
+  bias, or with γ or β frozen) estimated from per-example gradients (:class:`UnitwiseBlock`, "unit-wise" as in ASDL, the diagonal
   scale-and-shift block of kfac-jax with the γ/β correlation kept).  An example is index 0 of the input; its
   positions (time steps, pixels) are summed, as the per-example gradient does.  With ``fisher="exact"`` this is
   the exact GGN block when each example has one loss term; under batch-norm training the coupling of examples
@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfac_tune.optim.blocks import FactorBlock, eigh_or_warn, pi_factor
-from kfac_tune.optim.capture import Conv2dHelper, LayerHelper, LinearHelper, unsupported_reason
+from kfac_tune.optim.capture import LayerHelper, UnsupportedLayer
 from kfac_tune.optim.statistics import Statistics
-from kfac_tune.optim.temporal import TemporalHelper, is_time_shared
 
 NormLayer = Union[nn.LayerNorm, nn.modules.batchnorm._BatchNorm]
 
@@ -33,6 +32,11 @@ NormLayer = Union[nn.LayerNorm, nn.modules.batchnorm._BatchNorm]
 # ------------------------------------------------------------------------------------------------ embedding
 class EmbeddingHelper(LayerHelper):
     """``nn.Embedding`` as ``s = Wᵀ a`` with one-hot ``a``: the block's matrix is the transposed table."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        if self.module.sparse:
+            raise UnsupportedLayer("sparse gradients (sparse=True)")
 
     @property
     def a_dim(self) -> int:
@@ -107,11 +111,11 @@ class NormHelper(LayerHelper):
 
     @property
     def units(self) -> int:
-        return self.module.weight.numel()
+        return (self.module.weight if self.module.weight is not None else self.module.bias).numel()
 
     @property
     def a_dim(self) -> int:
-        return 1 + int(self.has_bias)
+        return int(self.has_weight) + int(self.has_bias)
 
     @property
     def g_dim(self) -> int:
@@ -144,8 +148,8 @@ class NormHelper(LayerHelper):
 
 class UnitwiseStatistics(Statistics):
     """``F_c = N Σ_examples v_c v_cᵀ`` with ``v_c = (Σ_pos g_c x̂_c, Σ_pos g_c)``, the per-example gradient of unit
-    ``c``'s parameters (on ``fisher``'s scale, like ``G``).  ``x̂`` is kept from the forward pass until the
-    gradients of the same call arrive."""
+    ``c``'s trainable parameters (on ``fisher``'s scale, like ``G``).  ``x̂`` is kept from the forward pass until
+    the gradients of the same call arrive."""
 
     def __init__(self, helper: NormHelper, dtype: torch.dtype) -> None:
         self.helper, self.dtype = helper, dtype
@@ -153,11 +157,12 @@ class UnitwiseStatistics(Statistics):
         self.F_sum: Optional[Tensor] = None
 
     def add_input(self, x: Tensor, used: int, call: int) -> None:
-        self.inputs[call] = self.helper.unit_rows(self.helper.normalized(x)[:used]).to(self.dtype)
+        if self.helper.has_weight:
+            self.inputs[call] = self.helper.unit_rows(self.helper.normalized(x)[:used]).to(self.dtype)
 
     def add_output_grad(self, g: Tensor, scale: float, call: int) -> None:
         rows = self.helper.unit_rows(g).to(self.dtype)
-        columns = [(rows * self.inputs[call]).sum(1)]
+        columns = [(rows * self.inputs[call]).sum(1)] if self.helper.has_weight else []
         if self.helper.has_bias:
             columns.append(rows.sum(1))
         v = torch.stack(columns, dim=-1)  # (examples, units, 1 [+1])
@@ -189,27 +194,3 @@ class UnitwiseBlock(FactorBlock):
         m = grad.to(self.dtype).unsqueeze(-1)
         inner = (Q.transpose(1, 2) @ m) / (d.unsqueeze(-1) + damping)
         return (Q @ inner).squeeze(-1).to(grad.dtype)
-
-
-# ------------------------------------------------------------------------------------------------ dispatch
-def make_helper(module: nn.Module, temporal: str = "independent") -> Optional[LayerHelper]:
-    """The helper of a supported module with a trainable weight, or None (first-order fallback).
-
-    ``temporal`` is the curvature model of a Linear marked as shared over time steps
-    (:func:`kfac_tune.optim.temporal.is_time_shared`); other layers ignore it.
-    """
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, Tensor) or not weight.requires_grad or unsupported_reason(module) is not None:
-        return None
-    if isinstance(module, nn.Linear):
-        if temporal != "independent" and is_time_shared(module):
-            return TemporalHelper(module, temporal)
-        return LinearHelper(module)
-    if isinstance(module, nn.Conv2d):
-        return Conv2dHelper(module)
-    if isinstance(module, nn.Embedding):
-        return None if module.sparse else EmbeddingHelper(module)
-    if isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
-        return NormHelper(module)
-    return None
-

@@ -20,6 +20,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kfac_tune.optim import fisher
 
 
+class ForwardModeUnsupported(RuntimeError):
+    """The model has an operation without a forward-mode derivative, so its Jacobian-vector products (and the
+    automatic modes that need them) are out of reach."""
+
+
 @dataclass
 class QuadraticModel:
     """Inner products of the candidate directions; ``dirs[0]`` is Δ, ``dirs[1]`` (optional) is δ_prev."""
@@ -144,18 +149,22 @@ def _jvp(
         except RuntimeError as error:  # NotImplementedError included: an operation without a forward derivative
             # The same forward pass has just run in training, so what fails here is the transform: say which mode
             # needs it and what works instead, keeping torch's own first line (it names the operation).
-            raise RuntimeError(
+            raise ForwardModeUnsupported(
                 "KFAC: the automatic modes (adaptive_lr, adaptive_momentum, adaptive_damping) compute the model's "
                 "Jacobian-vector products with torch.func.jvp (forward-mode autograd), which this model does not "
                 f"support: {str(error).splitlines()[0]} Train it with the fixed-lr mode (the defaults)") from error
     return out.detach(), out_tangent.detach()
 
 
+DAMPING_RULES = ("trust-region", "martens")
+
+
 def new_damping(
     damping: float, rho: float, decay: float, interval: int, lower: float, upper: float,
     boost: Optional[float] = None,
 ) -> float:
-    """Levenberg–Marquardt rule: shrink λ by ω = decay^interval when ρ > 3/4, grow it by 1/ω when ρ < 1/4.
+    """Martens & Grosse's Levenberg–Marquardt rule (``damping_rule="martens"``): shrink λ by ω = decay^interval
+    when ρ > 3/4, grow it by 1/ω when ρ < 1/4.
 
     With ``boost``, a step that made the objective worse (ρ < 0, or not finite) multiplies λ by ``boost`` at once:
     the quadratic model was not trusted even in sign, and growing λ by 1/ω ≈ 1.3 per adaptation would take
@@ -170,3 +179,24 @@ def new_damping(
         damping = damping * omega
     return min(max(damping, lower), upper)
 
+
+def trust_region_damping(damping: float, rho: float, failures: int, interval: int, lower: float, upper: float
+                         ) -> tuple[float, int]:
+    """The trust-region rule (``damping_rule="trust-region"``, the default): Nielsen's smooth Levenberg–Marquardt
+    update, judged by ρ alone and applied for each of the ``interval`` steps the evaluation stands for.
+
+    ρ > 0: λ × max(1/3, 1 − (2ρ − 1)³) per step: down by up to 3x per step when the model predicted the change
+    (ρ ≥ 1 gives the full 3x, ρ = ½ leaves λ alone, ρ → 0 doubles it), so a λ₀ orders of magnitude too large
+    is gone within a few evaluations instead of the ~dozens that M&G's ω = 0.95⁵ per adaptation needs.
+    ρ ≤ 0 or not finite (the step made the objective worse; it is undone): λ × 2^(failures+1), doubling again for
+    each failure in a row, so a miss costs a few evaluations, not a permanent tenfold λ.  Returns λ and the new
+    count of failures in a row.  (Nielsen 1999; Madsen, Nielsen & Tingleff, *Methods for non-linear least squares
+    problems*, §3.2.)
+    """
+    if math.isfinite(rho) and rho > 0:
+        factor = max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+        failures = 0
+    else:
+        failures += 1
+        factor = 2.0 ** failures
+    return min(max(damping * factor, lower), upper), failures

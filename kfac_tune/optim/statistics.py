@@ -51,8 +51,7 @@ class KroneckerStatistics(Statistics):
         self.rows += rows
 
     def add_output_grad(self, g: Tensor, scale: float, call: int) -> None:
-        rows = self.helper.g_rows(g).to(self.dtype)
-        cov = (rows.T @ rows) * scale
+        cov = self.helper.g_moment(self.helper.g_rows(g).to(self.dtype)) * scale
         self.G_sum = cov if self.G_sum is None else self.G_sum + cov
 
     def estimates(self, passes: int) -> dict[str, Tensor]:

@@ -25,12 +25,12 @@ from typing import Any
 
 import optuna
 
-from kfac_tune import record
+from kfac_tune import catalog, record
 from kfac_tune.config import TIME_OBJECTIVE, Config, ParamSpec
 from kfac_tune.problem import task_and_loss
 from kfac_tune.processes import interrupt_pending
 from kfac_tune.search.quantity import best_point, curve_quantity, metric_objective
-from kfac_tune.search.space import mode_of, optimizer_arguments, suggest, with_training
+from kfac_tune.search.space import optimizer_arguments, suggest, with_training
 from kfac_tune.tracking.tracker import RunRecorder, Tracker
 from kfac_tune.training import Diverged, TrainResult, train, warm_up
 
@@ -44,17 +44,13 @@ class Objective:
     def __init__(self, cfg: Config, space: Mapping[str, ParamSpec], tracker: Tracker) -> None:
         self.cfg, self.space, self.tracker = cfg, dict(space), tracker
         self.loss = task_and_loss(cfg)[1]
+        self.spec = catalog.optimizer(cfg.optimizer.name)
         self.warmed: set[str] = set()  # K-FAC modes (or "" for other optimizers) this process has warmed up
 
     def constructor_arguments(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
-        """What the optimizer constructor receives: fixed options, the sampled point and, for K-FAC, the loss.
-        Stored on the trial so a recipe is exactly what was run."""
-        arguments = {**self.cfg.optimizer.options, **hparams}
-        if self.cfg.optimizer.name != "kfac":
-            return arguments
-        from kfac_tune.optim import KFAC
-
-        return KFAC.complete_arguments({**arguments, "loss": self.loss})
+        """What the optimizer constructor receives: fixed options and the sampled point, completed as the catalog
+        entry says (K-FAC: the loss and every convention). Stored on the trial so a recipe is exactly what was run."""
+        return self.spec.trial_arguments({**self.cfg.optimizer.options, **hparams}, self.loss)
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         try:
@@ -65,7 +61,7 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> float | list[float]:
         point = suggest(trial, self.space)
-        hparams, cfg = optimizer_arguments(point), with_training(self.cfg, point)
+        hparams, cfg = optimizer_arguments(point, self.spec.name), with_training(self.cfg, point)
         arguments = self.constructor_arguments(hparams)
         record.set_hyperparameters(trial, arguments)
         with self.tracker.trial_run(trial, point) as run:
@@ -110,7 +106,7 @@ class Objective:
         score depends on the clock (a seconds budget, or ``train_seconds`` among the objectives): otherwise the two
         steps would buy nothing."""
         timed = self.cfg.training.budget is not None or TIME_OBJECTIVE in self.cfg.objectives
-        mode = mode_of(arguments) if self.cfg.optimizer.name == "kfac" else ""
+        mode = self.spec.mode_of(arguments)
         if timed and mode not in self.warmed:
             self.warmed.add(mode)
             warm_up(cfg, dict(hparams))

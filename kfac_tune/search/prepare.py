@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 
 from kfac_tune import record
 from kfac_tune.config import Config
-from kfac_tune.recipes import Match, Recipe, export_best
+from kfac_tune.recipes import Match, Recipe
+from kfac_tune.search.export import export_best
 from kfac_tune.search.race import RaceOutcome, RunCallback, applies, fits, run_race, search_budget
 from kfac_tune.search.space import (build_space, describe, optimizer_arguments, point_in_space, suggest, warm_starts,
                                     with_training)
@@ -110,7 +111,8 @@ def prepare_search(cfg: Config, *, trials: int | None = None, timeout: float | N
         fail_stale_trials(study)
         if match is not None:
             # the recipe's sampled values (active in its K-FAC mode), each moved into this study's space
-            point = point_in_space({**match.recipe.hyperparameters, **match.recipe.searched}, space)
+            point = point_in_space({**match.recipe.hyperparameters, **match.recipe.searched}, space,
+                                   cfg.optimizer.name)
             enqueue(study, [point], recipe_path=str(match.path))
         enqueue(study, starts)
         timeout = timeout if timeout is not None else cfg.search.timeout
@@ -132,7 +134,7 @@ def prepare_search(cfg: Config, *, trials: int | None = None, timeout: float | N
 def preflight_space(cfg: Config, space: dict[str, Any] | None = None) -> Problem:
     """``preflight`` at the space's low corner: pinned values and fixed options are checked too, before any trial."""
     point = suggest(_LowTrial(), build_space(cfg) if space is None else space)
-    return preflight(with_training(cfg, point), optimizer_arguments(point))
+    return preflight(with_training(cfg, point), optimizer_arguments(point, cfg.optimizer.name))
 
 
 class _LowTrial:

@@ -161,7 +161,7 @@ def _run(study: optuna.Study, cfg: Config, trial: FrozenTrial, seed: int) -> flo
     selection.check_rerunnable(study, cfg, f"racing trial {trial.number} on more seeds")
     rerun = with_training(cfg, trial.params)
     rerun = rerun.model_copy(update={"training": rerun.training.model_copy(update={"seed": seed})})
-    hparams = selection.trial_arguments(trial)
+    hparams = selection.trial_arguments(trial, cfg.optimizer.name)
     optimizer = record.study_attr(study, record.OPTIMIZER)
     if rerun.training.budget is not None or TIME_OBJECTIVE in cfg.objectives:
         warm_up(rerun, hparams)  # as a timed trial does (Objective._warm_up): the clock measures training alone

@@ -149,7 +149,7 @@ def test_metrics(study: optuna.Study, trial: FrozenTrial, cfg: Config | None = N
     if (cfg.training.budget is not None or early) and steps:
         rerun = rerun.model_copy(update={"training": rerun.training.model_copy(
             update={"budget": None, "steps": int(steps), "epochs": None})})
-    hparams = trial_arguments(trial)
+    hparams = trial_arguments(trial, cfg.optimizer.name)
     try:
         result = train(rerun, hparams, optimizer=record.study_attr(study, record.OPTIMIZER), test=True)
         metrics = {k: v for k, v in result.test.items() if math.isfinite(v)}
@@ -174,9 +174,9 @@ def check_rerunnable(study: optuna.Study, cfg: Config, purpose: str) -> None:
         "or add that directory to PYTHONPATH)")
 
 
-def trial_arguments(trial: FrozenTrial) -> dict[str, Any]:
+def trial_arguments(trial: FrozenTrial, optimizer: str) -> dict[str, Any]:
     """The optimizer arguments a trial ran with, as ``train`` takes them (the loss comes from the config)."""
-    arguments = record.hyperparameters(trial) or optimizer_arguments(trial.params)
+    arguments = record.hyperparameters(trial) or optimizer_arguments(trial.params, optimizer)
     return {k: v for k, v in arguments.items() if k != "loss"}
 
 

@@ -1,4 +1,4 @@
-"""The search space: defaults per optimizer, merged with the YAML's ``search.space`` overrides.
+"""The search space: each optimizer's default (its catalog entry's), merged with the YAML's ``search.space`` overrides.
 
 The space is declarative and conditional (define-by-run): an entry may carry ``when: {mode: fixed}`` and is then
 sampled only in trials where ``mode`` was drawn as ``fixed``. Optuna's multivariate TPE models such spaces when it
@@ -28,66 +28,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kfac_tune import catalog
+from kfac_tune.catalog import MODE
 from kfac_tune.config import Config, ParamSpec
-from kfac_tune.catalog import hyperparameter_names
 
-MODE = "mode"
-# how each K-FAC mode sets the constructor's adaptation flags; fixed leaves adaptive_damping to the constructor
-# default (or optimizer.options), so a damping schedule the optimizer applies by default stays on
-MODES: dict[str, dict[str, bool]] = {
-    "fixed": {"adaptive_lr": False, "adaptive_momentum": False},
-    "automatic": {"adaptive_damping": True, "adaptive_lr": True, "adaptive_momentum": True}}
 TRAINING_PARAMETERS = ("batch_size",)  # sampled entries that set the training run, not the optimizer
 
 
-def _range(low: float, high: float, *, log: bool = False, integer: bool = False, **when: Any) -> ParamSpec:
-    return ParamSpec.model_validate({"low": low, "high": high, "log": log, "int": integer, "when": when})
+def default_space(entry: catalog.OptimizerSpec) -> dict[str, ParamSpec]:
+    """The optimizer's default space (its catalog entry's), validated as the YAML's ``search.space`` would be."""
+    return {name: ParamSpec.model_validate(value) for name, value in entry.space.items()}
 
 
-DEFAULT_SPACES: dict[str, dict[str, ParamSpec]] = {
-    "kfac": {
-        MODE: ParamSpec.model_validate(list(MODES)),
-        "lr": _range(1e-4, 1.0, log=True, mode="fixed"),
-        "damping": _range(1e-5, 1e3, log=True),  # fixed: λ; automatic: λ₀, where LM adaptation starts
-        "momentum": _range(0.0, 0.99, mode="fixed"),
-        "kl_clip": _range(1e-5, 1.0, log=True, mode="fixed"),
-        "factor_decay": _range(0.9, 0.999),
-        "inv_update_freq": _range(1, 100, log=True, integer=True),
-        "cov_update_freq": _range(1, 20, log=True, integer=True),
-        "stat_fraction": _range(0.1, 1.0, log=True),
-    },
-    "adam": {"lr": _range(1e-5, 1e-1, log=True), "beta1": _range(0.5, 0.99), "beta2": _range(0.9, 0.9999),
-             "weight_decay": _range(1e-8, 1e-2, log=True)},
-    "sgd": {"lr": _range(1e-4, 1.0, log=True), "momentum": _range(0.0, 0.99)},
-    # the baselines (README "Baselines"): ranges around each package's published defaults, the DEFAULT_POINTS below
-    "adamw": {"lr": _range(1e-5, 1e-1, log=True), "beta1": _range(0.5, 0.99), "beta2": _range(0.9, 0.9999),
-              "weight_decay": _range(1e-4, 1.0, log=True)},
-    "muon": {"lr": _range(2e-3, 0.2, log=True), "momentum": _range(0.8, 0.99),
-             "weight_decay": _range(1e-3, 1.0, log=True), "adamw_lr": _range(1e-5, 1e-2, log=True)},
-    "soap": {"lr": _range(1e-4, 1e-1, log=True), "beta1": _range(0.5, 0.99), "beta2": _range(0.9, 0.999),
-             "shampoo_beta": _range(0.8, 0.99), "weight_decay": _range(1e-4, 1.0, log=True),
-             "precondition_frequency": _range(1, 32, log=True, integer=True)},
-}
-
-# the first-order optimizers' published defaults (torch's, weight decay at the range's floor); K-FAC's come from
-# its constructor (published_defaults), so a change of its defaults reaches the enqueued trial by itself
-DEFAULT_POINTS: dict[str, dict[str, Any]] = {
-    "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-8},
-    "sgd": {"lr": 0.01, "momentum": 0.9},
-    "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01},  # torch.optim.AdamW's defaults
-    # torch.optim.Muon's documented example (lr 0.02, momentum 0.95, its default weight decay 0.1; AdamW lr 3e-4)
-    "muon": {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.1, "adamw_lr": 3e-4},
-    # heavyball.SOAP's defaults
-    "soap": {"lr": 3e-3, "beta1": 0.9, "beta2": 0.95, "shampoo_beta": 0.95, "weight_decay": 0.01,
-             "precondition_frequency": 2},
-}
-
-
-def searchable_names(optimizer: str) -> tuple[str, ...]:
+def searchable_names(entry: catalog.OptimizerSpec) -> tuple[str, ...]:
     """What ``search.space`` may name: the optimizer's hyperparameters, its default space's entries (K-FAC's
     ``mode``, ``stat_fraction``) and the training parameters."""
-    names = [*hyperparameter_names(optimizer), *DEFAULT_SPACES.get(optimizer, {}), *TRAINING_PARAMETERS]
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys([*entry.hyperparameters, *entry.space, *TRAINING_PARAMETERS]))
 
 
 def build_space(cfg: Config) -> dict[str, ParamSpec]:
@@ -99,8 +55,8 @@ def build_space(cfg: Config) -> dict[str, ParamSpec]:
     condition on no entry.
     """
     optimizer = cfg.optimizer.name
-    names = searchable_names(optimizer)
-    defaults = DEFAULT_SPACES[optimizer]
+    entry = catalog.optimizer(optimizer)
+    names, defaults = searchable_names(entry), default_space(entry)
     for name in cfg.search.space:
         if name not in names:
             raise cfg.problem(f"search.space.{name}",
@@ -161,11 +117,11 @@ def suggest(trial: Any, space: Mapping[str, ParamSpec]) -> dict[str, Any]:
     return _walk(space, draw)
 
 
-def optimizer_arguments(point: Mapping[str, Any]) -> dict[str, Any]:
-    """The optimizer's constructor arguments of a point: training parameters dropped, ``mode`` turned into
-    K-FAC's adaptation flags."""
+def optimizer_arguments(point: Mapping[str, Any], optimizer: str) -> dict[str, Any]:
+    """The optimizer's constructor arguments of a point: training parameters dropped, ``mode`` turned into the
+    flags the optimizer's catalog entry sets for it (K-FAC's adaptation flags)."""
     arguments = {k: v for k, v in point.items() if k not in TRAINING_PARAMETERS and k != MODE}
-    return {**arguments, **MODES[point[MODE]]} if MODE in point else arguments
+    return {**arguments, **catalog.optimizer(optimizer).mode_flags(point[MODE])} if MODE in point else arguments
 
 
 def with_training(cfg: Config, point: Mapping[str, Any]) -> Config:
@@ -175,30 +131,18 @@ def with_training(cfg: Config, point: Mapping[str, Any]) -> Config:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": int(point["batch_size"])})})
 
 
-def mode_of(arguments: Mapping[str, Any]) -> str:
-    """The K-FAC mode a set of constructor arguments runs in (adaptive lr and momentum: automatic)."""
-    return "automatic" if arguments.get("adaptive_lr") and arguments.get("adaptive_momentum") else "fixed"
-
-
 def published_defaults(cfg: Config) -> dict[str, Any]:
-    """The untuned optimizer as a point of the space's vocabulary: K-FAC's constructor defaults (and the mode they
-    run in), the first-order optimizers' published defaults, and the config's batch size."""
-    optimizer = cfg.optimizer.name
-    if optimizer == "kfac":
-        from kfac_tune.optim import KFAC
-
-        defaults = KFAC.complete_arguments(dict(cfg.optimizer.options))
-        point = {**defaults, MODE: mode_of(defaults)}
-    else:
-        point = dict(DEFAULT_POINTS.get(optimizer, {}))
-    return {**point, "batch_size": cfg.data.batch_size}
+    """The untuned optimizer as a point of the space's vocabulary (its catalog entry's published defaults, K-FAC's
+    from its constructor with ``optimizer.options``, and the mode they run in) with the config's batch size."""
+    return {**catalog.optimizer(cfg.optimizer.name).published_defaults(cfg.optimizer.options),
+            "batch_size": cfg.data.batch_size}
 
 
-def point_in_space(values: Mapping[str, Any], space: Mapping[str, ParamSpec]) -> dict[str, Any]:
+def point_in_space(values: Mapping[str, Any], space: Mapping[str, ParamSpec], optimizer: str) -> dict[str, Any]:
     """``values`` as a point to enqueue: the sampled entries active in its mode (K-FAC's mode read from the
     adaptation flags when ``values`` are constructor arguments), each moved into the space; entries ``values``
     has no (or a ``None``) value for are left to the sampler."""
-    values = {**values, MODE: values.get(MODE) or mode_of(values)}
+    values = {**values, MODE: values.get(MODE) or catalog.optimizer(optimizer).mode_of(values)}
 
     def given(name: str, spec: ParamSpec) -> Any:
         value = values.get(name)
@@ -218,7 +162,7 @@ def warm_starts(cfg: Config, space: Mapping[str, ParamSpec]) -> list[dict[str, A
     sampled = free(space)
     points: list[dict[str, Any]] = []
     if cfg.search.enqueue_defaults:
-        points.append(point_in_space(published_defaults(cfg), space))
+        points.append(point_in_space(published_defaults(cfg), space, cfg.optimizer.name))
     for i, point in enumerate(cfg.search.enqueue):
         for name, value in point.items():
             path = f"search.enqueue[{i}].{name}"

@@ -19,15 +19,11 @@ from optuna.trial import TrialState
 from kfac_tune import record
 from kfac_tune.config import Config, ConfigError
 from kfac_tune.filelock import sqlite_setup_lock
-from kfac_tune.recipes import versions
 from kfac_tune.search.space import describe
 from kfac_tune.search.storage import make_pruner, make_sampler, make_storage
 from kfac_tune.secrets import display_url, mask_data
 from kfac_tune.stores import StudyNotFound, check_storage_url
 from kfac_tune.problem import Problem
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
 
 def load_study(url: str, study_name: str | None) -> optuna.Study:
     """Load ``study_name`` (or the storage's only study) for reading, without touching heartbeats or samplers;
@@ -71,7 +67,7 @@ def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem,
             record.STEPS: problem.steps, record.METRIC: cfg.training.metric, record.SPLIT: problem.split,
             record.SPACE: describe(space)})
         study.set_metric_names(cfg.objectives)
-    record.write_study(study, {record.VERSIONS: versions()})
+    record.write_study(study, {record.VERSIONS: record.versions()})
     return study
 
 

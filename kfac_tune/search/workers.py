@@ -25,10 +25,10 @@ from kfac_tune.optim import KFACWarning
 from kfac_tune.search.objective import Objective, release_after_failure
 from kfac_tune.search.space import build_space
 from kfac_tune.search.storage import make_pruner, make_sampler, make_storage
-from kfac_tune.search.study import FINISHED
 from kfac_tune.tracking.tracker import open_tracker
 
 MAX_CONSECUTIVE_FAILURES = 5
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards the trial budget
 
 
 def worker_seed(cfg: Config, worker: int, trials_at_start: int) -> int:

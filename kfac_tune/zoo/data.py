@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kfac_tune.zoo._args import (BadArgument, bad_value, check_known, check_kwargs, positive_int, positive_ints)
-from kfac_tune.zoo.specs import DATASETS
+from kfac_tune.zoo._args import BadArgument, bad_value, check_kwargs, positive_int, positive_ints
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -121,10 +120,11 @@ class _Splits:
 _COMMON_ARGUMENTS = ("root", "train_size", "test_size", "test_from_train", "download", "seed")
 
 
-def load_dataset(name: str, *, root: str | os.PathLike[str] | None = None, train_size: int | None = None,
-                 test_size: int | None = None, test_from_train: bool = False, download: bool = False, seed: int = 0,
-                 **kwargs: Any) -> DataBundle:
-    """Load dataset ``name`` as tensors.
+def load(spec: Any, *, root: str | os.PathLike[str] | None = None, train_size: int | None = None,
+         test_size: int | None = None, test_from_train: bool = False, download: bool = False, seed: int = 0,
+         **kwargs: Any) -> DataBundle:
+    """Load the data set of ``spec`` (a ``zoo.specs.DatasetSpec``: ``zoo.load_dataset`` looks the name up, so
+    this module, whose loaders the registry names, never reads the registry) as tensors.
 
     ``train_size`` / ``test_size`` keep the first N examples of each split (all by default). With
     ``test_from_train`` the test split is cut from the training images right after the training subset (train =
@@ -132,8 +132,7 @@ def load_dataset(name: str, *, root: str | os.PathLike[str] | None = None, train
     autoencoder benchmark; ``train_size`` is then required. ``root`` and ``download`` apply to file-backed
     datasets. Raises ``DatasetNotFoundError`` when files are missing and ``ValueError`` for bad arguments.
     """
-    check_known("dataset", name, DATASETS)
-    spec = DATASETS[name]
+    name = spec.name
     accepted = [*_COMMON_ARGUMENTS, *spec.arguments()]
     check_kwargs("dataset", name, accepted, kwargs)
     try:

@@ -23,34 +23,12 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm as apply_weight_norm
 
 from kfac_tune.nn import GRU, LSTM
-from kfac_tune.zoo._args import (BadArgument, bad_value, boolean, check_known, check_kwargs, choice, positive_int,
-                                 positive_ints)
-from kfac_tune.zoo.specs import ARCHITECTURES
+from kfac_tune.zoo._args import BadArgument, boolean, choice, positive_int, positive_ints
 
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 # "linear" (and YAML null) mean no nonlinearity; accepted wherever a layer may be left linear.
 _LINEAR = ("linear", None)
-
-
-def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int | None, **kwargs: Any) -> nn.Module:
-    """Build architecture ``name`` for inputs of shape ``(batch, *input_shape)``.
-
-    ``num_classes`` is required by classifiers and ignored by reconstruction models (a dataset bundle always has
-    one, so callers may pass it unconditionally). Raises ``ValueError`` naming the architecture, the offending
-    argument and the accepted arguments.
-    """
-    check_known("architecture", name, ARCHITECTURES)
-    spec = ARCHITECTURES[name]
-    accepted = list(spec.arguments())
-    check_kwargs("architecture", name, accepted, kwargs)
-    try:
-        shape = positive_ints("input_shape", input_shape)
-        if spec.task == "classification":
-            num_classes = positive_int("num_classes", num_classes)
-        return spec.builder(shape, num_classes, **kwargs)
-    except BadArgument as error:
-        raise bad_value("architecture", name, error, accepted) from None
 
 
 def architecture_signature(model: nn.Module) -> dict[str, Any]:
