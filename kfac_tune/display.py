@@ -54,16 +54,20 @@ def sort_trials(trials: Iterable[optuna.trial.FrozenTrial], maximize: bool,
     quantity the pruner judged), together; then the rest by number."""
 
     def key(trial: optuna.trial.FrozenTrial) -> tuple[int, float, int]:
-        value = trial.values[index] if trial.values is not None else _last_intermediate(trial)
+        value = trial.values[index] if trial.values is not None else value_when_cut(trial)
         ranked = value if value is not None and math.isfinite(value) else math.inf
         return STATE_ORDER.get(trial.state.name, 5), (-ranked if maximize and ranked != math.inf else ranked), trial.number
 
     return sorted(trials, key=key)
 
 
-def _last_intermediate(trial: optuna.trial.FrozenTrial) -> float | None:
+def value_when_cut(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The last value a pruned trial reported, where the pruner cut it; None for one that diverged (its earlier
+    reports say nothing of where it ended) or never reported."""
     values = trial.intermediate_values
-    return values[max(values)] if values else None
+    if not values or str(record.reason(trial) or "").startswith("diverged"):
+        return None
+    return values[max(values)]
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -85,7 +89,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
                "value": None if trial.values is None else trial.values[index], "params": dict(trial.params),
                "duration_s": None if duration is None else round(duration, 3), "reason": record.reason(trial)}
         if trial.state.name == "PRUNED":
-            row["value_when_cut"] = _last_intermediate(trial)
+            row["value_when_cut"] = value_when_cut(trial)
         seeds = raced_values(study, trial)
         if seeds is not None:
             finite = [v for v in seeds.values() if v is not None]

@@ -106,6 +106,13 @@ def study_metric(study: optuna.Study) -> str:
     return study.user_attrs.get(METRIC, "value")
 
 
+def study_quantity(study: optuna.Study) -> str:
+    """What the study's values are, for a column header: the metric, with the curve's quantity when it is not
+    the final value (``best eval_loss``, ``auc eval_loss``; ``search.objective``)."""
+    objective = (study.user_attrs.get(CONFIG) or {}).get("search", {}).get("objective", "final")
+    return study_metric(study) if objective == "final" else f"{objective} {study_metric(study)}"
+
+
 def created_by_search(study: optuna.Study) -> bool:
     """Whether ``kfac-tune search`` created the study (it carries the recipe metadata)."""
     return ARCHITECTURE in study.user_attrs

@@ -15,7 +15,7 @@ from kfac_tune.recipes import load_recipe
 from kfac_tune.search.selection import trial_arguments
 from kfac_tune.search.space import with_training
 from kfac_tune.training import train
-from tests.search_support import cli, load_study, write_config
+from tests.search_support import cli, invoke, load_study, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +54,8 @@ def test_best_reports_the_best_value_and_the_recipe_stops_where_it_was_reached(t
     # the test value is the early-stopped model's: trained to best_step, not to the end of the budget
     stopped = _curve(cfg, chosen, steps=best_step)
     assert recipe.result.test_value == pytest.approx(stopped.test["test_loss"], rel=1e-6)
+    # show says which quantity its value column holds
+    assert "best eval_loss" in invoke("show", "--storage", f"sqlite:///{tmp_path / 'study.db'}")
 
 
 def test_auc_reports_the_mean_of_the_curve_over_the_budget(tmp_path) -> None:

@@ -37,7 +37,8 @@ def test_fastest_within_is_refused_under_a_seconds_budget(tmp_path: Path, monkey
 
 
 def test_show_ranks_a_pruned_trial_by_its_value_when_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A trial cut while it stood better than every completed one is listed above them (and shows that value)."""
+    """A trial cut while it stood better than every completed one is listed above them (and shows that value); one
+    that diverged is listed last, whatever it reported before."""
     import optuna
 
     monkeypatch.chdir(tmp_path)
@@ -51,8 +52,11 @@ def test_show_ranks_a_pruned_trial_by_its_value_when_cut(tmp_path: Path, monkeyp
                                               intermediate_values={20: best / 2}))  # cut while leading
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED,
                                               intermediate_values={20: worst * 2}))
+    study.add_trial(optuna.trial.create_trial(  # good at step 20, then diverged: not a lead, whatever it reported
+        state=optuna.trial.TrialState.PRUNED, intermediate_values={20: best / 4},
+        user_attrs={"prune_reason": "diverged: train_loss = nan at step 40"}))
 
     rows = json.loads(invoke("show", "--storage", storage, "-f", "json"))
     ranked = [row.get("value_when_cut") if row["state"] == "PRUNED" else row["value"] for row in rows]
-    assert [row["state"] for row in rows] == ["PRUNED", "COMPLETE", "COMPLETE", "PRUNED"]
-    assert ranked == sorted(ranked) and ranked[0] == best / 2
+    assert [row["state"] for row in rows] == ["PRUNED", "COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
+    assert ranked[:4] == sorted(ranked[:4]) and ranked[0] == best / 2 and ranked[4] is None

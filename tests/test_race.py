@@ -141,3 +141,26 @@ def test_a_clearly_worse_candidate_is_dropped_and_a_close_one_kept() -> None:
     kept = _survivors([leader, close, far, diverged], 1.0, 2, dropped)
     assert kept == [leader, close] and dropped == [far, diverged]
     assert far.dropped_after == 2
+
+
+def test_workers_leave_room_for_the_race_before_a_deadline(tmp_path: Path) -> None:
+    """Under search.timeout the race is budgeted in seconds: a worker stops taking trials once the time left would
+    not hold the race's runs at the study's average trial duration. Two trials recorded as taking 1000 s each, a
+    deadline 250 s away and a race of 2 runs: after one more (fast) trial the average is ~667 s, 2 runs will not
+    fit, and the worker stops instead of running to its trial budget."""
+    import datetime as dt
+    import time
+
+    import optuna
+
+    from kfac_tune.search.workers import _RoomForRace
+
+    ended = dt.datetime.now()
+    earlier = [optuna.trial.create_trial(value=value) for value in (0.3, 0.2)]
+    for trial in earlier:
+        trial.datetime_start, trial.datetime_complete = ended - dt.timedelta(seconds=1000), ended
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'room.db'}")
+    study.add_trials(earlier)
+
+    study.optimize(lambda trial: 0.1, n_trials=10, callbacks=[_RoomForRace(time.time() + 250, race_runs=2)])
+    assert len(study.trials) == 3

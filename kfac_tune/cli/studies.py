@@ -25,14 +25,14 @@ def show(config: Path | None, study_name: str | None, storage: str | None, outpu
     """List a study's trials, best first: state, value, parameters, duration, prune/fail reason; for several
     objectives, the Pareto front too. With CONFIG, its study in its storage (as `search CONFIG` ran it)."""
     from kfac_tune.display import output_console, pareto_table, trial_rows, trials_table
-    from kfac_tune.record import study_metric
+    from kfac_tune.record import study_quantity
     from kfac_tune.search.study import load_study
 
     resolved = resolve(config, storage=storage, study=study_name)[1]
     study = load_study(resolved.storage, resolved.study)
     rows = trial_rows(study)
     if not print_data(rows, output_format):
-        metric = study_metric(study)
+        metric = study_quantity(study)
         output_console().print(trials_table(rows, metric, title=f"study {study.study_name}: {len(rows)} trials"))
         if len(study.directions) > 1:
             output_console().print(pareto_table(rows, title=f"Pareto front ({' vs '.join(study.metric_names or [])}); "

@@ -59,6 +59,7 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     from kfac_tune.api import prepare_search
     from kfac_tune.display import SearchDisplay, describe_match, output_console, trial_rows, trials_table
     from kfac_tune.processes import second_interrupt_ignored
+    from kfac_tune.record import study_quantity
     from kfac_tune.search.race import summary as race_summary
     from kfac_tune.secrets import display_url
 
@@ -96,7 +97,8 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     race = None if outcome.race is None else outcome.race.as_dict()
     if not print_data({"study": name, "storage": display_url(storage_url), "recipe": recipe_path, "race": race,
                        "trials": rows}, output_format):
-        output_console().print(trials_table(rows[:10], cfg.training.metric, title=f"study {name}: best trials"))
+        output_console().print(trials_table(rows[:10], study_quantity(outcome.study),
+                                            title=f"study {name}: best trials"))
     if outcome.race is not None:
         console.print(race_summary(outcome.race, cfg.training.metric))
     if recipe_path is None:
