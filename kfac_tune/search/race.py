@@ -189,7 +189,8 @@ def planned_race(study: optuna.Study, cfg: Config, pick: str, top: int | None = 
     none. Stored runs are read, so exporting a raced study trains nothing new."""
     plan = record.race_plan(study) or {"top": cfg.search.race.top, "seeds": 1}
     top, seeds = top or plan["top"], seeds or plan["seeds"]
-    if selection.parse_pick(pick).within is not None or seeds < 2 or not applies(study) or not selection.candidates(study):
+    if selection.parse_pick(pick).within is not None or seeds < 2 or not applies(study) \
+            or not selection.candidates(study):
         return None
     return run_race(study, cfg, top, seeds, on_run=on_run)
 
