@@ -28,8 +28,6 @@ from kfac_tune.files import FileError, write_atomic
 if TYPE_CHECKING:
     import optuna
 
-    from kfac_tune.search.race import RaceOutcome
-
 RECIPE_FORMAT = 1
 DEFAULT_DIRECTORY = Path("recipes")
 SHIPPED_DIRECTORY = Path(__file__).resolve().parents[1] / "recipes"  # the checkout's recipes/, when run from one
@@ -365,10 +363,11 @@ def versions() -> dict[str, str]:
 
 
 def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg: Config | None = None, *,
-                      pick: str | None = None, test: bool = True, race: RaceOutcome | None = None) -> Recipe:
+                      pick: str | None = None, test: bool = True, race: Any = None) -> Recipe:
     """Build the recipe of ``trial``, using what the search stored on the study and the trial; ``test`` measures
-    it on the test split (once per trial, see ``search.selection.test_metrics``). With ``race`` (whose chosen
-    candidate is ``trial``) the value is its mean over the raced seeds, with their spread."""
+    it on the test split (once per trial, see ``search.selection.test_metrics``). With ``race`` (a
+    ``search.race.RaceOutcome``, whose chosen candidate is ``trial``; not imported here, the search is a layer
+    above) the value is its mean over the raced seeds, with their spread."""
     from optuna.trial import TrialState
 
     from kfac_tune.search import selection
@@ -408,7 +407,7 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
 
 
 def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path | None = None,
-                pick: str = "best", *, test: bool = True, race: RaceOutcome | None = None) -> tuple[Recipe, Path]:
+                pick: str = "best", *, test: bool = True, race: Any = None) -> tuple[Recipe, Path]:
     """Write the completed trial ``pick`` chooses (``best`` or ``fastest-within=P%``, see
     ``search.selection``), or the winner of ``race`` (``search.race``), as a recipe (default
     ``recipes/<study>.yaml``), measured on the test split."""
