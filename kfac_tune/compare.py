@@ -99,7 +99,8 @@ class Comparison:
         rows = []
         for entry in self.recipes:
             row: dict[str, Any] = {"recipe": entry.label, "path": str(entry.path), "optimizer": entry.recipe.optimizer,
-                                   "seeds": len(entry.runs), "diverged": entry.diverged}
+                                   "seeds": len(entry.runs), "diverged": entry.diverged,
+                                   "recorded": recorded(entry.recipe)}
             if entry.runs:
                 reached = entry.to_target(self.target, maximize) if self.target is not None else []
                 row.update({"final": mean_spread([run.value for run in entry.runs]),
@@ -111,6 +112,14 @@ class Comparison:
                             "steps": entry.runs[0].steps})
             rows.append(row)
         return rows
+
+
+def recorded(recipe: Recipe) -> dict[str, Any]:
+    """What the recipe promised: its value (a mean over ``seeds`` after a race, with its spread), which quantity
+    of the curve it is (``objective``) and on which split, to read beside the runs' own."""
+    result = recipe.result
+    return {"mean": result.value, "spread": result.spread or 0.0, "seeds": len(result.seeds or [recipe.training.seed]),
+            "objective": result.objective, "split": result.split}
 
 
 def final_test(runs: Sequence[TrainResult]) -> dict[str, float] | None:

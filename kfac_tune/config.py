@@ -338,8 +338,22 @@ class PrunerConfig(_Named):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class RaceConfig(_Section):
+    """Seed-robust selection: before the recipe is written, the study's ``top`` best trials are trained again on
+    more seeds (``seeds`` in all, the trial's own run counting as the first), a candidate clearly worse than the
+    leader dropped after each seed, and the best mean chosen (:mod:`kfac_tune.search.race`). ``seeds: 1`` is off."""
+
+    top: int = Field(3, ge=1, le=100)
+    seeds: int = Field(3, ge=1, le=100)
+
+    @property
+    def runs(self) -> int:
+        """The most training runs the race can cost: every candidate on every extra seed."""
+        return self.top * (self.seeds - 1)
+
+
 class SearchConfig(_Section):
-    """The study: budget, sampler, pruner, space overrides, warm starts and crash recovery."""
+    """The study: budget, sampler, pruner, space overrides, warm starts, crash recovery and the final race."""
 
     trials: int = Field(20, ge=1, le=MAX_TRIALS)
     timeout: float | None = Field(None, gt=0, le=10**8)
@@ -351,6 +365,9 @@ class SearchConfig(_Section):
     # the metric and the training seconds a run uses (Optuna directions; pruning is off for several objectives)
     objectives: list[Literal["eval_loss", "eval_accuracy", "train_loss", "train_seconds"]] | None = Field(
         None, min_length=1, max_length=2)
+    # the value of the metric's validation curve a trial reports (and is pruned on): final (at the end of the
+    # budget), best (best reached; the recipe stops where it was reached) or auc (its mean over the budget)
+    objective: Literal["final", "best", "auc"] = "final"
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     enqueue_defaults: bool = True
     # true: first try the closest recipe found (recipes/, --recipes-dir); a path: that recipe
@@ -358,6 +375,7 @@ class SearchConfig(_Section):
     heartbeat_interval: int = Field(60, ge=1, le=86400)
     grace_period: int | None = Field(None, ge=2, le=10 * 86400)
     max_retry: int = Field(2, ge=0, le=100)
+    race: RaceConfig = Field(default_factory=RaceConfig)
 
     @field_validator("enqueue")
     @classmethod
@@ -489,6 +507,8 @@ class Config(_Section):
         payload["space"] = self.search.model_dump(mode="json", include={"space"}, by_alias=True)["space"]
         if self.search.objectives is not None:  # only when set, so single-objective studies keep their hash
             payload["objectives"] = self.search.objectives
+        if self.search.objective != "final":  # likewise: studies from before the field keep their hash
+            payload["objective"] = self.search.objective
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

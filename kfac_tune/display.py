@@ -9,6 +9,7 @@ import collections
 import datetime as dt
 import math
 import os
+import statistics
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,7 +25,9 @@ from kfac_tune import record
 if TYPE_CHECKING:
     import optuna
 
-STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
+# complete and pruned trials rank together, by the study's quantity (a pruned one by its value when cut): a trial
+# cut while it stood better than every completed one is the search's best lead, not its worst
+STATE_ORDER = {"COMPLETE": 0, "PRUNED": 0, "RUNNING": 1, "WAITING": 2, "FAIL": 3}
 # Width of a console whose stream is a pipe or a file: room for any table's natural width. Rich's own default
 # there is 80 columns, which folds and cuts cells ("diver") in output meant for logs, files and `less -S`.
 PIPED_WIDTH = 1000
@@ -47,20 +50,24 @@ def fmt(value: Any) -> str:
 
 def sort_trials(trials: Iterable[optuna.trial.FrozenTrial], maximize: bool,
                 index: int = 0) -> list[optuna.trial.FrozenTrial]:
-    """Best first: complete trials by value (objective ``index``), then pruned ones by their last value, then the
-    rest by number."""
+    """Best first: complete trials by value (objective ``index``) and pruned ones by their value when cut (the
+    quantity the pruner judged), together; then the rest by number."""
 
     def key(trial: optuna.trial.FrozenTrial) -> tuple[int, float, int]:
-        value = trial.values[index] if trial.values is not None else _last_intermediate(trial)
+        value = trial.values[index] if trial.values is not None else value_when_cut(trial)
         ranked = value if value is not None and math.isfinite(value) else math.inf
         return STATE_ORDER.get(trial.state.name, 5), (-ranked if maximize and ranked != math.inf else ranked), trial.number
 
     return sorted(trials, key=key)
 
 
-def _last_intermediate(trial: optuna.trial.FrozenTrial) -> float | None:
+def value_when_cut(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The last value a pruned trial reported, where the pruner cut it; None for one that diverged (its earlier
+    reports say nothing of where it ended) or never reported."""
     values = trial.intermediate_values
-    return values[max(values)] if values else None
+    if not values or str(record.reason(trial) or "").startswith("diverged"):
+        return None
+    return values[max(values)]
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -68,6 +75,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
 
     ``value`` is the metric; a study with several objectives adds ``values`` (per objective name) and ``pareto``
     (the trial is on the Pareto front)."""
+    from kfac_tune.search.race import raced_values
     from kfac_tune.search.selection import metric_index, metric_names, pareto_front
 
     index = metric_index(study)
@@ -80,6 +88,14 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         row = {"number": trial.number, "state": trial.state.name,
                "value": None if trial.values is None else trial.values[index], "params": dict(trial.params),
                "duration_s": None if duration is None else round(duration, 3), "reason": record.reason(trial)}
+        if trial.state.name == "PRUNED":
+            row["value_when_cut"] = value_when_cut(trial)
+        seeds = raced_values(study, trial)
+        if seeds is not None:
+            finite = [v for v in seeds.values() if v is not None]
+            row["seeds"] = {"values": {str(k): v for k, v in seeds.items()}, "mean": statistics.fmean(finite),
+                            "spread": statistics.stdev(finite) if len(finite) > 1 else 0.0,
+                            "diverged": len(seeds) - len(finite)} if finite else None
         if several:
             row["values"] = None if trial.values is None else dict(zip(names, trial.values))
             row["pareto"] = trial.number in front
@@ -108,6 +124,9 @@ def trials_table(rows: Sequence[dict[str, Any]], metric: str, title: str | None 
     table.add_column("#", justify="right", min_width=3)
     table.add_column("state", no_wrap=True)
     table.add_column(metric, justify="right", no_wrap=True)
+    raced = any(row.get("seeds") for row in rows)
+    if raced:
+        table.add_column("seeds: mean ± std", justify="right", no_wrap=True)
     table.add_column("params", overflow="fold", min_width=30, ratio=1)
     table.add_column("duration", justify="right", no_wrap=True)
     table.add_column("reason", overflow="ellipsis", no_wrap=True, max_width=32)
@@ -115,9 +134,19 @@ def trials_table(rows: Sequence[dict[str, Any]], metric: str, title: str | None 
     for row in rows:
         duration = "" if row["duration_s"] is None else str(dt.timedelta(seconds=round(row["duration_s"])))
         params = " ".join(f"{name}={fmt(value)}" for name, value in row["params"].items())
-        table.add_row(str(row["number"]), f"[{styles.get(row['state'], '')}]{row['state']}", fmt(row["value"]),
+        value = fmt(row["value"]) if row.get("value_when_cut") is None else f"[dim]{fmt(row['value_when_cut'])}"
+        seeds = [_seeds_cell(row.get("seeds"))] if raced else []
+        table.add_row(str(row["number"]), f"[{styles.get(row['state'], '')}]{row['state']}", value, *seeds,
                       params, duration, row["reason"] or "")
     return table
+
+
+def _seeds_cell(seeds: dict[str, Any] | None) -> str:
+    """A raced trial's mean ± std over its seeds (``search.race``), and how many seeds."""
+    if not seeds:
+        return ""
+    diverged = f", {seeds['diverged']} diverged" if seeds["diverged"] else ""
+    return f"{fmt(seeds['mean'])} ± {fmt(seeds['spread'])} ({len(seeds['values'])}{diverged})"
 
 
 class SearchDisplay:
@@ -143,6 +172,12 @@ class SearchDisplay:
         if not self.console.is_terminal:
             self.console.line()
         self.console.line()
+
+    def racing(self, trial: int, seed: int) -> None:
+        """The race after the search (``search.race``): which run is training now."""
+        grid = Table.grid(padding=(0, 1))
+        grid.add_row(f"[bold]race[/]: trial {trial} on seed {seed}")
+        self.live.update(Group(self.progress, self.best, grid))
 
     def update(self, study: optuna.Study) -> None:
         counts = collections.Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
@@ -171,21 +206,25 @@ def best_line(study: optuna.Study, metric: str) -> Table:
 
 def comparison_table(rows: Sequence[dict[str, Any]], metric: str, target: float | None, maximize: bool,
                      title: str) -> Table:
-    """``kfac-tune compare``: one row per recipe, every cell ``mean ± spread`` over the seeds."""
+    """``kfac-tune compare``: one row per recipe, every cell ``mean ± spread`` over the seeds; ``recorded`` is what
+    the recipe promised (its value on its own split, over the seeds it was raced on) to read the runs against."""
     table = Table(title=title, header_style="bold", caption=None if target is None else
                   f"common target: {metric} {'≥' if maximize else '≤'} {fmt(target)} "
                   "(the best value every run of every recipe reaches)")
-    for name, justify in (("recipe", "left"), ("optimizer", "left"), (f"final {metric}", "right"),
-                          ("final test", "right"),
+    for name, justify in (("recipe", "left"), ("optimizer", "left"), ("recorded", "right"),
+                          (f"final {metric}", "right"), ("final test", "right"),
                           ("steps to target", "right"), ("seconds to target", "right"), ("ms / step", "right"),
                           ("seeds", "right")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
         seeds = f"{row['seeds']}" + (f" [red]({row['diverged']} diverged)" if row["diverged"] else "")
+        promised = row["recorded"]
+        kind = "" if promised["objective"] == "final" else f" {promised['objective']}"
+        recorded = f"{_pm(promised)} ({promised['seeds']} seed{'s' * (promised['seeds'] > 1)}{kind})"
         if not row["seeds"]:
-            table.add_row(row["recipe"], row["optimizer"], "[red]diverged", "", "", "", "", seeds)
+            table.add_row(row["recipe"], row["optimizer"], recorded, "[red]diverged", "", "", "", "", seeds)
             continue
-        table.add_row(row["recipe"], row["optimizer"], _pm(row["final"]), _pm(row.get("final_test")),
+        table.add_row(row["recipe"], row["optimizer"], recorded, _pm(row["final"]), _pm(row.get("final_test")),
                       _pm(row["steps_to_target"], "{:.0f}"),
                       _pm(row["seconds_to_target"], "{:.2f}"), _pm(row["step_time_ms"], "{:.2f}"), seeds)
     return table

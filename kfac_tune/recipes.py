@@ -43,6 +43,9 @@ class TrainingSettings(_Strict):
     dataset: str
     batch_size: int = Field(ge=1)
     steps: int = Field(ge=1)
+    # under a seconds budget: the training seconds the recipe was scored at (the budget, or with objective best
+    # the seconds where its best value was reached); null under a steps budget
+    seconds: float | None = Field(None, gt=0)
     loss: str
     metric: str
     seed: int
@@ -50,11 +53,16 @@ class TrainingSettings(_Strict):
 
 class Result(_Strict):
     """``value`` is the metric that selected the recipe, measured on ``split`` (recipes from before validation
-    splits were selected on the test split); ``test_value`` the same metric on the test split, measured once
-    after the search chose."""
+    splits were selected on the test split): the ``objective`` quantity of its validation curve (``final`` for
+    recipes from before the field), and after a race the mean over ``seeds`` with ``spread`` their sample standard
+    deviation; ``test_value`` the same metric on the test split, measured once (seed ``training.seed``) after the
+    search chose."""
 
     metric: str
     value: float
+    objective: Literal["final", "best", "auc"] = "final"
+    spread: float | None = Field(None, ge=0)
+    seeds: list[int] | None = None
     direction: Literal["minimize", "maximize"]
     trials: int = Field(ge=1, description="finished trials (complete + pruned) when the recipe was exported")
     split: Literal["validation", "test"] = "test"

@@ -7,7 +7,9 @@ file and a literal in another). Read and write through the helpers below, never 
 Study user attributes (written once, when the search creates the study; ``versions`` on every resume):
 ``config`` (the resolved config, passwords masked), ``config_hash``, ``optimizer``, ``architecture``,
 ``signature``, ``parameter_groups``, ``loss``, ``task``, ``steps``, ``metric``, ``split``, ``space``, ``versions``;
-``mlflow_parent_run_id`` (tracking); ``test.<trial number>`` (a trial's test-split metrics, measured once).
+``mlflow_parent_run_id`` (tracking); ``test.<trial number>`` (a trial's test-split metrics, measured once);
+``race`` (the race the search planned: top, seeds) and ``race.<trial number>.<seed>`` (one race run's value, null
+when it diverged; one key per run, so a run is stored whole or not at all).
 
 Trial user attributes: ``hyperparameters`` (the optimizer constructor's arguments), ``result`` (one dict: seconds,
 steps, device, final/best metrics, batch size), ``fail_reason``/``prune_reason``, ``mlflow_run_id``;
@@ -44,6 +46,8 @@ SPACE = "space"
 VERSIONS = "versions"
 PARENT_RUN = "mlflow_parent_run_id"
 TEST_PREFIX = "test."  # test.<trial number> -> the trial's test-split metrics
+RACE = "race"  # {"top": N, "seeds": N}: the race the search planned for its candidates
+RACE_PREFIX = "race."  # race.<trial number>.<seed> -> that run's value (None: diverged)
 
 # ---------------------------------------------------------------------------------------------- trial attributes
 HYPERPARAMETERS = "hyperparameters"
@@ -102,6 +106,13 @@ def study_metric(study: optuna.Study) -> str:
     return study.user_attrs.get(METRIC, "value")
 
 
+def study_quantity(study: optuna.Study) -> str:
+    """What the study's values are, for a column header: the metric, with the curve's quantity when it is not
+    the final value (``best eval_loss``, ``auc eval_loss``; ``search.objective``)."""
+    objective = (study.user_attrs.get(CONFIG) or {}).get("search", {}).get("objective", "final")
+    return study_metric(study) if objective == "final" else f"{objective} {study_metric(study)}"
+
+
 def created_by_search(study: optuna.Study) -> bool:
     """Whether ``kfac-tune search`` created the study (it carries the recipe metadata)."""
     return ARCHITECTURE in study.user_attrs
@@ -123,6 +134,26 @@ def test_metrics(study: optuna.Study, trial_number: int) -> dict[str, float] | N
 
 def set_test_metrics(study: optuna.Study, trial_number: int, metrics: Mapping[str, float]) -> None:
     study.set_user_attr(f"{TEST_PREFIX}{trial_number}", dict(metrics))
+
+
+def race_plan(study: optuna.Study) -> dict[str, int] | None:
+    """The race the search planned (``{"top", "seeds"}``), or None when it planned none."""
+    plan = study.user_attrs.get(RACE)
+    return dict(plan) if isinstance(plan, dict) else None
+
+
+def set_race_plan(study: optuna.Study, top: int, seeds: int) -> None:
+    study.set_user_attr(RACE, {"top": top, "seeds": seeds})
+
+
+def race_runs(study: optuna.Study, trial_number: int) -> dict[int, float | None]:
+    """The stored race runs of one trial: seed -> value (None for a run that diverged)."""
+    prefix = f"{RACE_PREFIX}{trial_number}."
+    return {int(key[len(prefix):]): value for key, value in study.user_attrs.items() if key.startswith(prefix)}
+
+
+def set_race_run(study: optuna.Study, trial_number: int, seed: int, value: float | None) -> None:
+    study.set_user_attr(f"{RACE_PREFIX}{trial_number}.{seed}", value)
 
 
 # ---------------------------------------------------------------------------------------------- trials

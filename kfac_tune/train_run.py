@@ -70,6 +70,31 @@ def bind(config: str | Path | Mapping[str, Any] | Config, recipe_path: str | Pat
     return resolved.apply(cfg), hparams, problem, recipe, resolved
 
 
+def length(cfg: Config, problem: Problem) -> str:
+    """How long a run of ``cfg`` trains, in the budget's own unit: under a seconds budget the step count is only
+    an internal cap (``problem.total_steps``), never what the user asked for."""
+    budget = cfg.training.budget
+    return f"{problem.steps} steps" if budget is None else f"{budget.seconds:g} s"
+
+
+def differences(recipe: Recipe, cfg: Config, problem: Problem) -> list[tuple[str, object, object]]:
+    """(what, the recipe's, the config's) for each training setting the recipe was tuned with that this config
+    changes: the batch size, and the length in the config's unit (seconds under a seconds budget, where the
+    recipe's steps are the steps its trial happened to reach)."""
+    tuned = recipe.training
+    found: list[tuple[str, object, object]] = []
+    if tuned.batch_size != cfg.data.batch_size:
+        found.append(("batch size", tuned.batch_size, cfg.data.batch_size))
+    budget = cfg.training.budget
+    if budget is None and tuned.seconds is None and tuned.steps != problem.steps:
+        found.append(("steps", tuned.steps, problem.steps))
+    elif budget is None and tuned.seconds is not None:
+        found.append(("a length of", f"{tuned.seconds:g} s", f"{problem.steps} steps"))
+    elif budget is not None and tuned.seconds is not None and tuned.seconds != budget.seconds:
+        found.append(("seconds", f"{tuned.seconds:g}", f"{budget.seconds:g}"))
+    return found
+
+
 def run(cfg: Config, hparams: Mapping[str, Any], problem: Problem, recipe: Recipe, recipe_path: str | Path,
         resolved: Settings, save_dir: str | Path | None = None) -> TrainOutcome:
     """Train once with test evaluation, then save (``save_dir``) and log (if tracking is on). Raises
@@ -118,7 +143,7 @@ def log(resolved: Settings, cfg: Config, recipe: Recipe, recipe_path: Path, resu
     import mlflow
     from mlflow.entities import Metric, Param
 
-    from kfac_tune.tracking.runs import dataset_input, flatten, log_model
+    from kfac_tune.tracking.runs import dataset_input, flatten, log_model, used_settings
     from kfac_tune.tracking.server import (MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, get_or_create_experiment,
                                            open_client, prepare_store)
 
@@ -130,7 +155,7 @@ def log(resolved: Settings, cfg: Config, recipe: Recipe, recipe_path: Path, resu
                             tags={record.TAG_KIND: record.KIND_TRAIN, record.TAG_RECIPE: mask(str(recipe_path))})
     run_id = run.info.run_id
     config = mask_data(cfg.model_dump(mode="json", by_alias=True), *resolved.secrets())
-    params = {**flatten(config), **flatten({"hyperparameters": recipe.hyperparameters}),
+    params = {**flatten(used_settings(config)), **flatten({"hyperparameters": recipe.hyperparameters}),
               "recipe": mask(str(recipe_path)), "recipe.study": recipe.provenance.study}
     client.log_batch(run_id, params=[Param(k, v[:MAX_PARAM_CHARS]) for k, v in params.items()])
     now = int(time.time() * 1000)

@@ -9,8 +9,8 @@ that the config changes from its default, while the callable does not take it, i
 and the callable; kfac-tune honours the rest itself (the validation split, when the callable returns none; batch
 sizes, workers, augmentation).
 
-The callable returns tensors (a ``DataBundle``, ``(train_x, train_y, test_x, test_y)`` or the six-tuple with a
-validation split after the training one), kept whole in memory, or map-style ``torch.utils.data.Dataset``\\ s
+The callable returns tensors or numpy arrays (``(train_x, train_y, test_x, test_y)`` or the six-tuple with a
+validation split after the training one; integer labels become int64), kept whole in memory, or map-style ``torch.utils.data.Dataset``\\ s
 (``(train, test)`` or ``(train, validation, test)``) whose examples are ``(input tensor, label)`` pairs, read
 through a ``DataLoader`` (see :mod:`kfac_tune.batches`).
 """
@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
@@ -111,17 +112,28 @@ def user_data(result: Any) -> Data:
     if isinstance(result, (tuple, list)) and len(result) in (2, 3) and all(isinstance(d, Dataset) for d in result):
         return dataset_bundle(result[0], result[-1], result[1] if len(result) == 3 else None, "callable",
                               "user callable")
+    if isinstance(result, (tuple, list)):  # numpy arrays (scikit-learn's loaders, a pandas .to_numpy()) as tensors
+        result = [torch.from_numpy(_native(t)) if isinstance(t, np.ndarray) else t for t in result]
     if not (isinstance(result, (tuple, list)) and len(result) in (4, 6)
             and all(isinstance(t, torch.Tensor) for t in result)):
-        raise TypeError("a data callable must return a DataBundle, a tuple (train_x, train_y, test_x, test_y) or "
-                        "(train_x, train_y, val_x, val_y, test_x, test_y) of tensors, or a tuple (train, test) or "
-                        f"(train, validation, test) of torch.utils.data.Dataset, got {_describe(result)}")
+        raise TypeError("a data callable must return a tuple (train_x, train_y, test_x, test_y) or (train_x, "
+                        "train_y, val_x, val_y, test_x, test_y) of tensors or numpy arrays, or a tuple (train, test) "
+                        f"or (train, validation, test) of torch.utils.data.Dataset, got {_describe(result)}")
     tensors = [t.detach().cpu() for t in result]
+    tensors = [t.long() if i % 2 and not (t.is_floating_point() or t.dtype == torch.bool) else t  # int32 labels
+               for i, t in enumerate(tensors)]
     train_x, train_y, test_x, test_y = tensors[:2] + tensors[-2:]
     val_x, val_y = (tensors[2].float(), tensors[3]) if len(tensors) == 6 else (None, None)
     classes = int(train_y.max()) + 1 if not train_y.is_floating_point() else 0
     return DataBundle(train_x.float(), train_y, test_x.float(), test_y, tuple(train_x.shape[1:]), classes,
                       "callable", "user callable", val_x, val_y)
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """``array`` in a form ``torch.from_numpy`` takes: native byte order and contiguous (a pandas column or a
+    loaded ``.npy`` may be neither)."""
+    array = np.ascontiguousarray(array)
+    return array.astype(array.dtype.newbyteorder("=")) if not array.dtype.isnative else array
 
 
 def dataset_bundle(train: Dataset[Any], test: Dataset[Any], validation: Dataset[Any] | None, name: str,

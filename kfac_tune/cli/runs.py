@@ -46,11 +46,10 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, save_dir: 
         no_tracking=no_tracking)
     console = output_console(stderr=output_format != "table")
     tuned = recipe.training
-    for what, theirs, ours in (("batch size", tuned.batch_size, cfg.data.batch_size),
-                               ("steps", tuned.steps, problem.steps)):
-        if theirs != ours:
-            console.print(f"[yellow]note[/]: the recipe was tuned with {what} {theirs}, {config} uses {ours}")
-    with console.status(f"training {problem.architecture} with {recipe.optimizer} for {problem.steps} steps"):
+    for what, theirs, ours in train_run.differences(recipe, cfg, problem):
+        console.print(f"[yellow]note[/]: the recipe was tuned with {what} {theirs}, {config} uses {ours}")
+    with console.status(f"training {problem.architecture} with {recipe.optimizer} for "
+                        f"{train_run.length(cfg, problem)}"):
         try:
             outcome = train_run.run(cfg, hparams, problem, recipe, recipe_path, resolved, save_dir)
         except Diverged as error:

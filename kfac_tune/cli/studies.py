@@ -25,14 +25,14 @@ def show(config: Path | None, study_name: str | None, storage: str | None, outpu
     """List a study's trials, best first: state, value, parameters, duration, prune/fail reason; for several
     objectives, the Pareto front too. With CONFIG, its study in its storage (as `search CONFIG` ran it)."""
     from kfac_tune.display import output_console, pareto_table, trial_rows, trials_table
-    from kfac_tune.record import study_metric
+    from kfac_tune.record import study_quantity
     from kfac_tune.search.study import load_study
 
     resolved = resolve(config, storage=storage, study=study_name)[1]
     study = load_study(resolved.storage, resolved.study)
     rows = trial_rows(study)
     if not print_data(rows, output_format):
-        metric = study_metric(study)
+        metric = study_quantity(study)
         output_console().print(trials_table(rows, metric, title=f"study {study.study_name}: {len(rows)} trials"))
         if len(study.directions) > 1:
             output_console().print(pareto_table(rows, title=f"Pareto front ({' vs '.join(study.metric_names or [])}); "
@@ -55,15 +55,24 @@ model.callable or data.callable study that needs the study's CONFIG, with your m
 @force_option
 @click.option("--pick", default="best", show_default=True, metavar="best|fastest-within=P%",
               help="Which trial: the best metric, or the fewest training seconds within P % of the best metric "
-                   "(a point of the Pareto front of a (metric, train_seconds) study).")
+                   "(a point of the Pareto front of a (metric, train_seconds) study; refused under a seconds "
+                   "budget, where every trial trains for the same seconds).")
+@click.option("--race-top", type=click.IntRange(1, 100), metavar="N",
+              help="With --pick best: race the N best trials on more seeds. Default: what the search planned.")
+@click.option("--race-seeds", type=click.IntRange(1, 100), metavar="N",
+              help="Seeds per raced trial, its own run included (1: no race). Default: what the search planned; "
+                   "runs the search already made are read from the study, not repeated.")
 @handle_errors
 def export(config: Path | None, study_name: str | None, storage: str | None, output: Path | None, force: bool,
-           pick: str) -> None:
-    """Write a study's trial (the best by default) as a recipe YAML."""
+           pick: str, race_top: int | None, race_seeds: int | None) -> None:
+    """Write a study's trial (the best by default, or the winner of its seeds race) as a recipe YAML."""
+    from rich.console import Console
+
     from kfac_tune import record
     from kfac_tune.recipes import check_overwrite, default_path
     from kfac_tune.search.export import export_best
-    from kfac_tune.search.selection import parse_pick
+    from kfac_tune.search.race import planned_race, summary
+    from kfac_tune.search.selection import parse_pick, study_config
     from kfac_tune.search.study import load_study
 
     try:
@@ -75,8 +84,15 @@ def export(config: Path | None, study_name: str | None, storage: str | None, out
     target = check_overwrite(output or default_path(study.study_name), study.study_name, force)
     # the user's file supplies the code to rerun only if it describes the study's objective
     same = cfg is not None and record.study_attr(study, record.CONFIG_HASH) == cfg.fingerprint()
-    recipe, path = export_best(study, cfg if same else None, path=target, pick=pick)
+    console = Console(stderr=True)
+    with console.status("racing") as status:
+        race = planned_race(study, (cfg if same else None) or study_config(study), pick, race_top, race_seeds,
+                            on_run=lambda trial, seed: status.update(f"race: trial {trial} on seed {seed}"))
+    recipe, path = export_best(study, cfg if same else None, path=target, pick=pick, race=race)
+    if race is not None:
+        console.print(summary(race, recipe.result.metric))
     result = recipe.result
     test = "" if result.test_value is None else f", test {result.test_value:.6g}"
-    click.echo(f"{path}: {recipe.optimizer} for {recipe.architecture}, {result.metric} = {result.value:.6g} on the "
-               f"{result.split} split{test} (trial {recipe.provenance.trial} of {result.trials}, pick {pick})")
+    spread = "" if result.seeds is None else f" ± {result.spread:.2g} over {len(result.seeds)} seeds"
+    click.echo(f"{path}: {recipe.optimizer} for {recipe.architecture}, {result.metric} = {result.value:.6g}{spread} "
+               f"on the {result.split} split{test} (trial {recipe.provenance.trial} of {result.trials}, pick {pick})")

@@ -40,22 +40,32 @@ Re-running the same command resumes the study until the budget is reached.""")
               help="First try the closest recipe for this optimizer and network (see `kfac-tune recipe find`); "
                    "same as search.warm_start: true.")
 @recipes_dir_option
+@click.option("--race-top", type=click.IntRange(1, 100), metavar="N",
+              help="Race the N best trials on more seeds before writing the recipe (search.race.top, default 3).")
+@click.option("--race-seeds", type=click.IntRange(1, 100), metavar="N",
+              help="Seeds per raced trial, its own run included; 1 turns the race off (search.race.seeds, "
+                   "default 3). The race's runs count in --trials: it runs when they take at most half of it.")
 @format_option
 @handle_errors
 def search(config: Path, trials: int | None, timeout: float | None, study_name: str | None, storage: str | None,
            jobs: int, tracking_uri: str | None, optimizer: str | None, no_tracking: bool,
            output: Path | None, force: bool, sets: tuple[str, ...], warm_start: bool,
-           recipes_dirs: tuple[Path, ...], output_format: str) -> None:
-    """Run (or resume) an Optuna study over the optimizer's hyperparameters."""
+           recipes_dirs: tuple[Path, ...], race_top: int | None, race_seeds: int | None,
+           output_format: str) -> None:
+    """Run (or resume) an Optuna study over the optimizer's hyperparameters, race its best trials on more seeds,
+    and write the best mean as a recipe."""
     from rich.console import Console
 
     from kfac_tune.api import prepare_search
     from kfac_tune.display import SearchDisplay, describe_match, output_console, trial_rows, trials_table
     from kfac_tune.processes import second_interrupt_ignored
+    from kfac_tune.record import study_quantity
+    from kfac_tune.search.race import summary as race_summary
     from kfac_tune.secrets import display_url
 
-    overrides = {key: value for key, value in {"optimizer.name": optimizer,
-                                               "search.warm_start": warm_start or None}.items() if value is not None}
+    overrides = {key: value for key, value in {"optimizer.name": optimizer, "search.warm_start": warm_start or None,
+                                               "search.race.top": race_top, "search.race.seeds": race_seeds}.items()
+                 if value is not None}
     prepared, resolved = prepare_search(
         config, sets=sets, overrides=overrides, study=study_name, storage=storage, tracking_uri=tracking_uri,
         tracking=not no_tracking, output=output, force=force, trials=trials, timeout=timeout, jobs=jobs,
@@ -73,7 +83,7 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
                       "studies only (diverged trials are still pruned)")
     with second_interrupt_ignored(), SearchDisplay(console, prepared.spec.budget, cfg.training.metric) as display:
         display.update(prepared.study)
-        outcome = prepared.run(on_progress=display.update)
+        outcome = prepared.run(on_progress=display.update, on_race=display.racing)
         display.update(outcome.study)
     storage_words = ("--storage", storage_url) if resolved.origin["storage"] == "--storage" else ()
     resume = shell_command("kfac-tune", "search", config, "--study", name, *storage_words)
@@ -84,9 +94,13 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
         _warn_incomplete_tracking(cfg.tracking.uri, name, storage_url, outcome.tracking_given_up)
     rows = trial_rows(outcome.study)
     recipe_path = None if outcome.recipe_path is None else str(outcome.recipe_path)
-    if not print_data({"study": name, "storage": display_url(storage_url), "recipe": recipe_path, "trials": rows},
-                      output_format):
-        output_console().print(trials_table(rows[:10], cfg.training.metric, title=f"study {name}: best trials"))
+    race = None if outcome.race is None else outcome.race.as_dict()
+    if not print_data({"study": name, "storage": display_url(storage_url), "recipe": recipe_path, "race": race,
+                       "trials": rows}, output_format):
+        output_console().print(trials_table(rows[:10], study_quantity(outcome.study),
+                                            title=f"study {name}: best trials"))
+    if outcome.race is not None:
+        console.print(race_summary(outcome.race, cfg.training.metric))
     if recipe_path is None:
         # without --storage, `show CONFIG` finds the storage the config (or the environment) names
         show = ("show", "--study", name, *storage_words) if storage_words else ("show", config, "--study", name)

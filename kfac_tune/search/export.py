@@ -16,19 +16,27 @@ from kfac_tune import record
 from kfac_tune.config import Config
 from kfac_tune.recipes import Provenance, Recipe, RecipeError, Result, TrainingSettings, default_path, save_recipe
 from kfac_tune.search import selection
+from kfac_tune.search.race import RaceOutcome
 
 
 def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg: Config | None = None, *,
-                      pick: str | None = None, test: bool = True) -> Recipe:
+                      pick: str | None = None, test: bool = True, race: RaceOutcome | None = None) -> Recipe:
     """Build the recipe of ``trial``, using what the search stored on the study and the trial; ``test`` measures
-    it on the test split (once per trial, see ``search.selection.test_metrics``)."""
+    it on the test split (once per trial, see ``search.selection.test_metrics``). With ``race`` (whose chosen
+    candidate is ``trial``) the value is its mean over the raced seeds, with their spread."""
     attrs = study.user_attrs
     cfg = cfg or selection.study_config(study)
     finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     recorded = record.result(trial)
-    steps = recorded.get("steps") if cfg.training.budget is not None else attrs[record.STEPS]
+    early = cfg.search.objective == "best" and "best_step" in recorded
+    steps = recorded.get("best_step" if early else "steps") if cfg.training.budget is not None or early else None
+    seconds = None if cfg.training.budget is None else (
+        recorded.get("best_seconds") if early else cfg.training.budget.seconds)
     metric = cfg.training.metric
     tested = selection.test_value(metric, selection.test_metrics(study, trial, cfg)) if test else None
+    value, spread, seeds = selection.metric_value(study, trial), None, None
+    if race is not None:
+        value, spread, seeds = race.chosen.mean, race.chosen.spread, race.seeds
     return Recipe(
         architecture=attrs[record.ARCHITECTURE],
         optimizer=attrs[record.OPTIMIZER],
@@ -37,10 +45,11 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
         searched=dict(trial.params),
         training=TrainingSettings(
             dataset=cfg.data.callable or cfg.data.name, batch_size=recorded.get("batch_size", cfg.data.batch_size),
-            steps=steps or attrs[record.STEPS], loss=attrs[record.LOSS], metric=metric, seed=cfg.training.seed),
-        result=Result(metric=metric, value=selection.metric_value(study, trial), direction=cfg.training.goal,
-                      trials=finished, split=attrs.get(record.SPLIT, "test"), test_value=tested,
-                      train_seconds=recorded.get("train_seconds"), pick=pick),
+            steps=steps or attrs[record.STEPS], seconds=seconds, loss=attrs[record.LOSS], metric=metric,
+            seed=cfg.training.seed),
+        result=Result(metric=metric, value=value, objective=cfg.search.objective, spread=spread, seeds=seeds,
+                      direction=cfg.training.goal, trials=finished, split=attrs.get(record.SPLIT, "test"),
+                      test_value=tested, train_seconds=recorded.get("train_seconds"), pick=pick),
         provenance=Provenance(
             study=study.study_name, trial=trial.number, mlflow_run_id=record.trial_run_id(trial),
             config_hash=attrs[record.CONFIG_HASH], architecture=attrs[record.ARCHITECTURE],
@@ -50,17 +59,18 @@ def recipe_from_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg:
 
 
 def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path | None = None,
-                pick: str = "best", *, test: bool = True) -> tuple[Recipe, Path]:
+                pick: str = "best", *, test: bool = True, race: RaceOutcome | None = None) -> tuple[Recipe, Path]:
     """Write the completed trial ``pick`` chooses (``best`` or ``fastest-within=P%``, see
-    ``search.selection``) as a recipe (default ``recipes/<study>.yaml``), measured on the test split."""
+    ``search.selection``), or the winner of ``race`` (``search.race``), as a recipe (default
+    ``recipes/<study>.yaml``), measured on the test split."""
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise RecipeError(f"study {study.study_name!r} has no completed trial yet: nothing to export")
     if not record.created_by_search(study):
         raise RecipeError(f"study {study.study_name!r} was not created by kfac-tune search: no recipe metadata")
     try:
-        chosen = selection.choose(study, selection.parse_pick(pick))
+        chosen = race.chosen.trial if race is not None else selection.choose(study, selection.parse_pick(pick))
     except ValueError as error:
         raise RecipeError(f"cannot pick a trial of study {study.study_name!r}: {error}") from None
-    recipe = recipe_from_trial(study, chosen, cfg, pick=pick, test=test)
+    recipe = recipe_from_trial(study, chosen, cfg, pick=pick, test=test, race=race)
     target = Path(path) if path is not None else default_path(study.study_name)
     return recipe, save_recipe(recipe, target)

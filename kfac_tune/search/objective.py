@@ -29,6 +29,7 @@ from kfac_tune import catalog, record
 from kfac_tune.config import TIME_OBJECTIVE, Config, ParamSpec
 from kfac_tune.problem import task_and_loss
 from kfac_tune.processes import interrupt_pending
+from kfac_tune.search.quantity import best_point, curve_quantity, metric_objective
 from kfac_tune.search.space import optimizer_arguments, suggest, with_training
 from kfac_tune.tracking.tracker import RunRecorder, Tracker
 from kfac_tune.training import Diverged, TrainResult, train, warm_up
@@ -69,9 +70,10 @@ class Objective:
                 trained: list[Any] = []  # the network, kept only when tracking.log_model may log it
                 keep = (lambda model, _: trained.append(model)) if self.cfg.tracking.log_model == "best" else None
                 position = pruning_positions(self.cfg)
+                seen: list[dict[str, float]] = []  # the curve so far, whose quantity the pruner judges
                 result = train(cfg, hparams, on_model=keep,
                                on_eval=lambda step, metrics: self._report(trial, run, step, metrics,
-                                                                          position(step, metrics)))
+                                                                          position(step, metrics), seen))
             except (Diverged, optuna.TrialPruned) as stopped:
                 self._prune(trial, run, str(stopped))
             except Exception as error:
@@ -85,12 +87,14 @@ class Objective:
                 raise
             finally:
                 release_memory(after_failure=False)  # a failure's memory: release_after_failure, once it is garbage
+            best = best_point(self.cfg, result.curves)
             record.set_result(trial, {
                 "step_time": result.step_time, "train_seconds": result.train_seconds, "seconds": result.seconds,
                 "steps": result.steps, "device": result.device, "final": result.final, "best": result.best,
+                "best_step": int(best["step"]), "best_seconds": best["train_seconds"],
                 "max_step_seconds": result.max_step_seconds, "batch_size": cfg.data.batch_size})
-            run.set_outcome("COMPLETE", value=result.value)
-            values = objective_values(self.cfg.objectives, result)
+            values = objective_values(self.cfg, result)
+            run.set_outcome("COMPLETE", value=metric_objective(self.cfg, result))
             if trained and leads(trial.study, values):
                 run.log_model(trained.pop())
             return values[0] if len(values) == 1 else values
@@ -108,19 +112,23 @@ class Objective:
             warm_up(cfg, dict(hparams))
 
     def _report(self, trial: optuna.Trial, run: RunRecorder, step: int, metrics: dict[str, float],
-                position: int) -> None:
-        """Log the curve point, feed the pruner once per evaluation (at ``position``: ``pruning_positions``),
-        and prune if it says so (single objective only: Optuna has no pruning for several objectives)."""
+                position: int, seen: list[dict[str, float]]) -> None:
+        """Log the curve point, feed the pruner once per evaluation (at ``position``: ``pruning_positions``) the
+        quantity the trial will report (``search.objective`` of the curve so far), and prune if it says so (single
+        objective only: Optuna has no pruning for several objectives)."""
         if interrupt_pending():  # a Ctrl-C that landed in a gc callback and was dropped (kfac_tune.processes)
             raise KeyboardInterrupt
         run.log_eval(step, metrics)
+        seen.append({"step": step, **metrics})
         if len(self.cfg.objectives) > 1:
             return
-        value = metrics[self.cfg.training.metric]
+        value = curve_quantity(self.cfg, seen)
         trial.report(value, position)
         if trial.should_prune():
+            quantity = "" if self.cfg.search.objective == "final" else f"{self.cfg.search.objective} "
             raise optuna.TrialPruned(f"pruned by the {self.cfg.search.pruner.name} pruner at step {step} "
-                                     f"({metrics['train_seconds']:.3g} s): {self.cfg.training.metric} = {value:.6g}")
+                                     f"({metrics['train_seconds']:.3g} s): {quantity}{self.cfg.training.metric} = "
+                                     f"{value:.6g}")
 
     @staticmethod
     def _prune(trial: optuna.Trial, run: RunRecorder, reason: str) -> None:
@@ -142,10 +150,11 @@ def leads(study: optuna.Study, values: list[float]) -> bool:
     return True
 
 
-def objective_values(objectives: list[str], result: TrainResult) -> list[float]:
-    """The trial's value of each objective: the metric at the end of the budget, or the training seconds used."""
-    return [result.train_seconds if name == TIME_OBJECTIVE else result.final.get(name, result.value)
-            for name in objectives]
+def objective_values(cfg: Config, result: TrainResult) -> list[float]:
+    """The trial's value of each objective: the metric's ``search.objective`` quantity (``search.quantity``), or
+    the training seconds used."""
+    return [result.train_seconds if name == TIME_OBJECTIVE else metric_objective(cfg, result)
+            for name in cfg.objectives]
 
 
 def release_memory(after_failure: bool) -> None:

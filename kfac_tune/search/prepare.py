@@ -17,6 +17,7 @@ from kfac_tune import record
 from kfac_tune.config import Config
 from kfac_tune.recipes import Match, Recipe
 from kfac_tune.search.export import export_best
+from kfac_tune.search.race import RaceOutcome, RunCallback, applies, fits, run_race, search_budget
 from kfac_tune.search.space import (build_space, describe, optimizer_arguments, point_in_space, suggest, warm_starts,
                                     with_training)
 from kfac_tune.search.storage import make_pruner, make_sampler
@@ -38,6 +39,7 @@ class SearchOutcome:
     recipe_path: Path | None
     interrupted: bool = False
     tracking_given_up: list[str] = field(default_factory=list)  # MLflow calls given up on (the server died)
+    race: RaceOutcome | None = None  # the seeds race that chose the recipe, when the search ran one
 
 
 @dataclass
@@ -52,26 +54,36 @@ class PreparedSearch:
     recipe_path: str | Path | None
     warm_start: Match | None = None
 
-    def run(self, on_progress: ProgressCallback | None = None) -> SearchOutcome:
-        """Run the workers to the budget, then export the best trial and close the MLflow parent run.
+    def run(self, on_progress: ProgressCallback | None = None, on_race: RunCallback | None = None) -> SearchOutcome:
+        """Run the workers to the budget, race the best trials on more seeds (``search.race``, when the budget
+        holds it), then export the chosen trial and close the MLflow parent run. ``on_race(trial, seed)`` is
+        called before each race run.
 
-        A Ctrl-C returns an interrupted outcome once the running trials were failed, so the caller can say how
-        to resume.
+        A Ctrl-C returns an interrupted outcome once the running trials were failed (race runs already made are
+        kept on the study), so the caller can say how to resume.
         """
         watch = _Watcher(self.tracker, on_progress)
         given_up: list[str] = []
+        outcome = None
         try:
             if self.jobs == 1:
                 given_up = run_worker(self.spec, callbacks=(lambda study, trial: watch(study),))
             else:
                 run_processes(self.spec, self.jobs, self.study, watch)
+            fail_stale_trials(self.study)
+            completed = bool(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            plan = record.race_plan(self.study) if completed else None
+            if plan is not None and plan["seeds"] > 1:
+                outcome = run_race(self.study, self.cfg, plan["top"], plan["seeds"], deadline=self.spec.deadline,
+                                   on_run=on_race)
         except KeyboardInterrupt:
             return SearchOutcome(self.study, None, None, interrupted=True)
-        fail_stale_trials(self.study)
-        recipe, path = (export_best(self.study, self.cfg, self.recipe_path)
-                        if self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else (None, None))
+        recipe, path = None, None
+        if completed:
+            recipe, path = export_best(self.study, self.cfg, self.recipe_path, race=outcome)
         self.tracker.finish_study(self.study, str(path) if path else None)
-        return SearchOutcome(self.study, recipe, path, tracking_given_up=given_up + self.tracker.given_up)
+        return SearchOutcome(self.study, recipe, path, tracking_given_up=given_up + self.tracker.given_up,
+                             race=outcome)
 
 
 def prepare_search(cfg: Config, *, trials: int | None = None, timeout: float | None = None,
@@ -104,10 +116,15 @@ def prepare_search(cfg: Config, *, trials: int | None = None, timeout: float | N
             enqueue(study, [point], recipe_path=str(match.path))
         enqueue(study, starts)
         timeout = timeout if timeout is not None else cfg.search.timeout
-        budget = {"trials": trials or cfg.search.trials, "timeout_s": timeout, "jobs": jobs}
+        trials = trials or cfg.search.trials
+        racing = applies(study) and fits(cfg.search.race, trials)
+        record.set_race_plan(study, cfg.search.race.top, cfg.search.race.seeds if racing else 1)
+        budget = {"trials": trials, "timeout_s": timeout, "jobs": jobs}
         tracker.ensure_parent_run(study, _tags(cfg, storage_url, problem, jobs), _artifacts(cfg, space, storage_url),
                                   params={"space": describe(space), "budget": budget})
-    spec = WorkerSpec(cfg=cfg, study_name=name, storage_url=storage_url, budget=trials or cfg.search.trials,
+    spec = WorkerSpec(cfg=cfg, study_name=name, storage_url=storage_url,
+                      budget=search_budget(cfg.search.race, trials) if racing else trials,
+                      race_runs=cfg.search.race.runs if racing else 0,
                       deadline=None if timeout is None else time.time() + timeout, worker=0,
                       trials_at_start=len(study.get_trials(deepcopy=False)), tracking=tracking,
                       threads=cfg.training.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None))

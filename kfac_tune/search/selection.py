@@ -90,8 +90,20 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(front, key=lambda t: ((-1 if maximize else 1) * t.values[index], t.number))
 
 
+def check_pick(study: optuna.Study, pick: Pick) -> None:
+    """A ValueError for a pick that means nothing on this study: ``fastest-within`` ranks trials by training
+    seconds, and under ``training.budget.seconds`` every trial trains for the same seconds (the seconds it
+    recorded differ by at most a step), so the pick would choose by noise."""
+    budget = (study.user_attrs.get(record.CONFIG) or {}).get("training", {}).get("budget")
+    if pick.within is not None and budget:
+        raise ValueError(f"--pick {pick} chooses by training seconds, but every trial of this study trained for "
+                         f"the same {budget.get('seconds'):g} s (training.budget.seconds), so those seconds do not "
+                         "tell its trials apart; use --pick best (the best value within that budget)")
+
+
 def choose(study: optuna.Study, pick: Pick) -> FrozenTrial:
     """The trial ``pick`` selects; ValueError when no trial completed."""
+    check_pick(study, pick)
     trials = candidates(study)
     if not trials:
         raise ValueError(f"study {study.study_name!r} has no completed trial with a finite metric")
@@ -120,7 +132,8 @@ def test_metrics(study: optuna.Study, trial: FrozenTrial, cfg: Config | None = N
     """The trial's metrics on the test split, measured once (by training it again) and kept on the study.
 
     The rerun repeats the trial: its sampled training parameters, its constructor arguments, the same seed and
-    the steps it reached (a time-budget trial is rerun for its step count, so the model is the one it selected).
+    the steps it reached (a time-budget trial is rerun for its step count, so the model is the one it selected;
+    under ``search.objective: best``, for the step where its best value was reached: the recipe stops there).
     """
     stored = record.test_metrics(study, trial.number)
     if stored is not None:
@@ -128,22 +141,15 @@ def test_metrics(study: optuna.Study, trial: FrozenTrial, cfg: Config | None = N
     from kfac_tune.training import Diverged, train
 
     cfg = cfg or study_config(study)
-    if cfg.stored_code():
-        from kfac_tune.config import ConfigError
-
-        modules = " and ".join(repr(ref.split("'")[1].split(":")[0]) for ref in cfg.stored_code())
-        raise ConfigError(
-            f"study {study.study_name!r}: measuring trial {trial.number} on the test split trains it again with "
-            f"{' and '.join(cfg.stored_code())}, and kfac-tune imports code only from your own config, never from "
-            f"a storage: pass the study's CONFIG (e.g. kfac-tune export model.yaml), with module {modules} "
-            "importable (run from the directory that holds it, or add that directory to PYTHONPATH)")
+    check_rerunnable(study, cfg, f"measuring trial {trial.number} on the test split")
     rerun = with_training(cfg, trial.params)
-    steps = record.result(trial).get("steps")
-    if cfg.training.budget is not None and steps:
+    recorded = record.result(trial)
+    early = cfg.search.objective == "best" and "best_step" in recorded  # the recipe stops where the best was
+    steps = recorded.get("best_step" if early else "steps")
+    if (cfg.training.budget is not None or early) and steps:
         rerun = rerun.model_copy(update={"training": rerun.training.model_copy(
             update={"budget": None, "steps": int(steps), "epochs": None})})
-    arguments = record.hyperparameters(trial) or optimizer_arguments(trial.params, cfg.optimizer.name)
-    hparams = {k: v for k, v in arguments.items() if k != "loss"}
+    hparams = trial_arguments(trial, cfg.optimizer.name)
     try:
         result = train(rerun, hparams, optimizer=record.study_attr(study, record.OPTIMIZER), test=True)
         metrics = {k: v for k, v in result.test.items() if math.isfinite(v)}
@@ -151,6 +157,27 @@ def test_metrics(study: optuna.Study, trial: FrozenTrial, cfg: Config | None = N
         metrics = {}
     record.set_test_metrics(study, trial.number, metrics)
     return metrics
+
+
+def check_rerunnable(study: optuna.Study, cfg: Config, purpose: str) -> None:
+    """A ConfigError unless ``cfg`` can train the study's trials again: a config read back from the storage names
+    callables that kfac-tune never imports (``config.stored_code``)."""
+    if not cfg.stored_code():
+        return
+    from kfac_tune.config import ConfigError
+
+    modules = " and ".join(repr(ref.split("'")[1].split(":")[0]) for ref in cfg.stored_code())
+    raise ConfigError(
+        f"study {study.study_name!r}: {purpose} trains it again with {' and '.join(cfg.stored_code())}, and "
+        "kfac-tune imports code only from your own config, never from a storage: pass the study's CONFIG (e.g. "
+        f"kfac-tune export model.yaml), with module {modules} importable (run from the directory that holds it, "
+        "or add that directory to PYTHONPATH)")
+
+
+def trial_arguments(trial: FrozenTrial, optimizer: str) -> dict[str, Any]:
+    """The optimizer arguments a trial ran with, as ``train`` takes them (the loss comes from the config)."""
+    arguments = record.hyperparameters(trial) or optimizer_arguments(trial.params, optimizer)
+    return {k: v for k, v in arguments.items() if k != "loss"}
 
 
 def test_value(metric: str, metrics: dict[str, Any]) -> float | None:

@@ -48,6 +48,7 @@ class WorkerSpec:
     trials_at_start: int
     tracking: bool
     threads: int | None
+    race_runs: int = 0  # runs the race after the search may take: room kept before the deadline
 
 
 def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()) -> list[str]:
@@ -66,9 +67,10 @@ def run_worker(spec: WorkerSpec, callbacks: tuple[Callable[..., None], ...] = ()
         return []
     timeout = None if spec.deadline is None else max(spec.deadline - time.time(), 0.001)
     tracker = open_tracker(cfg, spec.study_name, spec.tracking)
+    room = [_RoomForRace(spec.deadline, spec.race_runs)] if spec.deadline is not None and spec.race_runs else []
     study.optimize(Objective(cfg, build_space(cfg), tracker), n_trials=None, timeout=timeout, catch=(Exception,),
                    callbacks=[release_after_failure, optuna.study.MaxTrialsCallback(spec.budget, states=FINISHED),
-                              _StopAfterFailures(), *callbacks])
+                              _StopAfterFailures(), *room, *callbacks])
     return tracker.given_up
 
 
@@ -99,6 +101,21 @@ class _StopAfterFailures:
         self.failures = self.failures + 1 if trial.state == TrialState.FAIL else 0
         if self.failures >= self.limit:
             logging.getLogger("kfac_tune").error("%d trials failed in a row; stopping this worker", self.failures)
+            study.stop()
+
+
+class _RoomForRace:
+    """Stop a worker once the time left before the deadline would no longer hold the race that follows the search
+    (``race_runs`` runs, each taking as long as the study's completed trials did on average): the race is part of
+    the search's budget, in seconds as in trials."""
+
+    def __init__(self, deadline: float, race_runs: int) -> None:
+        self.deadline, self.race_runs = deadline, race_runs
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        durations = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if t.duration is not None]
+        if durations and time.time() + self.race_runs * sum(durations) / len(durations) >= self.deadline:
             study.stop()
 
 

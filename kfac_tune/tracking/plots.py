@@ -99,7 +99,7 @@ def _plot_builders(study: optuna.Study, client: MlflowClient) -> dict[str, Calla
     """The plots of a study, by stable artifact name.
 
     Importances only from ``MIN_TRIALS_FOR_IMPORTANCE`` complete trials on, the lr x damping contour only when
-    both are searched, the Pareto front only for several objectives.
+    it can be drawn (``_contour_drawable``), the Pareto front only for several objectives.
     """
     from optuna.trial import TrialState
 
@@ -112,10 +112,20 @@ def _plot_builders(study: optuna.Study, client: MlflowClient) -> dict[str, Calla
                                                         target_names=study.metric_names or None)
     if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= MIN_TRIALS_FOR_IMPORTANCE:
         builders["param_importances"] = lambda: _optuna_pair("plot_param_importances", study)
-    searched = {name for trial in study.get_trials(deepcopy=False) for name in trial.distributions}
-    if set(CONTOUR_PARAMS) <= searched:
+    if _contour_drawable(study):
         builders["lr_damping_contour"] = lambda: _optuna_pair("plot_contour", study, params=list(CONTOUR_PARAMS))
     return builders
+
+
+def _contour_drawable(study: optuna.Study) -> bool:
+    """Whether the complete trials that sampled both lr and damping hold two values of each: Optuna's contour of
+    fewer logs ``Param lr unique value length is less than 2`` (K-FAC's lr is sampled only in fixed mode, so a
+    study of automatic-mode trials and the one fixed default trial has a single lr) and draws nothing."""
+    from optuna.trial import TrialState
+
+    both = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if all(name in t.params for name in CONTOUR_PARAMS)]
+    return all(len({params[name] for params in both}) >= 2 for name in CONTOUR_PARAMS)
 
 
 def _optuna_pair(function: str, study: optuna.Study, **kwargs: Any) -> _FigurePair | None:

@@ -33,6 +33,7 @@ from kfac_tune import record
 from kfac_tune.secrets import mask
 from kfac_tune.settings import TRACKING_URI_ENV
 from kfac_tune.text import first_line
+from kfac_tune.tracking.logs import without_messages
 from kfac_tune.tracking.plots import best_trial, render_plots
 from kfac_tune.tracking.server import (MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, MAX_PARAMS_TAGS_PER_BATCH,
                                        MAX_TAG_CHARS, get_or_create_experiment, open_client)
@@ -218,6 +219,17 @@ def _metric(key: str, value: object, step: int) -> Any:
 
 
 # -------------------------------------------------------------------------------- configurations and data sets
+def used_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A dumped config without the settings a callable replaces: ``model.name`` beside ``model.callable`` and
+    ``data.name`` beside ``data.callable`` are the schema's defaults (``mlp``, ``digits``), never used, and as run
+    params they would say a stranger's study trained an MLP on digits."""
+    used = dict(config)
+    for section in ("model", "data"):
+        if isinstance(used.get(section), Mapping) and used[section].get("callable"):
+            used[section] = {k: v for k, v in used[section].items() if k != "name"}
+    return used
+
+
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """A nested configuration as MLflow params: dotted keys (``data.batch_size``), scalars as JSON writes them
     (``null``, ``true``), strings as they are, lists and empty sections as JSON; credentials masked (``secrets.mask``).
@@ -242,18 +254,23 @@ def log_model(uri: str, run_id: str, model: torch.nn.Module) -> None:
     requirements would import-scan the environment, seconds for nothing). Pickled, not MLflow's default ``pt2``:
     that traces ``forward`` with an input example, which fails for networks with data-dependent control flow;
     ``mlflow.pytorch.load_model`` needs the model's module importable, as ``model.callable`` does anyway."""
+    import importlib.metadata
+
     import mlflow
     import mlflow.pytorch
-    import torch
 
+    # the distribution's version (2.14.1), not torch.__version__ (2.14.1+cu130): MLflow compares the pin with the
+    # installed distribution and warns of a mismatch that is none
+    torch_requirement = f"torch=={importlib.metadata.version('torch')}"
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI into os.environ, where it would outrank the YAML
     # of the next command run in this process (the Python API, a notebook): put back what was there.
     before = os.environ.get(TRACKING_URI_ENV)
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(model.cpu(), name="model", pip_requirements=[f"torch=={torch.__version__}"],
-                                     serialization_format="pickle")
+            with without_messages("mlflow.pytorch", "Saving pytorch model by Pickle"):  # chosen, and said above
+                mlflow.pytorch.log_model(model.cpu(), name="model", pip_requirements=[torch_requirement],
+                                         serialization_format="pickle")
     finally:
         mlflow.set_tracking_uri(before)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kfac_tune.filelock import sqlite_file, sqlite_setup_lock
+from kfac_tune.tracking.logs import without_messages
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -85,7 +86,8 @@ def prepare_store(tracking_uri: str) -> None:
     db = sqlite_file(tracking_uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite_setup_lock(tracking_uri):  # two searches started together on a fresh store
+    with sqlite_setup_lock(tracking_uri), without_messages(  # MLflow's INFO lines about building its schema
+            "mlflow.store.db.utils", "Creating initial MLflow database tables", "Updating database tables"):
         open_client(tracking_uri).search_experiments(max_results=1)
 
 

@@ -82,11 +82,12 @@ def open_tracker(cfg: Config, study_name: str, enabled: bool, *, prepare: bool =
     """
     if not enabled:
         return Untracked()
-    from kfac_tune.tracking.runs import StudyTracker
+    from kfac_tune.tracking.runs import StudyTracker, used_settings
     from kfac_tune.tracking.server import check_reachable, prepare_store
 
     if prepare:
         prepare_store(cfg.tracking.uri)
         check_reachable(cfg.tracking.uri)
     return StudyTracker(cfg.tracking.uri, cfg.tracking.experiment or cfg.stem, study_name,
-                        flush_interval_s=FLUSH_INTERVAL_S, run_config=cfg.model_dump(mode="json", by_alias=True))
+                        flush_interval_s=FLUSH_INTERVAL_S,
+                        run_config=used_settings(cfg.model_dump(mode="json", by_alias=True)))
