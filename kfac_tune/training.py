@@ -140,22 +140,6 @@ def warm_up(cfg: Config, hparams: dict[str, Any]) -> None:
         pass  # the timed runs count divergence
 
 
-def load_forward_ad() -> None:
-    """Load torch's forward-mode decompositions, which K-FAC's quadratic model (``torch.func.jvp``) needs, without
-    the ``FutureWarning: torch.jit.script is deprecated`` their loading raises.
-
-    Where it comes from: the first ``jvp`` in a process imports ``torch._decomp.decompositions_for_jvp``
-    (``torch.autograd.forward_ad._maybe_load_decompositions``), which compiles its decompositions with
-    ``torch.jit.script``; torch deprecates its own call there and a user can do nothing about it. Importing the
-    module once here, with that one warning filtered for the import alone, leaves every other warning as it was;
-    later imports are cached and silent."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-        import torch._decomp.decompositions_for_jvp  # noqa: F401
-
-
 @dataclass(frozen=True)
 class _Replica:
     """This process's place in a data-parallel run: rank ``rank`` of ``world`` takes an equal slice of each batch.
@@ -202,8 +186,6 @@ def _train_replica(cfg: Config, hparams: Mapping[str, Any], optimizer: str | Non
     if replica.world > 1:  # averages the gradients; K-FAC takes the wrapper and averages its statistics itself
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = build_optimizer(optimizer or cfg.optimizer.name, model, {**cfg.optimizer.options, **hparams}, loss=loss_name)
-    if any(getattr(opt, name, False) for name in ("adaptive_lr", "adaptive_momentum", "adaptive_damping")):
-        load_forward_ad()
 
     # eval_* metrics: the validation split when there is one, else (data.validation: 0) the test split
     if isinstance(data, DataBundle):

@@ -6,7 +6,8 @@ stores, a data callable returning scikit-learn's numpy arrays (int32 labels, as 
 What must not appear, each silenced where it starts and nowhere else:
 
 * ``FutureWarning: torch.jit.script is deprecated``: torch's forward-mode decompositions, loaded by the first
-  ``jvp`` of K-FAC's automatic mode (``training.load_forward_ad``);
+  ``jvp`` of K-FAC's automatic mode (``optim.quadratic._load_forward_decompositions``: in the optimizer, so
+  one's own training loop is quiet too);
 * Optuna's ``Param lr unique value length is less than 2``: the lr x damping contour of a study with one fixed-mode
   trial (``tracking.plots._contour_drawable``);
 * MLflow's pickle caution and its requirements "mismatch" (``torch==2.14.1+cu130`` against the installed

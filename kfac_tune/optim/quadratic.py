@@ -119,6 +119,18 @@ def _inner_products(grads: list[Tensor], directions: list[list[Tensor]], damping
     return grad_dots, sq, weighted if damping_weights is not None else None  # type: ignore[return-value]
 
 
+def _load_forward_decompositions() -> None:
+    """Load torch's forward-mode decompositions without the ``FutureWarning: torch.jit.script is deprecated`` their
+    loading raises: the first ``jvp`` in a process imports ``torch._decomp.decompositions_for_jvp``, which compiles
+    them with ``torch.jit.script``; torch deprecates its own call and a user can do nothing about it.  Filtered for
+    that import alone (every other warning stays as it was); later imports are cached and silent."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
 def _jvp(
     model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], params: list[nn.Parameter], tangent: list[Tensor]
 ) -> tuple[Tensor, Tensor]:
@@ -136,6 +148,7 @@ def _jvp(
         out = functional_call(model, {**p, **copies}, args, kwargs, strict=False)
         return out
 
+    _load_forward_decompositions()
     # The fused attention kernels (flash, memory-efficient) have no forward-mode derivative; the math kernel
     # computes the same attention from differentiable primitives, so attention models get the automatic modes too.
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
