@@ -7,7 +7,10 @@ and each inverse period T_inv, train ``--steps`` steps from the same seed with
 - ``old``: the optimizer before the safe defaults, reproduced by explicit arguments: ``kl_clip=None`` and
   :attr:`KFAC.LEGACY` (absolute damping, the slow Levenberg–Marquardt rule, no update-size guard, no loss
   rejection);
-- ``new``: today's defaults;
+- ``session 8``: the safe defaults before issue 24 (KL clip 1e-3 whatever the loss, updates larger than ‖θ‖
+  skipped, Martens & Grosse's damping rule with a tenfold boost on a bad step);
+- ``new``: today's defaults (the trust-region damping rule, the overflow-only update guard, the loss-aware KL
+  clip);
 
 once with a fixed learning rate (the constructor's ``lr`` and ``momentum``) and once in the automatic mode
 (Levenberg–Marquardt damping from λ₀ + quadratic-model lr and momentum).  A setting *trains* when the loss on the
@@ -31,9 +34,15 @@ from kfac_tune import KFAC
 
 DAMPINGS = [10.0**e for e in range(-6, 3)]
 INVERSE_PERIODS = [1, 10, 50]
-ARMS: dict[str, dict[str, Any]] = {"old": dict(kl_clip=None, **KFAC.LEGACY), "new": {}}
+ARMS: dict[str, dict[str, Any]] = {
+    "old": dict(kl_clip=None, **KFAC.LEGACY),
+    # the defaults between the safe defaults and issue 24: size-based guards and M&G's damping rule with a boost
+    "session 8": dict(kl_clip=1e-3, max_update_ratio=1.0, damping_boost=10.0, rejection_ratio=4.0,
+                      damping_rule="martens"),
+    "new": {},
+}
 MODES: dict[str, dict[str, Any]] = {
-    "fixed lr": {},
+    "fixed lr": dict(lr=0.01, momentum=0.9),  # the constructor's fixed-lr values, asked for explicitly
     "automatic": dict(adaptive_damping=True, adaptive_lr=True, adaptive_momentum=True),
 }
 

@@ -7,28 +7,24 @@ gradient by the damped natural gradient ``(F̂ + λI)⁻¹ ∇h``.  Every other 
 trained by the same momentum/step-size rule: the documented first-order fallback.  ``opt.coverage`` says which
 parameters get which (one line by ``str()``, also logged at INFO level by the ``kfac_tune.optim`` logger).
 
-Safe by default (each default below is a constructor argument, recorded by recipes; ``kl_clip=None`` plus
-:attr:`KFAC.LEGACY` is the optimizer before these defaults, ``benchmarks/robustness.py`` compares the two):
+The mode: left unset (no ``lr``, ``momentum`` or ``adaptive_*``), ``step(closure)`` runs Martens & Grosse's
+automatic mode (Levenberg–Marquardt damping, α and μ from the exact quadratic model) and ``step()`` the fixed-lr
+one.  Safe where the curvature model is wrong, and out of the way where it is right (each default is a constructor
+argument that recipes record; :mod:`kfac_tune.optim.arguments` says what stores written before a convention meant):
 
-- a trust region: ``kl_clip=1e-3`` bounds the fixed-``lr`` step's ``α² Δᵀ(F̂+λ)Δ`` (tf-kfac's norm constraint,
-  kfac-pytorch's default);
-- an update-size guard: an update with ``‖δ‖ > max_update_ratio · ‖θ‖`` (1.0) is treated like a non-finite one:
-  not applied (decided on the device), and λ grows;
-- with ``step(closure)``, the loss after each update is looked at when the next closure returns it: above
-  ``max(rejection_ratio × running mean, first loss)`` the update is undone (Martens & Grosse §6.5 reject steps on
-  adaptation steps only; here any step, at no extra forward pass, one step late);
-- every skipped or rejected step multiplies λ by ``damping_boost`` (10) at once, and so does Levenberg–Marquardt
-  when ρ < 0, instead of 1/ω ≈ 1.29 per adaptation, which needed dozens of adaptations to recover from a λ₀ orders
-  of magnitude too small;
+- the trust region of the automatic mode (``damping_rule="trust-region"``; :func:`quadratic.trust_region_damping`):
+  a step is judged by its reduction ratio ρ, never by its size; a miss is undone and costs one evaluation;
+- ``kl_clip="auto"``: the fixed-lr step's ``α² Δᵀ(F̂+λ)Δ`` ≤ 1e-3 nats for classification losses, off for ``mse``
+  (whose "KL" is in the targets' units);
+- the overflow and blow-up guards (:mod:`kfac_tune.optim.guards`), decided on the device;
 - ``damping_scale="relative"`` (opt-in) expresses λ in units of each block's curvature scale (the mean eigenvalue
-  of A⊗G; π-damping then adds √λ·mean(A) and √λ·mean(G) to the factors), so one value means the same at any loss
-  scale.  The default stays ``"absolute"``: with the mean-reduced loss convention absolute damping already means the
-  same at any batch size, and relative damping shrinks with the curvature as a classifier grows confident, which
-  let the steps grow large in parameter space on the digits MLP (measured; see ``benchmarks/RESULTS.md``).
+  of A⊗G), so one value means the same at any loss scale.  The default stays ``"absolute"``: with the mean-reduced
+  loss convention absolute damping already means the same at any batch size, and relative damping shrinks with the
+  curvature as a classifier grows confident (measured; see ``benchmarks/RESULTS.md``).
 
-Hot path: with a fixed learning rate and no closure the step performs no host synchronisation: damping, π, KL-clip and the
-non-finite guard all stay on the device.  Only inverse refreshes (every ``inv_update_freq`` steps), Levenberg–
-Marquardt adaptation and the automatic learning rate/momentum (which need scalars from the quadratic model)
+Hot path (GPU-first): between inverse refreshes a fixed-lr step reads nothing back from the device, with or
+without a closure, and an automatic step reads once (the guards' counters); the 2×2 solve of the quadratic model
+stays on the device.  Inverse refreshes (every ``inv_update_freq`` steps) and Levenberg–Marquardt evaluations
 synchronise.
 
 Data parallelism (:mod:`kfac_tune.optim.distributed`): when ``torch.distributed`` is initialised (or a
@@ -42,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
@@ -51,9 +46,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from kfac_tune.optim import blocks as blocks_mod
-from kfac_tune.optim import fisher, quadratic
+from kfac_tune.optim import arguments, fisher, quadratic
 from kfac_tune.optim.distributed import DataParallel, resolve_group, unwrap
-from kfac_tune.optim.blocks import DAMPING_MODES
 from kfac_tune.optim.callsite import KFACWarning, user_stacklevel
 from kfac_tune.optim.capture import LayerHelper
 from kfac_tune.optim.guards import Guards
@@ -62,9 +56,6 @@ from kfac_tune.optim.statistics import Statistics
 from kfac_tune.optim.temporal import TEMPORAL_MODES
 from kfac_tune.optim.profiling import PhaseTimer
 
-FISHER_TYPES = ("true", "empirical", "exact")
-
-
 class KFAC(torch.optim.Optimizer):
     """K-FAC (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016) for a PyTorch model.
 
@@ -72,9 +63,11 @@ class KFAC(torch.optim.Optimizer):
         model: the network; its output must be the tensor the loss is computed from.  A
             ``DistributedDataParallel`` model is unwrapped: layer names, ``exclude`` and checkpoints are those of
             its ``.module``.
-        lr: step size α (ignored when ``adaptive_lr``; then it is chosen each step by the quadratic model).
+        lr: step size α (ignored when ``adaptive_lr``; then it is chosen each step by the quadratic model).  None
+            (with ``momentum`` and the ``adaptive_*`` flags also unset): the mode follows the call, automatic under
+            ``step(closure)``, fixed-lr with α = 0.01, μ = 0.9 under ``step()``.
         damping: Tikhonov damping λ added to the curvature (see ``damping_mode`` and ``damping_scale``).
-        momentum: μ in ``δ = α Δ + μ δ_prev`` (ignored when ``adaptive_momentum``).
+        momentum: μ in ``δ = α Δ + μ δ_prev`` (ignored when ``adaptive_momentum``; None: see ``lr``).
         factor_decay: EMA decay of the Kronecker factors, applied once per factor update.
         inv_update_freq: steps between eigendecompositions of the factors (amortised inverses).
         cov_update_freq: steps between factor updates; other steps skip the statistics entirely.
@@ -87,18 +80,25 @@ class KFAC(torch.optim.Optimizer):
             ``"exact"`` (one backward pass per output dimension; small outputs only).
         weight_decay: L2 coefficient η, added to the gradient, the damping and the quadratic model.
         kl_clip: trust region of the fixed-``lr`` step: the update is scaled so that ``α² Δᵀ (F̂ + λ) Δ ≤ kl_clip``
-            (KL-clipping, as tf-kfac's norm constraint and kfac-pytorch's ``kl_clip``; 1e-3 is their default).  The
-            automatic modes ignore it, as kfac-jax does: their quadratic model already sizes the step.  None: off.
+            (KL-clipping, as tf-kfac's norm constraint and kfac-pytorch's ``kl_clip``).  ``"auto"``: 1e-3 nats
+            (their default) for ``cross_entropy`` and ``bce``, off for ``mse`` (see
+            :func:`~kfac_tune.optim.arguments.resolve_kl_clip`).  The automatic modes ignore it, as kfac-jax does:
+            their quadratic model already sizes the step.  None: off.
         damping_mode: ``"pi"`` (factored Tikhonov) or ``"exact"`` (eigenbasis); see :mod:`kfac_tune.optim.blocks`.
-        adaptive_damping: Levenberg–Marquardt adaptation of λ every ``damping_adaptation_interval`` steps; needs
-            ``step(closure)``.  On those steps an update that increases the batch loss is rejected (undone).
-        adaptive_lr, adaptive_momentum: choose α and/or μ each step by minimising the exact quadratic model.
+        adaptive_damping: Levenberg–Marquardt adaptation of λ every ``damping_adaptation_interval`` steps (and, with
+            the trust-region rule, every step of the first interval and after a miss); needs ``step(closure)``,
+            checked at the first step.  On those steps an update that increases the batch loss is undone.
+        adaptive_lr, adaptive_momentum: choose α and/or μ each step by minimising the exact quadratic model.  None
+            (all three): see ``lr``.
+        damping_rule: ``"trust-region"`` (Nielsen's rule on ρ, :func:`~kfac_tune.optim.quadratic.trust_region_damping`)
+            or ``"martens"`` (M&G's thresholds and ω = decay^interval, what recipes written before it ran).
         damping_scale: ``"absolute"`` (λ as given) or ``"relative"`` (λ times each block's mean eigenvalue of
             A⊗G, in the preconditioner and in the quadratic model's damping term).
-        damping_boost: factor λ is multiplied by at once after a skipped or rejected update (None: the legacy rule,
-            ×10 at the next inverse refresh for non-finite updates, LM's 1/ω for rejected ones).
-        max_update_ratio: skip an update larger than this times the weights' norm (every entry counted as at
-            least 1e-2 in RMS); None: off.
+        damping_boost: factor λ is multiplied by where the host next looks (an inverse refresh, an automatic step)
+            after a skipped or blown-up update, and by M&G's rule on a bad Levenberg–Marquardt step (None: the
+            legacy ×10 for non-finite updates, LM's 1/ω for rejected ones).
+        max_update_ratio: an overflow guard: skip an update larger than this times the weights' norm (every entry
+            counted as at least 1e-2 in RMS); 1e3 by default, far beyond a Gauss-Newton step; None: off.
         rejection_ratio: with ``step(closure)``, undo the previous update when the loss after it exceeds this times
             the running mean of accepted losses and the first loss; None: off (rejections on LM steps only).
         stat_fraction: share of each batch (its first examples) used for curvature estimates: the factor statistics
@@ -125,18 +125,10 @@ class KFAC(torch.optim.Optimizer):
             :class:`~kfac_tune.optim.distributed.WorkAssignment`.
     """
 
-    # The tunable hyperparameters; their defaults are the constructor's signature (``KFAC.defaults()``), the single
-    # truth that the search's default point and recipes read.
-    HYPERPARAMETERS = (
-        "lr",
-        "damping",
-        "momentum",
-        "factor_decay",
-        "inv_update_freq",
-        "cov_update_freq",
-        "weight_decay",
-        "kl_clip",
-    )
+    # what the constructor's arguments mean, stored and checked: optim/arguments.py
+    HYPERPARAMETERS = arguments.HYPERPARAMETERS
+    CONVENTIONS = arguments.CONVENTIONS
+    LEGACY = arguments.LEGACY
 
     def __init__(
         self,
@@ -174,28 +166,28 @@ class KFAC(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"KFAC needs the model (an nn.Module), got {type(model).__name__}")
-        kl_clip = resolve_kl_clip(kl_clip, loss)
+        kl_clip = arguments.resolve_kl_clip(kl_clip, loss)
         # with lr, momentum and the adaptation flags left unset, step(closure) runs the automatic mode and a step
         # without a closure the fixed-lr one (decided at the first step: _resolve_mode)
-        self._mode_unset = _mode_is_unset(lr, momentum, adaptive_damping, adaptive_lr, adaptive_momentum)
+        self._mode_unset = arguments.mode_is_unset(lr, momentum, adaptive_damping, adaptive_lr, adaptive_momentum)
         self._mode_by_default = False  # the automatic mode was chosen by step(closure), not asked for
         defaults = dict(
-            lr=FIXED_LR if lr is None else lr,
+            lr=arguments.FIXED_LR if lr is None else lr,
             damping=damping,
-            momentum=FIXED_MOMENTUM if momentum is None else momentum,
+            momentum=arguments.FIXED_MOMENTUM if momentum is None else momentum,
             factor_decay=factor_decay,
             inv_update_freq=inv_update_freq,
             cov_update_freq=cov_update_freq,
             weight_decay=weight_decay,
             kl_clip=kl_clip,
         )
-        defaults = _validate(defaults, min_damping=min_damping, max_damping=max_damping)
-        fisher_check(loss, fisher, damping_mode, stat_fraction, damping_adaptation_interval,
+        defaults = arguments.validate(defaults, min_damping=min_damping, max_damping=max_damping)
+        arguments.fisher_check(loss, fisher, damping_mode, stat_fraction, damping_adaptation_interval,
                      damping_adaptation_decay)
         if damping_rule not in quadratic.DAMPING_RULES:
             raise ValueError(f"KFAC: damping_rule={damping_rule!r}: expected one of "
                              f"{', '.join(quadratic.DAMPING_RULES)}")
-        _validate_safety(damping_scale, damping_boost, max_update_ratio, rejection_ratio)
+        arguments.validate_safety(damping_scale, damping_boost, max_update_ratio, rejection_ratio)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("KFAC: the model has no trainable parameters")
@@ -269,73 +261,20 @@ class KFAC(torch.optim.Optimizer):
         self._layer_of = {id(p): name for name, (helper, _) in self.layers.items() for p in helper.params
                           if p is not None}
 
-    # Everything that decides what a given ``damping`` or ``lr`` means: recipes store all of it, because values do
-    # not transfer across conventions (damping mode, Fisher type, adaptation rules).
-    CONVENTIONS = (
-        "loss",
-        "fisher",
-        "temporal",
-        "damping_mode",
-        "adaptive_damping",
-        "adaptive_lr",
-        "adaptive_momentum",
-        "damping_adaptation_interval",
-        "damping_adaptation_decay",
-        "damping_rule",
-        "min_damping",
-        "max_damping",
-        "stat_fraction",
-        "damping_scale",
-        "damping_boost",
-        "max_update_ratio",
-        "rejection_ratio",
-    )
-
-    # What the conventions added after recipe format 1 was first written meant before they existed: arguments
-    # stored without them (a recipe, a trial) are completed with these, not with today's defaults, so that they
-    # still reproduce.  ``KFAC(model, **LEGACY)`` with kl_clip=None is the optimizer before the safe defaults.
-    LEGACY = {
-        "damping_scale": "absolute",
-        "damping_boost": None,
-        "max_update_ratio": None,
-        "rejection_ratio": None,
-        "damping_rule": "martens",
-    }
-
-    # ---------------------------------------------------------------------------------------- stored arguments
-    @classmethod
-    def complete_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
-        """``arguments`` with every hyperparameter and convention filled in from the constructor's defaults, the
-        loss-dependent ``kl_clip="auto"`` resolved for the loss they name (a store holds what ran)."""
-        complete = {**cls.defaults(), **arguments}
-        complete["kl_clip"] = resolve_kl_clip(complete["kl_clip"], arguments.get("loss", complete["loss"]))
-        # stores describe runs with step(closure) (the tool's loop, a recipe's): unset, that is the automatic mode
-        automatic = _mode_is_unset(*(complete[k] for k in ("lr", "momentum", "adaptive_damping", "adaptive_lr",
-                                                            "adaptive_momentum")))
-        for flag in ("adaptive_damping", "adaptive_lr", "adaptive_momentum"):
-            complete[flag] = automatic if complete[flag] is None else complete[flag]
-        complete["lr"] = FIXED_LR if complete["lr"] is None else complete["lr"]
-        complete["momentum"] = FIXED_MOMENTUM if complete["momentum"] is None else complete["momentum"]
-        return complete
-
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """Every hyperparameter and convention with its default: the constructor's signature is the only truth."""
-        import inspect
-
-        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-                if name in cls.HYPERPARAMETERS + cls.CONVENTIONS}
+        """Every hyperparameter and convention with its default (the constructor's signature)."""
+        return arguments.defaults(cls.__init__)
 
     @classmethod
-    def stored_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
-        """Constructor arguments read back from a store (a recipe): complete ones written before a convention in
-        :attr:`LEGACY` existed get its old meaning pinned, so that they reproduce what was run."""
-        arguments = dict(arguments)
-        # complete_arguments writes every hyperparameter and convention; a complete store that lacks a convention
-        # was written before that convention existed, and gets what it meant then
-        if set(cls.HYPERPARAMETERS) <= set(arguments):
-            arguments = {**{k: v for k, v in cls.LEGACY.items() if k not in arguments}, **arguments}
-        return arguments
+    def complete_arguments(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        """``given`` with every hyperparameter and convention filled in, as a store keeps them."""
+        return arguments.complete_arguments(cls.__init__, given)
+
+    @staticmethod
+    def stored_arguments(stored: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor arguments read back from a store, older conventions pinned to what they meant."""
+        return arguments.stored_arguments(stored)
 
     def close(self) -> None:
         """Detach the optimizer's hooks from the model."""
@@ -805,28 +744,6 @@ class KFAC(torch.optim.Optimizer):
         self._stale = set(self.layers)  # as the run that saved it may have been: a repeat decomposition is the same
 
 
-KL_CLIP = 1e-3  # tf-kfac's and kfac-pytorch's default bound, in nats
-FIXED_LR, FIXED_MOMENTUM = 0.01, 0.9  # the fixed-lr mode's step size and momentum when not given
-
-
-def _mode_is_unset(lr: Optional[float], momentum: Optional[float], *flags: Optional[bool]) -> bool:
-    """True when nothing chose the mode: no lr, no momentum, and every adaptation flag unset (None)."""
-    return lr is None and momentum is None and all(flag is None for flag in flags)
-
-
-def resolve_kl_clip(kl_clip: Union[float, str, None], loss: str) -> Optional[float]:
-    """``"auto"``: KL-clipping at 1e-3 nats for the losses whose KL is unit-free (a categorical or Bernoulli output
-    distribution: ``cross_entropy``, ``bce``), off for ``mse``.  The "KL" of a unit-variance Gaussian is in the
-    targets' squared units, so no single bound means the same on every regression, and a Gauss-Newton step has a
-    KL of half the loss: 1e-3 shrank it 4,000x on targets of scale 100 (measured, issue 24), while the bound never
-    fired on the MSE workloads it was meant to guard (the digits autoencoder: identical runs with and without)."""
-    if kl_clip == "auto":
-        return None if loss == "mse" else KL_CLIP
-    if isinstance(kl_clip, str):
-        raise ValueError(f"KFAC: kl_clip={kl_clip!r}: expected a number > 0, None (off) or 'auto'")
-    return kl_clip
-
-
 def _check_same_layers(layers: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` unless ``saved`` (a state dict's blocks) holds the same layers with the same factor
     shapes as ``layers``: a state saved for another architecture must fail at load, naming the difference."""
@@ -877,70 +794,3 @@ def _temporal_mode(temporal: Union[str, Mapping[str, str]], name: str) -> str:
     return modes[max(matches, key=len)] if matches else "independent"
 
 
-# what each hyperparameter must be: (integer?, test, wording of the test)
-_POSITIVE = (False, lambda v: v > 0, "a finite number > 0")
-_FRACTION = (False, lambda v: 0 <= v < 1, "in [0, 1)")
-_STEPS = (True, lambda v: v >= 1, "an integer >= 1 (a number of steps)")
-_RULES = {
-    "lr": _POSITIVE, "damping": _POSITIVE, "min_damping": _POSITIVE, "max_damping": _POSITIVE,
-    "momentum": _FRACTION, "factor_decay": _FRACTION,
-    "inv_update_freq": _STEPS, "cov_update_freq": _STEPS,
-    "weight_decay": (False, lambda v: v >= 0, "a finite number >= 0"),
-    "kl_clip": (False, lambda v: v > 0, "a finite number > 0 (or None: off)"),
-}
-
-
-def _validate(h: dict[str, Any], *, min_damping: float, max_damping: float) -> dict[str, Any]:
-    """Reject hyperparameters that would make K-FAC silently misbehave, each error naming its argument; return
-    them as plain Python numbers (numpy scalars are accepted: a search or a config reader may hand them over)."""
-    def check(name: str, value: Any) -> Any:
-        integer, test, wording = _RULES[name]
-        if value is None and name == "kl_clip":
-            return None
-        kind = numbers.Integral if integer else numbers.Real
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise ValueError(f"KFAC: {name} must be {wording}, got {value!r} ({type(value).__name__})")
-        value = int(value) if integer else float(value)
-        if not (math.isfinite(value) and test(value)):
-            raise ValueError(f"KFAC: {name} must be {wording}, got {value!r}")
-        return value
-
-    h = {name: check(name, value) for name, value in h.items()}
-    min_damping, max_damping = check("min_damping", min_damping), check("max_damping", max_damping)
-    if not math.isfinite(h["lr"] * h["lr"]):
-        # the trust region squares lr: beyond ~1.3e154 that overflows a float (OverflowError at the first step)
-        raise ValueError(f"KFAC: lr={h['lr']!r} is too large to be used (its square overflows a float); "
-                         "a learning rate that large would skip every update anyway")
-    if not (min_damping <= h["damping"] <= max_damping):
-        raise ValueError(f"KFAC: damping {h['damping']!r} is outside [min_damping, max_damping] = "
-                         f"[{min_damping}, {max_damping}]")
-    return h
-
-
-DAMPING_SCALES = ("relative", "absolute")
-
-
-def _validate_safety(damping_scale: str, boost: Optional[float], max_update_ratio: Optional[float],
-                     rejection_ratio: Optional[float]) -> None:
-    if damping_scale not in DAMPING_SCALES:
-        raise ValueError(f"KFAC: damping_scale={damping_scale!r}: expected one of {', '.join(DAMPING_SCALES)}")
-    for name, value, low in (("damping_boost", boost, 1), ("max_update_ratio", max_update_ratio, 0),
-                             ("rejection_ratio", rejection_ratio, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value <= low):
-            raise ValueError(f"KFAC: {name} must be None (off) or a finite number > {low}, got {value!r}")
-
-
-def fisher_check(loss: str, fisher_type: str, damping_mode: str, stat_fraction: float, interval: int,
-                 decay: float) -> None:
-    fisher.check_loss(loss)
-    if fisher_type not in FISHER_TYPES:
-        raise ValueError(f"KFAC: fisher={fisher_type!r} is not supported: expected one of {', '.join(FISHER_TYPES)}")
-    if damping_mode not in DAMPING_MODES:
-        raise ValueError(f"KFAC: damping_mode={damping_mode!r}: expected one of {', '.join(DAMPING_MODES)}")
-    if not (0 < stat_fraction <= 1):
-        raise ValueError(f"KFAC: stat_fraction must be in (0, 1], got {stat_fraction!r}")
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"KFAC: damping_adaptation_interval must be an integer >= 1, got {interval!r}")
-    if not (0 < decay < 1):
-        raise ValueError(f"KFAC: damping_adaptation_decay must be in (0, 1), got {decay!r}")
