@@ -9,21 +9,27 @@ are the fixed-lr mode (statistics every step, on the whole batch) with the cost 
 ``cov_update_freq`` (statistics and the sampled backward pass every k steps) and ``stat_fraction`` (statistics on
 a fraction of the batch); and the automatic mode, what ``KFAC(model, loss=...)`` runs under ``step(closure)``
 (quadratic-model lr and momentum, Levenberg–Marquardt damping), at its defaults and with ``cov_update_freq=5``.
-``--arms`` times a subset; ``--profile [ARM]`` prints torch.profiler's top operators of one arm's steps instead.
+``--arms`` times a subset; ``--base REV`` adds the automatic arm with revision REV's quadratic model (before and
+after a change, in the same run); ``--profile [ARM]`` prints torch.profiler's top operators of one arm's steps.
 
-    PYTHONPATH=. python benchmarks/overhead.py [--rounds 15] [--arms ARM ...] [--profile [ARM]]
+    PYTHONPATH=. python benchmarks/overhead.py [--rounds 15] [--arms ARM ...] [--base REV] [--profile [ARM]]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+import types
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from benchmarks import workloads
+from benchmarks.quadratic_model import revision_module
 from kfac_tune import KFAC
+from kfac_tune.optim import quadratic
 
 PERIOD = 20
 
@@ -51,15 +57,34 @@ def arms(kfac_arms: dict[str, dict[str, Any]]) -> dict[str, tuple[workloads.Work
     return setup
 
 
+def with_quadratic_model_of(opt: KFAC, module: types.ModuleType) -> None:
+    """Make ``opt`` build its quadratic model with ``module``'s ``build`` (another revision's ``quadratic.py``):
+    the before/after of a change to the automatic mode's products, timed in the same interleaved run."""
+    def build(self: KFAC, params: list[torch.Tensor], grads: list[torch.Tensor], dirs: list[list[torch.Tensor]],
+              weight_decay: float) -> quadratic.QuadraticModel:
+        self._hooks_enabled = False
+        try:
+            return module.build(self.model, self._last_inputs, self.loss, params, grads, dirs, weight_decay,
+                                damping_weights=self._damping_weights(params))
+        finally:
+            self._hooks_enabled = True
+
+    opt._quadratic_model = types.MethodType(build, opt)  # type: ignore[method-assign]
+
+
 def timed(step: Callable[[], Any]) -> float:
     start = time.perf_counter()
     step()
     return time.perf_counter() - start
 
 
-def measure(rounds: int, kfac_arms: dict[str, dict[str, Any]]) -> dict[str, tuple[float, float]]:
-    """Per arm: (median ms per step, median within-round ratio to Adam)."""
+def measure(rounds: int, kfac_arms: dict[str, dict[str, Any]], base: dict[str, types.ModuleType]
+            ) -> dict[str, tuple[float, float]]:
+    """Per arm: (median ms per step, median within-round ratio to Adam); ``base`` names the arms that build their
+    quadratic model with another revision's module."""
     setup = arms(kfac_arms)
+    for name, module in base.items():
+        with_quadratic_model_of(setup[name][1], module)
     names = list(setup)
     means: dict[str, list[float]] = {name: [] for name in setup}
     step = 0
@@ -95,13 +120,20 @@ def main() -> None:
     parser.add_argument("--profile", nargs="?", const="kfac automatic (default)", metavar="ARM",
                         help="print the top operators of one arm's steps (default: the automatic mode)")
     parser.add_argument("--arms", nargs="*", metavar="ARM", help="time only these K-FAC arms (with Adam)")
+    parser.add_argument("--base", metavar="REV", help="add the automatic arm with REV's quadratic.py and fisher.py")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.profile:
         profile(args.profile)
         return
-    chosen = {name: KFAC_ARMS[name] for name in args.arms} if args.arms else KFAC_ARMS
-    result = measure(args.rounds, chosen)
+    chosen = {name: KFAC_ARMS[name] for name in args.arms} if args.arms else dict(KFAC_ARMS)
+    base = {}
+    with tempfile.TemporaryDirectory() as folder:
+        if args.base:
+            name = f"kfac automatic (default), {args.base}'s quadratic model"
+            chosen[name] = KFAC_ARMS["kfac automatic (default)"]
+            base[name] = revision_module(args.base, Path(folder))
+        result = measure(args.rounds, chosen, base)
     print(f"digits MLP, batch 128, fixed-lr arms: inverses every {PERIOD} steps, kl_clip 1e-3; automatic arms: "
           f"the defaults; 1 thread, {args.rounds} rounds")
     print("| arm | ms / step | × Adam (same round) |\n|---|---|---|")
