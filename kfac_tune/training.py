@@ -127,8 +127,8 @@ Curves = tuple[list[dict[str, float]], "float | None", str]  # (one point per ev
 def warm_up(cfg: Config, hparams: dict[str, Any]) -> None:
     """Two untimed steps of ``hparams`` on ``cfg``, so that no timed run pays the process's one-time costs.
 
-    The first use of some torch machinery in a process is slow: K-FAC's automatic mode takes ``torch.func.jvp``,
-    whose first call loads torch's forward-mode decompositions (``torch.jit.script``, 3-5 s on a loaded 2-core
+    The first use of some torch machinery in a process is slow: K-FAC's automatic mode takes forward-mode
+    products (``torch.autograd.forward_ad``), whose first use loads torch's forward-mode decompositions (``torch.jit.script``, 3-5 s on a loaded 2-core
     CPU). Under a seconds budget that would land in the training clock of whichever run comes first (a seed in
     ``compare``, a trial in a search), and in the step time that ``train_seconds`` objectives score.
     """

@@ -289,7 +289,7 @@ def test_quadratic_model_curvature_is_the_ggn_of_the_first_examples(fraction: fl
     """``dᵢᵀ C dⱼ`` of the automatic modes equals the GGN of the mean loss over the batch's first
     ``ceil(fraction · B)`` examples, built from the full Jacobian (autograd) and the softmax Hessian; ``gᵀdᵢ`` uses
     the whole batch's gradient. The attention network checks that its forward-mode products are available and
-    exact (``quadratic._jvp`` selects the math attention kernel)."""
+    exact (``quadratic._jvps`` selects the math attention kernel)."""
     torch.manual_seed(11)
     if network == "mlp":
         model: nn.Module = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))

@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.autograd import forward_ad
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kfac_tune.optim import fisher
@@ -79,7 +80,7 @@ def build(
     average: Optional[Callable[[list[Tensor]], None]] = None,
     damping_weights: Optional[list[float]] = None,
 ) -> QuadraticModel:
-    """Evaluate ``gᵀd``, ``dᵀCd`` and ``dᵀDd`` for each direction (one JVP per direction).
+    """Evaluate ``gᵀd``, ``dᵀCd`` and ``dᵀDd`` for each direction (one forward-mode pass per direction).
 
     ``C`` is the GGN of the mean loss over ``inputs``, which may be the first examples of the batch only: an
     unbiased estimate of the whole batch's ``C`` at a fraction of the cost (``gᵀd`` uses the whole batch's
@@ -89,9 +90,9 @@ def build(
     parameter) make the damping term ``λ dᵀDd`` with ``D`` diagonal: relative damping damps each layer in units of
     its own curvature scale; None is ``D = I``.
     """
-    outputs, jvps = zip(*(_jvp(model, inputs, params, d) for d in directions))
+    output, jvps = _jvps(model, inputs, params, directions)
     grad_dots, sq, weighted = _inner_products(grads, directions, damping_weights)
-    curv = fisher.quadratic_forms(loss, outputs[0], torch.stack(jvps))
+    curv = fisher.quadratic_forms(loss, output, jvps)
     if average is not None:
         average([curv])
     curv = curv + weight_decay * sq
@@ -121,9 +122,9 @@ def _inner_products(grads: list[Tensor], directions: list[list[Tensor]], damping
 
 def _load_forward_decompositions() -> None:
     """Load torch's forward-mode decompositions without the ``FutureWarning: torch.jit.script is deprecated`` their
-    loading raises: the first ``jvp`` in a process imports ``torch._decomp.decompositions_for_jvp``, which compiles
-    them with ``torch.jit.script``; torch deprecates its own call and a user can do nothing about it.  Filtered for
-    that import alone (every other warning stays as it was); later imports are cached and silent."""
+    loading raises: the first ``make_dual`` in a process imports ``torch._decomp.decompositions_for_jvp``, which
+    compiles them with ``torch.jit.script``; torch deprecates its own call and a user can do nothing about it.
+    Filtered for that import alone (every other warning stays as it was); later imports are cached and silent."""
     import warnings
 
     with warnings.catch_warnings():
@@ -131,37 +132,44 @@ def _load_forward_decompositions() -> None:
         import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 
-def _jvp(
-    model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], params: list[nn.Parameter], tangent: list[Tensor]
-) -> tuple[Tensor, Tensor]:
-    """The model output and ``J d``, its change along the parameter direction ``d``."""
+def _jvps(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]], params: list[nn.Parameter],
+          directions: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
+    """The model output and ``J d`` for each parameter direction ``d`` (stacked on a new first dimension).
+
+    By forward-mode autograd on dual tensors (``torch.autograd.forward_ad``), one forward pass per direction, all
+    in one dual level: the same forward derivatives as ``torch.func.jvp``, without its functorch transform, which
+    on small networks cost more than the products themselves (two directions of the digits MLP: 0.43 against 0.94
+    ms; vmap of ``jvp`` over the two directions 0.69 ms; ``vmap`` cannot batch ``make_dual``)."""
+    _load_forward_decompositions()
     names = {id(p): name for name, p in model.named_parameters()}
-    primal = {names[id(p)]: p.detach() for p in params}
-    tangents = {names[id(p)]: t.to(p.dtype) for p, t in zip(params, tangent)}
+    keys = [names[id(p)] for p in params]
+    primals = [p.detach() for p in params]
     buffers = dict(model.named_buffers())
     args, kwargs = inputs
-
-    def f(p: dict[str, Tensor]) -> Tensor:
-        # Buffers are cloned inside the transform, so that batch-norm's running statistics (and its in-place
-        # counter, which jvp refuses on a captured tensor) are not updated twice.
-        copies = {name: b.clone() for name, b in buffers.items()}
-        out = functional_call(model, {**p, **copies}, args, kwargs, strict=False)
-        return out
-
-    _load_forward_decompositions()
+    output, tangents = None, []
     # The fused attention kernels (flash, memory-efficient) have no forward-mode derivative; the math kernel
     # computes the same attention from differentiable primitives, so attention models get the automatic modes too.
-    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-        try:
-            out, out_tangent = jvp(f, (primal,), (tangents,))
-        except RuntimeError as error:  # NotImplementedError included: an operation without a forward derivative
-            # The same forward pass has just run in training, so what fails here is the transform: say which mode
-            # needs it and what works instead, keeping torch's own first line (it names the operation).
-            raise ForwardModeUnsupported(
-                "KFAC: the automatic modes (adaptive_lr, adaptive_momentum, adaptive_damping) compute the model's "
-                "Jacobian-vector products with torch.func.jvp (forward-mode autograd), which this model does not "
-                f"support: {str(error).splitlines()[0]} Train it with the fixed-lr mode (the defaults)") from error
-    return out.detach(), out_tangent.detach()
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), forward_ad.dual_level():
+        for direction in directions:
+            duals = {key: forward_ad.make_dual(p, t.to(p.dtype)) for key, p, t in zip(keys, primals, direction)}
+            # Buffers are copies, so that batch-norm's running statistics are not updated by these passes.
+            copies = {name: b.clone() for name, b in buffers.items()}
+            try:
+                out = functional_call(model, {**duals, **copies}, args, kwargs, strict=False)
+            except RuntimeError as error:  # NotImplementedError included: an operation without a forward derivative
+                # The same forward pass has just run in training, so what fails here is forward mode: say which
+                # mode needs it and what works instead, keeping torch's own first line (it names the operation).
+                raise ForwardModeUnsupported(
+                    "KFAC: the automatic modes (adaptive_lr, adaptive_momentum, adaptive_damping) compute the "
+                    "model's Jacobian-vector products by forward-mode autograd (torch.autograd.forward_ad), which "
+                    f"this model does not support: {str(error).splitlines()[0]} Train it with the fixed-lr mode "
+                    "(the defaults)") from error
+            primal, tangent = forward_ad.unpack_dual(out)
+            if tangent is None:  # the output does not depend on the parameters along this direction
+                tangent = torch.zeros_like(primal)
+            output = primal if output is None else output
+            tangents.append(tangent)
+    return output.detach(), torch.stack(tangents).detach()
 
 
 DAMPING_RULES = ("trust-region", "martens")
