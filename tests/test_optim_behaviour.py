@@ -412,3 +412,54 @@ def test_a_model_without_forward_derivatives_gets_a_clear_error_in_the_automatic
     for _ in range(30):
         last = float(fixed.step(_closure(model, fixed, x, y)))
     assert last < 0.7 * first and fixed.skipped_steps == 0
+
+
+def test_a_model_without_forward_derivatives_continues_in_the_fixed_lr_mode_when_no_mode_was_asked_for(digits
+                                                                                                    ) -> None:
+    """KFAC(model) under step(closure) picks the automatic mode by itself; on a model whose operations lack forward
+    derivatives it says so once (KFACWarning) and continues in the fixed-lr mode, which trains the model."""
+    from kfac_tune import KFACWarning
+
+    x, y = digits[0][:256], digits[1][:256]
+    model = _WithCustomOperation()
+    opt = KFAC(model, loss="cross_entropy")
+    with pytest.warns(KFACWarning, match="continues in the fixed-lr mode"):
+        first = float(opt.step(_closure(model, opt, x, y)))
+    assert not (opt.adaptive_lr or opt.adaptive_momentum or opt.adaptive_damping)
+    for _ in range(30):
+        last = float(opt.step(_closure(model, opt, x, y)))
+    assert last < 0.7 * first and opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("closure_form", [True, False])
+def test_the_mode_left_unset_follows_the_call(digits, closure_form: bool) -> None:
+    """No lr, momentum or adaptive_* given: step(closure) runs the automatic mode, step() the fixed-lr one (lr 0.01,
+    momentum 0.9); giving lr asks for the fixed-lr mode even under step(closure)."""
+    x, y = digits[0][:128], digits[1][:128]
+    model = _mlp()
+    opt = KFAC(model, loss="cross_entropy")
+    closure = _closure(model, opt, x, y)
+    if closure_form:
+        opt.step(closure)
+    else:
+        closure()
+        opt.step()
+    assert opt.adaptive_lr == opt.adaptive_momentum == opt.adaptive_damping == closure_form
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]) == (0.01, 0.9)
+    given = KFAC(_mlp(), loss="cross_entropy", lr=0.05)
+    given.step(_closure(given.model, given, x, y))
+    assert not given.adaptive_lr and given.param_groups[0]["lr"] == 0.05
+
+
+def test_adaptive_damping_without_a_closure_errs_before_any_update(digits) -> None:
+    """The Levenberg–Marquardt rule re-evaluates the loss, so it needs step(closure): asked for and stepped without
+    one, K-FAC says so at the first step, before anything is applied (it used to apply four updates and raise at the
+    fifth)."""
+    x, y = digits[0][:128], digits[1][:128]
+    model = _mlp()
+    opt = KFAC(model, loss="cross_entropy", adaptive_damping=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    _closure(model, opt, x, y)()
+    with pytest.raises(RuntimeError, match=r"adaptive_damping=True\) needs step\(closure\)"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
