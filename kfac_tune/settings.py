@@ -84,6 +84,9 @@ def resolve(cfg: Config | None = None, *, storage: str | None = None, tracking_u
             from kfac_tune.secrets import mask
 
             raise ConfigError(f"{origin['tracking_uri']}: tracking.uri: {error}; found {mask(uri)!r}.") from None
+    from kfac_tune.secrets import remember
+
+    remember(storage_url, uri, *((cfg.storage, cfg.tracking.uri) if cfg is not None else ()))  # masked anywhere
     enabled = not no_tracking and (cfg.tracking.enabled if cfg is not None else True)
     name = study or (cfg.stem if cfg is not None else None)
     experiment = (cfg.tracking.experiment if cfg is not None else None) or name

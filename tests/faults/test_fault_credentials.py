@@ -166,3 +166,58 @@ def test_the_mask_covers_every_form(monkeypatch: pytest.MonkeyPatch) -> None:
         assert mask(text) == masked
     assert mask("storage: postgresql://u:p%40ss@db/x  # p@ss, token t0k3n", "http://me:t0k3n@mlflow:5000") == \
         "storage: postgresql://u:***@db/x  # ***, token ***"
+
+
+# A password SQLAlchemy takes raw: each character here ended the old pattern's match and printed the rest.
+ODD_PASSWORD = "pw#1 2'3/4?5@6"
+ODD_PIECES = ("pw#1", "2'3", "4?5", "5@6", "1 2")  # no part of it may show either
+
+
+def assert_no_odd_password(text: str) -> None:
+    assert not [piece for piece in ODD_PIECES if piece in text], text
+
+
+def test_the_mask_parses_urls_whose_password_has_any_character() -> None:
+    from kfac_tune.secrets import display_url, mask_data, url_credentials
+
+    database = f"postgresql+psycopg2://tuner:{ODD_PASSWORD}@db.example:5432/kfac"
+    assert display_url(database) == "postgresql+psycopg2://tuner:***@db.example:5432/kfac"
+    assert display_url(f"postgresql://tuner@db/kfac?sslmode=require&password={ODD_PASSWORD}") == \
+        "postgresql://tuner@db/kfac?sslmode=require&password=***"
+    http = f"https://me:{ODD_PASSWORD}@mlflow.example:5000/"
+    assert display_url(http) == "https://me:***@mlflow.example:5000/"
+    assert url_credentials(http) == ("https://mlflow.example:5000/", ("me", ODD_PASSWORD))
+    for char in "# '/?@":  # each alone, too
+        assert display_url(f"postgresql://u:ab{char}cd@h/db") == "postgresql://u:***@h/db", char
+    message = f"Could not parse SQLAlchemy URL from string '{database}'; {ODD_PASSWORD!r} was refused"
+    assert_no_odd_password(mask(message, database))
+    stored = mask_data({"storage": database, "tracking": {"uri": http}, "note": f"pw is {ODD_PASSWORD}"}, database,
+                       http)
+    assert_no_odd_password(json.dumps(stored))
+    assert stored["storage"] == display_url(database)
+
+
+def test_an_unreachable_storage_with_an_odd_password_is_never_shown(tmp_path: Path) -> None:
+    pytest.importorskip("psycopg2", reason="the postgres extra is not installed: pip install '.[postgres]'")
+    config = fault_config(tmp_path, trials=1)
+    url = f"postgresql+psycopg2://tuner:{ODD_PASSWORD}@127.0.0.1:1/kfac"
+    for command in (["search", str(config), "--storage", url], ["show", "--storage", url]):
+        result = run_cli(*command, cwd=tmp_path, env={})
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert "Traceback" not in output and output.startswith("Error: "), output
+        assert_no_odd_password(output)
+        assert '"6@' not in output  # SQLAlchemy connects to host "6@127.0.0.1": the driver names the tail
+
+
+def test_a_tracking_uri_with_an_odd_password_is_not_stored_with_the_study(tmp_path: Path) -> None:
+    uri = f"http://tuner:{ODD_PASSWORD}@mlflow.example:5000"
+    config = fault_config(tmp_path, trials=1, tracking=False)
+    text = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**text, "tracking": {"enabled": False, "uri": uri}}, sort_keys=False))
+    result = run_cli("search", str(config), cwd=tmp_path, env={})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_no_odd_password(result.stdout + result.stderr)
+    study = optuna.load_study(study_name="model", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert_no_odd_password(json.dumps(study.user_attrs))
+    assert "tuner:***@mlflow.example:5000" in json.dumps(study.user_attrs)
