@@ -151,10 +151,11 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, worke
     artifact_root = local_artifact_root(tracking_uri) or Path.cwd() / ARTIFACT_DIR_NAME
     artifact_root.mkdir(parents=True, exist_ok=True)
     log_path = artifact_root.parent / "mlflow-server.log"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
-               "--artifacts-destination", artifact_root.as_uri(),
+    command = [sys.executable, "-m", "mlflow", "server", "--artifacts-destination", artifact_root.as_uri(),
                "--host", host, "--port", str(port), "--workers", str(workers)]  # fmt: skip
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    # The store's URL may carry a password: any local user reads a command line (ps), only its owner reads the
+    # environment, so the server (and the supervisor, which has the same argv) gets it there.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_BACKEND_STORE_URI": tracking_uri}
     with open(log_path, "ab") as log_file:
         process = processes.start(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:

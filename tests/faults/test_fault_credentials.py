@@ -221,3 +221,40 @@ def test_a_tracking_uri_with_an_odd_password_is_not_stored_with_the_study(tmp_pa
     study = optuna.load_study(study_name="model", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert_no_odd_password(json.dumps(study.user_attrs))
     assert "tuner:***@mlflow.example:5000" in json.dumps(study.user_attrs)
+
+
+def test_the_ui_hands_the_server_its_password_outside_the_command_line(server: PostgresServer,
+                                                                       tmp_path: Path) -> None:
+    """`ps` shows every local user each process's command line; the supervisor and the mlflow server (and its
+    uvicorn workers) must get the tracking store's URL, password included, through their environment."""
+    import time
+    import uuid
+
+    from kfac_tune.launch import free_port
+    from tests.process_support import HAS_PROC, cmdline, marked
+
+    if not HAS_PROC:
+        pytest.skip("reads the process table from /proc")
+    server.create_database("ui_store")
+    uri = storage_url(server, "userinfo", "ui_store")
+    mark = uuid.uuid4().hex
+    port = free_port()
+    log = tmp_path / "ui.log"
+    base = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", "MLFLOW_TRACKING_URI")}
+    with log.open("w") as output:
+        ui = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "ui", "--tracking-uri", uri, "--port", str(port)],
+                              cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT, text=True,
+                              env={**base, "PYTHONPATH": str(REPO), "KFAC_TUNE_TEST_MARK": mark})
+    try:
+        deadline = time.monotonic() + 600
+        while "MLflow UI for" not in log.read_text():
+            assert ui.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        started = marked("KFAC_TUNE_TEST_MARK", mark)
+        lines = [cmdline(pid) for pid in started if pid != ui.pid]  # the user gave kfac-tune's own argv
+        assert any("mlflow" in line and "server" in line for line in lines), lines
+        assert all(server.password not in line for line in lines), lines
+        assert server.password not in log.read_text()
+    finally:
+        ui.terminate()
+        ui.wait(timeout=120)
