@@ -96,19 +96,17 @@ def resolve(cfg: Config | None = None, *, storage: str | None = None, tracking_u
 # ------------------------------------------------------------------------------------------------ --set
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
     """``--set dotted.key=value`` items as overrides; values are YAML scalars (``1e-3``, ``true``, ``[32, 32]``)."""
-    from kfac_tune.config import ConfigError, parse_value
+    from kfac_tune.config_reader import MAX_QUOTED, ConfigError, parse_value
 
     overrides: dict[str, Any] = {}
     for item in items:
         key, equals, text = item.partition("=")
         key = key.strip()
+        shown = item if len(item) <= MAX_QUOTED else item[:MAX_QUOTED - 3] + "..."
         if not equals or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set {item}: expected dotted.key=value (e.g. --set training.steps=50); found "
-                              f"{item!r}.")
-        try:
-            overrides[key] = parse_value(text)
-        except ValueError as error:
-            raise ConfigError(f"--set {item}: expected a YAML value after '='; {error}.") from None
+            raise ConfigError(f"--set {shown}: expected dotted.key=value (e.g. --set training.steps=50); found "
+                              f"{shown!r}.")
+        overrides[key] = parse_value(text, f"--set {shown}")  # the file reader's guards: size, alias bombs
     return overrides
 
 

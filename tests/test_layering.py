@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("kfac_tune", "kfac_tune.catalog", "kfac_tune.record", "kfac_tune.text", "kfac_tune.secrets",
                     "kfac_tune.files", "kfac_tune.filelock", "kfac_tune.processes", "kfac_tune.stores",
                     "kfac_tune.launch", "kfac_tune.zoo", "kfac_tune.zoo._args", "kfac_tune.zoo.specs")),
-    ("config", ("kfac_tune.config", "kfac_tune.settings")),
+    ("config", ("kfac_tune.config", "kfac_tune.config_reader", "kfac_tune.settings")),
     ("recipes", ("kfac_tune.recipes",)),
     ("optimizer", ("kfac_tune.optim", "kfac_tune.nn")),
     ("models", ("kfac_tune.zoo.models", "kfac_tune.zoo.data", "kfac_tune.optimizers", "kfac_tune.muon",
