@@ -83,11 +83,12 @@ def handle_errors(command: F) -> F:
         from kfac_tune.config import ConfigError
         from kfac_tune.files import FileError
         from kfac_tune.recipes import RecipeError
+        from kfac_tune.record import StoredDataError
         from kfac_tune.stores import StoreError, StudyNotFound
 
         try:
             return command(*args, **kwargs)
-        except (ConfigError, RecipeError, StudyNotFound, FileError, StoreError) as error:
+        except (ConfigError, RecipeError, StudyNotFound, FileError, StoreError, StoredDataError) as error:
             fail(str(error), EXIT_BAD_INPUT)
         except KeyboardInterrupt:
             fail("interrupted.", EXIT_INTERRUPTED)

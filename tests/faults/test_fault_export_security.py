@@ -232,3 +232,43 @@ def test_export_never_imports_what_the_storage_names(study: Study, tmp_path: Pat
     result = invoke("export", "--storage", bad, "-o", str(tmp_path / "out2.yaml"))
     assert result.exit_code == 2, result.output
     assert "model.callable" in result.output and "Traceback" not in result.output
+
+
+def _raw_edit(storage: str, sql: str) -> None:
+    """Rewrite stored JSON behind Optuna's back, as a hand edit of a shared storage could."""
+    import sqlite3
+
+    with sqlite3.connect(storage.removeprefix("sqlite:///")) as connection:
+        assert connection.execute(sql).rowcount == 1
+
+
+@pytest.mark.parametrize("tampering", ["config not JSON", "hyperparameter not a number", "result not numbers",
+                                       "steps not a number", "test metrics not numbers"])
+def test_a_tampered_study_attribute_is_named_not_a_traceback(study: Study, tmp_path: Path, tampering: str) -> None:
+    """Every attribute show/export read back is checked: exit 2, one paragraph naming the study and attribute."""
+    storage = _tampered_copy(study, tmp_path)
+    edits = {
+        "config not JSON": ("UPDATE study_user_attributes SET value_json = '{not json' WHERE key = 'config'",
+                            "the stored study attribute 'config' is '{not json'; expected JSON"),
+        "hyperparameter not a number": ("UPDATE trial_user_attributes SET value_json = json_set(value_json, '$.lr', "
+                                        "'abc') WHERE key = 'hyperparameters'",
+                                        "trial 0's stored attribute 'hyperparameters' does not make a recipe"),
+        "result not numbers": ("UPDATE trial_user_attributes SET value_json = json_set(value_json, '$.best', "
+                               "'abc') WHERE key = 'result'", "trial 0's stored attribute 'result' is"),
+        "steps not a number": ("UPDATE study_user_attributes SET value_json = '\"many\"' WHERE key = 'steps'",
+                               "the stored study attribute 'steps' is 'many'; expected a whole number > 0"),
+        "test metrics not numbers": ("UPDATE study_user_attributes SET value_json = '{\"test_loss\": \"low\"}' "
+                                     "WHERE key = 'test.0'", "the stored study attribute 'test.0' is"),
+    }
+    sql, named = edits[tampering]
+    _raw_edit(storage, sql)
+    commands = [["export", "--storage", storage, "-o", str(tmp_path / "r.yaml")]]
+    if tampering != "hyperparameter not a number":  # show lists the searched parameters, which stay intact
+        commands.append(["show", "--storage", storage])
+    for command in commands:
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        message = result.output.strip()
+        assert message.startswith("Error: study 'model': ") and named in message, message
+        assert "\n" not in message and "Traceback" not in message
+    assert not (tmp_path / "r.yaml").exists()
