@@ -82,10 +82,7 @@ def prepare_store(tracking_uri: str) -> None:
     if _is_http(tracking_uri):
         check_reachable(tracking_uri)
         return
-    db = sqlite_file(tracking_uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite_setup_lock(tracking_uri):  # two searches started together on a fresh store
+    with sqlite_setup_lock(tracking_uri):  # creates the database's directory, or says why it cannot  # two searches started together on a fresh store
         open_client(tracking_uri).search_experiments(max_results=1)
 
 

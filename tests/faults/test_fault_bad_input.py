@@ -231,3 +231,30 @@ def test_kfac_state_of_another_architecture_fails_at_load(other: str) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before), "a refused state was partly loaded"
     same = trained(nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 3)))
     same.load_state_dict(saved)  # the same architecture still loads
+
+
+# ------------------------------------------------------------------------------------------------ store directories
+
+
+@pytest.mark.parametrize("store", ["storage", "tracking"])
+@pytest.mark.parametrize("kind", ["read-only", "through a file"])
+def test_a_store_in_an_unusable_directory_exits_2_in_one_paragraph(tmp_path: Path, kind: str, store: str) -> None:
+    """A read-only filesystem, or a path through a regular file (what a non-root user also meets as a directory
+    without write permission): the set-up lock beside the store cannot be created."""
+    import contextlib
+
+    from tests.faults.conftest import remount_read_only, small_tmpfs
+
+    config = fault_config(tmp_path, trials=1, tracking=store == "tracking")
+    option = "--storage" if store == "storage" else "--tracking-uri"
+    with contextlib.ExitStack() as stack:
+        if kind == "read-only":
+            directory = stack.enter_context(small_tmpfs(tmp_path / "mnt"))
+            remount_read_only(directory)
+        else:
+            (tmp_path / "a-file").write_text("not a directory\n")
+            directory = tmp_path / "a-file" / "stores"
+        result = invoke("search", str(config), option, f"sqlite:///{directory / 'store.db'}")
+    assert result.exit_code == 2, result.output
+    assert_one_paragraph(result.output)
+    assert f"cannot set up a store in {directory}" in " ".join(result.output.split())
