@@ -57,7 +57,7 @@ def import_callable(reference: str) -> Any:
     module_name, attribute = reference.split(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:  # user code: anything may be raised while importing it
+    except (Exception, SystemExit) as error:  # user code: anything may be raised while importing it, exit() too
         raise ValueError(f"expected an importable module, but importing {module_name!r} failed "
                          f"({type(error).__name__}: {error})") from None
     target = getattr(module, attribute, None)
