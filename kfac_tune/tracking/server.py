@@ -82,7 +82,8 @@ def prepare_store(tracking_uri: str) -> None:
     if _is_http(tracking_uri):
         check_reachable(tracking_uri)
         return
-    with sqlite_setup_lock(tracking_uri):  # creates the database's directory, or says why it cannot  # two searches started together on a fresh store
+    # two searches started together on a fresh store; the lock creates the database's directory (or says why not)
+    with sqlite_setup_lock(tracking_uri):
         open_client(tracking_uri).search_experiments(max_results=1)
 
 

@@ -165,12 +165,12 @@ def test_export_refuses_special_files(study: Study, tmp_path: Path, kind: str) -
     assert stat.S_ISCHR(os.stat(target).st_mode) or kind != "device"
 
 
-def test_export_writes_through_a_symlink_and_keeps_the_mode(study: Study, tmp_path: Path) -> None:
+def test_export_with_force_writes_through_a_symlink_and_keeps_the_mode(study: Study, tmp_path: Path) -> None:
     (tmp_path / "v1.yaml").write_text("old\n")
     (tmp_path / "v1.yaml").chmod(0o644)
     link = tmp_path / "cur.yaml"
     link.symlink_to("v1.yaml")
-    result = invoke("export", "--storage", study.storage, "-o", str(link))
+    result = invoke("export", "--storage", study.storage, "-o", str(link), "--force")
     assert result.exit_code == 0, result.output
     assert link.is_symlink() and "writing through to" in result.output
     assert (tmp_path / "v1.yaml").read_text().startswith("# kfac-tune recipe")
@@ -272,3 +272,28 @@ def test_a_tampered_study_attribute_is_named_not_a_traceback(study: Study, tmp_p
         assert message.startswith("Error: study 'model': ") and named in message, message
         assert "\n" not in message and "Traceback" not in message
     assert not (tmp_path / "r.yaml").exists()
+
+
+def test_export_refuses_a_planted_symlink_and_the_config_itself_without_force(study: Study, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A symlink planted at recipes/<study>.yaml made the export replace the file it points to, and `-o CONFIG`
+    replaced the model YAML with a recipe; both need --force now, and nothing is written without it."""
+    monkeypatch.chdir(tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone's file\n")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "model.yaml").symlink_to(victim)
+    planted = invoke("export", "--storage", study.storage)
+    assert planted.exit_code == 2, planted.output
+    assert "is a symbolic link to" in planted.output and "--force" in planted.output
+    assert victim.read_text() == "someone's file\n"
+    (tmp_path / "own").mkdir()
+    config = fault_config(tmp_path / "own", trials=1)
+    original = config.read_text()
+    for command in (["export", str(config), "--storage", study.storage, "-o", str(config)],
+                    ["search", str(config), "-o", str(config)]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        assert f"is the model YAML {config} itself" in " ".join(result.output.split())
+        assert config.read_text() == original
+    assert not (tmp_path / "own" / "study.db").exists(), "the search started"
