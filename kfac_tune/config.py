@@ -218,10 +218,12 @@ class TrainingConfig(_Section):
     divergence_factor: float | None = Field(1000.0, gt=1, le=1e30)
 
     @model_validator(mode="after")
-    def _no_conflicts(self) -> TrainingConfig:
+    def _no_conflicts(self, info: ValidationInfo) -> TrainingConfig:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("expected a budget in steps or in epochs, not both")
-        if self.eval_seconds is not None and "eval_every" in self.model_fields_set:
+        # a stored config is a whole dump, every field written: its eval_every is the default, not the user's
+        stored = (info.context or {}).get(STORED)
+        if self.eval_seconds is not None and "eval_every" in self.model_fields_set and not stored:
             raise ValueError("expected eval_every (steps) or eval_seconds (training seconds), not both")
         return self
 
