@@ -505,10 +505,29 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 def parse_config(data: Any, overrides: Mapping[str, Any] | None = None, where: str = "<config>") -> Config:
     """A config given as data (the Python API's dict) with dotted ``overrides``, validated like a file."""
-    copy = json.loads(json.dumps(data)) if isinstance(data, dict) else data  # overrides must not edit the caller's
-    config = _validate(copy, overrides, where, {})
+    # a copy (overrides must not edit the caller's), with numpy's numbers as Python's: np.int64(5) is 5 to a user
+    copy = _plain_data(data, where) if isinstance(data, dict) else data
+    config = _validate(copy, overrides and _plain_data(dict(overrides), where), where, {})
     config.check_objectives()
     return config
+
+
+def _plain_data(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A JSON copy of ``data``, numpy scalars as Python numbers; ``ConfigError`` for anything else JSON cannot
+    hold (an object, a tensor)."""
+    try:
+        return json.loads(json.dumps(data, default=_plain_number))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: expected plain data (numbers, strings, true/false, null, lists and mappings); "
+                          f"{error}.") from None
+
+
+def _plain_number(value: Any) -> Any:
+    """A numpy scalar (``np.int64``, ``np.float32``, ``np.bool_``) as the Python number it holds; anything else
+    JSON cannot hold stays an error, naming its type."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _validate(raw: Any, overrides: Mapping[str, Any] | None, where: str, lines: Mapping[str, int]) -> Config:

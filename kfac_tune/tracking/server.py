@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kfac_tune.filelock import sqlite_file, sqlite_setup_lock
+from kfac_tune.stores import check_database_file
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -82,6 +83,7 @@ def prepare_store(tracking_uri: str) -> None:
     if _is_http(tracking_uri):
         check_reachable(tracking_uri)
         return
+    check_database_file(tracking_uri, "MLflow tracking store")
     # two searches started together on a fresh store; the lock creates the database's directory (or says why not)
     with sqlite_setup_lock(tracking_uri):
         open_client(tracking_uri).search_experiments(max_results=1)

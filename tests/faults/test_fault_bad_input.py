@@ -258,3 +258,33 @@ def test_a_store_in_an_unusable_directory_exits_2_in_one_paragraph(tmp_path: Pat
     assert result.exit_code == 2, result.output
     assert_one_paragraph(result.output)
     assert f"cannot set up a store in {directory}" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("store", ["storage", "tracking"])
+def test_a_store_path_that_is_a_directory_fails_at_once(tmp_path: Path, store: str) -> None:
+    """sqlite:///DIR: MLflow's store retried opening it for about 108 s before failing; now exit 2 up front."""
+    (tmp_path / "a-directory").mkdir()
+    config = fault_config(tmp_path, trials=1, tracking=store == "tracking")
+    option = "--storage" if store == "storage" else "--tracking-uri"
+    result = invoke("search", str(config), option, f"sqlite:///{tmp_path / 'a-directory'}")
+    assert result.exit_code == 2, result.output
+    assert_one_paragraph(result.output)
+    assert f"{tmp_path / 'a-directory'} is a directory" in " ".join(result.output.split())
+    assert not (tmp_path / "study.db").exists() or store == "tracking"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_a_recipes_dir_that_is_not_a_directory_is_refused(tmp_path: Path, kind: str) -> None:
+    """Click's file_okay=False let anything that is not a regular file through, and it was searched as empty."""
+    import socket
+
+    special = tmp_path / "recipes-special"
+    if kind == "fifo":
+        os.mkfifo(special)
+    else:
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(special))
+    config = fault_config(tmp_path, trials=1)
+    result = invoke("recipe", "find", str(config), "--recipes-dir", str(special))
+    assert result.exit_code == 2, result.output
+    assert f"{special} is not a directory" in " ".join(result.output.split())
