@@ -193,6 +193,32 @@ def test_a_double_ctrl_c_exits_130_with_a_quoted_resume_command(tmp_path: Path, 
     assert not (tmp_path / "X.yaml").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("delay_s", [0.0, 0.2])
+def test_ctrl_c_right_after_the_search_finished_is_no_silent_kill(tmp_path: Path, delay_s: float) -> None:
+    """Python spent about 2 s tearing torch and MLflow down after a search, with its signal handlers reset: a
+    Ctrl-C then killed the process by the signal (status -2) without a word, although the recipe was written. Now
+    the process ends once its atexit handlers ran, and a Ctrl-C before that says nothing was interrupted."""
+    config = write_config(tmp_path, search={"trials": 1})
+    process = cli_popen("search", str(config), "--no-tracking", "-o", str(tmp_path / "r.yaml"), cwd=tmp_path)
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:  # the search's last line: every trial and the export are done
+            lines.append(line)
+            if line.startswith("best recipe written"):
+                break
+        time.sleep(delay_s)
+        process.send_signal(signal.SIGINT)
+        output = "".join(lines) + process.communicate(timeout=300)[0]
+    finally:
+        stop(process)
+    assert process.returncode in (0, 130), output  # 130: the Ctrl-C landed before the command returned
+    assert "Traceback" not in output and (tmp_path / "r.yaml").exists()
+    if process.returncode == 130:
+        assert "Error: interrupted" in output
+
+
 def _running(directory: Path) -> bool:
     try:
         with sqlite3.connect(directory / "study.db") as db:
