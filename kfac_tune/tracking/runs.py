@@ -230,8 +230,8 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
             flat.update(flatten(value, f"{name}."))
-        elif isinstance(value, str):
-            flat[name] = mask(value)
+        elif isinstance(value, str):  # the value itself may be a URL (storage, tracking.uri): parsed, not guessed
+            flat[name] = mask(value, value)
         else:
             flat[name] = json.dumps(value, default=str)
     return flat

@@ -177,8 +177,12 @@ def assert_no_odd_password(text: str) -> None:
     assert not [piece for piece in ODD_PIECES if piece in text], text
 
 
-def test_the_mask_parses_urls_whose_password_has_any_character() -> None:
+def test_the_mask_parses_urls_whose_password_has_any_character(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kfac_tune import secrets
     from kfac_tune.secrets import display_url, mask_data, url_credentials
+    from kfac_tune.tracking import flatten
+
+    monkeypatch.setattr(secrets, "_remembered", set())  # as in a search worker, which resolved no URL itself
 
     database = f"postgresql+psycopg2://tuner:{ODD_PASSWORD}@db.example:5432/kfac"
     assert display_url(database) == "postgresql+psycopg2://tuner:***@db.example:5432/kfac"
@@ -195,6 +199,8 @@ def test_the_mask_parses_urls_whose_password_has_any_character() -> None:
                        http)
     assert_no_odd_password(json.dumps(stored))
     assert stored["storage"] == display_url(database)
+    params = flatten({"storage": database, "tracking": {"uri": http}})  # a trial run's MLflow params
+    assert params == {"storage": display_url(database), "tracking.uri": display_url(http)}
 
 
 def test_an_unreachable_storage_with_an_odd_password_is_never_shown(tmp_path: Path) -> None:
