@@ -63,10 +63,8 @@ def check_database_file(url: str, what: str) -> None:
         return
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
-        return  # created on first use
-    except OSError as error:
-        raise StoreError(f"{what} {display_url(url)}: cannot use {path} ({error.strerror or error})") from None
+    except OSError:  # missing (created on first use), or its directory cannot be: the set-up lock says which
+        return
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise StoreError(f"{what} {display_url(url)}: {path} is {kind}; expected sqlite:///PATH naming a database "
