@@ -180,6 +180,10 @@ def _describe(value: Any) -> str:
     if value is None:
         return "nothing (null)"
     text = repr(value)
+    if isinstance(value, str):  # a storage or tracking URL refused: its password masked before it is cut short
+        from kfac_tune.secrets import mask
+
+        text = mask(text, value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -264,3 +264,21 @@ def test_the_ui_hands_the_server_its_password_outside_the_command_line(server: P
     finally:
         ui.terminate()
         ui.wait(timeout=120)
+
+
+@pytest.mark.parametrize("route", ["--tracking-uri", "--set", "yaml"])
+def test_a_refused_url_with_an_odd_password_is_quoted_masked(tmp_path: Path, route: str) -> None:
+    """A tracking URI refused before any store is resolved (file://, an unknown scheme) is quoted in the error, and
+    --set repeats its item: both masked by parsing the URL, whole, before the quote is cut short."""
+    from tests.faults.conftest import invoke
+
+    uri = f"file://tuner:{ODD_PASSWORD}@host/x"
+    config = fault_config(tmp_path, trials=1)
+    if route == "yaml":
+        text = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump({**text, "tracking": {"enabled": True, "uri": uri}}, sort_keys=False))
+    args = {"--tracking-uri": ["--tracking-uri", uri], "--set": ["--set", f"tracking.uri={uri}"], "yaml": []}[route]
+    result = invoke("search", str(config), *args)
+    assert result.exit_code == 2, result.output
+    assert "tracking.uri" in result.output and "tuner:***@host" in result.output
+    assert_no_odd_password(result.output)
