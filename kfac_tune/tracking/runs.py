@@ -35,7 +35,7 @@ from kfac_tune.settings import TRACKING_URI_ENV
 from kfac_tune.text import first_line
 from kfac_tune.tracking.plots import best_trial, render_plots
 from kfac_tune.tracking.server import (MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, MAX_PARAMS_TAGS_PER_BATCH,
-                                       MAX_TAG_CHARS, get_or_create_experiment, open_client)
+                                       MAX_TAG_CHARS, client_uri, get_or_create_experiment, open_client)
 
 if TYPE_CHECKING:
     import optuna
@@ -249,7 +249,7 @@ def log_model(uri: str, run_id: str, model: torch.nn.Module) -> None:
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI into os.environ, where it would outrank the YAML
     # of the next command run in this process (the Python API, a notebook): put back what was there.
     before = os.environ.get(TRACKING_URI_ENV)
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(client_uri(uri))
     try:
         with mlflow.start_run(run_id=run_id):
             mlflow.pytorch.log_model(model.cpu(), name="model", pip_requirements=[f"torch=={torch.__version__}"],

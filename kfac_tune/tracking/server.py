@@ -63,12 +63,27 @@ def _configure_http_client() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
+def client_uri(tracking_uri: str) -> str:
+    """The URI to give MLflow's client: an HTTP URI's ``user:password@`` moved into MLflow's basic-auth variables
+    (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, read per request). MLflow parses the URI itself and cuts a raw
+    ``#``, ``/`` or ``?`` of the password, sending the rest as the host; the URL given explicitly wins over the
+    environment."""
+    if not _is_http(tracking_uri):
+        return tracking_uri
+    from kfac_tune.secrets import url_credentials
+
+    bare, credentials = url_credentials(tracking_uri)
+    if credentials is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = credentials
+    return bare
+
+
 def open_client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
     if _is_http(tracking_uri):
         _configure_http_client()
-    return MlflowClient(tracking_uri=tracking_uri)
+    return MlflowClient(tracking_uri=client_uri(tracking_uri))
 
 
 def prepare_store(tracking_uri: str) -> None:

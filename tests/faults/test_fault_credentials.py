@@ -282,3 +282,22 @@ def test_a_refused_url_with_an_odd_password_is_quoted_masked(tmp_path: Path, rou
     assert result.exit_code == 2, result.output
     assert "tracking.uri" in result.output and "tuner:***@host" in result.output
     assert_no_odd_password(result.output)
+
+
+def test_an_http_tracking_uri_with_an_odd_password_logs_to_a_live_server(tmp_path: Path) -> None:
+    """MLflow's client parses the URI itself and cut a raw # or / of the password (sending the rest as the host):
+    the credentials go to it as its basic-auth variables, the URI without them."""
+    config = fault_config(tmp_path, trials=1, tracking=True)
+    with mlflow_server(mlflow_store_of(tmp_path)) as (base, port, _):
+        uri = base.replace("http://", f"http://tuner:{ODD_PASSWORD}@")
+        result = run_cli("search", str(config), "--tracking-uri", uri, cwd=tmp_path, env={})
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert "Warning: MLflow tracking" not in output and "Traceback" not in output
+        assert_no_odd_password(output)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(base)
+        runs = client.search_runs([client.get_experiment_by_name("model").experiment_id])
+        assert len(runs) == 2  # the parent run and the trial's run
+        assert_no_odd_password(json.dumps([[r.data.tags, r.data.params] for r in runs]))
