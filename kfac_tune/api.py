@@ -45,7 +45,8 @@ def prepare_search(config: str | Path | Mapping[str, Any] | Config, *, sets: Seq
     check_storage_url(resolved.storage)
     check_distinct_stores(resolved.storage, resolved.tracking_uri if resolved.tracking else None)
     named = default_path(name)  # a study name must be a plain file name, whether or not a path is given
-    target = check_overwrite(Path(output) if output is not None else named, name, force)  # before the search
+    # before the search: another study's recipe, the config itself, a symlink need force
+    target = check_overwrite(Path(output) if output is not None else named, name, force, cfg.source)
     from kfac_tune.search.prepare import prepare_search as open_search  # after validation: bad input before torch loads
 
     prepared = open_search(cfg, study_name=name, storage=resolved.storage, tracking=resolved.tracking,

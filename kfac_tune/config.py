@@ -1,17 +1,12 @@
-"""The model-YAML schema and the one-paragraph errors a bad file gets.
+"""The model-YAML schema: what a config may hold, its defaults and its checks.
 
-A study runs for hours, so a typo must stop it before any training: every section is a pydantic v2 model with
-``extra="forbid"`` and strict types, every field has a default (a ten-line YAML works), and every failure becomes a
-``ConfigError`` naming the file, the line, the field path (``search.space.lr.low``), what was expected and what
-was found. The CLI prints that message and exits with code 2, never a traceback.
+Every section is a pydantic v2 model with ``extra="forbid"`` and strict types, and every field has a default (a
+ten-line YAML works). Reading the YAML safely and wording its errors (file, line, field path, expected, found) is
+:mod:`kfac_tune.config_reader`'s; its public names (``ConfigError``, ``read_yaml``, ``parse_value``) are also
+importable from here.
 
-Two things here are deliberate departures from the obvious:
-
-* YAML is read by a ``yaml.SafeLoader`` subclass that also reads ``1e-4`` as a float (YAML 1.2 does; PyYAML's
-  YAML 1.1 resolver reads it as a string, and a learning-rate range written ``low: 1e-4`` would be rejected). It
-  constructs plain scalars, lists and mappings only, exactly as ``yaml.safe_load``.
-* ``module:callable`` references (``model.callable``, ``data.callable``) are imported while validating. That import
-  is the one place user code runs; it runs so that a missing module is reported before the study starts.
+``module:callable`` references (``model.callable``, ``data.callable``) are imported while validating. That import
+is the one place user code runs; it runs so that a missing module is reported before the study starts.
 """
 from __future__ import annotations
 
@@ -21,30 +16,24 @@ import importlib
 import json
 import re
 import sys
-import types
-import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
 from kfac_tune.catalog import LOSSES, OPTIMIZERS
+from kfac_tune.config_reader import ConfigError, field_error, pydantic_problem, read_yaml
+from kfac_tune.config_reader import Phrase, parse_value  # noqa: F401 - re-exported: callers import them from here
 from kfac_tune.stores import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 
 MAX_TRIALS = 1_000_000
 MAX_STEPS = 10**9
-MAX_NODES = 100_000  # scalars, lists and mappings after alias expansion; a real config has a few hundred
 MAX_BOUND = 1e15  # a search-space bound beyond this is a typo, not a hyperparameter
 CALLABLE_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 STORED = "stored"  # validation context key: the config comes from a storage, so its callables are not imported
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
-
-
-class ConfigError(ValueError):
-    """A model YAML that cannot be used; ``str(error)`` is the whole user-facing paragraph."""
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -68,7 +57,7 @@ def import_callable(reference: str) -> Any:
     module_name, attribute = reference.split(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:  # user code: anything may be raised while importing it
+    except (Exception, SystemExit) as error:  # user code: anything may be raised while importing it, exit() too
         raise ValueError(f"expected an importable module, but importing {module_name!r} failed "
                          f"({type(error).__name__}: {error})") from None
     target = getattr(module, attribute, None)
@@ -229,10 +218,12 @@ class TrainingConfig(_Section):
     divergence_factor: float | None = Field(1000.0, gt=1, le=1e30)
 
     @model_validator(mode="after")
-    def _no_conflicts(self) -> TrainingConfig:
+    def _no_conflicts(self, info: ValidationInfo) -> TrainingConfig:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("expected a budget in steps or in epochs, not both")
-        if self.eval_seconds is not None and "eval_every" in self.model_fields_set:
+        # a stored config is a whole dump, every field written: its eval_every is the default, not the user's
+        stored = (info.context or {}).get(STORED)
+        if self.eval_seconds is not None and "eval_every" in self.model_fields_set and not stored:
             raise ValueError("expected eval_every (steps) or eval_seconds (training seconds), not both")
         return self
 
@@ -489,7 +480,7 @@ class Config(_Section):
 
     def problem(self, path: str, expected: str, found: Any) -> ConfigError:
         """A ConfigError about ``path`` in this config, for checks made after loading (space, preflight)."""
-        return _error(self._source, path, expected, found, self._lines)
+        return field_error(self._source, path, expected, found, self._lines)
 
     def fingerprint(self) -> str:
         """Hash of what defines the objective (model, data, training, optimizer, space): two configs with the
@@ -514,33 +505,6 @@ class Config(_Section):
 
 
 # ------------------------------------------------------------------------------------------------ loading
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads YAML 1.2 floats without a dot (``1e-4``, ``3E5``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_value(text: str) -> Any:
-    """One value as the YAML file would read it (``1e-4`` a float, ``true`` a bool, ``[32, 32]`` a list); a
-    ValueError for text that is not YAML."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.YAMLError as error:
-        raise ValueError(f"{text!r} is not YAML ({str(error).splitlines()[0]})") from None
-
-
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """Read and validate a model YAML; ``overrides`` maps dotted paths (``search.trials``) to values and is
     applied before validation, so a bad override is reported like a bad file entry."""
@@ -561,22 +525,41 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 def parse_config(data: Any, overrides: Mapping[str, Any] | None = None, where: str = "<config>") -> Config:
     """A config given as data (the Python API's dict) with dotted ``overrides``, validated like a file."""
-    copy = json.loads(json.dumps(data)) if isinstance(data, dict) else data  # overrides must not edit the caller's
-    config = _validate(copy, overrides, where, {})
+    # a copy (overrides must not edit the caller's), with numpy's numbers as Python's: np.int64(5) is 5 to a user
+    copy = _plain_data(data, where) if isinstance(data, dict) else data
+    config = _validate(copy, overrides and _plain_data(dict(overrides), where), where, {})
     config.check_objectives()
     return config
+
+
+def _plain_data(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A JSON copy of ``data``, numpy scalars as Python numbers; ``ConfigError`` for anything else JSON cannot
+    hold (an object, a tensor)."""
+    try:
+        return json.loads(json.dumps(data, default=_plain_number))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: expected plain data (numbers, strings, true/false, null, lists and mappings); "
+                          f"{error}.") from None
+
+
+def _plain_number(value: Any) -> Any:
+    """A numpy scalar (``np.int64``, ``np.float32``, ``np.bool_``) as the Python number it holds; anything else
+    JSON cannot hold stays an error, naming its type."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _validate(raw: Any, overrides: Mapping[str, Any] | None, where: str, lines: Mapping[str, int]) -> Config:
     """``raw`` (a file's or the caller's mapping) with its dotted ``overrides`` applied, as a Config."""
     if not isinstance(raw, dict):
-        raise _error(where, "(top level)", "a mapping of sections (model, data, training, ...)", raw, lines)
+        raise field_error(where, "(top level)", "a mapping of sections (model, data, training, ...)", raw, lines)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        raise _pydantic_problem(where, error, lines) from None
+        raise pydantic_problem(where, error, lines, Config) from None
 
 
 def stored_config(data: Any, where: str) -> Config:
@@ -589,63 +572,9 @@ def stored_config(data: Any, where: str) -> Config:
     try:
         config = Config.model_validate(data, context={STORED: True})
     except ValidationError as error:
-        raise _pydantic_problem(where, error, {}) from None
+        raise pydantic_problem(where, error, {}, Config) from None
     config._stored = True
     return config
-
-
-def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
-    """The document in the YAML file ``path`` and its field -> line map, read safely.
-
-    Refuses (``ConfigError``, one paragraph naming the file) what cannot be a config or recipe: a special file or
-    one over ``files.MAX_YAML_BYTES``, binary content, a syntax error, a key given twice in one mapping (YAML
-    would silently keep the second ``training:`` section), an alias bomb.
-    """
-    from kfac_tune.files import FileError, read_text
-
-    source = str(path)
-    try:
-        text = read_text(path)
-    except FileError as error:
-        raise ConfigError(f"{error}.") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{source}: cannot read the file ({type(error).__name__}: {error}).") from None
-    try:
-        node = yaml.compose(text, Loader=_Loader)
-        nodes = _expanded_size(node, {})
-        if nodes > MAX_NODES:
-            raise ConfigError(f"{source}: expected a config of at most {MAX_NODES:,} values once YAML aliases are "
-                              f"expanded; found {nodes:,} (an alias bomb?).")
-        _check_unique_keys(source, node, set())
-        raw = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as error:
-        raise ConfigError(_yaml_problem(source, error)) from None
-    except (ValueError, OverflowError, RecursionError) as error:  # e.g. a timestamp PyYAML cannot represent
-        if isinstance(error, ConfigError):
-            raise
-        raise ConfigError(f"{source}: the YAML could not be read ({type(error).__name__}: {error}).") from None
-    return raw, _line_map(node)
-
-
-def _check_unique_keys(source: str, node: yaml.Node | None, seen: set[int]) -> None:
-    """Refuse a mapping that names a key twice, with both lines (merge keys ``<<`` excepted)."""
-    if node is None or id(node) in seen:
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        first: dict[Any, int] = {}
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                line = key.start_mark.line + 1
-                if key.value in first:
-                    raise ConfigError(f"{source} line {line}: key {key.value!r} is given twice (first on line "
-                                      f"{first[key.value]}); expected each key once (YAML would silently keep only "
-                                      f"the second).")
-                first[key.value] = line
-            _check_unique_keys(source, value, seen)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _check_unique_keys(source, item, seen)
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -658,152 +587,3 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
         node[key] = child if isinstance(child, dict) else {}
         node = node[key]
     node[leaf] = value
-
-
-def _expanded_size(node: yaml.Node | None, memo: dict[int, int]) -> int:
-    """How many nodes the document holds once every alias is expanded, counted without expanding them.
-
-    ``&a [*b, *b, ...]`` chains (the "billion laughs") compose into a small graph that every later walk (the line
-    map, validation, hashing) would expand exponentially; refusing them here keeps a malicious or broken file
-    from hanging the CLI.
-    """
-    if node is None:
-        return 0
-    key = id(node)
-    if key not in memo:
-        if isinstance(node, yaml.MappingNode):
-            children = [child for pair in node.value for child in pair]
-        elif isinstance(node, yaml.SequenceNode):
-            children = list(node.value)
-        else:
-            children = []
-        memo[key] = 1 + sum(_expanded_size(child, memo) for child in children)
-    return memo[key]
-
-
-def _line_map(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
-    """Dotted field path -> 1-based line, so errors can point into the file."""
-    lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            path = f"{prefix}.{key.value}" if prefix else str(key.value)
-            lines[path] = key.start_mark.line + 1
-            lines.update(_line_map(value, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            path = f"{prefix}[{i}]"
-            lines[path] = item.start_mark.line + 1
-            lines.update(_line_map(item, path))
-    return lines
-
-
-def _yaml_problem(source: str, error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    context = getattr(error, "context", None)
-    detail = f"{problem} ({context})" if context else problem
-    return f"{source}{where}: expected valid YAML, found a syntax error: {detail}."
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, dict):
-        keys = ", ".join(str(k) for k in list(value)[:6])
-        return f"a mapping with keys {keys}" if value else "an empty mapping"
-    if isinstance(value, list):
-        return f"a list of {len(value)} item{'s' * (len(value) != 1)}"
-    if value is None:
-        return "nothing (null)"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _error(source: str | None, path: str, expected: str, found: Any, lines: Mapping[str, int]) -> ConfigError:
-    line = lines.get(path)
-    where = f"{source or '<config>'}{f' line {line}' if line else ''}"
-    found_text = found if isinstance(found, Phrase) else _describe(found)
-    return ConfigError(f"{where}: {path}: {expected}; found {found_text}.")
-
-
-class Phrase(str):
-    """An already-phrased 'found' clause (not to be repr'd)."""
-
-
-_EXPECTED = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "a whole number",
-             "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
-             "bool_type": "true or false", "string_type": "a string", "dict_type": "a mapping",
-             "model_type": "a mapping", "model_attributes_type": "a mapping", "list_type": "a list",
-             "missing": "a value (the field is required)", "too_short": "a non-empty list"}
-_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-
-
-def _pydantic_problem(source: str, error: ValidationError, lines: Mapping[str, int]) -> ConfigError:
-    """The first (most specific) pydantic error as one paragraph; others follow in a count."""
-    errors = error.errors()
-    first = errors[0]
-    loc = list(first["loc"])
-    path = _dotted(loc) or "(top level)"
-    kind, ctx = first["type"], first.get("ctx") or {}
-    if kind == "extra_forbidden":
-        valid = _valid_keys(loc[:-1])
-        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        expected = f"one of the keys {', '.join(valid)}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        found_clause: Any = Phrase(f"unknown key {str(loc[-1])!r}")
-    else:
-        expected = _expected(kind, first["msg"], ctx)
-        found_clause = first.get("input")
-        if kind == "missing":
-            found_clause = Phrase("nothing")
-    problem = _error(source, path, f"expected {expected}", found_clause, lines)
-    more = len(errors) - 1
-    if more:
-        return ConfigError(f"{problem} ({more} more problem{'s' * (more > 1)} in the file after fixing this one.)")
-    return problem
-
-
-def _expected(kind: str, message: str, ctx: Mapping[str, Any]) -> str:
-    if kind == "value_error":
-        text = message.removeprefix("Value error, ")
-        return text.removeprefix("expected ")
-    if kind == "literal_error":
-        return f"one of {ctx.get('expected')}"
-    bound = next((k for k in _BOUNDS if k in ctx), None)
-    if bound:
-        return f"a number {_BOUNDS[bound]} {ctx[bound]}"
-    return _EXPECTED.get(kind, message[0].lower() + message[1:])
-
-
-def _dotted(loc: list[Any]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
-
-
-def _valid_keys(loc: list[Any]) -> list[str]:
-    """The keys accepted at ``loc`` (walking the schema), for 'did you mean' hints."""
-    annotation: Any = Config
-    for part in loc:
-        annotation = _unwrap_optional(annotation)
-        if typing.get_origin(annotation) in (dict, list):
-            annotation = typing.get_args(annotation)[-1]
-        elif _is_section(annotation):
-            field = next((f for n, f in annotation.model_fields.items() if (f.alias or n) == part), None)
-            if field is None:
-                return []
-            annotation = field.annotation
-        else:
-            return []
-    annotation = _unwrap_optional(annotation)
-    return [f.alias or n for n, f in annotation.model_fields.items()] if _is_section(annotation) else []
-
-
-def _unwrap_optional(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0] if len(args) == 1 else annotation
-    return annotation
-
-
-def _is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)

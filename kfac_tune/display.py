@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from kfac_tune import record
 
@@ -46,6 +48,28 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     return "" if value is None else str(value)
+
+
+def plain(value: Any, style: str = "") -> Text:
+    """``value`` as rich prints it, never read as markup: a table cell or title holding a stored string (a study
+    name, a fail reason, a recipe's dataset) is data; as markup ``[/x]`` crashed the command (MarkupError) and
+    ``[link=...]`` made a link. Markup of our own goes in ``style``."""
+    return Text(value if isinstance(value, str) else fmt(value), style=style)
+
+
+def safe(value: Any) -> str:
+    """``value`` escaped for a line of our own markup (``f"study [bold]{safe(name)}[/]"``)."""
+    return escape(str(value))
+
+
+def plain_table(title: str | None = None, **options: Any) -> Table:
+    """A rich Table whose title is printed as is (see :func:`plain`)."""
+    return Table(title=None if title is None else plain(title), **options)
+
+
+def add_plain_row(table: Table, *cells: Any) -> None:
+    """A row of cells printed as they are (see :func:`plain`); a ``Text`` cell keeps its own styles."""
+    table.add_row(*(cell if isinstance(cell, Text) else plain(cell) for cell in cells))
 
 
 def sort_trials(trials: Iterable[optuna.trial.FrozenTrial], maximize: bool,
@@ -107,20 +131,20 @@ def pareto_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
     """The Pareto front of a study with several objectives: one row per non-dominated trial, best metric first."""
     front = [row for row in rows if row.get("pareto")]
     names = list(front[0]["values"]) if front else []
-    table = Table(title=title, header_style="bold")
+    table = plain_table(title, header_style="bold")
     table.add_column("#", justify="right", min_width=3)
     for name in names:
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("params", overflow="fold", min_width=30, ratio=1)
     for row in front:
         params = " ".join(f"{name}={fmt(value)}" for name, value in row["params"].items())
-        table.add_row(str(row["number"]), *(fmt(row["values"][name]) for name in names), params)
+        add_plain_row(table, str(row["number"]), *(fmt(row["values"][name]) for name in names), params)
     return table
 
 
 def trials_table(rows: Sequence[dict[str, Any]], metric: str, title: str | None = None) -> Table:
     """Parameters share one column (``name=value`` pairs) so the table fits a terminal whatever the space."""
-    table = Table(title=title, header_style="bold")
+    table = plain_table(title, header_style="bold")
     table.add_column("#", justify="right", min_width=3)
     table.add_column("state", no_wrap=True)
     table.add_column(metric, justify="right", no_wrap=True)
@@ -130,14 +154,15 @@ def trials_table(rows: Sequence[dict[str, Any]], metric: str, title: str | None 
     table.add_column("params", overflow="fold", min_width=30, ratio=1)
     table.add_column("duration", justify="right", no_wrap=True)
     table.add_column("reason", overflow="ellipsis", no_wrap=True, max_width=32)
-    styles = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
+    styles = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}  # WAITING: plain
     for row in rows:
         duration = "" if row["duration_s"] is None else str(dt.timedelta(seconds=round(row["duration_s"])))
         params = " ".join(f"{name}={fmt(value)}" for name, value in row["params"].items())
-        value = fmt(row["value"]) if row.get("value_when_cut") is None else f"[dim]{fmt(row['value_when_cut'])}"
+        state = plain(row["state"], styles.get(row["state"], ""))
+        cut = row.get("value_when_cut")
+        value = plain(fmt(row["value"])) if cut is None else plain(fmt(cut), "dim")
         seeds = [_seeds_cell(row.get("seeds"))] if raced else []
-        table.add_row(str(row["number"]), f"[{styles.get(row['state'], '')}]{row['state']}", value, *seeds,
-                      params, duration, row["reason"] or "")
+        add_plain_row(table, str(row["number"]), state, value, *seeds, params, duration, row["reason"] or "")
     return table
 
 
@@ -197,10 +222,10 @@ def best_line(study: optuna.Study, metric: str) -> Table:
     except ValueError:
         grid.add_row("[dim]best so far: no completed trial yet")
         return grid
-    params = ", ".join(f"{k}={fmt(v)}" for k, v in best.params.items())
+    params = safe(", ".join(f"{k}={fmt(v)}" for k, v in best.params.items()))
     front = f"  [dim]Pareto front: {len(pareto_front(study))} trials" if len(study.directions) > 1 else ""
-    grid.add_row(f"[bold green]best so far[/]: trial {best.number}  {metric} = {fmt(metric_value(study, best))}  "
-                 f"({params}){front}")
+    value = fmt(metric_value(study, best))
+    grid.add_row(f"[bold green]best so far[/]: trial {best.number}  {safe(metric)} = {value}  ({params}){front}")
     return grid
 
 
@@ -208,23 +233,24 @@ def comparison_table(rows: Sequence[dict[str, Any]], metric: str, target: float 
                      title: str) -> Table:
     """``kfac-tune compare``: one row per recipe, every cell ``mean ± spread`` over the seeds; ``recorded`` is what
     the recipe promised (its value on its own split, over the seeds it was raced on) to read the runs against."""
-    table = Table(title=title, header_style="bold", caption=None if target is None else
-                  f"common target: {metric} {'≥' if maximize else '≤'} {fmt(target)} "
-                  "(the best value every run of every recipe reaches)")
+    table = plain_table(title, header_style="bold", caption=None if target is None else
+                        plain(f"common target: {metric} {'≥' if maximize else '≤'} {fmt(target)} "
+                              "(the best value every run of every recipe reaches)"))
     for name, justify in (("recipe", "left"), ("optimizer", "left"), ("recorded", "right"),
                           (f"final {metric}", "right"), ("final test", "right"),
                           ("steps to target", "right"), ("seconds to target", "right"), ("ms / step", "right"),
                           ("seeds", "right")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
-        seeds = f"{row['seeds']}" + (f" [red]({row['diverged']} diverged)" if row["diverged"] else "")
+        seeds = Text.assemble(f"{row['seeds']}", (f" ({row['diverged']} diverged)", "red") if row["diverged"] else "")
         promised = row["recorded"]
         kind = "" if promised["objective"] == "final" else f" {promised['objective']}"
         recorded = f"{_pm(promised)} ({promised['seeds']} seed{'s' * (promised['seeds'] > 1)}{kind})"
         if not row["seeds"]:
-            table.add_row(row["recipe"], row["optimizer"], recorded, "[red]diverged", "", "", "", "", seeds)
+            add_plain_row(table, row["recipe"], row["optimizer"], recorded, plain("diverged", "red"), "", "", "", "",
+                          seeds)
             continue
-        table.add_row(row["recipe"], row["optimizer"], recorded, _pm(row["final"]), _pm(row.get("final_test")),
+        add_plain_row(table, row["recipe"], row["optimizer"], recorded, _pm(row["final"]), _pm(row.get("final_test")),
                       _pm(row["steps_to_target"], "{:.0f}"),
                       _pm(row["seconds_to_target"], "{:.2f}"), _pm(row["step_time_ms"], "{:.2f}"), seeds)
     return table
@@ -246,12 +272,12 @@ def match_rows(matches: Iterable[Any]) -> list[dict[str, Any]]:
 
 def matches_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
     """``kfac-tune recipe find``: the closest recipes first."""
-    table = Table(title=title, header_style="bold")
+    table = plain_table(title, header_style="bold")
     for name in ("path", "match", "distance", "architecture", "dataset", "value", "trials"):
         table.add_column(name, overflow="fold" if name == "path" else "ellipsis")
     for row in rows:
-        table.add_row(short_path(row["path"]), row["match"], fmt(row["distance"]), row["architecture"], row["dataset"],
-                      f"{row['metric']} {fmt(row['value'])}", str(row["trials"]))
+        add_plain_row(table, short_path(row["path"]), row["match"], fmt(row["distance"]), row["architecture"],
+                 row["dataset"], f"{row['metric']} {fmt(row['value'])}", str(row["trials"]))
     return table
 
 

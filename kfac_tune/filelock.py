@@ -17,9 +17,21 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created, with its directory, if missing) for the ``with`` block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
+    """Hold an exclusive lock on ``path`` (created, with its directory, if missing) for the ``with`` block.
+
+    A directory that cannot hold the lock (read-only, not writable by this user, or a file where a directory
+    should be) cannot hold the store either: ``FileError``, one paragraph naming it, before anything else is
+    tried (it was a 30-line traceback)."""
+    from kfac_tune.files import FileError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+b")  # noqa: SIM115 - closed by the with below
+    except OSError as error:
+        raise FileError(f"cannot set up a store in {path.parent}: creating {path.name} there failed "
+                        f"({error.strerror or error}); expected a directory you can write to: choose another "
+                        f"with --storage or --tracking-uri, or make it writable") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -201,12 +201,12 @@ def preflight(cfg: Config, hparams: Mapping[str, Any]) -> Problem:
     try:
         torch.manual_seed(cfg.training.seed)
         model = make_model(cfg, data)
-    except Exception as error:  # a user callable may raise anything
+    except (Exception, SystemExit) as error:  # a user callable may raise anything, or call sys.exit()
         where = "model.callable" if cfg.model.callable else "model.kwargs"
         raise cfg.problem(where, "expected a buildable model", Phrase(f"{type(error).__name__}: {error}")) from None
     try:
         check_output(model, data, task, loss)
-    except Exception as error:  # a user's forward may raise anything
+    except (Exception, SystemExit) as error:  # a user's forward may raise anything, or call sys.exit()
         where = "model.callable" if cfg.model.callable else "model.kwargs"
         raise cfg.problem(where, f"expected a model whose output the {task} loss ({loss}) accepts on the training "
                           "examples",

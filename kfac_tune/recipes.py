@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kfac_tune import catalog
 from kfac_tune.config import ConfigError, read_yaml
-from kfac_tune.files import FileError, write_atomic
+from kfac_tune.files import FileError, writable_target, write_atomic
 
 RECIPE_FORMAT = 1
 DEFAULT_DIRECTORY = Path("recipes")
@@ -196,12 +196,24 @@ def default_path(study: str, directory: Path = DEFAULT_DIRECTORY) -> Path:
     return directory / f"{study}.yaml"
 
 
-def check_overwrite(path: str | Path, study: str, force: bool = False) -> Path:
-    """``path``, unless it holds the recipe of another study and not ``force``: a ``RecipeError`` naming both
-    studies (exit 2), so a search or export never replaces another study's result silently. A file that is not
-    a readable recipe is left to the writer to judge."""
+def check_overwrite(path: str | Path, study: str, force: bool = False, config: str | Path | None = None) -> Path:
+    """``path``, unless (and not ``force``) it holds the recipe of another study, is the model YAML ``config``
+    itself, or is a symbolic link (kfac-tune makes none: one planted at ``recipes/<study>.yaml`` would have the
+    recipe replace the file it points to): a ``RecipeError`` saying which (exit 2), so a search or export never
+    replaces a file it was not asked to, silently. A special file is refused even with ``force``
+    (``files.writable_target``); a file that is not a readable recipe is left to the writer to judge."""
     path = Path(path)
-    if force or not path.is_file():
+    target = writable_target(path)
+    if force:
+        return path
+    if path.is_symlink():
+        raise RecipeError(f"{path} is a symbolic link to {target}, which kfac-tune did not make: writing the recipe "
+                          f"would replace that file. Pass --force to write through the link, or -o PATH to write "
+                          f"elsewhere")
+    if config is not None and target.exists() and Path(config).exists() and target.samefile(config):
+        raise RecipeError(f"{path} is the model YAML {config} itself: writing the recipe there would replace it. "
+                          f"Pass -o PATH to write the recipe elsewhere (or --force to replace the config)")
+    if not path.is_file():
         return path
     try:
         previous = load_recipe(path).provenance.study

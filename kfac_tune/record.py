@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kfac_tune.version import __version__
@@ -202,3 +202,78 @@ def warm_start_attrs(recipe_path: str | None = None) -> dict[str, Any]:
     if recipe_path is not None:
         attrs[WARM_START_RECIPE] = recipe_path
     return attrs
+
+
+# ---------------------------------------------------------------------------------------------- reading back
+class StoredDataError(ValueError):
+    """A study or trial attribute that is not what kfac-tune writes (a storage edited by hand, damaged, or written
+    by another tool); ``str(error)`` is the whole paragraph, naming the study and the attribute."""
+
+
+def _number(value: Any) -> bool:
+    """A number as JSON gives one back (NaN and infinities included: a diverged trial records them)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and (v is None or _number(v)) for k, v in value.items())
+
+
+def _result(value: Any) -> bool:
+    """``set_result``'s dict: numbers (or null), the device's name and the final metrics."""
+    return isinstance(value, dict) and all(
+        _numbers(v) if k == "final" else isinstance(v, str) if k == "device" else v is None or _number(v)
+        for k, v in value.items())
+
+
+def _mapping(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+# what each attribute must be, as (a phrase for the message, a check); an attribute that is absent is not checked
+_STUDY_SHAPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    CONFIG: ("a mapping (the resolved config)", _mapping), CONFIG_HASH: ("a string", _text),
+    OPTIMIZER: ("a string", _text), ARCHITECTURE: ("a string", _text), SIGNATURE: ("a mapping", _mapping),
+    PARAMETER_GROUPS: ("a mapping or null", lambda v: v is None or isinstance(v, dict)), LOSS: ("a string", _text),
+    TASK: ("a string", _text),
+    STEPS: ("a whole number > 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    METRIC: ("a string", _text), SPLIT: ("a string", _text), SPACE: ("a mapping", _mapping),
+    VERSIONS: ("a mapping", _mapping), PARENT_RUN: ("a string", _text)}
+_TRIAL_SHAPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    HYPERPARAMETERS: ("a mapping of argument names to values", _mapping),
+    RESULT: ("a mapping of numbers, the device and the final metrics", _result),
+    FAIL_REASON: ("a string", _text), PRUNE_REASON: ("a string", _text), TRIAL_RUN: ("a string", _text),
+    WARM_START: ("true or false", lambda v: isinstance(v, bool)), WARM_START_RECIPE: ("a string", _text)}
+
+
+def check_study(study: optuna.Study) -> None:
+    """Raise :class:`StoredDataError` unless every attribute kfac-tune reads back from ``study`` and its trials
+    has the shape kfac-tune writes: the commands that read a study trust them after this."""
+    name = study.study_name
+    for key, value in study.user_attrs.items():
+        expected, check = (("a mapping of metric names to numbers", _numbers) if key.startswith(TEST_PREFIX)
+                           else _STUDY_SHAPES.get(key, ("", lambda _: True)))
+        if not check(value):
+            raise stored_problem(name, f"the stored study attribute {key!r}", expected, value)
+    for trial in study.get_trials(deepcopy=False):
+        for key, value in trial.user_attrs.items():
+            expected, check = _TRIAL_SHAPES.get(key, ("", lambda _: True))
+            if not check(value):
+                raise stored_problem(name, f"trial {trial.number}'s stored attribute {key!r}", expected, value)
+
+
+def stored_problem(study_name: str, what: str, expected: str, found: Any) -> StoredDataError:
+    """The one paragraph for a stored attribute that cannot be used: which study, which attribute, what it must be."""
+    text = repr(found)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return unreadable(study_name, f"{what} is {text}; expected {expected}")
+
+
+def unreadable(study_name: str, problem: str) -> StoredDataError:
+    return StoredDataError(f"study {study_name!r}: {problem}. The storage was edited, damaged or written by another "
+                           f"tool, so this study cannot be read; restore the storage from a backup, or search again "
+                           f"into a new study.")

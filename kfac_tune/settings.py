@@ -81,9 +81,12 @@ def resolve(cfg: Config | None = None, *, storage: str | None = None, tracking_u
         try:
             check_tracking_uri(uri)
         except ValueError as error:
-            from kfac_tune.secrets import mask
+            from kfac_tune.secrets import display_url
 
-            raise ConfigError(f"{origin['tracking_uri']}: tracking.uri: {error}; found {mask(uri)!r}.") from None
+            raise ConfigError(f"{origin['tracking_uri']}: tracking.uri: {error}; found {display_url(uri)!r}.") from None
+    from kfac_tune.secrets import remember
+
+    remember(storage_url, uri, *((cfg.storage, cfg.tracking.uri) if cfg is not None else ()))  # masked anywhere
     enabled = not no_tracking and (cfg.tracking.enabled if cfg is not None else True)
     name = study or (cfg.stem if cfg is not None else None)
     experiment = (cfg.tracking.experiment if cfg is not None else None) or name
@@ -93,20 +96,28 @@ def resolve(cfg: Config | None = None, *, storage: str | None = None, tracking_u
 # ------------------------------------------------------------------------------------------------ --set
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
     """``--set dotted.key=value`` items as overrides; values are YAML scalars (``1e-3``, ``true``, ``[32, 32]``)."""
-    from kfac_tune.config import ConfigError, parse_value
+    from kfac_tune.config_reader import ConfigError, parse_value
 
     overrides: dict[str, Any] = {}
     for item in items:
         key, equals, text = item.partition("=")
         key = key.strip()
+        shown = shown_item(item)
         if not equals or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set {item}: expected dotted.key=value (e.g. --set training.steps=50); found "
-                              f"{item!r}.")
-        try:
-            overrides[key] = parse_value(text)
-        except ValueError as error:
-            raise ConfigError(f"--set {item}: expected a YAML value after '='; {error}.") from None
+            raise ConfigError(f"--set {shown}: expected dotted.key=value (e.g. --set training.steps=50); found "
+                              f"{shown!r}.")
+        overrides[key] = parse_value(text, f"--set {shown}")  # the file reader's guards: size, alias bombs
     return overrides
+
+
+def shown_item(item: str) -> str:
+    """A ``--set`` item as an error quotes it: a URL value's password masked (``--set storage=postgresql://...``),
+    then cut to ``MAX_QUOTED`` characters (a 1 MiB value is not worth repeating)."""
+    from kfac_tune.config_reader import MAX_QUOTED
+    from kfac_tune.secrets import mask
+
+    item = mask(item, item.partition("=")[2].strip())
+    return item if len(item) <= MAX_QUOTED else item[:MAX_QUOTED - 3] + "..."
 
 
 def load(config: str | Path | Mapping[str, Any] | Config, sets: Sequence[str] = (),
@@ -133,8 +144,8 @@ def load(config: str | Path | Mapping[str, Any] | Config, sets: Sequence[str] = 
                 head, found, tail = message.partition(form)
                 if found:
                     source = head.split(" line ", 1)[0]
-                    raise ConfigError(f"{source}: --set {item}: {key}{form[len(key) + 2:]}{tail}") from None
+                    raise ConfigError(f"{source}: --set {shown_item(item)}: {key}{form[len(key) + 2:]}{tail}") from None
             head, found, tail = message.partition(": ")
             if found and key.startswith(tail.split(":", 1)[0] + "."):  # an unknown key above the leaf
-                raise ConfigError(f"{head.split(' line ', 1)[0]}: --set {item}: {tail}") from None
+                raise ConfigError(f"{head.split(' line ', 1)[0]}: --set {shown_item(item)}: {tail}") from None
         raise

@@ -31,6 +31,7 @@ def check_storage_url(url: str) -> None:
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     shown = display_url(url)
+    check_database_file(url, "storage")
     try:
         parsed = make_url(url)
         dialect = parsed.get_dialect()
@@ -52,6 +53,25 @@ def check_storage_url(url: str) -> None:
             how = f"pip install {module}"
         raise StoreError(f"storage {shown} needs the Python database driver {module!r}, which is not installed: "
                          f"{how}") from None
+
+
+def check_database_file(url: str, what: str) -> None:
+    """Raise ``StoreError`` if ``url`` is ``sqlite:///PATH`` and PATH exists but is not a regular file (a
+    directory, a FIFO, a device): SQLite cannot open it, and MLflow's store retried that for about 108 s before
+    failing. ``what`` names the store in the message."""
+    import stat
+
+    path = _sqlite_file(url)
+    if path is None:
+        return
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # missing (created on first use), or its directory cannot be: the set-up lock says which
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise StoreError(f"{what} {display_url(url)}: {path} is {kind}; expected sqlite:///PATH naming a database "
+                         f"file (created if missing)")
 
 
 def check_distinct_stores(storage_url: str, tracking_uri: str | None) -> None:

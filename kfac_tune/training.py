@@ -92,6 +92,10 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ training
+class UserExit(RuntimeError):
+    """User code (a model's build or forward) raised ``SystemExit`` in a run: the run failed, not the process."""
+
+
 def train(cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None, on_eval: EvalCallback | None = None,
           *, test: bool = False, on_model: ModelCallback | None = None) -> TrainResult:
     """Train once for the config's budget with ``hparams``; ``optimizer`` defaults to ``cfg.optimizer.name``.
@@ -108,10 +112,14 @@ def train(cfg: Config, hparams: Mapping[str, Any], optimizer: str | None = None,
     if on_model is not None and cfg.training.processes > 1:
         raise cfg.problem("training.processes", "expected 1 to keep the trained model (--save, tracking the "
                           "model)", cfg.training.processes)
-    if cfg.training.processes > 1:
-        curves, longest, device = _train_data_parallel(cfg, hparams, optimizer, on_eval, test)
-    else:
-        curves, longest, device = _train_replica(cfg, hparams, optimizer, on_eval, _Replica(), test, on_model)
+    try:
+        if cfg.training.processes > 1:
+            curves, longest, device = _train_data_parallel(cfg, hparams, optimizer, on_eval, test)
+        else:
+            curves, longest, device = _train_replica(cfg, hparams, optimizer, on_eval, _Replica(), test, on_model)
+    except SystemExit as error:  # Optuna lets it through: the search ended, exit 0, its trial left RUNNING
+        raise UserExit(f"the model's code called sys.exit({error.code!r}) during training (its build or forward); "
+                       f"a run cannot end the process") from None
     metric = cfg.training.metric
     values = [point[metric] for point in curves]
     best = (min if cfg.training.goal == "minimize" else max)(values)

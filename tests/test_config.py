@@ -100,3 +100,18 @@ def test_load_config_raises_only_config_error(document: str, tmp_path: Path) -> 
         assert isinstance(load_config(path), Config)
     except ConfigError as error:
         assert "\n" not in str(error).strip() and str(path) in str(error)
+
+
+def test_numpy_numbers_in_a_config_given_as_data_are_numbers() -> None:
+    """The Python API takes a dict: np.int64(5) (from a grid, a DataFrame) was a bare TypeError from the copy, or
+    pydantic's misleading "must be an integer"; anything else that is not data is a ConfigError."""
+    import numpy as np
+
+    from kfac_tune.config import parse_config
+
+    data = {"training": {"steps": np.int64(5), "seed": np.uint32(3)}, "data": {"validation": np.float32(0.25)}}
+    cfg = parse_config(data, {"search.trials": np.int16(4), "training.eval_every": np.int64(2)})
+    assert (cfg.training.steps, cfg.training.seed, cfg.search.trials, cfg.training.eval_every) == (5, 3, 4, 2)
+    assert type(cfg.training.steps) is int and cfg.data.validation == 0.25
+    with pytest.raises(ConfigError, match="expected plain data .*Object of type object"):
+        parse_config({"training": {"steps": object()}})

@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "kfac_tune.secrets", "kfac_tune.files", "kfac_tune.filelock", "kfac_tune.processes",
                     "kfac_tune.stores", "kfac_tune.launch", "kfac_tune.zoo", "kfac_tune.zoo._args",
                     "kfac_tune.zoo.specs")),
-    ("config", ("kfac_tune.config", "kfac_tune.settings")),
+    ("config", ("kfac_tune.config", "kfac_tune.config_reader", "kfac_tune.settings")),
     ("recipes", ("kfac_tune.recipes",)),
     ("models", ("kfac_tune.zoo.models", "kfac_tune.zoo.data", "kfac_tune.optimizers", "kfac_tune.muon",
                 "kfac_tune.lion", "kfac_tune.userdata", "kfac_tune.augment", "kfac_tune.batches")),

@@ -85,6 +85,31 @@ def test_set_overrides_entries_and_is_validated_like_the_file(tmp_path: Path) ->
     assert "--set training.steps: expected dotted.key=value" in malformed
 
 
+def alias_bomb(levels: int, width: int = 10) -> str:
+    """A one-line YAML value of ``width ** levels`` leaves through ``levels`` anchors: a few hundred bytes."""
+    layers = ["&l0 [" + ", ".join(["0"] * width) + "]"]
+    layers += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(layers) + "]"
+
+
+def test_a_set_value_goes_through_the_file_readers_guards(tmp_path: Path) -> None:
+    """A plain yaml.load of a --set value skipped the alias-bomb and size guards: 441 bytes reached 4 GB."""
+    from kfac_tune.config import ConfigError
+    from kfac_tune.settings import parse_sets
+
+    bomb = r"expected a config of at most 100,000 values once YAML aliases are expanded; found .* \(an alias bomb\?\)"
+    with pytest.raises(ConfigError, match=r"^--set model.kwargs.hidden=\[&l0 .*\.\.\.: " + bomb):
+        parse_sets([f"model.kwargs.hidden={alias_bomb(9)}"])  # a billion values
+    with pytest.raises(ConfigError, match="key 'a' is given twice"):
+        parse_sets(["model.kwargs={a: 1, a: 2}"])
+    with pytest.raises(ConfigError, match="expected a YAML value of at most 1,048,576 bytes"):
+        parse_sets(["training.steps=" + "9" * (2 << 20)])
+    config = write_config(tmp_path)
+    bomb = bad_input(cli("search", str(config), "--set", f"model.kwargs.hidden={alias_bomb(6)}", cwd=tmp_path))
+    assert "an alias bomb?" in bomb and bomb.startswith("Error: --set model.kwargs.hidden=") and len(bomb) < 400
+    assert not (tmp_path / "study.db").exists()
+
+
 # ------------------------------------------------------------------------------------------------ stores
 
 

@@ -39,7 +39,12 @@ for _command in (search, show, export, train, compare, recipe, ui):
 def main() -> None:
     """Console-script entry point (``kfac-tune``). SIGTERM and SIGHUP stop a command as Ctrl-C does, so the
     processes it started are stopped too (:mod:`kfac_tune.processes`)."""
-    from kfac_tune.processes import interrupt_on_signals
+    from kfac_tune.processes import command_finished, exit_fast_when_done, interrupt_on_signals
 
+    exit_fast_when_done()
     interrupt_on_signals()
-    cli.main(prog_name="kfac-tune")
+    try:
+        cli.main(prog_name="kfac-tune")  # standalone: ends in SystemExit with the command's status
+    except SystemExit as done:
+        command_finished(done.code if isinstance(done.code, int) else 0 if done.code is None else 1)
+        raise

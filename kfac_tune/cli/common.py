@@ -45,8 +45,17 @@ set_option = click.option(
          "--set training.steps=50 --set optimizer.options.damping=1e-3. Values are YAML.")
 force_option = click.option("--force", is_flag=True,
                             help="Overwrite a recipe file that holds another study's recipe.")
+def _directories(ctx: click.Context, param: click.Parameter, value: tuple[Path, ...]) -> tuple[Path, ...]:
+    """Click's ``file_okay=False`` lets a FIFO, socket or device through (none is a regular file), and a recipes
+    directory that is none of them was silently searched as empty."""
+    for path in value:
+        if not path.is_dir():
+            raise click.BadParameter(f"{path} is not a directory; expected a directory of recipe YAML files")
+    return value
+
+
 recipes_dir_option = click.option(
-    "--recipes-dir", "recipes_dirs", multiple=True, metavar="DIR",
+    "--recipes-dir", "recipes_dirs", multiple=True, metavar="DIR", callback=_directories,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Also look for recipes here (repeatable; searched before ./recipes and the shipped recipes/).")
 format_option = click.option("-f", "--format", "output_format", type=click.Choice(["table", "json", "yaml"]),
@@ -83,11 +92,12 @@ def handle_errors(command: F) -> F:
         from kfac_tune.config import ConfigError
         from kfac_tune.files import FileError
         from kfac_tune.recipes import RecipeError
+        from kfac_tune.record import StoredDataError
         from kfac_tune.stores import StoreError, StudyNotFound
 
         try:
             return command(*args, **kwargs)
-        except (ConfigError, RecipeError, StudyNotFound, FileError, StoreError) as error:
+        except (ConfigError, RecipeError, StudyNotFound, FileError, StoreError, StoredDataError) as error:
             fail(str(error), EXIT_BAD_INPUT)
         except KeyboardInterrupt:
             fail("interrupted.", EXIT_INTERRUPTED)

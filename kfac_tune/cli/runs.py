@@ -33,10 +33,8 @@ Examples:
 def train(config: Path, recipe_path: Path, ignore_architecture: bool, save_dir: Path | None,
           tracking_uri: str | None, no_tracking: bool, sets: tuple[str, ...], output_format: str) -> None:
     """Train once with a recipe's hyperparameters, print the result, and log it to MLflow."""
-    from rich.table import Table
-
     from kfac_tune import train_run
-    from kfac_tune.display import output_console
+    from kfac_tune.display import add_plain_row, output_console, plain_table, safe
     from kfac_tune.recipes import RecipeError
     from kfac_tune.secrets import display_url
     from kfac_tune.training import Diverged
@@ -47,9 +45,9 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, save_dir: 
     console = output_console(stderr=output_format != "table")
     tuned = recipe.training
     for what, theirs, ours in train_run.differences(recipe, cfg, problem):
-        console.print(f"[yellow]note[/]: the recipe was tuned with {what} {theirs}, {config} uses {ours}")
-    with console.status(f"training {problem.architecture} with {recipe.optimizer} for "
-                        f"{train_run.length(cfg, problem)}"):
+        console.print(f"[yellow]note[/]: the recipe was tuned with {what} {theirs}, {safe(config)} uses {ours}")
+    with console.status(safe(f"training {problem.architecture} with {recipe.optimizer} for "
+                             f"{train_run.length(cfg, problem)}")):
         try:
             outcome = train_run.run(cfg, hparams, problem, recipe, recipe_path, resolved, save_dir)
         except Diverged as error:
@@ -59,17 +57,17 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, save_dir: 
                               f"{shlex.quote(str(config))} --warm-start)") from None
     result, run_id = outcome.result, outcome.run_id
     if save_dir is not None:
-        console.print(f"saved the trained model to {save_dir / train_run.MODEL_FILE} (with {train_run.OPTIMIZER_FILE}, "
-                      f"{train_run.RECIPE_FILE}, {train_run.RESULT_FILE})")
+        console.print(safe(f"saved the trained model to {save_dir / train_run.MODEL_FILE} (with "
+                           f"{train_run.OPTIMIZER_FILE}, {train_run.RECIPE_FILE}, {train_run.RESULT_FILE})"))
     if run_id is not None:
-        console.print(f"logged to MLflow run {run_id} in experiment {resolved.experiment} at "
-                      f"{display_url(resolved.tracking_uri)}")
+        console.print(safe(f"logged to MLflow run {run_id} in experiment {resolved.experiment} at "
+                           f"{display_url(resolved.tracking_uri)}"))
     summary = {**train_run.summary(result), "recipe_value": recipe.result.value,
                "recipe_test_value": recipe.result.test_value, "step_time_s": result.step_time,
                "mlflow_run_id": run_id, "saved": None if save_dir is None else str(save_dir)}
     if print_data(summary, output_format):
         return
-    table = Table(title=f"{recipe.optimizer} on {problem.architecture} ({recipe_path})", show_header=False)
+    table = plain_table(f"{recipe.optimizer} on {problem.architecture} ({recipe_path})", show_header=False)
     rows = [(f"final {result.metric}", f"{result.value:.6g}"), (f"best {result.metric}", f"{result.best:.6g}"),
             (f"recipe {recipe.result.metric} ({recipe.result.split})", f"{recipe.result.value:.6g}"),
             *(() if recipe.result.test_value is None else (("recipe test value", f"{recipe.result.test_value:.6g}"),)),
@@ -77,7 +75,7 @@ def train(config: Path, recipe_path: Path, ignore_architecture: bool, save_dir: 
             ("steps", str(result.steps)), ("step time", f"{result.step_time * 1e3:.3f} ms"),
             ("wall time", f"{result.seconds:.1f} s"), ("device", result.device)]
     for row in rows:
-        table.add_row(*row)
+        add_plain_row(table, *row)
     console.print(table)
 
 
@@ -116,7 +114,7 @@ def compare(config: Path, recipe_paths: tuple[Path, ...], seeds: int, output_dir
     from kfac_tune import settings
     from kfac_tune.compare import compare as run_comparison
     from kfac_tune.compare import log_to_mlflow, write_outputs
-    from kfac_tune.display import comparison_table, output_console
+    from kfac_tune.display import comparison_table, output_console, safe
     from kfac_tune.files import check_writable_directory, writable_target
 
     cfg = settings.load(config, sets)
@@ -127,15 +125,15 @@ def compare(config: Path, recipe_paths: tuple[Path, ...], seeds: int, output_dir
     console = Console(stderr=True)
     with console.status("comparing") as status:
         result = run_comparison(config, recipe_paths, seeds, ignore_architecture=ignore_architecture, sets=sets,
-                                on_run=lambda label, seed: status.update(f"training {label}, seed {seed}"))
+                                on_run=lambda label, seed: status.update(safe(f"training {label}, seed {seed}")))
     png, table = write_outputs(result, output_dir, cfg.stem)
     if resolved.tracking:
         experiment = resolved.experiment or cfg.stem
         run_id = log_to_mlflow(result, recipe_paths, seeds, resolved.tracking_uri, experiment, [png, table])
-        console.print(f"logged to MLflow run {run_id} in experiment {experiment}")
+        console.print(safe(f"logged to MLflow run {run_id} in experiment {experiment}"))
     rows = result.rows()
     if not print_data({"metric": result.metric, "target": result.target, "seeds": result.seeds, "recipes": rows},
                       output_format):
         output_console().print(comparison_table(rows, result.metric, result.target, result.direction == "maximize",
                                                 title=f"{cfg.stem}: {len(result.seeds)} seeds, {result.metric}"))
-    console.print(f"plot: {png}  table: {table}")
+    console.print(safe(f"plot: {png}  table: {table}"))

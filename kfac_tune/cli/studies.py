@@ -81,7 +81,8 @@ def export(config: Path | None, study_name: str | None, storage: str | None, out
         raise click.BadParameter(str(error), param_hint="'--pick'") from None
     cfg, resolved = resolve(config, storage=storage, study=study_name)
     study = load_study(resolved.storage, resolved.study)
-    target = check_overwrite(output or default_path(study.study_name), study.study_name, force)
+    target = check_overwrite(output or default_path(study.study_name), study.study_name, force,
+                             cfg.source if cfg is not None else None)
     # the user's file supplies the code to rerun only if it describes the study's objective
     same = cfg is not None and record.study_attr(study, record.CONFIG_HASH) == cfg.fingerprint()
     console = Console(stderr=True)

@@ -57,7 +57,7 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     from rich.console import Console
 
     from kfac_tune.api import prepare_search
-    from kfac_tune.display import SearchDisplay, describe_match, output_console, trial_rows, trials_table
+    from kfac_tune.display import SearchDisplay, describe_match, output_console, safe, trial_rows, trials_table
     from kfac_tune.processes import second_interrupt_ignored
     from kfac_tune.record import study_quantity
     from kfac_tune.search.race import summary as race_summary
@@ -73,11 +73,11 @@ def search(config: Path, trials: int | None, timeout: float | None, study_name: 
     cfg, name, storage_url = prepared.cfg, prepared.spec.study_name, resolved.storage
     console = Console(stderr=True)
     if prepared.warm_start is not None:
-        console.print(f"warm start: {describe_match(prepared.warm_start)}")
+        console.print(f"warm start: {safe(describe_match(prepared.warm_start))}")
     elif cfg.search.warm_start:
         console.print(f"[yellow]warm start[/]: no {cfg.optimizer.name} recipe found; starting cold")
-    console.print(f"study [bold]{name}[/] in {display_url(storage_url)}  ({cfg.optimizer.name} on "
-                  f"{cfg.model.architecture}, {' and '.join(cfg.objectives)}, {jobs} worker{'s' * (jobs > 1)})")
+    console.print(f"study [bold]{safe(name)}[/] in {safe(display_url(storage_url))}  ({cfg.optimizer.name} on "
+                  f"{safe(cfg.model.architecture)}, {' and '.join(cfg.objectives)}, {jobs} worker{'s' * (jobs > 1)})")
     if len(cfg.objectives) > 1 and cfg.search.pruner.name != "none":
         console.print(f"[yellow]note[/]: the {cfg.search.pruner.name} pruner is off: Optuna prunes single-objective "
                       "studies only (diverged trials are still pruned)")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
+from pydantic import ValidationError
 
 from kfac_tune import record
 from kfac_tune.config import Config
@@ -71,6 +72,20 @@ def export_best(study: optuna.Study, cfg: Config | None = None, path: str | Path
         chosen = race.chosen.trial if race is not None else selection.choose(study, selection.parse_pick(pick))
     except ValueError as error:
         raise RecipeError(f"cannot pick a trial of study {study.study_name!r}: {error}") from None
-    recipe = recipe_from_trial(study, chosen, cfg, pick=pick, test=test, race=race)
+    try:
+        recipe = recipe_from_trial(study, chosen, cfg, pick=pick, test=test, race=race)
+    except ValidationError as error:  # check_study vouched for the attributes' shapes; these are their values
+        raise _unreadable_trial(study, chosen, error) from None
     target = Path(path) if path is not None else default_path(study.study_name)
     return recipe, save_recipe(recipe, target)
+
+
+def _unreadable_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                      error: ValidationError) -> record.StoredDataError:
+    """What the study stored for ``trial`` does not make a valid recipe: the attribute and the problem."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    source = (f"trial {trial.number}'s stored attribute {record.HYPERPARAMETERS!r}"
+              if first["loc"][:1] in (("hyperparameters",), ("searched",)) else "a stored attribute")
+    problem = first["msg"].removeprefix("Value error, ")
+    return record.unreadable(study.study_name, f"{source} does not make a recipe ({field}: {problem})")

@@ -8,6 +8,7 @@ warm starts enqueued.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -34,15 +35,54 @@ def load_study(url: str, study_name: str | None) -> optuna.Study:
     check_storage_url(url)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         raise StudyNotFound(f"no storage at {display_url(url)}: run `kfac-tune search CONFIG` first, or pass --storage")
-    names = optuna.get_all_study_names(storage=url)
-    if study_name is None:
-        if len(names) != 1:
-            listing = ", ".join(names) if names else "none"
-            raise StudyNotFound(f"{display_url(url)} holds {len(names)} studies ({listing}); choose one with --study")
-        study_name = names[0]
-    if study_name not in names:
-        raise StudyNotFound(f"no study {study_name!r} in {display_url(url)}; studies there: {', '.join(names) or 'none'}")
-    return optuna.load_study(study_name=study_name, storage=url)
+    try:
+        names = optuna.get_all_study_names(storage=url)
+        if study_name is None:
+            if len(names) != 1:
+                listing = ", ".join(names) if names else "none"
+                raise StudyNotFound(f"{display_url(url)} holds {len(names)} studies ({listing}); choose one with "
+                                    f"--study")
+            study_name = names[0]
+        if study_name not in names:
+            raise StudyNotFound(f"no study {study_name!r} in {display_url(url)}; studies there: "
+                                f"{', '.join(names) or 'none'}")
+        study = optuna.load_study(study_name=study_name, storage=url)
+        record.check_study(study)
+    except json.JSONDecodeError:  # Optuna decodes every attribute it reads; find the one that is not JSON
+        raise _not_json(url) from None
+    return study
+
+
+def _not_json(url: str) -> record.StoredDataError:
+    """The first study or trial attribute in the RDB storage ``url`` whose stored value is not JSON, as the error
+    naming it (read with SQL from Optuna's tables: Optuna itself fails on the first it decodes, naming none)."""
+    import sqlalchemy
+
+    queries = {
+        "the stored study attribute {key!r}": "SELECT s.study_name, NULL, a.key, a.value_json FROM "
+        "study_user_attributes a JOIN studies s ON s.study_id = a.study_id",
+        "trial {number}'s stored attribute {key!r}": "SELECT s.study_name, t.number, a.key, a.value_json FROM "
+        "trial_user_attributes a JOIN trials t ON t.trial_id = a.trial_id JOIN studies s ON s.study_id = t.study_id",
+        "the stored study system attribute {key!r}": "SELECT s.study_name, NULL, a.key, a.value_json FROM "
+        "study_system_attributes a JOIN studies s ON s.study_id = a.study_id",
+        "trial {number}'s stored system attribute {key!r}": "SELECT s.study_name, t.number, a.key, a.value_json "
+        "FROM trial_system_attributes a JOIN trials t ON t.trial_id = a.trial_id JOIN studies s "
+        "ON s.study_id = t.study_id",
+    }
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            for what, query in queries.items():
+                for study, number, key, text in connection.execute(sqlalchemy.text(query)):
+                    try:
+                        json.loads(text)
+                    except json.JSONDecodeError as error:
+                        return record.stored_problem(study, what.format(number=number, key=key), f"JSON ({error})",
+                                                     text)
+    finally:
+        engine.dispose()
+    return record.StoredDataError(f"{display_url(url)}: a stored value is not valid JSON; the storage was edited or "
+                                  f"damaged, so its studies cannot be read.")
 
 
 def open_study(cfg: Config, study_name: str, storage_url: str, problem: Problem, space: dict[str, Any]) -> optuna.Study:

@@ -36,7 +36,7 @@ from kfac_tune.text import first_line
 from kfac_tune.tracking.logs import without_messages
 from kfac_tune.tracking.plots import best_trial, render_plots
 from kfac_tune.tracking.server import (MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, MAX_PARAMS_TAGS_PER_BATCH,
-                                       MAX_TAG_CHARS, get_or_create_experiment, open_client)
+                                       MAX_TAG_CHARS, client_uri, get_or_create_experiment, open_client)
 
 if TYPE_CHECKING:
     import optuna
@@ -242,8 +242,8 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
             flat.update(flatten(value, f"{name}."))
-        elif isinstance(value, str):
-            flat[name] = mask(value)
+        elif isinstance(value, str):  # the value itself may be a URL (storage, tracking.uri): parsed, not guessed
+            flat[name] = mask(value, value)
         else:
             flat[name] = json.dumps(value, default=str)
     return flat
@@ -265,7 +265,7 @@ def log_model(uri: str, run_id: str, model: torch.nn.Module) -> None:
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI into os.environ, where it would outrank the YAML
     # of the next command run in this process (the Python API, a notebook): put back what was there.
     before = os.environ.get(TRACKING_URI_ENV)
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(client_uri(uri))
     try:
         with mlflow.start_run(run_id=run_id):
             with without_messages("mlflow.pytorch", "Saving pytorch model by Pickle"):  # chosen, and said above

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kfac_tune.filelock import sqlite_file, sqlite_setup_lock
+from kfac_tune.stores import check_database_file
 from kfac_tune.tracking.logs import without_messages
 
 if TYPE_CHECKING:
@@ -63,12 +64,27 @@ def _configure_http_client() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
+def client_uri(tracking_uri: str) -> str:
+    """The URI to give MLflow's client: an HTTP URI's ``user:password@`` moved into MLflow's basic-auth variables
+    (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, read per request). MLflow parses the URI itself and cuts a raw
+    ``#``, ``/`` or ``?`` of the password, sending the rest as the host; the URL given explicitly wins over the
+    environment."""
+    if not _is_http(tracking_uri):
+        return tracking_uri
+    from kfac_tune.secrets import url_credentials
+
+    bare, credentials = url_credentials(tracking_uri)
+    if credentials is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = credentials
+    return bare
+
+
 def open_client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
     if _is_http(tracking_uri):
         _configure_http_client()
-    return MlflowClient(tracking_uri=tracking_uri)
+    return MlflowClient(tracking_uri=client_uri(tracking_uri))
 
 
 def prepare_store(tracking_uri: str) -> None:
@@ -83,9 +99,8 @@ def prepare_store(tracking_uri: str) -> None:
     if _is_http(tracking_uri):
         check_reachable(tracking_uri)
         return
-    db = sqlite_file(tracking_uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+    check_database_file(tracking_uri, "MLflow tracking store")
+    # two searches started together on a fresh store; the lock creates the database's directory (or says why not)
     with sqlite_setup_lock(tracking_uri), without_messages(  # MLflow's INFO lines about building its schema
             "mlflow.store.db.utils", "Creating initial MLflow database tables", "Updating database tables"):
         open_client(tracking_uri).search_experiments(max_results=1)
@@ -153,10 +168,11 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, worke
     artifact_root = local_artifact_root(tracking_uri) or Path.cwd() / ARTIFACT_DIR_NAME
     artifact_root.mkdir(parents=True, exist_ok=True)
     log_path = artifact_root.parent / "mlflow-server.log"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
-               "--artifacts-destination", artifact_root.as_uri(),
+    command = [sys.executable, "-m", "mlflow", "server", "--artifacts-destination", artifact_root.as_uri(),
                "--host", host, "--port", str(port), "--workers", str(workers)]  # fmt: skip
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    # The store's URL may carry a password: any local user reads a command line (ps), only its owner reads the
+    # environment, so the server (and the supervisor, which has the same argv) gets it there.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_BACKEND_STORE_URI": tracking_uri}
     with open(log_path, "ab") as log_file:
         process = processes.start(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:

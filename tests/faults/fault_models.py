@@ -19,6 +19,7 @@ BUILT: list[weakref.ref[nn.Module]] = []
 # For every build: which earlier models were still alive when it was made (all False = memory was released).
 ALIVE_AT_BUILD: list[list[bool]] = []
 NON_FINITE_PARAMETERS_SEEN: list[int] = []  # builds whose forward ever saw a non-finite parameter
+FACTORY_CALLS: list[str] = []  # every call of exiting_mlp, including those that exit before building
 
 
 class _FaultyMLP(nn.Module):
@@ -94,6 +95,24 @@ def failing_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return _make(input_shape, num_classes, fault)
 
 
+def exiting_mlp(input_shape: tuple[int, ...], num_classes: int, where: str = "build", exit_build: int = 1,
+                code: int = 0) -> nn.Module:
+    """Build ``exit_build`` calls ``sys.exit(code)``: while being built (``where: build``) or in its third forward
+    (``where: forward``), as a script's model file might."""
+    import sys
+
+    FACTORY_CALLS.append(where)
+    if where == "build" and len(FACTORY_CALLS) - 1 == exit_build:
+        sys.exit(code)
+
+    def fault(model: _FaultyMLP, h: torch.Tensor) -> torch.Tensor:
+        if where == "forward" and model.build == exit_build and model.calls == (1 if exit_build == 0 else 3):
+            sys.exit(code)
+        return h
+
+    return _make(input_shape, num_classes, fault)
+
+
 def reset() -> None:
     """Forget earlier builds (each in-process scenario starts counting at the preflight)."""
     global _builds
@@ -101,6 +120,7 @@ def reset() -> None:
     BUILT.clear()
     ALIVE_AT_BUILD.clear()
     NON_FINITE_PARAMETERS_SEEN.clear()
+    FACTORY_CALLS.clear()
 
 
-__all__ = ["oom_mlp", "overflow_mlp", "gated_mlp", "failing_mlp", "reset"]
+__all__ = ["oom_mlp", "overflow_mlp", "gated_mlp", "failing_mlp", "exiting_mlp", "reset"]

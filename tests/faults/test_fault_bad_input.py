@@ -193,6 +193,32 @@ def test_a_double_ctrl_c_exits_130_with_a_quoted_resume_command(tmp_path: Path, 
     assert not (tmp_path / "X.yaml").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("delay_s", [0.0, 0.2])
+def test_ctrl_c_right_after_the_search_finished_is_no_silent_kill(tmp_path: Path, delay_s: float) -> None:
+    """Python spent about 2 s tearing torch and MLflow down after a search, with its signal handlers reset: a
+    Ctrl-C then killed the process by the signal (status -2) without a word, although the recipe was written. Now
+    the process ends once its atexit handlers ran, and a Ctrl-C before that says nothing was interrupted."""
+    config = write_config(tmp_path, search={"trials": 1})
+    process = cli_popen("search", str(config), "--no-tracking", "-o", str(tmp_path / "r.yaml"), cwd=tmp_path)
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:  # the search's last line: every trial and the export are done
+            lines.append(line)
+            if line.startswith("best recipe written"):
+                break
+        time.sleep(delay_s)
+        process.send_signal(signal.SIGINT)
+        output = "".join(lines) + process.communicate(timeout=300)[0]
+    finally:
+        stop(process)
+    assert process.returncode in (0, 130), output  # 130: the Ctrl-C landed before the command returned
+    assert "Traceback" not in output and (tmp_path / "r.yaml").exists()
+    if process.returncode == 130:
+        assert "Error: interrupted" in output
+
+
 def _running(directory: Path) -> bool:
     try:
         with sqlite3.connect(directory / "study.db") as db:
@@ -231,3 +257,60 @@ def test_kfac_state_of_another_architecture_fails_at_load(other: str) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before), "a refused state was partly loaded"
     same = trained(nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 3)))
     same.load_state_dict(saved)  # the same architecture still loads
+
+
+# ------------------------------------------------------------------------------------------------ store directories
+
+
+@pytest.mark.parametrize("store", ["storage", "tracking"])
+@pytest.mark.parametrize("kind", ["read-only", "through a file"])
+def test_a_store_in_an_unusable_directory_exits_2_in_one_paragraph(tmp_path: Path, kind: str, store: str) -> None:
+    """A read-only filesystem, or a path through a regular file (what a non-root user also meets as a directory
+    without write permission): the set-up lock beside the store cannot be created."""
+    import contextlib
+
+    from tests.faults.conftest import remount_read_only, small_tmpfs
+
+    config = fault_config(tmp_path, trials=1, tracking=store == "tracking")
+    option = "--storage" if store == "storage" else "--tracking-uri"
+    with contextlib.ExitStack() as stack:
+        if kind == "read-only":
+            directory = stack.enter_context(small_tmpfs(tmp_path / "mnt"))
+            remount_read_only(directory)
+        else:
+            (tmp_path / "a-file").write_text("not a directory\n")
+            directory = tmp_path / "a-file" / "stores"
+        result = invoke("search", str(config), option, f"sqlite:///{directory / 'store.db'}")
+    assert result.exit_code == 2, result.output
+    assert_one_paragraph(result.output)
+    assert f"cannot set up a store in {directory}" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("store", ["storage", "tracking"])
+def test_a_store_path_that_is_a_directory_fails_at_once(tmp_path: Path, store: str) -> None:
+    """sqlite:///DIR: MLflow's store retried opening it for about 108 s before failing; now exit 2 up front."""
+    (tmp_path / "a-directory").mkdir()
+    config = fault_config(tmp_path, trials=1, tracking=store == "tracking")
+    option = "--storage" if store == "storage" else "--tracking-uri"
+    result = invoke("search", str(config), option, f"sqlite:///{tmp_path / 'a-directory'}")
+    assert result.exit_code == 2, result.output
+    assert_one_paragraph(result.output)
+    assert f"{tmp_path / 'a-directory'} is a directory" in " ".join(result.output.split())
+    assert not (tmp_path / "study.db").exists() or store == "tracking"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_a_recipes_dir_that_is_not_a_directory_is_refused(tmp_path: Path, kind: str) -> None:
+    """Click's file_okay=False let anything that is not a regular file through, and it was searched as empty."""
+    import socket
+
+    special = tmp_path / "recipes-special"
+    if kind == "fifo":
+        os.mkfifo(special)
+    else:
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(special))
+    config = fault_config(tmp_path, trials=1)
+    result = invoke("recipe", "find", str(config), "--recipes-dir", str(special))
+    assert result.exit_code == 2, result.output
+    assert f"{special} is not a directory" in " ".join(result.output.split())

@@ -166,3 +166,138 @@ def test_the_mask_covers_every_form(monkeypatch: pytest.MonkeyPatch) -> None:
         assert mask(text) == masked
     assert mask("storage: postgresql://u:p%40ss@db/x  # p@ss, token t0k3n", "http://me:t0k3n@mlflow:5000") == \
         "storage: postgresql://u:***@db/x  # ***, token ***"
+
+
+# A password SQLAlchemy takes raw: each character here ended the old pattern's match and printed the rest.
+ODD_PASSWORD = "pw#1 2'3/4?5@6"
+ODD_PIECES = ("pw#1", "2'3", "4?5", "5@6", "1 2")  # no part of it may show either
+
+
+def assert_no_odd_password(text: str) -> None:
+    assert not [piece for piece in ODD_PIECES if piece in text], text
+
+
+def test_the_mask_parses_urls_whose_password_has_any_character(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kfac_tune import secrets
+    from kfac_tune.secrets import display_url, mask_data, url_credentials
+    from kfac_tune.tracking import flatten
+
+    monkeypatch.setattr(secrets, "_remembered", set())  # as in a search worker, which resolved no URL itself
+
+    database = f"postgresql+psycopg2://tuner:{ODD_PASSWORD}@db.example:5432/kfac"
+    assert display_url(database) == "postgresql+psycopg2://tuner:***@db.example:5432/kfac"
+    assert display_url(f"postgresql://tuner@db/kfac?sslmode=require&password={ODD_PASSWORD}") == \
+        "postgresql://tuner@db/kfac?sslmode=require&password=***"
+    http = f"https://me:{ODD_PASSWORD}@mlflow.example:5000/"
+    assert display_url(http) == "https://me:***@mlflow.example:5000/"
+    assert url_credentials(http) == ("https://mlflow.example:5000/", ("me", ODD_PASSWORD))
+    for char in "# '/?@":  # each alone, too
+        assert display_url(f"postgresql://u:ab{char}cd@h/db") == "postgresql://u:***@h/db", char
+    message = f"Could not parse SQLAlchemy URL from string '{database}'; {ODD_PASSWORD!r} was refused"
+    assert_no_odd_password(mask(message, database))
+    stored = mask_data({"storage": database, "tracking": {"uri": http}, "note": f"pw is {ODD_PASSWORD}"}, database,
+                       http)
+    assert_no_odd_password(json.dumps(stored))
+    assert stored["storage"] == display_url(database)
+    params = flatten({"storage": database, "tracking": {"uri": http}})  # a trial run's MLflow params
+    assert params == {"storage": display_url(database), "tracking.uri": display_url(http)}
+
+
+def test_an_unreachable_storage_with_an_odd_password_is_never_shown(tmp_path: Path) -> None:
+    pytest.importorskip("psycopg2", reason="the postgres extra is not installed: pip install '.[postgres]'")
+    config = fault_config(tmp_path, trials=1)
+    url = f"postgresql+psycopg2://tuner:{ODD_PASSWORD}@127.0.0.1:1/kfac"
+    for command in (["search", str(config), "--storage", url], ["show", "--storage", url]):
+        result = run_cli(*command, cwd=tmp_path, env={})
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert "Traceback" not in output and output.startswith("Error: "), output
+        assert_no_odd_password(output)
+        assert '"6@' not in output  # SQLAlchemy connects to host "6@127.0.0.1": the driver names the tail
+
+
+def test_a_tracking_uri_with_an_odd_password_is_not_stored_with_the_study(tmp_path: Path) -> None:
+    uri = f"http://tuner:{ODD_PASSWORD}@mlflow.example:5000"
+    config = fault_config(tmp_path, trials=1, tracking=False)
+    text = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**text, "tracking": {"enabled": False, "uri": uri}}, sort_keys=False))
+    result = run_cli("search", str(config), cwd=tmp_path, env={})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_no_odd_password(result.stdout + result.stderr)
+    study = optuna.load_study(study_name="model", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert_no_odd_password(json.dumps(study.user_attrs))
+    assert "tuner:***@mlflow.example:5000" in json.dumps(study.user_attrs)
+
+
+def test_the_ui_hands_the_server_its_password_outside_the_command_line(server: PostgresServer,
+                                                                       tmp_path: Path) -> None:
+    """`ps` shows every local user each process's command line; the supervisor and the mlflow server (and its
+    uvicorn workers) must get the tracking store's URL, password included, through their environment."""
+    import time
+    import uuid
+
+    from kfac_tune.launch import free_port
+    from tests.process_support import HAS_PROC, cmdline, marked
+
+    if not HAS_PROC:
+        pytest.skip("reads the process table from /proc")
+    server.create_database("ui_store")
+    uri = storage_url(server, "userinfo", "ui_store")
+    mark = uuid.uuid4().hex
+    port = free_port()
+    log = tmp_path / "ui.log"
+    base = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", "MLFLOW_TRACKING_URI")}
+    with log.open("w") as output:
+        ui = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "ui", "--tracking-uri", uri, "--port", str(port)],
+                              cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT, text=True,
+                              env={**base, "PYTHONPATH": str(REPO), "KFAC_TUNE_TEST_MARK": mark})
+    try:
+        deadline = time.monotonic() + 600
+        while "MLflow UI for" not in log.read_text():
+            assert ui.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        started = marked("KFAC_TUNE_TEST_MARK", mark)
+        lines = [cmdline(pid) for pid in started if pid != ui.pid]  # the user gave kfac-tune's own argv
+        assert any("mlflow" in line and "server" in line for line in lines), lines
+        assert all(server.password not in line for line in lines), lines
+        assert server.password not in log.read_text()
+    finally:
+        ui.terminate()
+        ui.wait(timeout=120)
+
+
+@pytest.mark.parametrize("route", ["--tracking-uri", "--set", "yaml"])
+def test_a_refused_url_with_an_odd_password_is_quoted_masked(tmp_path: Path, route: str) -> None:
+    """A tracking URI refused before any store is resolved (file://, an unknown scheme) is quoted in the error, and
+    --set repeats its item: both masked by parsing the URL, whole, before the quote is cut short."""
+    from tests.faults.conftest import invoke
+
+    uri = f"file://tuner:{ODD_PASSWORD}@host/x"
+    config = fault_config(tmp_path, trials=1)
+    if route == "yaml":
+        text = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump({**text, "tracking": {"enabled": True, "uri": uri}}, sort_keys=False))
+    args = {"--tracking-uri": ["--tracking-uri", uri], "--set": ["--set", f"tracking.uri={uri}"], "yaml": []}[route]
+    result = invoke("search", str(config), *args)
+    assert result.exit_code == 2, result.output
+    assert "tracking.uri" in result.output and "tuner:***@host" in result.output
+    assert_no_odd_password(result.output)
+
+
+def test_an_http_tracking_uri_with_an_odd_password_logs_to_a_live_server(tmp_path: Path) -> None:
+    """MLflow's client parses the URI itself and cut a raw # or / of the password (sending the rest as the host):
+    the credentials go to it as its basic-auth variables, the URI without them."""
+    config = fault_config(tmp_path, trials=1, tracking=True)
+    with mlflow_server(mlflow_store_of(tmp_path)) as (base, port, _):
+        uri = base.replace("http://", f"http://tuner:{ODD_PASSWORD}@")
+        result = run_cli("search", str(config), "--tracking-uri", uri, cwd=tmp_path, env={})
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert "Warning: MLflow tracking" not in output and "Traceback" not in output
+        assert_no_odd_password(output)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(base)
+        runs = client.search_runs([client.get_experiment_by_name("model").experiment_id])
+        assert len(runs) == 2  # the parent run and the trial's run
+        assert_no_odd_password(json.dumps([[r.data.tags, r.data.params] for r in runs]))

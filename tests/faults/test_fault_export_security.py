@@ -165,12 +165,12 @@ def test_export_refuses_special_files(study: Study, tmp_path: Path, kind: str) -
     assert stat.S_ISCHR(os.stat(target).st_mode) or kind != "device"
 
 
-def test_export_writes_through_a_symlink_and_keeps_the_mode(study: Study, tmp_path: Path) -> None:
+def test_export_with_force_writes_through_a_symlink_and_keeps_the_mode(study: Study, tmp_path: Path) -> None:
     (tmp_path / "v1.yaml").write_text("old\n")
     (tmp_path / "v1.yaml").chmod(0o644)
     link = tmp_path / "cur.yaml"
     link.symlink_to("v1.yaml")
-    result = invoke("export", "--storage", study.storage, "-o", str(link))
+    result = invoke("export", "--storage", study.storage, "-o", str(link), "--force")
     assert result.exit_code == 0, result.output
     assert link.is_symlink() and "writing through to" in result.output
     assert (tmp_path / "v1.yaml").read_text().startswith("# kfac-tune recipe")
@@ -232,3 +232,68 @@ def test_export_never_imports_what_the_storage_names(study: Study, tmp_path: Pat
     result = invoke("export", "--storage", bad, "-o", str(tmp_path / "out2.yaml"))
     assert result.exit_code == 2, result.output
     assert "model.callable" in result.output and "Traceback" not in result.output
+
+
+def _raw_edit(storage: str, sql: str) -> None:
+    """Rewrite stored JSON behind Optuna's back, as a hand edit of a shared storage could."""
+    import sqlite3
+
+    with sqlite3.connect(storage.removeprefix("sqlite:///")) as connection:
+        assert connection.execute(sql).rowcount == 1
+
+
+@pytest.mark.parametrize("tampering", ["config not JSON", "hyperparameter not a number", "result not numbers",
+                                       "steps not a number", "test metrics not numbers"])
+def test_a_tampered_study_attribute_is_named_not_a_traceback(study: Study, tmp_path: Path, tampering: str) -> None:
+    """Every attribute show/export read back is checked: exit 2, one paragraph naming the study and attribute."""
+    storage = _tampered_copy(study, tmp_path)
+    edits = {
+        "config not JSON": ("UPDATE study_user_attributes SET value_json = '{not json' WHERE key = 'config'",
+                            "the stored study attribute 'config' is '{not json'; expected JSON"),
+        "hyperparameter not a number": ("UPDATE trial_user_attributes SET value_json = json_set(value_json, '$.lr', "
+                                        "'abc') WHERE key = 'hyperparameters'",
+                                        "trial 0's stored attribute 'hyperparameters' does not make a recipe"),
+        "result not numbers": ("UPDATE trial_user_attributes SET value_json = json_set(value_json, '$.best', "
+                               "'abc') WHERE key = 'result'", "trial 0's stored attribute 'result' is"),
+        "steps not a number": ("UPDATE study_user_attributes SET value_json = '\"many\"' WHERE key = 'steps'",
+                               "the stored study attribute 'steps' is 'many'; expected a whole number > 0"),
+        "test metrics not numbers": ("UPDATE study_user_attributes SET value_json = '{\"test_loss\": \"low\"}' "
+                                     "WHERE key = 'test.0'", "the stored study attribute 'test.0' is"),
+    }
+    sql, named = edits[tampering]
+    _raw_edit(storage, sql)
+    commands = [["export", "--storage", storage, "-o", str(tmp_path / "r.yaml")]]
+    if tampering != "hyperparameter not a number":  # show lists the searched parameters, which stay intact
+        commands.append(["show", "--storage", storage])
+    for command in commands:
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        message = result.output.strip()
+        assert message.startswith("Error: study 'model': ") and named in message, message
+        assert "\n" not in message and "Traceback" not in message
+    assert not (tmp_path / "r.yaml").exists()
+
+
+def test_export_refuses_a_planted_symlink_and_the_config_itself_without_force(study: Study, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A symlink planted at recipes/<study>.yaml made the export replace the file it points to, and `-o CONFIG`
+    replaced the model YAML with a recipe; both need --force now, and nothing is written without it."""
+    monkeypatch.chdir(tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone's file\n")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "model.yaml").symlink_to(victim)
+    planted = invoke("export", "--storage", study.storage)
+    assert planted.exit_code == 2, planted.output
+    assert "is a symbolic link to" in planted.output and "--force" in planted.output
+    assert victim.read_text() == "someone's file\n"
+    (tmp_path / "own").mkdir()
+    config = fault_config(tmp_path / "own", trials=1)
+    original = config.read_text()
+    for command in (["export", str(config), "--storage", study.storage, "-o", str(config)],
+                    ["search", str(config), "-o", str(config)]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        assert f"is the model YAML {config} itself" in " ".join(result.output.split())
+        assert config.read_text() == original
+    assert not (tmp_path / "own" / "study.db").exists(), "the search started"

@@ -55,3 +55,30 @@ def test_overflowing_activations_prune_the_trial_and_never_reach_the_parameters(
     assert trials[0].user_attrs["prune_reason"].startswith("diverged: train_loss = nan")
     assert fault_models.NON_FINITE_PARAMETERS_SEEN == [], "a non-finite update reached the parameters"
     assert fault_models.ALIVE_AT_BUILD[2] == [False, False], "the pruned trial's model outlived it"
+
+
+@pytest.mark.parametrize("where", ["build", "forward"])
+def test_a_model_calling_sys_exit_in_a_trial_fails_that_trial(in_tmp: Path, where: str) -> None:
+    """sys.exit() in the first trial's build or forward: Optuna lets SystemExit through, so the search exited 0
+    at once, silently, the trial left RUNNING. Now the trial FAILs with the reason and the study goes on."""
+    config = fault_config(in_tmp, "exiting_mlp", model_kwargs={"where": where, "exit_build": 1})
+    result = invoke("search", str(config))
+    assert result.exit_code == 0, result.output
+    trials = trials_of(in_tmp)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[0].user_attrs["fail_reason"].startswith("UserExit: the model's code called sys.exit(0) during")
+
+
+@pytest.mark.parametrize("where", ["build", "forward", "import"])
+def test_a_model_calling_sys_exit_before_any_trial_is_exit_2_naming_the_callable(in_tmp: Path, where: str) -> None:
+    """At import, or in the preflight's build or forward: exit 2, one paragraph naming model.callable."""
+    if where == "import":
+        (in_tmp / "exits_at_import.py").write_text("import sys\nsys.exit(0)\ndef make(**kwargs): pass\n")
+        config = fault_config(in_tmp, model={"callable": "exits_at_import:make", "kwargs": {}})
+    else:
+        config = fault_config(in_tmp, "exiting_mlp", model_kwargs={"where": where, "exit_build": 0, "code": 3})
+    result = invoke("search", str(config))
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert message.startswith("Error: ") and "model.callable" in message and "SystemExit" in message, message
+    assert "Traceback" not in message and not (in_tmp / "study.db").exists()
