@@ -43,18 +43,24 @@ def _least_squares(cond: float = 1e4, scale: float = 100.0, n: int = 512, d: int
     return x.float(), y.float(), optimum
 
 
+def _closure(opt: torch.optim.Optimizer, model: nn.Module, loss, x: torch.Tensor, target: torch.Tensor):
+    """The usual closure: gradients of ``loss(model(x), target)``, which it returns."""
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = loss(model(x), target)
+        value.backward()
+        return value
+
+    return closure
+
+
 def _gap_closed(make, closure_form: bool = True) -> float:
     """Initial gap to the optimum over the gap after STEPS steps (float64 loss of the float32 model)."""
     x, y, optimum = _least_squares()
     torch.manual_seed(0)
     model = nn.Linear(x.shape[1], y.shape[1])
     opt = make(model)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        return loss
+    closure = _closure(opt, model, F.mse_loss, x, y)
 
     def gap() -> float:
         with torch.no_grad():
@@ -106,13 +112,7 @@ def _curve(make, x: torch.Tensor, steps: int) -> list[float]:
     """Full-batch BCE (on logits) after each of ``steps`` steps."""
     model = _digits_autoencoder()
     opt = make(model)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(model(x), x)
-        loss.backward()
-        return loss
-
+    closure = _closure(opt, model, F.binary_cross_entropy_with_logits, x, x)
     curve = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -163,13 +163,7 @@ def test_an_ordinary_step_reads_nothing_back_from_the_device(mode: str, closure_
     x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
     opt = KFAC(model, loss="cross_entropy", inv_update_freq=100, seed=0,
                **({"lr": 0.01} if mode == "fixed" else {}))
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = _closure(opt, model, F.cross_entropy, x, y)
     counts = []
     for step in range(12):
         if not closure_form:
