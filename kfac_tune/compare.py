@@ -105,6 +105,7 @@ class Comparison:
                 reached = entry.to_target(self.target, maximize) if self.target is not None else []
                 row.update({"final": mean_spread([run.value for run in entry.runs]),
                             "final_test": final_test(entry.runs),
+                            "test": test_metrics(entry.runs),
                             "best": mean_spread([run.best for run in entry.runs]),
                             "steps_to_target": mean_spread([step for step, _ in reached]) if reached else None,
                             "seconds_to_target": mean_spread([s for _, s in reached]) if reached else None,
@@ -128,6 +129,13 @@ def final_test(runs: Sequence[TrainResult]) -> dict[str, float] | None:
 
     values = [test_value(run.metric, run.test) for run in runs]
     return mean_spread([v for v in values if v is not None]) if all(v is not None for v in values) else None
+
+
+def test_metrics(runs: Sequence[TrainResult]) -> dict[str, dict[str, float]]:
+    """Every test-split metric at the end (``test_loss``, ``test_accuracy``), over the seeds: a comparison ranked
+    on the loss is still read by its accuracy."""
+    names = set.intersection(*(set(run.test) for run in runs))
+    return {name: mean_spread([run.test[name] for run in runs]) for name in sorted(names)}
 
 
 def mean_spread(values: Sequence[float]) -> dict[str, float]:

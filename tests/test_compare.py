@@ -52,6 +52,8 @@ def test_compare_cli_table_plot_and_mlflow(tmp_path: Path, monkeypatch: pytest.M
     assert data["target"] >= max(row["best"]["mean"] for row in rows.values())  # no better than anyone's best
     for row in rows.values():
         assert row["seeds"] == 2 and row["steps_to_target"]["mean"] <= 30 and row["step_time_ms"]["mean"] > 0
+        assert row["test"]["test_loss"] == row["final_test"]  # every test metric, the ranked one included
+        assert 0.1 < row["test"]["test_accuracy"]["mean"] <= 1  # digits: chance is 0.1
     assert (tmp_path / "out" / "compare-model.png").read_bytes()[:4] == b"\x89PNG"
 
     from mlflow import MlflowClient
