@@ -79,7 +79,7 @@ def test_baseline_search_export_train_and_rebuild(tmp_path: Path, name: str) -> 
 @pytest.mark.slow
 def test_compare_puts_the_baselines_beside_kfac(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    kfac = {k: v for k, v in KFAC.defaults().items() if k in KFAC.HYPERPARAMETERS}  # K-FAC untuned
+    kfac = {k: v for k, v in KFAC.complete_arguments({}).items() if k in KFAC.HYPERPARAMETERS}  # K-FAC untuned
     paths = [recipe_for(config, name, dict(kfac if name == "kfac" else catalog.optimizer(name).default_point),
                         tmp_path / f"{name}.yaml")
              for name in ("kfac", *BASELINES)]

@@ -70,3 +70,21 @@ def test_compare_refuses_a_recipe_for_another_network(tmp_path: Path) -> None:
     foreign = recipe_for(other, "adam", ADAM_POINT, tmp_path / "foreign.yaml")
     result = CliRunner().invoke(cli, ["compare", str(config), "--recipes", str(foreign), "--no-tracking"])
     assert result.exit_code == 2 and "signature" in result.output
+
+
+def test_compare_does_not_print_kfacs_safety_warnings(tmp_path: Path) -> None:
+    """A recipe whose updates K-FAC's guards skip (lr 1e6 without the trust region, a tight update-size guard)
+    raises KFACWarning in plain training; compare, like a search, shows what the guards did in its curves and
+    counts, not as warning lines that name no recipe or seed and point into the training loop."""
+    import warnings
+
+    from kfac_tune.compare import compare
+    from kfac_tune.optim import KFACWarning
+
+    config = write_config(tmp_path, training={"steps": 10, "eval_every": 5},
+                          optimizer={"name": "kfac", "options": {"max_update_ratio": 1.0}})
+    wild = recipe_for(config, "kfac", {**KFAC_POINT, "lr": 1e6, "kl_clip": None}, tmp_path / "wild.yaml")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compare(config, [wild], seeds=1)
+    assert not [str(w.message) for w in caught if issubclass(w.category, KFACWarning)]

@@ -75,7 +75,7 @@ def test_warm_start_enqueues_the_closest_recipe_first(library: tuple[Path, Path]
     # the recipe's values (its 2e-2 damping moved into this space) in its mode; knobs it does not name are sampled
     assert {k: first.params[k] for k in KFAC_POINT} == {**KFAC_POINT, "damping": 1e-2}
     assert first.params["mode"] == "fixed"
-    assert second.params["lr"] == 0.01  # then the published defaults, as in a cold search
+    assert second.params["mode"] == "automatic"  # then the published defaults (K-FAC's automatic mode), as cold
 
 
 def test_warm_start_path_must_be_a_recipe_for_the_searched_optimizer(library: tuple[Path, Path],
