@@ -203,8 +203,7 @@ class KFAC(torch.optim.Optimizer):
         self.damping_rule = damping_rule
         self._lm_failures = 0  # Levenberg–Marquardt evaluations in a row whose step made the objective worse
         self.min_damping, self.max_damping = min_damping, max_damping
-        self.damping_scale, self.damping_boost = damping_scale, damping_boost
-        self.max_update_ratio, self.rejection_ratio = max_update_ratio, rejection_ratio
+        self.damping_scale = damping_scale
         self.stat_fraction = stat_fraction
         self.factor_dtype = factor_dtype
 
@@ -290,6 +289,21 @@ class KFAC(torch.optim.Optimizer):
         """Updates not applied because they were not finite or would have exploded the weights
         (``max_update_ratio``); synchronises."""
         return int(self.guards.skipped.item())
+
+    @property
+    def max_update_ratio(self) -> Optional[float]:
+        """The overflow guard's bound (``optim/guards.py`` holds it)."""
+        return self.guards.max_update_ratio
+
+    @property
+    def rejection_ratio(self) -> Optional[float]:
+        """The blow-up guard's bound (``optim/guards.py`` holds it)."""
+        return self.guards.rejection_ratio
+
+    @property
+    def damping_boost(self) -> Optional[float]:
+        """λ's factor where a guard acted (``optim/guards.py`` holds it)."""
+        return self.guards.damping_boost
 
     @property
     def rejected_steps(self) -> int:
@@ -703,7 +717,7 @@ class KFAC(torch.optim.Optimizer):
         else:
             group["damping"] = quadratic.new_damping(
                 group["damping"], rho, self.damping_adaptation_decay, self.damping_adaptation_interval,
-                self.min_damping, self.max_damping, boost=self.damping_boost if rejected else None)
+                self.min_damping, self.max_damping, boost=self.guards.damping_boost if rejected else None)
         self.last_rho = rho
 
     def _mean_over_ranks(self, *values: Union[Tensor, float]) -> list[float]:
