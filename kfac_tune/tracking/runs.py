@@ -415,12 +415,13 @@ class StudyTracker:
         if not created:
             return TrialRun(None, "", calls=self._calls)
         run_id = run.info.run_id
+        # on the trial at once: a worker killed while the params are logged leaves its run findable from its trial
+        record.set_trial_run_id(trial, run_id)
         self._log_params(run_id, {**flatten(self.run_config), **{key: str(value) for key, value in params.items()}})
         data = self.run_config.get("data")
         if isinstance(data, Mapping):
             dataset = dataset_input(data, context="train")
             self._calls(lambda: self._client.log_inputs(run_id, datasets=[dataset]), f"logging the data set of {run_id}")
-        record.set_trial_run_id(trial, run_id)
         return TrialRun(self._client, run_id, self.flush_interval_s, run_name=run_name, calls=self._calls,
                         tracking_uri=self.tracking_uri)
 
