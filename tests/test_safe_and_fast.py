@@ -124,10 +124,11 @@ def _curve(make, x: torch.Tensor, steps: int) -> list[float]:
 
 
 def test_deep_sigmoid_autoencoder_reaches_tuned_adams_best_in_5x_fewer_iterations() -> None:
-    """Adam tuned over a learning-rate grid (its best loss within ADAM_STEPS full-batch steps) against K-FAC at its
-    defaults: K-FAC must reach that loss within ADAM_STEPS / 5 steps. Before issue 24 the defaults' damping boost
-    (λ x 10 on one bad Levenberg–Marquardt step) and M&G's slow λ decay kept it above Adam's best."""
-    adam_steps = 400
+    """Adam tuned over a learning-rate grid (its best loss within 500 full-batch steps) against K-FAC at its
+    defaults: K-FAC must reach that loss within 100 steps (measured: step 78 with one thread or two; Adam's best
+    0.315). Before issue 24 the defaults' damping boost (λ x 10 on one bad Levenberg–Marquardt step) and M&G's slow
+    λ decay kept it at 0.393."""
+    adam_steps = 500
     x = torch.tensor(load_digits().data[:1024], dtype=torch.float32) / 16
     adam_best = min(min(_curve(lambda m, lr=lr: torch.optim.Adam(m.parameters(), lr=lr), x, adam_steps))
                     for lr in (1e-3, 3e-3, 1e-2, 3e-2, 0.1))
