@@ -73,9 +73,10 @@ def _kill_one_mid_trial(workers: list[subprocess.Popen[str]], storage: str, gate
     """Once every worker waits at the gate, SIGKILL worker 1, let its heartbeat go stale, open the gate and wait
     for the survivors to finish the study. Returns the trials that were running at the kill."""
     try:
-        # a trial is RUNNING from the moment Optuna hands it out; it is at the gate (in the model's build) once its
-        # MLflow run exists, so the kill never lands between the two (CI once killed a worker in that window)
-        wait_for(lambda: _at_gate(storage) == WORKERS, "every worker mid-trial (at the gate)")
+        # every worker waits at the gate (each says so with a file): the victim is mid-trial for certain, not
+        # between two trials or between Optuna handing out its trial and its MLflow run (CI once hit each)
+        wait_for(lambda: len(list(gate.parent.glob(f"{gate.name}.waiting.*"))) == WORKERS,
+                 "every worker mid-trial (at the gate)")
         running = {t.number for t in load_study(storage, STUDY).get_trials() if t.state.name == "RUNNING"}
         workers[1].send_signal(signal.SIGKILL)
         workers[1].wait(timeout=60)
@@ -127,11 +128,6 @@ def _assert_one_parent_run(tracking_uri: str, study: optuna.Study, trials: list[
     assert {r.data.tags[MLFLOW_PARENT_RUN_ID] for r in children.values()} == {parents[0].info.run_id}
     assert sorted(t.user_attrs[record.TRIAL_RUN] for t in trials) == sorted(children)
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children.values()) == [t.number for t in trials]
-
-
-def _at_gate(storage: str) -> int:
-    return sum(t.state.name == "RUNNING" and record.TRIAL_RUN in t.user_attrs
-               for t in load_study(storage, STUDY).get_trials(deepcopy=False))
 
 
 def _read(log: IO[str]) -> str:

@@ -6,6 +6,7 @@ they are per process, so only in-process (CliRunner) scenarios read them.
 """
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from itertools import count
@@ -75,9 +76,11 @@ def overflow_mlp(input_shape: tuple[int, ...], num_classes: int, overflow_build:
 
 def gated_mlp(input_shape: tuple[int, ...], num_classes: int, gate: str = "", wait_s: float = 120.0) -> nn.Module:
     """From build 2 (the second trial) on, wait (bounded) until the file ``gate`` exists: lets a scenario act
-    between two trials without racing the search."""
+    between two trials without racing the search. A process waiting there says so with the file
+    ``<gate>.waiting.<pid>``, so a scenario knows which processes are mid-trial."""
     build_index = len(BUILT)
     if build_index >= 2 and gate:
+        Path(f"{gate}.waiting.{os.getpid()}").touch()
         deadline = time.monotonic() + wait_s
         while not Path(gate).exists() and time.monotonic() < deadline:
             time.sleep(0.1)
