@@ -677,8 +677,6 @@ class KFAC(torch.optim.Optimizer):
         if quad is None:
             quad = self._quadratic_model(params, grads, [update], group["weight_decay"])
             coeffs = torch.ones(1, dtype=torch.float64, device=update[0].device)
-        elif len(coeffs) > len(update[0].shape[:0]) and "delta" not in self.state[params[0]]:
-            pass
         predicted = quad.change(coeffs)
         # the re-evaluation is a measurement, not a training pass: batch-norm running statistics are put back
         buffers = [(b, b.clone()) for b in self.model.buffers()]
@@ -713,7 +711,7 @@ class KFAC(torch.optim.Optimizer):
         if self.damping_rule == "trust-region":
             group["damping"], self._lm_failures = quadratic.trust_region_damping(
                 group["damping"], rho if not rejected else float("nan"), self._lm_failures,
-                self.damping_adaptation_interval, self.min_damping, self.max_damping)
+                self.min_damping, self.max_damping)
         else:
             group["damping"] = quadratic.new_damping(
                 group["damping"], rho, self.damping_adaptation_decay, self.damping_adaptation_interval,

@@ -196,12 +196,13 @@ def new_damping(
     return min(max(damping, lower), upper)
 
 
-def trust_region_damping(damping: float, rho: float, failures: int, interval: int, lower: float, upper: float
+def trust_region_damping(damping: float, rho: float, failures: int, lower: float, upper: float
                          ) -> tuple[float, int]:
     """The trust-region rule (``damping_rule="trust-region"``, the default): Nielsen's smooth Levenberg–Marquardt
-    update, judged by ρ alone and applied for each of the ``interval`` steps the evaluation stands for.
+    update, judged by ρ alone, once per evaluation (raising it to the interval's power drove λ to its floor on
+    mini-batches within a few evaluations, and the blow-up guard then had to undo steps: measured, issue 24).
 
-    ρ > 0: λ × max(1/3, 1 − (2ρ − 1)³) per step: down by up to 3x per step when the model predicted the change
+    ρ > 0: λ × max(1/3, 1 − (2ρ − 1)³): down by up to 3x per evaluation when the model predicted the change
     (ρ ≥ 1 gives the full 3x, ρ = ½ leaves λ alone, ρ → 0 doubles it), so a λ₀ orders of magnitude too large
     is gone within a few evaluations instead of the ~dozens that M&G's ω = 0.95⁵ per adaptation needs.
     ρ ≤ 0 or not finite (the step made the objective worse; it is undone): λ × 2^(failures+1), doubling again for
